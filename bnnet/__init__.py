@@ -1,0 +1,23 @@
+"""bnnet: batch-normalized neural networks, from the equations up, in NumPy.
+
+    import bnnet
+    X, y, Xt, yt = bnnet.datasets.load_mnist5k()
+    model = bnnet.mlp([784, 100, 100, 100, 10], activation="sigmoid", init="xavier", seed=0)
+    bnnet.fit(model, X, y, optimizer=bnnet.optim.Adam(1e-3), loss="softmax_cross_entropy",
+              epochs=10, batch_size=60, seed=0)
+    print(bnnet.evaluate(model, Xt, yt))
+"""
+__version__ = "0.1.0"
+
+from . import datasets, functional, layers, losses, optim
+from .errors import BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError
+from .io import load, save
+from .model import BiasBeforeBatchNormWarning, Sequential, mlp
+from .train import evaluate, fit
+
+__all__ = [
+    "__version__", "datasets", "functional", "layers", "losses", "optim",
+    "Sequential", "mlp", "fit", "evaluate", "save", "load",
+    "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
+    "BiasBeforeBatchNormWarning",
+]

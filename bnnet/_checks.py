@@ -1,0 +1,96 @@
+"""Argument validation shared by every public entry point.
+
+Hyperparameters are checked once, in the constructor that receives them, with
+these helpers, so that every message has the same shape:
+"<owner>: <argument> must be <expected>, got <value>".
+"""
+import numbers
+
+import numpy as np
+
+from .errors import HyperparameterError, InputError, InputTypeError
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(owner, name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Return float(value) if low <(=) value <(=) high, else raise HyperparameterError."""
+    if not _is_real(value) or not np.isfinite(value):
+        raise HyperparameterError(f"{owner}: {name} must be a finite real number, got {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise HyperparameterError(f"{owner}: {name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_int(owner, name, value, *, low=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HyperparameterError(f"{owner}: {name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise HyperparameterError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_choice(owner, name, value, choices):
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise HyperparameterError(f"{owner}: {name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_dtype(owner, dtype):
+    """Normalize a float dtype spec ("float32", np.float64, ...) to its name."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in FLOAT_DTYPES:
+        raise HyperparameterError(f"{owner}: dtype must be 'float32' or 'float64', got {dtype!r}")
+    return name
+
+
+def as_float_array(x, name, owner, dtype):
+    """Convert array-like input to a floating array of `dtype` without copying when possible.
+
+    Accepted: bool, integer and floating arrays (including float16, which is
+    upcast, and read-only or non-contiguous arrays, which are used as they
+    are). Rejected with InputTypeError: object, string and complex arrays.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise InputTypeError(
+            f"{owner}: {name} must hold real numbers, got an array of dtype {arr.dtype}; "
+            f"convert it with np.asarray({name}, dtype=np.{dtype})"
+        )
+    return arr.astype(dtype, copy=False)
+
+
+def check_2d(x, name, owner, features=None):
+    """Raise InputError unless x is (N, features) with N >= 1."""
+    if x.ndim != 2:
+        raise InputError(
+            f"{owner}: {name} must be 2-D (batch, features), got shape {x.shape}; "
+            f"reshape it with {name}.reshape(len({name}), -1)"
+        )
+    if x.shape[0] == 0:
+        raise InputError(f"{owner}: {name} is empty (0 rows); pass at least one sample")
+    if features is not None and x.shape[1] != features:
+        raise InputError(f"{owner}: {name} must have {features} features (columns), got {x.shape[1]}")
+
+
+def check_finite(x, name, owner):
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise InputError(
+            f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
+            "clean or impute the data before training"
+        )

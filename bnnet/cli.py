@@ -1,0 +1,179 @@
+"""The `bnnet` command: train, evaluate, predict.
+
+    bnnet train                      # Ioffe & Szegedy's MNIST net (784-100-100-100-10, sigmoid, BN) on the bundled data
+    bnnet evaluate runs/<run>        # test loss and accuracy of a saved model
+    bnnet predict runs/<run> X.npy   # class labels (or raw outputs) for new inputs
+
+One training step, top to bottom: cmd_train -> bnnet.fit (train.py) ->
+Sequential.forward/backward (model.py) -> BatchNorm.forward/backward
+(layers.py) -> batch_norm_forward/backward (functional.py) -> optimizer.step (optim.py).
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import datasets, optim
+from .errors import BnnetError
+from .io import load, load_checkpoint, save
+from .losses import get_loss
+from .model import mlp
+from .train import evaluate, fit
+
+CHECKPOINT_NAME = "model.safetensors"
+# Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
+# well above the usual ones (tuned on the bundled data, see the README).
+TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
+
+
+def _sizes(text):
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 100,100,100, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive layer sizes, got {text!r}")
+    return sizes
+
+
+def _new_run_dir(root="runs"):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = os.path.join(root, stamp), 1
+    while os.path.exists(path):
+        path, i = os.path.join(root, f"{stamp}-{i}"), i + 1
+    return path
+
+
+def _checkpoint_path(path):
+    """A run folder stands for the checkpoint inside it."""
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+def _write_history(folder, history):
+    with open(os.path.join(folder, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    with open(os.path.join(folder, "history.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        keys = list(history)
+        w.writerow(keys)
+        w.writerows(zip(*(history[k] for k in keys)))
+
+
+def cmd_train(args):
+    X, y, Xt, yt = datasets.load(args.data)
+    init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
+    sizes = [X.shape[1], *args.hidden, int(max(y.max(), yt.max())) + 1]
+    model = mlp(sizes, activation=args.activation, batchnorm=not args.no_batchnorm, init=init,
+                seed=args.seed, dtype=args.dtype)
+    lr = args.lr if args.lr is not None else TRAIN_LR[args.optimizer]
+    steps = args.epochs * -(-len(X) // args.batch_size)
+    # Exponential decay that reaches lr * lr_decay at the last step (lr_decay = 1: constant).
+    schedule = optim.ExponentialDecay(args.lr_decay, steps) if args.lr_decay != 1 else None
+    opt = optim.OPTIMIZERS[args.optimizer](lr, schedule=schedule)
+    out = args.out or _new_run_dir()
+    os.makedirs(out, exist_ok=True)
+    if not args.quiet:
+        print(f"bnnet: training {'-'.join(map(str, sizes))} {args.activation}"
+              f"{'' if args.no_batchnorm else ' + BatchNorm'} with {opt!r} on {args.data} "
+              f"({len(X)} train / {len(Xt)} test rows)", file=sys.stderr)
+    start = time.perf_counter()
+    history = fit(model, X, y, optimizer=opt, loss="softmax_cross_entropy", epochs=args.epochs,
+                  batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    test = evaluate(model, Xt, yt, "softmax_cross_entropy")
+    save(os.path.join(out, CHECKPOINT_NAME), model, opt, loss="softmax_cross_entropy", data=args.data,
+         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    _write_history(out, history)
+    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds,
+               "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {args.epochs} epochs "
+          f"in {seconds:.1f} s; run saved to {out}")
+
+
+def cmd_evaluate(args):
+    ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
+    loss = ckpt.metadata.get("loss", "softmax_cross_entropy")
+    X, y, Xt, yt = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
+    Xs, ys = (X, y) if args.split == "train" else (Xt, yt)
+    result = evaluate(ckpt.model, Xs, ys, loss)
+    acc = "" if result["accuracy"] is None else f"accuracy {result['accuracy']:.4f} "
+    print(f"{args.split}: {acc}loss {result['loss']:.4f} ({len(Xs)} rows)")
+
+
+def cmd_predict(args):
+    path = _checkpoint_path(args.checkpoint)
+    model = load(path)
+    try:
+        X = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BnnetError(f"{args.input}: cannot read as a .npy array without pickle ({e})") from None
+    if X.ndim == 1:
+        X = X[None, :]
+    outputs = model.predict(X)
+    result = outputs if args.outputs else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
+    if args.out:
+        np.save(args.out, result, allow_pickle=False)
+        print(f"wrote {result.shape} {'outputs' if args.outputs else 'labels'} to {args.out}")
+    else:
+        np.savetxt(sys.stdout, result if result.ndim > 1 else result[:, None], fmt="%.6g" if args.outputs else "%d")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an MLP with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
+    t.add_argument("--hidden", type=_sizes, default=[100, 100, 100], help="hidden sizes (default 100,100,100)")
+    t.add_argument("--activation", choices=["sigmoid", "relu", "leaky_relu", "tanh"], default="sigmoid")
+    t.add_argument("--no-batchnorm", action="store_true", help="plain Linear(bias) -> activation layers")
+    t.add_argument("--init", choices=["he", "xavier", "normal"], default=None,
+                   help="weight init (default: xavier for sigmoid/tanh, he for relu)")
+    t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
+    t.add_argument("--lr-decay", type=float, default=0.1,
+                   help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=60, help="default 60, as in the paper")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="loss and accuracy of a saved model")
+    e.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    e.add_argument("--data", default=None, help="default: the data the model was trained on")
+    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="predictions of a saved model for inputs in a .npy file")
+    r.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    r.add_argument("input", help=".npy array of shape (N, features)")
+    r.add_argument("--out", default=None, help="write predictions to this .npy (default: print them)")
+    r.add_argument("--outputs", action="store_true", help="raw model outputs (logits) instead of labels")
+    r.set_defaults(func=cmd_predict)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (BnnetError, OSError) as e:
+        print(f"bnnet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bnnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

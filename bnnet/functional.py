@@ -1,0 +1,245 @@
+"""The equations of a batch-normalized network, as pure NumPy functions.
+
+Nothing here holds state: every function takes arrays and returns arrays.
+The layers in `bnnet.layers` own parameters and running statistics and call
+these functions, so this file is the one to read to see the math run.
+
+Shapes: N = batch size (rows), D = features (columns), C = classes.
+"""
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Moments and the tf.nn.batch_normalization formula
+# --------------------------------------------------------------------------
+
+
+def moments(x, axes, keepdims=False):
+    """Mean and biased variance of `x` over `axes` (the contract of `tf.nn.moments`).
+
+        mean = (1/m) sum_i x_i
+        var  = (1/m) sum_i (x_i - mean)^2          (biased: divides by m)
+
+    Two passes (mean first, then squared deviations), never E[x^2] - E[x]^2,
+    which cancels catastrophically when |mean| >> std. float16/float32 input is
+    accumulated in float64; the results are returned in the input's dtype.
+
+    Args:
+        x: array, e.g. (N, D).
+        axes: int or tuple of ints to reduce over, e.g. 0 for per-feature moments.
+        keepdims: keep the reduced axes with length 1 (default False).
+    Returns:
+        (mean, variance), each of x's shape without `axes` (e.g. (D,)).
+    """
+    x = np.asarray(x)
+    acc = np.float64 if x.dtype.itemsize < 8 else x.dtype
+    mean = x.mean(axis=axes, dtype=acc, keepdims=True)
+    dev = x - mean  # in float64 for float32 input: the subtraction is exact enough
+    var = np.mean(dev * dev, axis=axes, dtype=acc, keepdims=keepdims)
+    if not keepdims:
+        mean = np.squeeze(mean, axis=axes)
+    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+
+
+def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
+    """Normalize with given statistics (the formula of `tf.nn.batch_normalization`).
+
+        y = scale * (x - mean) / sqrt(variance + variance_epsilon) + offset
+
+    Args:
+        x: (N, D) input.
+        mean, variance: (D,) statistics (batch or running), broadcastable to x.
+        offset: (D,) beta, or None for 0.
+        scale: (D,) gamma, or None for 1.
+        variance_epsilon: small float > 0 added to the variance.
+    Returns:
+        (N, D) array. Computed as (x - mean) * inv + offset, not x * inv + (offset
+        - mean * inv) as TensorFlow arranges it: subtracting first keeps float32
+        accurate when |mean| >> std.
+    """
+    inv = 1.0 / np.sqrt(variance + variance_epsilon)
+    if scale is not None:
+        inv = inv * scale
+    y = (x - mean) * inv
+    if offset is not None:
+        y = y + offset
+    return y.astype(np.result_type(x, np.float32), copy=False)
+
+
+# --------------------------------------------------------------------------
+# Batch norm in training mode: forward with a cache, closed-form backward
+# --------------------------------------------------------------------------
+
+
+def batch_norm_forward(x, gamma, beta, eps):
+    """Batch norm with the mini-batch's own statistics (Ioffe & Szegedy 2015, Alg. 1).
+
+        mu      = mean(x, axis=0)                          (D,)
+        var     = mean((x - mu)^2, axis=0)   (biased)      (D,)
+        inv_std = 1 / sqrt(var + eps)                      (D,)
+        x_hat   = (x - mu) * inv_std                       (N, D)
+        y       = gamma * x_hat + beta                     (N, D)   the lecture's z~
+
+    Args:
+        x: (N, D), N >= 2. gamma, beta: (D,). eps: float > 0.
+    Returns:
+        y (N, D); mean (D,) and biased var (D,) for the running statistics;
+        cache (x_hat, inv_std): exactly what `batch_norm_backward` needs.
+    """
+    mean, var = moments(x, axes=0)
+    inv_std = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)  # (D,)
+    x_hat = (x - mean) * inv_std  # (N, D)
+    y = gamma * x_hat + beta  # (N, D)
+    return y, mean, var, (x_hat, inv_std)
+
+
+def batch_norm_backward(dy, gamma, cache):
+    """Gradients of batch norm in training mode, in closed form.
+
+    Because mu and var depend on every row, dx has two correction terms:
+
+        dbeta  = sum(dy, axis=0)                                         (D,)
+        dgamma = sum(dy * x_hat, axis=0)                                 (D,)
+        dx     = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))   (N, D)
+
+    Args:
+        dy: (N, D) upstream gradient dL/dy. gamma: (D,). cache: from batch_norm_forward.
+    Returns:
+        dx (N, D), dgamma (D,), dbeta (D,).
+    """
+    x_hat, inv_std = cache
+    n = dy.shape[0]
+    dbeta = dy.sum(axis=0)
+    dgamma = (dy * x_hat).sum(axis=0)
+    dx = (gamma * inv_std) * (dy - dbeta / n - x_hat * (dgamma / n))
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------
+# Linear layer and activations
+# --------------------------------------------------------------------------
+
+
+def linear(x, W, b=None):
+    """z = x @ W + b.   x: (N, in), W: (in, out), b: (out,) or None -> z: (N, out)."""
+    z = x @ W
+    if b is not None:
+        z += b
+    return z
+
+
+def linear_backward(dz, x, W, has_bias=True):
+    """Given dz = dL/dz (N, out): dx = dz @ W.T (N, in), dW = x.T @ dz (in, out), db = sum(dz) (out,)."""
+    dx = dz @ W.T
+    dW = x.T @ dz
+    db = dz.sum(axis=0) if has_bias else None
+    return dx, dW, db
+
+
+def relu(z):
+    """a = max(z, 0)."""
+    return np.maximum(z, 0)
+
+
+def relu_grad(z):
+    """da/dz = 1 where z > 0 else 0 (the subgradient 0 is taken at z = 0, as PyTorch does)."""
+    return (z > 0).astype(z.dtype)
+
+
+def leaky_relu(z, negative_slope=0.01):
+    """a = z if z > 0 else negative_slope * z."""
+    return np.where(z > 0, z, z * negative_slope)
+
+
+def leaky_relu_grad(z, negative_slope=0.01):
+    """da/dz = 1 where z > 0 else negative_slope."""
+    return np.where(z > 0, 1.0, negative_slope).astype(z.dtype)
+
+
+def sigmoid(z):
+    """a = 1 / (1 + exp(-z)), evaluated without overflow for large |z|.
+
+    For z >= 0 use 1 / (1 + exp(-z)); for z < 0 use exp(z) / (1 + exp(z)).
+    """
+    e = np.exp(-np.abs(z))  # in (0, 1]: never overflows
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
+
+
+def sigmoid_grad_from_output(a):
+    """da/dz = a * (1 - a), written in terms of the output a = sigmoid(z)."""
+    return a * (1 - a)
+
+
+def tanh(z):
+    """a = tanh(z)."""
+    return np.tanh(z)
+
+
+def tanh_grad_from_output(a):
+    """da/dz = 1 - a^2, written in terms of the output a = tanh(z)."""
+    return 1 - a * a
+
+
+# --------------------------------------------------------------------------
+# Losses (mean over the batch) and their gradients with respect to the outputs
+# --------------------------------------------------------------------------
+
+
+def log_softmax(logits):
+    """log softmax over the last axis via log-sum-exp: z - max(z) - log(sum(exp(z - max(z))))."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits):
+    """softmax over the last axis, shifted by the row max so exp never overflows."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_cross_entropy(logits, labels):
+    """L = -(1/N) sum_i log softmax(logits_i)[labels_i].
+
+    Args:
+        logits: (N, C). labels: (N,) integers in [0, C).
+    Returns:
+        (loss, dlogits) with dlogits = (softmax(logits) - onehot(labels)) / N, shape (N, C).
+    """
+    n = logits.shape[0]
+    logp = log_softmax(logits)  # (N, C)
+    rows = np.arange(n)
+    loss = -logp[rows, labels].mean(dtype=np.float64)
+    dlogits = np.exp(logp)
+    dlogits[rows, labels] -= 1
+    dlogits /= n
+    return float(loss), dlogits
+
+
+def sigmoid_binary_cross_entropy(logits, targets):
+    """L = (1/N) sum_i [max(z_i, 0) - z_i * y_i + log(1 + exp(-|z_i|))]   (z = logits).
+
+    This equals -[y log s(z) + (1 - y) log(1 - s(z))] but never takes log(0).
+
+    Args:
+        logits: (N,) or (N, 1). targets: same shape, values in [0, 1].
+    Returns:
+        (loss, dlogits) with dlogits = (sigmoid(z) - y) / N, shaped like logits.
+    """
+    n = logits.shape[0]
+    z, y = logits, targets
+    per_sample = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    loss = per_sample.sum(dtype=np.float64) / n
+    dlogits = (sigmoid(z) - y) / n
+    return float(loss), dlogits.astype(logits.dtype, copy=False)
+
+
+def mean_squared_error(outputs, targets):
+    """L = (1/(N*K)) sum_ij (outputs_ij - targets_ij)^2   (mean over every element, as torch's MSELoss).
+
+    Args:
+        outputs, targets: (N, K) (or (N,)), same shape.
+    Returns:
+        (loss, doutputs) with doutputs = 2 (outputs - targets) / (N*K).
+    """
+    diff = outputs - targets
+    loss = np.mean(diff * diff, dtype=np.float64)
+    return float(loss), (2.0 / diff.size) * diff

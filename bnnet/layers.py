@@ -1,0 +1,264 @@
+"""Layers: small classes that own parameters and call the math in `bnnet.functional`.
+
+A layer has
+    params  : dict name -> array, the trained parameters (W, b, gamma, beta);
+    grads   : dict with the same keys, filled by backward();
+    buffers : dict name -> array, state that is not trained (running statistics);
+    forward(x, train) -> y     train: bool, passed explicitly on every call;
+    backward(dy) -> dx         uses what the last forward cached.
+"""
+import numpy as np
+
+from . import functional as F
+from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number
+from .errors import HyperparameterError, InputError
+
+
+class Layer:
+    """Base class: holds the three dicts and a display name set by Sequential."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.buffers = {}
+        self.name = type(self).__name__
+        self._cache = None
+
+    def forward(self, x, train):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def config(self):
+        """Constructor arguments, JSON-serializable: what a checkpoint needs to rebuild the layer."""
+        return {}
+
+    def _input(self, x, features=None):
+        # Layers with a dtype cast their input to it (no copy when it already matches);
+        # dtype-free layers (activations) keep float32/float64 and compute in float64 otherwise.
+        x = np.asarray(x)
+        dtype = getattr(self, "dtype", None) or (x.dtype.name if x.dtype.name in ("float32", "float64") else "float64")
+        x = as_float_array(x, "x", self.name, dtype)
+        check_2d(x, "x", self.name, features)
+        return x
+
+    def _cached(self):
+        if self._cache is None:
+            raise RuntimeError(f"{self.name}: backward() called before forward(); run forward(x, train) first")
+        return self._cache
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _as_rng(rng):
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise HyperparameterError(f"rng must be None, an int seed or a numpy Generator, got {rng!r}")
+
+
+class Linear(Layer):
+    """z = x @ W + b.
+
+    Args:
+        in_features, out_features: sizes; W has shape (in_features, out_features).
+        bias: learn b (out_features,) (default True). Set False when a BatchNorm
+            follows: its mean subtraction cancels b, and beta takes b's role.
+        init: "he" (default; N(0, 2/in), for ReLU), "xavier" (N(0, 2/(in+out)),
+            for sigmoid/tanh) or "normal" (N(0, std^2)).
+        std: standard deviation for init="normal" (default 0.01); not allowed with the others.
+        rng: None, int seed, or numpy Generator used for the initial W.
+        dtype: "float32" (default) or "float64".
+    Shapes: x (N, in_features) -> z (N, out_features).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, init="he", std=None, rng=None, dtype="float32"):
+        super().__init__()
+        self.in_features = check_int("Linear", "in_features", in_features, low=1)
+        self.out_features = check_int("Linear", "out_features", out_features, low=1)
+        self.init = check_choice("Linear", "init", init, ("he", "xavier", "normal"))
+        if std is not None and init != "normal":
+            raise HyperparameterError(f"Linear: std is used only with init='normal', got std={std!r} with init={init!r}")
+        if init == "normal":
+            std = 0.01 if std is None else check_number("Linear", "std", std, low=0, low_open=True)
+        else:
+            fan = in_features if init == "he" else (in_features + out_features) / 2
+            std = np.sqrt(2.0 / fan)
+        self.std = std
+        self.bias = bool(bias)
+        self.dtype = check_dtype("Linear", dtype)
+        w = _as_rng(rng).standard_normal((in_features, out_features)) * std
+        self.params["W"] = w.astype(self.dtype)  # (in, out)
+        if self.bias:
+            self.params["b"] = np.zeros(out_features, self.dtype)  # (out,)
+
+    def forward(self, x, train):
+        x = self._input(x, self.in_features)
+        self._cache = x
+        return F.linear(x, self.params["W"], self.params.get("b"))
+
+    def backward(self, dy):
+        x = self._cached()
+        dx, self.grads["W"], db = F.linear_backward(dy, x, self.params["W"], self.bias)
+        if self.bias:
+            self.grads["b"] = db
+        return dx
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias,
+                "init": self.init, "std": self.std if self.init == "normal" else None, "dtype": self.dtype}
+
+
+class BatchNorm(Layer):
+    """Batch normalization over the batch axis of (N, D) input (Ioffe & Szegedy 2015).
+
+    train=True:   y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta,
+                  mu_B, var_B = mean and biased variance of this mini-batch (Alg. 1); then
+                  running_mean = decay * running_mean + (1 - decay) * mu_B
+                  running_var  = decay * running_var  + (1 - decay) * var_B * m/(m-1)   ("unbiased")
+                  count += 1
+    train=False:  y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+
+    Convention, said out loud: `decay` is the weight kept by the OLD running
+    value. It equals Keras' `momentum` and 1 - PyTorch's `momentum`; the
+    default 0.9 equals PyTorch's momentum=0.1 (Keras' default is 0.99).
+
+    Args:
+        num_features: D.
+        eps: added to the variance (default 1e-5, as PyTorch; Keras uses 1e-3).
+        decay: in [0, 1], default 0.9.
+        running_var: "unbiased" (default; m/(m-1) * var_B, Alg. 2 and PyTorch) or
+            "biased" (var_B as is, as Keras). The batch itself is always
+            normalized with the biased variance.
+        dtype: "float32" (default) or "float64".
+    Params: gamma (D,) ones, beta (D,) zeros.
+    Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen.
+    """
+
+    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32"):
+        super().__init__()
+        self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
+        self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
+        self.decay = check_number("BatchNorm", "decay", decay, low=0, high=1)
+        self.running_var = check_choice("BatchNorm", "running_var", running_var, ("unbiased", "biased"))
+        self.dtype = check_dtype("BatchNorm", dtype)
+        self.params["gamma"] = np.ones(num_features, self.dtype)
+        self.params["beta"] = np.zeros(num_features, self.dtype)
+        self.buffers["running_mean"] = np.zeros(num_features, self.dtype)
+        self.buffers["running_var"] = np.ones(num_features, self.dtype)
+        self.buffers["count"] = np.zeros((), np.int64)
+
+    def forward(self, x, train):
+        x = self._input(x, self.num_features)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not train:
+            self._cache = ("eval", x)
+            return F.batch_normalization(x, self.buffers["running_mean"], self.buffers["running_var"],
+                                         beta, gamma, self.eps)
+        m = x.shape[0]
+        if m < 2:
+            raise InputError(
+                f"{self.name}: a batch of {m} row in train mode has no variance to normalize with; "
+                "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
+            )
+        y, mean, var, cache = F.batch_norm_forward(x, gamma, beta, self.eps)
+        self._update_running(mean, var, m)
+        self._cache = ("train", cache)
+        return y
+
+    def _update_running(self, mean, var, m):
+        if self.running_var == "unbiased":
+            var = var * (m / (m - 1))
+        d = self.decay
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= d  # in place: the arrays in `buffers` keep their identity
+        rm += (1 - d) * mean
+        rv *= d
+        rv += (1 - d) * var
+        self.buffers["count"] += 1
+
+    def backward(self, dy):
+        mode, cache = self._cached()
+        gamma = self.params["gamma"]
+        if mode == "train":
+            dx, self.grads["gamma"], self.grads["beta"] = F.batch_norm_backward(dy, gamma, cache)
+            return dx
+        # Eval mode: the statistics are constants, so BN is a per-feature affine map.
+        inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
+        x_hat = (cache - self.buffers["running_mean"]) * inv_std
+        self.grads["gamma"] = (dy * x_hat).sum(axis=0)
+        self.grads["beta"] = dy.sum(axis=0)
+        return dy * (gamma * inv_std)
+
+    def config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
+                "running_var": self.running_var, "dtype": self.dtype}
+
+
+class _Activation(Layer):
+    """Elementwise a = g(z); dz = da * g'(z). Subclasses define _fn and _grad."""
+
+    def forward(self, x, train):
+        z = self._input(x)
+        a = self._fn(z)
+        self._cache = (z, a)
+        return a
+
+    def backward(self, dy):
+        z, a = self._cached()
+        return dy * self._grad(z, a)
+
+
+class ReLU(_Activation):
+    """a = max(z, 0)."""
+
+    def _fn(self, z):
+        return F.relu(z)
+
+    def _grad(self, z, a):
+        return F.relu_grad(z)
+
+
+class LeakyReLU(_Activation):
+    """a = z if z > 0 else negative_slope * z (default negative_slope=0.01, as PyTorch)."""
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        self.negative_slope = check_number("LeakyReLU", "negative_slope", negative_slope, low=0)
+
+    def _fn(self, z):
+        return F.leaky_relu(z, self.negative_slope)
+
+    def _grad(self, z, a):
+        return F.leaky_relu_grad(z, self.negative_slope)
+
+    def config(self):
+        return {"negative_slope": self.negative_slope}
+
+
+class Sigmoid(_Activation):
+    """a = 1 / (1 + exp(-z))."""
+
+    def _fn(self, z):
+        return F.sigmoid(z)
+
+    def _grad(self, z, a):
+        return F.sigmoid_grad_from_output(a)
+
+
+class Tanh(_Activation):
+    """a = tanh(z)."""
+
+    def _fn(self, z):
+        return F.tanh(z)
+
+    def _grad(self, z, a):
+        return F.tanh_grad_from_output(a)
+
+
+ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
+LAYER_TYPES = {cls.__name__: cls for cls in (Linear, BatchNorm, ReLU, LeakyReLU, Sigmoid, Tanh)}

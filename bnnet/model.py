@@ -1,0 +1,178 @@
+"""A model is a sequence of layers; backward walks it in reverse.
+
+    model = bnnet.mlp([784, 100, 10], activation="sigmoid")
+    logits = model.forward(X_t, train=True)          # (N, 10)
+    dX = model.backward(dlogits)                     # fills model.grads
+    model.params["0.W"]                               # layer 0's W, by dotted name
+"""
+import warnings
+from collections.abc import MutableMapping
+
+import numpy as np
+
+from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from .errors import HyperparameterError, InputError
+from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
+
+
+class BiasBeforeBatchNormWarning(UserWarning):
+    """A Linear layer with a bias feeds a BatchNorm, which cancels the bias."""
+
+
+class _DottedView(MutableMapping):
+    """Live view of one dict kind ("params", "grads" or "buffers") across layers.
+
+    Keys are "<layer index>.<name>", e.g. "0.W", "1.running_mean". Reading returns
+    the layer's own array. Assigning copies into that array in place (shape must
+    match, values are cast to its dtype), so that optimizers, checkpoints and
+    users who set weights all see the same memory.
+    """
+
+    def __init__(self, layers, kind):
+        self._layers = layers
+        self._kind = kind
+
+    def _split(self, key):
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(self._layers) or name not in getattr(self._layers[int(index)], self._kind):
+            raise KeyError(key)
+        return getattr(self._layers[int(index)], self._kind), name
+
+    def __getitem__(self, key):
+        d, name = self._split(key)
+        return d[name]
+
+    def __setitem__(self, key, value):
+        d, name = self._split(key)
+        value = np.asarray(value)
+        if value.shape != d[name].shape:
+            raise InputError(f"{self._kind}[{key!r}] has shape {d[name].shape}; cannot assign an array of shape {value.shape}")
+        np.copyto(d[name], value, casting="same_kind")
+
+    def __delitem__(self, key):
+        raise TypeError(f"cannot delete {self._kind} entries; build a new model instead")
+
+    def __iter__(self):
+        for i, layer in enumerate(self._layers):
+            for name in getattr(layer, self._kind):
+                yield f"{i}.{name}"
+
+    def __len__(self):
+        return sum(len(getattr(layer, self._kind)) for layer in self._layers)
+
+    def __repr__(self):
+        return "{" + ", ".join(f"{k!r}: array{v.shape}" for k, v in self.items()) + "}"
+
+
+class Sequential:
+    """Layers applied in order. `params`, `grads` and `buffers` are live views with dotted names.
+
+    Args:
+        *layers: Layer instances. A Linear with bias=True directly before a
+            BatchNorm works, but warns (BiasBeforeBatchNormWarning): BN subtracts
+            the batch mean, so b has no effect and its gradient is zero.
+    """
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise HyperparameterError(f"Sequential: argument {i} must be a bnnet layer, got {type(layer).__name__}")
+            layer.name = f"{type(layer).__name__} (layer {i})"
+        for i, (a, b) in enumerate(zip(layers, layers[1:])):
+            if isinstance(a, Linear) and a.bias and isinstance(b, BatchNorm):
+                warnings.warn(
+                    f"layer {i} is a Linear with bias feeding the BatchNorm at layer {i + 1}: BatchNorm subtracts "
+                    "the batch mean, which cancels b (its gradient is zero); beta takes its role. "
+                    "Use Linear(..., bias=False).",
+                    BiasBeforeBatchNormWarning,
+                    stacklevel=2,
+                )
+        self.layers = list(layers)
+        self.params = _DottedView(self.layers, "params")
+        self.grads = _DottedView(self.layers, "grads")
+        self.buffers = _DottedView(self.layers, "buffers")
+
+    @property
+    def dtype(self):
+        """The dtype of the first layer that has one (inputs are cast to it)."""
+        return next((l.dtype for l in self.layers if hasattr(l, "dtype")), "float64")
+
+    @property
+    def in_features(self):
+        return next((l.in_features for l in self.layers if isinstance(l, Linear)), None)
+
+    def forward(self, x, train):
+        """Run every layer. train: True for batch statistics (and running-stat updates), False for eval."""
+        if not isinstance(train, (bool, np.bool_)):
+            raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy):
+        """Backpropagate dL/d(output) through the layers in reverse; fills `grads`; returns dL/dx."""
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def predict(self, X, batch_size=1024):
+        """Eval-mode outputs for X (N, in_features), computed batch_size rows at a time -> (N, out)."""
+        batch_size = check_int("predict", "batch_size", batch_size, low=1)
+        X = as_float_array(X, "X", "predict", self.dtype)
+        check_2d(X, "X", "predict", self.in_features)
+        check_finite(X, "X", "predict")
+        return np.concatenate([self.forward(X[i:i + batch_size], train=False)
+                               for i in range(0, len(X), batch_size)])
+
+    def config(self):
+        """[{"type": "Linear", "in_features": ...}, ...]: enough to rebuild the model."""
+        return [{"type": type(l).__name__, **l.config()} for l in self.layers]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        body = "".join(f"\n  ({i}) {l!r}" for i, l in enumerate(self.layers))
+        return f"Sequential({body}\n)"
+
+
+def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None, dtype="float32"):
+    """A multilayer perceptron shaped like the lecture's network.
+
+    Every hidden layer is   Linear(bias=False) -> BatchNorm -> activation   (the
+    seed's rule: beta replaces b), or Linear(bias=True) -> activation when
+    batchnorm=False. The last layer is a Linear with bias and no activation
+    (the loss takes logits).
+
+    Args:
+        sizes: [in, hidden_1, ..., hidden_k, out], at least two ints >= 1.
+        activation: "relu" (default), "leaky_relu", "sigmoid" or "tanh".
+        batchnorm: insert BatchNorm in every hidden layer (default True).
+        init, std: weight initialization, see Linear.
+        seed: None or int; one Generator draws every layer's weights in order.
+        dtype: "float32" (default) or "float64".
+    """
+    sizes = list(sizes) if not isinstance(sizes, (str, bytes)) else sizes
+    if not isinstance(sizes, list) or len(sizes) < 2:
+        raise HyperparameterError(f"mlp: sizes must be a list [in, hidden..., out] of at least 2 ints, got {sizes!r}")
+    sizes = [check_int("mlp", "sizes", s, low=1) for s in sizes]
+    act = ACTIVATIONS[check_choice("mlp", "activation", activation, tuple(ACTIVATIONS))]
+    rng = np.random.default_rng(seed)
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
+        layers.append(Linear(fan_in, fan_out, bias=not batchnorm, init=init, std=std, rng=rng, dtype=dtype))
+        if batchnorm:
+            layers.append(BatchNorm(fan_out, dtype=dtype))
+        layers.append(act())
+    layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
+    return Sequential(*layers)
+
+
+def has_batchnorm(model):
+    return any(isinstance(l, BatchNorm) for l in model.layers)

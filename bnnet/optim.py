@@ -1,0 +1,256 @@
+"""Optimizers: one update rule each, applied to every parameter (W, b, gamma, beta).
+
+    opt = Adam(lr=1e-3)
+    opt.step(model)        # reads model.params / model.grads, updates params in place
+
+The base class loops over parameters; each rule is a few lines. State (velocity,
+squared averages, ...) belongs to the optimizer, is created lazily the first
+time a parameter is updated, and is keyed by the parameter's dotted name.
+"""
+import numpy as np
+
+from ._checks import check_int, check_number
+from .errors import CheckpointError, HyperparameterError
+
+# --------------------------------------------------------------------------
+# Learning-rate schedules: a factor that multiplies the base lr after t updates.
+# --------------------------------------------------------------------------
+
+
+class Schedule:
+    def __call__(self, t):
+        raise NotImplementedError
+
+    def config(self):
+        return {"type": type(self).__name__, **vars(self)}
+
+
+class StepDecay(Schedule):
+    """lr_t = lr * gamma ** floor(t / step_size)."""
+
+    def __init__(self, step_size, gamma=0.1):
+        self.step_size = check_int("StepDecay", "step_size", step_size, low=1)
+        self.gamma = check_number("StepDecay", "gamma", gamma, low=0, low_open=True)
+
+    def __call__(self, t):
+        return self.gamma ** (t // self.step_size)
+
+
+class ExponentialDecay(Schedule):
+    """lr_t = lr * decay_rate ** (t / decay_steps)   (the lecture's 0.95^epoch when decay_steps = steps per epoch)."""
+
+    def __init__(self, decay_rate, decay_steps=1):
+        self.decay_rate = check_number("ExponentialDecay", "decay_rate", decay_rate, low=0, high=1, low_open=True)
+        self.decay_steps = check_int("ExponentialDecay", "decay_steps", decay_steps, low=1)
+
+    def __call__(self, t):
+        return self.decay_rate ** (t / self.decay_steps)
+
+
+class InverseTimeDecay(Schedule):
+    """lr_t = lr / (1 + decay_rate * t / decay_steps)   (the lecture's alpha0 / (1 + decay_rate * epoch))."""
+
+    def __init__(self, decay_rate, decay_steps=1):
+        self.decay_rate = check_number("InverseTimeDecay", "decay_rate", decay_rate, low=0)
+        self.decay_steps = check_int("InverseTimeDecay", "decay_steps", decay_steps, low=1)
+
+    def __call__(self, t):
+        return 1.0 / (1.0 + self.decay_rate * t / self.decay_steps)
+
+
+SCHEDULES = {cls.__name__: cls for cls in (StepDecay, ExponentialDecay, InverseTimeDecay)}
+
+
+def schedule_from_config(cfg):
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    return SCHEDULES[cfg.pop("type")](**cfg)
+
+
+# --------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------
+
+
+class Optimizer:
+    """Base class.
+
+    Args:
+        lr: base learning rate, > 0.
+        weight_decay: L2 coefficient (default 0): adds weight_decay * p to the
+            gradient of each parameter whose own name is in `decay_names`.
+        decay_names: parameter names that get weight decay (default ("W",): not
+            gamma, beta or biases, which set scale and offset, not capacity).
+        schedule: None or a Schedule; the lr used at update t (t = 0, 1, ...) is lr * schedule(t).
+    """
+
+    def __init__(self, lr, weight_decay=0.0, decay_names=("W",), schedule=None):
+        owner = type(self).__name__
+        self.lr = check_number(owner, "lr", lr, low=0, low_open=True)
+        self.weight_decay = check_number(owner, "weight_decay", weight_decay, low=0)
+        self.decay_names = tuple(decay_names)
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise HyperparameterError(f"{owner}: schedule must be None or a bnnet.optim Schedule, got {schedule!r}")
+        self.schedule = schedule
+        self.t = 0  # updates applied so far
+        self.state = {}  # dotted param name -> {state name: array}
+
+    def current_lr(self):
+        return self.lr * (self.schedule(self.t) if self.schedule is not None else 1.0)
+
+    def step(self, model):
+        """Apply one update to every parameter of `model` from its current grads."""
+        lr = self.current_lr()
+        for name, p in model.params.items():
+            try:
+                g = model.grads[name]
+            except KeyError:
+                raise RuntimeError(f"{type(self).__name__}.step: no gradient for {name!r}; run model.backward() first") from None
+            if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names:
+                g = g + self.weight_decay * p
+            self._update(p, g.astype(p.dtype, copy=False), self.state.setdefault(name, {}), lr)
+        self.t += 1
+
+    def _update(self, p, g, state, lr):
+        raise NotImplementedError
+
+    def _zeros(self, state, key, p):
+        if key not in state:
+            state[key] = np.zeros_like(p)
+        return state[key]
+
+    # -- saving and restoring ------------------------------------------------
+
+    def hyperparameters(self):
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "decay_names": list(self.decay_names),
+                "schedule": self.schedule.config() if self.schedule is not None else None}
+
+    def state_dict(self):
+        """(arrays, info): arrays keyed "<param>/<state>", info = {"type", "t", hyperparameters}."""
+        arrays = {f"{name}/{k}": v for name, st in self.state.items() for k, v in st.items()}
+        info = {"type": type(self).__name__, "t": self.t, **self.hyperparameters()}
+        return arrays, info
+
+    def load_state_dict(self, arrays, info):
+        """Restore what state_dict() returned (hyperparameters stay those of this instance)."""
+        if info.get("type") != type(self).__name__:
+            raise CheckpointError(f"optimizer state is for {info.get('type')}, cannot load it into {type(self).__name__}")
+        self.t = int(info["t"])
+        self.state = {}
+        for key, value in arrays.items():
+            name, _, k = key.rpartition("/")
+            self.state.setdefault(name, {})[k] = np.array(value)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Plain gradient descent: p -= lr * g."""
+
+    def _update(self, p, g, state, lr):
+        p -= lr * g
+
+
+class Momentum(Optimizer):
+    """Gradient descent with momentum, in the lecture's form:
+
+        v = beta * v + (1 - beta) * g
+        p -= lr * v
+
+    v is an exponentially weighted average of gradients. PyTorch's SGD(momentum=beta)
+    keeps u = beta * u + g instead, so u = v / (1 - beta): this optimizer equals
+    torch.optim.SGD(lr = lr * (1 - beta), momentum = beta, dampening = 0).
+    """
+
+    def __init__(self, lr, beta=0.9, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.beta = check_number("Momentum", "beta", beta, low=0, high=1, high_open=True)
+
+    def _update(self, p, g, state, lr):
+        v = self._zeros(state, "v", p)
+        v *= self.beta
+        v += (1 - self.beta) * g
+        p -= lr * v
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "beta": self.beta}
+
+
+class RMSprop(Optimizer):
+    """s = beta * s + (1 - beta) * g^2;   p -= lr * g / (sqrt(s) + eps).
+
+    Equals torch.optim.RMSprop(lr, alpha=beta, eps=eps) (eps outside the sqrt in both).
+    """
+
+    def __init__(self, lr, beta=0.999, eps=1e-8, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.beta = check_number("RMSprop", "beta", beta, low=0, high=1, high_open=True)
+        self.eps = check_number("RMSprop", "eps", eps, low=0, low_open=True)
+
+    def _update(self, p, g, state, lr):
+        s = self._zeros(state, "s", p)
+        s *= self.beta
+        s += (1 - self.beta) * g * g
+        p -= lr * g / (np.sqrt(s) + self.eps)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "beta": self.beta, "eps": self.eps}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2014) with bias correction; k counts this parameter's updates:
+
+        m = beta1 * m + (1 - beta1) * g              v = beta2 * v + (1 - beta2) * g^2
+        m_hat = m / (1 - beta1^k)                    v_hat = v / (1 - beta2^k)
+        p -= lr * m_hat / (sqrt(v_hat) + eps)
+
+    Equals torch.optim.Adam(lr, betas=(beta1, beta2), eps=eps) up to rounding.
+    """
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.beta1 = check_number("Adam", "beta1", beta1, low=0, high=1, high_open=True)
+        self.beta2 = check_number("Adam", "beta2", beta2, low=0, high=1, high_open=True)
+        self.eps = check_number("Adam", "eps", eps, low=0, low_open=True)
+
+    def _update(self, p, g, state, lr):
+        m, v = self._zeros(state, "m", p), self._zeros(state, "v", p)
+        k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
+        v += (1 - self.beta2) * g * g
+        m_hat = m / (1 - self.beta1 ** int(k))
+        v_hat = v / (1 - self.beta2 ** int(k))
+        p -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
+
+
+def get_optimizer(optimizer, lr=None):
+    """An Optimizer from an instance, or from a name in OPTIMIZERS with learning rate lr (default per rule)."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if optimizer not in OPTIMIZERS:
+        raise HyperparameterError(f"optimizer must be an Optimizer or one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    default_lr = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-3}[optimizer]
+    return OPTIMIZERS[optimizer](default_lr if lr is None else lr)
+
+
+def optimizer_from_info(info):
+    """Rebuild an optimizer from the `info` of state_dict() (hyperparameters and type)."""
+    info = dict(info)
+    cls = {c.__name__: c for c in OPTIMIZERS.values()}.get(info.pop("type", None))
+    if cls is None:
+        raise CheckpointError(f"unknown optimizer type in checkpoint: {info!r}")
+    info.pop("t", None)
+    schedule = schedule_from_config(info.pop("schedule", None))
+    info["decay_names"] = tuple(info.get("decay_names", ("W",)))
+    return cls(schedule=schedule, **info)
