@@ -40,6 +40,16 @@ def _sizes(text):
     return sizes
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _new_run_dir(root="runs"):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, i = os.path.join(root, stamp), 1
@@ -136,7 +146,7 @@ def build_parser():
                    help="weight init (default: xavier for sigmoid/tanh, he for relu)")
     t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
-    t.add_argument("--lr-decay", type=float, default=0.1,
+    t.add_argument("--lr-decay", type=_fraction, default=0.1,
                    help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=60, help="default 60, as in the paper")

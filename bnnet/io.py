@@ -82,7 +82,7 @@ def save(path, model, optimizer=None, **metadata):
         header = json.dumps(meta)
     except TypeError as e:
         raise TypeError(f"save: metadata must be JSON-serializable ({e})") from None
-    data = _st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"bnnet": header})
+    data = _st_save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata={"bnnet": header})
     atomic_write(path, data)
 
 
