@@ -31,13 +31,19 @@ def moments(x, axes, keepdims=False):
         (mean, variance), each of x's shape without `axes` (e.g. (D,)).
     """
     x = np.asarray(x)
+    mean, var = _moments_wide(x, axes, keepdims)
+    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+
+
+def _moments_wide(x, axes, keepdims):
+    """moments() in the accumulation dtype (float64 for float16/float32 input)."""
     acc = np.float64 if x.dtype.itemsize < 8 else x.dtype
     mean = x.mean(axis=axes, dtype=acc, keepdims=True)
-    dev = x - mean  # in float64 for float32 input: the subtraction is exact enough
+    dev = x - mean  # in float64 for float32 input
     var = np.mean(dev * dev, axis=axes, dtype=acc, keepdims=keepdims)
     if not keepdims:
         mean = np.squeeze(mean, axis=axes)
-    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+    return mean, var
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
@@ -85,11 +91,16 @@ def batch_norm_forward(x, gamma, beta, eps):
         y (N, D); mean (D,) and biased var (D,) for the running statistics;
         cache (x_hat, inv_std): exactly what `batch_norm_backward` needs.
     """
-    mean, var = moments(x, axes=0)
-    inv_std = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)  # (D,)
-    x_hat = (x - mean) * inv_std  # (N, D)
+    mean, var = _moments_wide(x, 0, False)  # (D,), (D,) in float64 for float32 x
+    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (D,)
+    # x - mu in x's dtype, with mu split into a rounded part and its rounding
+    # error: x - hi is exact when x is near hi, so a float32 batch with a large
+    # offset (|mu| >> std) keeps the precision of the float64 mean.
+    hi = mean.astype(x.dtype)
+    lo = (mean - hi).astype(x.dtype)
+    x_hat = ((x - hi) - lo) * inv_std  # (N, D)
     y = gamma * x_hat + beta  # (N, D)
-    return y, mean, var, (x_hat, inv_std)
+    return y, hi, var.astype(x.dtype), (x_hat, inv_std)
 
 
 def batch_norm_backward(dy, gamma, cache):

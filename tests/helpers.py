@@ -1,0 +1,50 @@
+"""Shared test helpers: central finite differences and a norm-wise relative error."""
+import numpy as np
+
+
+def numerical_grad(f, x, h=1e-6):
+    """d f() / d x by central differences, perturbing x in place one entry at a time (float64)."""
+    assert x.dtype == np.float64
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + h
+        fp = f()
+        x[idx] = old - h
+        fm = f()
+        x[idx] = old
+        g[idx] = (fp - fm) / (2 * h)
+    return g
+
+
+def rel_error(a, b):
+    """||a - b|| / (||a|| + ||b||); 0 when both are zero."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    denom = np.linalg.norm(a) + np.linalg.norm(b)
+    return 0.0 if denom == 0 else float(np.linalg.norm(a - b) / denom)
+
+
+def away_from_zero(rng, shape, margin=0.1):
+    """Random values with |v| >= margin, so kinks (ReLU at 0) are never straddled by h."""
+    return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(margin, 2.0, size=shape)
+
+
+def check_layer_gradients(layer, x, train, rng, tol=1e-7):
+    """Compare backward() with finite differences of L = sum(forward(x) * G), G random.
+
+    Returns the largest relative error over dx and every parameter.
+    """
+    y = layer.forward(x, train)
+    G = rng.standard_normal(y.shape)  # random upstream gradient: all-ones makes BN's dx exactly 0
+    dx = layer.backward(G)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+
+    def loss():
+        return float(np.sum(layer.forward(x, train) * G))
+
+    errors = {"x": rel_error(dx, numerical_grad(loss, x))}
+    for name, p in layer.params.items():
+        errors[name] = rel_error(grads[name], numerical_grad(loss, p))
+    worst = max(errors.values())
+    assert worst <= tol, errors
+    return worst
