@@ -86,8 +86,8 @@ class Linear(Layer):
         if init == "normal":
             std = 0.01 if std is None else check_number("Linear", "std", std, low=0, low_open=True)
         else:
-            fan = in_features if init == "he" else (in_features + out_features) / 2
-            std = np.sqrt(2.0 / fan)
+            fan = in_features if init == "he" else in_features + out_features
+            std = float(np.sqrt(2.0 / fan))
         self.std = std
         self.bias = bool(bias)
         self.dtype = check_dtype("Linear", dtype)
