@@ -1,0 +1,94 @@
+"""The `bnnet` command end to end, in subprocesses, on a few epochs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnnet
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bnnet", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    res = run("train", "--epochs", "2", "--out", str(out), "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_train_writes_a_run_folder(trained_run):
+    out, res = trained_run
+    assert "test accuracy" in res.stdout and str(out) in res.stdout
+    acc = float(res.stdout.split("test accuracy ")[1].split()[0])
+    assert acc > 0.8  # two epochs of the paper's net on the bundled data
+    assert "epoch 2/2" in res.stderr  # the progress bar
+    assert sorted(os.listdir(out)) == ["history.csv", "history.json", "model.safetensors", "summary.json"]
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["epoch"] == [1, 2] and len(hist["val_accuracy"]) == 2
+    assert (out / "history.csv").read_text().splitlines()[0] == "epoch,loss,accuracy,val_loss,val_accuracy"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(acc, abs=1e-4)
+    model = bnnet.load(out / "model.safetensors")
+    assert [type(l).__name__ for l in model.layers][:3] == ["Linear", "BatchNorm", "Sigmoid"]
+    assert [l.out_features for l in model.layers if hasattr(l, "out_features")] == [100, 100, 100, 10]
+
+
+def test_evaluate_and_predict(trained_run, tmp_path):
+    out, res = trained_run
+    acc = res.stdout.split("test accuracy ")[1].split()[0]
+    ev = run("evaluate", str(out))
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stdout.startswith(f"test: accuracy {acc}")
+    _, _, Xt, yt = bnnet.datasets.load_mnist5k()
+    np.save(tmp_path / "x.npy", Xt[:50])
+    pr = run("predict", str(out / "model.safetensors"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy"))
+    assert pr.returncode == 0, pr.stderr
+    preds = np.load(tmp_path / "p.npy")
+    expected = bnnet.load(out / "model.safetensors").predict(Xt[:50]).argmax(1)
+    np.testing.assert_array_equal(preds, expected)
+    printed = run("predict", str(out), str(tmp_path / "x.npy"))
+    assert [int(v) for v in printed.stdout.split()] == list(expected)
+
+
+def test_options(tmp_path):
+    res = run("train", "--epochs", "1", "--hidden", "32", "--activation", "relu", "--no-batchnorm", "--optimizer",
+              "momentum", "--dtype", "float64", "--batch-size", "100", "--quiet", "--out", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # --quiet: no progress bar
+    model = bnnet.load(tmp_path / "r" / "model.safetensors")
+    assert [type(l).__name__ for l in model.layers] == ["Linear", "ReLU", "Linear"] and model.dtype == "float64"
+
+
+def test_train_on_an_npz_dataset(tmp_path, rng):
+    X = rng.standard_normal((60, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", X_train=X[:40], y_train=y[:40], X_test=X[40:], y_test=y[40:])
+    res = run("train", "--data", str(tmp_path / "d.npz"), "--epochs", "2", "--batch-size", "8", "--hidden", "8",
+              "--quiet", "--out", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    assert "test accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["evaluate", "missing.safetensors"], "no such checkpoint file"),
+    (["train", "--data", "nowhere.npz", "--quiet"], "cannot read as .npz"),
+    (["train", "--data", "mnist6k"], "--data must be 'mnist5k'"),
+    (["train", "--lr", "-1", "--quiet"], "lr must be in (0"),
+    (["train", "--batch-size", "1", "--quiet"], "batch_size=1 cannot train BatchNorm"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    res = run(*args, cwd=tmp_path)
+    assert res.returncode == 1
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2(tmp_path):
+    res = run("train", "--hidden", "a,b")
+    assert res.returncode == 2 and "expected comma-separated integers" in res.stderr
