@@ -130,19 +130,26 @@ def batch_norm_backward(dy, gamma, cache):
 # --------------------------------------------------------------------------
 
 
-def linear(x, W, b=None):
-    """z = x @ W + b.   x: (N, in), W: (in, out), b: (out,) or None -> z: (N, out)."""
-    z = x @ W
+def linear(x, W, b=None, out=None):
+    """z = x @ W + b.   x: (N, in), W: (in, out), b: (out,) or None -> z: (N, out).
+
+    out: optional (N, out) array to write z into (saves an allocation per step).
+    """
+    z = np.matmul(x, W, out=out)
     if b is not None:
         z += b
     return z
 
 
-def linear_backward(dz, x, W, has_bias=True):
-    """Given dz = dL/dz (N, out): dx = dz @ W.T (N, in), dW = x.T @ dz (in, out), db = sum(dz) (out,)."""
-    dx = dz @ W.T
-    dW = x.T @ dz
-    db = dz.sum(axis=0) if has_bias else None
+def linear_backward(dz, x, W, has_bias=True, input_grad=True, dx_out=None, dW_out=None, db_out=None):
+    """Given dz = dL/dz (N, out): dx = dz @ W.T (N, in), dW = x.T @ dz (in, out), db = sum(dz) (out,).
+
+    input_grad=False skips dx (returned as None), e.g. for a network's first layer.
+    The *_out arrays, when given, receive the results in place.
+    """
+    dx = np.matmul(dz, W.T, out=dx_out) if input_grad else None
+    dW = np.matmul(x.T, dz, out=dW_out)
+    db = dz.sum(axis=0, out=db_out) if has_bias else None
     return dx, dW, db
 
 

@@ -6,9 +6,16 @@ A layer has
     buffers : dict name -> array, state that is not trained (running statistics);
     forward(x, train) -> y     train: bool, passed explicitly on every call;
     backward(dy) -> dx         uses what the last forward cached.
+
+The public forward/backward validate their input and call _forward/_backward,
+which Sequential calls directly for the layers inside a model (their input
+was produced by the layer before). Inside a Sequential, a layer whose output
+stays inside the model writes it into a buffer reused from step to step
+(`reuse_buffers`), so a training step allocates nothing large.
 """
 import numpy as np
 
+from . import backend
 from . import functional as F
 from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number
 from .errors import HyperparameterError, InputError
@@ -17,18 +24,37 @@ from .errors import HyperparameterError, InputError
 class Layer:
     """Base class: holds the three dicts and a display name set by Sequential."""
 
+    reuse_buffers = False  # Sequential sets it for layers whose output stays inside the model
+
     def __init__(self):
         self.params = {}
         self.grads = {}
         self.buffers = {}
         self.name = type(self).__name__
         self._cache = None
+        self._scratch_arrays = {}
 
     def forward(self, x, train):
+        """y = layer(x). train: True for training behaviour (batch statistics), False for eval."""
+        return self._forward(self._input(x, getattr(self, "in_features", getattr(self, "num_features", None))), train)
+
+    def backward(self, dy, input_grad=True):
+        """dL/dx from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx (returns None)."""
+        out_shape = self._cached_output_shape()
+        dtype = getattr(self, "dtype", None)
+        dy = np.asarray(dy) if dtype is None else np.asarray(dy, dtype=dtype)
+        if dy.shape != out_shape:
+            raise InputError(f"{self.name}: dy must have the shape of the last output {out_shape}, got {dy.shape}")
+        return self._backward(dy, input_grad)
+
+    def _forward(self, x, train):
         raise NotImplementedError
 
-    def backward(self, dy):
+    def _backward(self, dy, input_grad):
         raise NotImplementedError
+
+    def _cached_output_shape(self):
+        return self._cached_input().shape
 
     def config(self):
         """Constructor arguments, JSON-serializable: what a checkpoint needs to rebuild the layer."""
@@ -47,6 +73,27 @@ class Layer:
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward() called before forward(); run forward(x, train) first")
         return self._cache
+
+    def _cached_input(self):
+        cache = self._cached()
+        return cache if isinstance(cache, np.ndarray) else cache[1]
+
+    def _scratch(self, key, shape, dtype, reuse=None):
+        """An output array: a buffer kept across calls when reusing, else a new one."""
+        if not (self.reuse_buffers if reuse is None else reuse):
+            return np.empty(shape, dtype)
+        buf = self._scratch_arrays.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._scratch_arrays[key] = np.empty(shape, dtype)
+        return buf
+
+    def _grad(self, key):
+        """The array grads[key] is written into: reused across steps, shaped like params[key]."""
+        g = self.grads.get(key)
+        p = self.params[key]
+        if g is None or g.shape != p.shape or g.dtype != p.dtype:
+            g = self.grads[key] = np.empty_like(p)
+        return g
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -96,16 +143,19 @@ class Linear(Layer):
         if self.bias:
             self.params["b"] = np.zeros(out_features, self.dtype)  # (out,)
 
-    def forward(self, x, train):
-        x = self._input(x, self.in_features)
-        self._cache = x
-        return F.linear(x, self.params["W"], self.params.get("b"))
+    def _forward(self, x, train):
+        self._cache = x  # (N, in), for dW
+        z = self._scratch("z", (x.shape[0], self.out_features), self.dtype)
+        return F.linear(x, self.params["W"], self.params.get("b"), out=z)
 
-    def backward(self, dy):
+    def _cached_output_shape(self):
+        return (self._cached().shape[0], self.out_features)
+
+    def _backward(self, dy, input_grad):
         x = self._cached()
-        dx, self.grads["W"], db = F.linear_backward(dy, x, self.params["W"], self.bias)
-        if self.bias:
-            self.grads["b"] = db
+        dx_out = self._scratch("dx", x.shape, self.dtype) if input_grad else None
+        dx, _, _ = F.linear_backward(dy, x, self.params["W"], self.bias, input_grad, dx_out,
+                                     self._grad("W"), self._grad("b") if self.bias else None)
         return dx
 
     def config(self):
@@ -152,23 +202,49 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(num_features, self.dtype)
         self.buffers["count"] = np.zeros((), np.int64)
 
-    def forward(self, x, train):
-        x = self._input(x, self.num_features)
+    def _forward(self, x, train):
+        m = x.shape[0]
+        if train and m < 2:
+            raise InputError(
+                f"{self.name}: a batch of {m} row in train mode has no variance to normalize with; "
+                "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
+            )
+        if backend.fast():
+            return self._forward_fused(x, train)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not train:
             self._cache = ("eval", x)
             return F.batch_normalization(x, self.buffers["running_mean"], self.buffers["running_var"],
                                          beta, gamma, self.eps)
-        m = x.shape[0]
-        if m < 2:
-            raise InputError(
-                f"{self.name}: a batch of {m} row in train mode has no variance to normalize with; "
-                "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
-            )
         y, mean, var, cache = F.batch_norm_forward(x, gamma, beta, self.eps)
         self._update_running(mean, var, m)
-        self._cache = ("train", cache)
+        self._cache = ("train", x, cache)
         return y
+
+    def _forward_fused(self, x, train, activation=None, reuse=None):
+        """BN (and the activation that follows, if given) in one numba kernel; see bnnet.kernels.
+
+        Caches only x, the output and the float64 statistics: backward recomputes
+        x_hat from them.
+        """
+        kernels = backend.kernels()
+        act, slope = (kernels.IDENTITY, 0.0) if activation is None else activation.kernel_code
+        out = self._scratch("y", x.shape, x.dtype, reuse)
+        d = self.num_features
+        stats = self._scratch_arrays.get("stats")
+        if stats is None:
+            stats = self._scratch_arrays["stats"] = np.empty((3, d))  # mean, var, inv_std in float64
+        mean, var, inv_std = stats
+        m = x.shape[0]
+        correction = m / (m - 1) if self.running_var == "unbiased" and m > 1 else 1.0
+        # the kernel also updates running_mean/var in train mode, as _update_running does
+        kernels.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
+                           self.buffers["running_mean"], self.buffers["running_var"], self.decay, correction,
+                           out, mean, var, inv_std)
+        if train:
+            self.buffers["count"] += 1
+        self._cache = ("fused", x, out, train, act, slope)
+        return out
 
     def _update_running(self, mean, var, m):
         if self.running_var == "unbiased":
@@ -181,17 +257,27 @@ class BatchNorm(Layer):
         rv += (1 - d) * var
         self.buffers["count"] += 1
 
-    def backward(self, dy):
-        mode, cache = self._cached()
+    def _cached_output_shape(self):
+        return self._cached()[1].shape
+
+    def _backward(self, dy, input_grad):
+        mode, x, *rest = self._cached()
         gamma = self.params["gamma"]
+        dgamma, dbeta = self._grad("gamma"), self._grad("beta")
+        if mode == "fused":
+            out, train, act, slope = rest
+            mean, _, inv_std = self._scratch_arrays["stats"]
+            dx = self._scratch("dx", x.shape, x.dtype)
+            backend.kernels().bn_backward(dy, out, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+            return dx
         if mode == "train":
-            dx, self.grads["gamma"], self.grads["beta"] = F.batch_norm_backward(dy, gamma, cache)
+            dx, dgamma[...], dbeta[...] = F.batch_norm_backward(dy, gamma, rest[0])
             return dx
         # Eval mode: the statistics are constants, so BN is a per-feature affine map.
         inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
-        x_hat = (cache - self.buffers["running_mean"]) * inv_std
-        self.grads["gamma"] = (dy * x_hat).sum(axis=0)
-        self.grads["beta"] = dy.sum(axis=0)
+        x_hat = (x - self.buffers["running_mean"]) * inv_std
+        dgamma[...] = (dy * x_hat).sum(axis=0)
+        dbeta[...] = dy.sum(axis=0)
         return dy * (gamma * inv_std)
 
     def config(self):
@@ -200,15 +286,17 @@ class BatchNorm(Layer):
 
 
 class _Activation(Layer):
-    """Elementwise a = g(z); dz = da * g'(z). Subclasses define _fn and _grad."""
+    """Elementwise a = g(z); dz = da * g'(z). Subclasses define _fn, _grad and kernel_code."""
 
-    def forward(self, x, train):
-        z = self._input(x)
+    def _forward(self, z, train):
         a = self._fn(z)
         self._cache = (z, a)
         return a
 
-    def backward(self, dy):
+    def _cached_input(self):
+        return self._cached()[0]
+
+    def _backward(self, dy, input_grad):
         z, a = self._cached()
         return dy * self._grad(z, a)
 
@@ -221,6 +309,8 @@ class ReLU(_Activation):
 
     def _grad(self, z, a):
         return F.relu_grad(z)
+
+    kernel_code = (1, 0.0)  # (bnnet.kernels.RELU, slope)
 
 
 class LeakyReLU(_Activation):
@@ -236,6 +326,10 @@ class LeakyReLU(_Activation):
     def _grad(self, z, a):
         return F.leaky_relu_grad(z, self.negative_slope)
 
+    @property
+    def kernel_code(self):
+        return (2, self.negative_slope)  # (bnnet.kernels.LEAKY_RELU, slope)
+
     def config(self):
         return {"negative_slope": self.negative_slope}
 
@@ -249,6 +343,8 @@ class Sigmoid(_Activation):
     def _grad(self, z, a):
         return F.sigmoid_grad_from_output(a)
 
+    kernel_code = (3, 0.0)  # bnnet.kernels.SIGMOID
+
 
 class Tanh(_Activation):
     """a = tanh(z)."""
@@ -258,6 +354,30 @@ class Tanh(_Activation):
 
     def _grad(self, z, a):
         return F.tanh_grad_from_output(a)
+
+    kernel_code = (4, 0.0)  # bnnet.kernels.TANH
+
+
+class BatchNormActivation:
+    """A BatchNorm and the activation after it, run as one fused kernel (numba backend).
+
+    Not a layer of its own: Sequential builds it over two of its layers, which
+    keep their params, grads and buffers; only the schedule changes.
+    """
+
+    def __init__(self, bn, activation):
+        self.bn, self.activation = bn, activation
+
+    def forward(self, x, train):
+        return self._forward(self.bn._input(x, self.bn.num_features), train)
+
+    def _forward(self, x, train):
+        if train and x.shape[0] < 2:
+            return self.bn._forward(x, train)  # raises the batch-of-one error
+        return self.bn._forward_fused(x, train, self.activation, reuse=self.activation.reuse_buffers)
+
+    def _backward(self, dy, input_grad):
+        return self.bn._backward(dy, input_grad)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
 from .errors import HyperparameterError, InputError
-from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
+from . import backend
+from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, _Activation
 
 
 class BiasBeforeBatchNormWarning(UserWarning):
@@ -88,9 +89,15 @@ class Sequential:
                     stacklevel=2,
                 )
         self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            # Outputs that stay inside the model live in buffers reused across steps;
+            # the model's own output is always a new array that the caller may keep.
+            layer.reuse_buffers = i < len(self.layers) - 1
         self.params = _DottedView(self.layers, "params")
         self.grads = _DottedView(self.layers, "grads")
         self.buffers = _DottedView(self.layers, "buffers")
+        self._plan = (None, None)  # (backend name, steps)
+        self._param_keys = [(f"{i}.{k}", layer, k) for i, layer in enumerate(self.layers) for k in layer.params]
 
     @property
     def dtype(self):
@@ -101,19 +108,55 @@ class Sequential:
     def in_features(self):
         return next((l.in_features for l in self.layers if isinstance(l, Linear)), None)
 
+    def _steps(self):
+        """The layers as run: with the numba backend, each BatchNorm followed by an
+        activation becomes one fused step (same parameters, same numbers)."""
+        name = backend.get_backend()
+        if self._plan[0] != name:
+            steps, layers, i = [], self.layers, 0
+            while i < len(layers):
+                if name == "numba" and isinstance(layers[i], BatchNorm) and i + 1 < len(layers) \
+                        and isinstance(layers[i + 1], _Activation):
+                    steps.append(BatchNormActivation(layers[i], layers[i + 1]))
+                    i += 2
+                else:
+                    steps.append(layers[i])
+                    i += 1
+            self._plan = (name, steps)
+        return self._plan[1]
+
     def forward(self, x, train):
-        """Run every layer. train: True for batch statistics (and running-stat updates), False for eval."""
+        """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
+
+        x: (N, in_features), cast to the model's dtype. Returns a new (N, out) array.
+        """
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        steps = self._steps()
+        x = steps[0].forward(x, train)  # validates the input
+        for step in steps[1:]:
+            x = step._forward(x, train)
+        self._out_shape = x.shape
         return x
 
-    def backward(self, dy):
-        """Backpropagate dL/d(output) through the layers in reverse; fills `grads`; returns dL/dx."""
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
+    def backward(self, dy, input_grad=False):
+        """Backpropagate dL/d(output) of the last forward through the layers in reverse; fills `grads`.
+
+        input_grad: also compute and return dL/dx for the model's input (default
+        False: nothing needs it in training, and it costs a matrix product).
+        """
+        steps = self._steps()
+        dy = np.asarray(dy, dtype=self.dtype)
+        if dy.shape != getattr(self, "_out_shape", None):
+            raise InputError(f"Sequential.backward: dy must have the shape of the last output "
+                             f"{getattr(self, '_out_shape', None)}, got {dy.shape}; call forward first")
+        for k in range(len(steps) - 1, -1, -1):
+            dy = steps[k]._backward(dy, input_grad or k > 0)
+        return dy if input_grad else None
+
+    def named_parameters(self):
+        """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""
+        return [(name, layer.params[k], layer.grads.get(k)) for name, layer, k in self._param_keys]
 
     def predict(self, X, batch_size=1024):
         """Eval-mode outputs for X (N, in_features), computed batch_size rows at a time -> (N, out)."""

@@ -9,6 +9,7 @@ time a parameter is updated, and is keyed by the parameter's dotted name.
 """
 import numpy as np
 
+from . import backend
 from ._checks import check_int, check_number
 from .errors import CheckpointError, HyperparameterError
 
@@ -73,6 +74,10 @@ def schedule_from_config(cfg):
 # --------------------------------------------------------------------------
 
 
+def _flat(a):
+    return a.reshape(-1)  # a view: parameters and their state are C-contiguous
+
+
 class Optimizer:
     """Base class.
 
@@ -100,19 +105,34 @@ class Optimizer:
         return self.lr * (self.schedule(self.t) if self.schedule is not None else 1.0)
 
     def step(self, model):
-        """Apply one update to every parameter of `model` from its current grads."""
+        """Apply one update to every parameter of `model` (a Sequential or a layer) from its current grads."""
         lr = self.current_lr()
-        for name, p in model.params.items():
-            try:
-                g = model.grads[name]
-            except KeyError:
-                raise RuntimeError(f"{type(self).__name__}.step: no gradient for {name!r}; run model.backward() first") from None
-            if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names:
-                g = g + self.weight_decay * p
-            self._update(p, g.astype(p.dtype, copy=False), self.state.setdefault(name, {}), lr)
+        fast = backend.fast()
+        if hasattr(model, "named_parameters"):
+            triples = model.named_parameters()
+        else:
+            triples = [(k, p, model.grads.get(k)) for k, p in model.params.items()]
+        for name, p, g in triples:
+            if g is None:
+                raise RuntimeError(f"{type(self).__name__}.step: no gradient for {name!r}; run model.backward() first")
+            wd = self.weight_decay if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names else 0.0
+            state = self.state.get(name)
+            if state is None:
+                state = self.state[name] = {}
+            if fast and p.flags.c_contiguous and g.flags.c_contiguous and g.dtype == p.dtype:
+                self._update_fused(p, g, state, lr, wd)
+            else:
+                if wd:
+                    g = g + wd * p
+                self._update(p, g.astype(p.dtype, copy=False), state, lr)
         self.t += 1
 
     def _update(self, p, g, state, lr):
+        """The rule, in NumPy: update p in place from its gradient g (weight decay already added)."""
+        raise NotImplementedError
+
+    def _update_fused(self, p, g, state, lr, wd):
+        """The same rule as one numba kernel over p, g and the state, flattened (see bnnet.kernels)."""
         raise NotImplementedError
 
     def _zeros(self, state, key, p):
@@ -153,6 +173,9 @@ class SGD(Optimizer):
     def _update(self, p, g, state, lr):
         p -= lr * g
 
+    def _update_fused(self, p, g, state, lr, wd):
+        backend.kernels().sgd(_flat(p), _flat(g), lr, wd)
+
 
 class Momentum(Optimizer):
     """Gradient descent with momentum, in the lecture's form:
@@ -175,6 +198,9 @@ class Momentum(Optimizer):
         v += (1 - self.beta) * g
         p -= lr * v
 
+    def _update_fused(self, p, g, state, lr, wd):
+        backend.kernels().momentum(_flat(p), _flat(g), _flat(self._zeros(state, "v", p)), lr, self.beta, wd)
+
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta}
 
@@ -195,6 +221,9 @@ class RMSprop(Optimizer):
         s *= self.beta
         s += (1 - self.beta) * g * g
         p -= lr * g / (np.sqrt(s) + self.eps)
+
+    def _update_fused(self, p, g, state, lr, wd):
+        backend.kernels().rmsprop(_flat(p), _flat(g), _flat(self._zeros(state, "s", p)), lr, self.beta, self.eps, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta, "eps": self.eps}
@@ -226,6 +255,12 @@ class Adam(Optimizer):
         m_hat = m / (1 - self.beta1 ** int(k))
         v_hat = v / (1 - self.beta2 ** int(k))
         p -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+    def _update_fused(self, p, g, state, lr, wd):
+        m, v = self._zeros(state, "m", p), self._zeros(state, "v", p)
+        k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
+        backend.kernels().adam(_flat(p), _flat(g), _flat(m), _flat(v), lr, self.beta1, self.beta2, self.eps,
+                     1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}

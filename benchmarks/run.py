@@ -1,0 +1,289 @@
+"""bnnet's benchmark suite: one command, tables on stdout, JSON + markdown in benchmarks/results/.
+
+    pip install ".[bench]" && python benchmarks/run.py [--quick] [--rounds 3] [--out benchmarks/results]
+
+What it measures (see the README's "Performance" section for the latest table):
+  1. the machine: streaming bandwidth (read, copy) and numpy's sgemm GFLOP/s;
+  2. BatchNorm forward+backward (train mode, float32) at five shapes: bnnet
+     (numba kernels), bnnet (NumPy reference), PyTorch (F.batch_norm + autograd),
+     JAX (jit of BN and its vjp): min/median, ns/element, GB/s at 32 bytes/element;
+  3. a full training step (forward, loss, backward, SGD update) of the paper's
+     net and of a wide net, bnnet vs torch vs JAX (whole step under jax.jit),
+     with each net's GEMM roofline;
+  4. peak memory of a wide-net step at batch 4096 against what it must hold;
+  5. start-up: a first training step with a cold and with a warm numba cache.
+Every library runs in its own worker process (benchmarks/workers.py), one at a
+time, alternating round by round, at 1 and 2 threads; each is reported at its
+best thread count. Timing never goes into the unit tests: this is the place.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BN_SHAPES = [(64, 100), (256, 1024), (4096, 1024), (100000, 100), (1000000, 100)]
+NETS = {
+    "paper": {"sizes": [784, 100, 100, 100, 10], "activation": "sigmoid", "batch": 60, "lr": 0.1},
+    "wide": {"sizes": [784, 512, 512, 10], "activation": "relu", "batch": 256, "lr": 0.1},
+}
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+BYTES_PER_ELEMENT = 32  # BN fwd+bwd: read x twice, write y, read dy/x twice, write dx (4-byte floats)
+
+
+class Worker:
+    """A benchmark worker process for one library at one thread count."""
+
+    def __init__(self, lib, threads, unset=()):
+        env = dict(os.environ)
+        for var in unset:
+            env.pop(var, None)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env[var] = str(threads)
+        if lib == "jax" and threads == 1:
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        self.lib, self.threads = lib, threads
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "workers.py"), lib], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError(f"worker {lib} failed to start (is it installed? pip install '.[bench]')")
+
+    def ask(self, **task):
+        self.proc.stdin.write(json.dumps(task) + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        if "error" in result:
+            raise RuntimeError(f"{self.lib} ({self.threads} threads) failed on {task['task']}: {result['error']}")
+        return result
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def summarize(times):
+    return {"min": min(times), "median": statistics.median(times), "n": len(times)}
+
+
+def alternate(workers, rounds, task):
+    """Run `task` on every worker, one after the other, `rounds` times; pool each worker's times."""
+    pooled = {key: [] for key in workers}
+    for _ in range(rounds):
+        for key, w in workers.items():
+            pooled[key] += w.ask(**task)["times"]
+    return {key: summarize(t) for key, t in pooled.items()}
+
+
+def best_threads(results, lib):
+    """The thread count with the lowest median for `lib`, and its summary."""
+    options = {th: r for (l, th), r in results.items() if l == lib}
+    th = min(options, key=lambda k: options[k]["median"])
+    return th, options[th]
+
+
+def gemm_flops(sizes, batch):
+    """Matmul FLOPs of one step: forward and dW for every Linear, dx for all but the first."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    return sum(2 * 2 * batch * i * o for i, o in pairs) + sum(2 * batch * i * o for i, o in pairs[1:])
+
+
+def bn_bytes(sizes, batch):
+    """Memory traffic of the fused BN + activation kernels of one step (32 bytes per element)."""
+    return sum(BYTES_PER_ELEMENT * batch * d for d in sizes[1:-1])
+
+
+def startup(cache_dir):
+    """Seconds of a fresh process: import, first training step (compiles or loads kernels), steady step."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np, bnnet\n"
+        "t1 = time.perf_counter()\n"
+        "m = bnnet.mlp([784, 100, 100, 100, 10], activation='sigmoid', seed=0); opt = bnnet.optim.Adam(1e-3)\n"
+        "L = bnnet.losses.SoftmaxCrossEntropy(); X = np.random.rand(60, 784).astype(np.float32); y = np.arange(60) % 10\n"
+        "def step():\n"
+        "    L.forward(m.forward(X, train=True), y); m.backward(L.backward()); opt.step(m); m.predict(X)\n"
+        "t2 = time.perf_counter(); step(); t3 = time.perf_counter()\n"
+        "for _ in range(20): step()\n"
+        "t4 = time.perf_counter()\n"
+        "print(t1 - t0, t3 - t2, (t4 - t3) / 20)\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, BNNET_BACKEND="numba")
+    wall = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - wall
+    imp, first, steady = map(float, out.split())
+    return {"process_seconds": wall, "import_seconds": imp, "first_step_seconds": first,
+            "steady_step_seconds": steady, "compile_or_load_seconds": first - steady}
+
+
+def fmt_table(header, rows):
+    line = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    return line + "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions, smaller big shapes (CI smoke)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per case (default 3, quick 1)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
+    ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    reps = 3 if args.quick else 10
+    libs = args.libs.split(",")
+    cores = os.cpu_count() or 1
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    shapes = [(n, d) for n, d in BN_SHAPES if not args.quick or n * d <= 4_000_000]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {"cpu_count": cores,
+              "platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
+              "blas_env": {v: os.environ.get(v) for v in BLAS_OVERRIDES}}, "rounds": rounds}
+    md = [f"# bnnet benchmarks, {report['date']}\n", f"Machine: {cores} cores, {platform.platform()}; "
+          f"BLAS environment: {report['machine']['blas_env']}; {rounds} alternating round(s).\n"]
+
+    def log(*a):
+        print(*a, flush=True)
+
+    workers = {}
+    try:
+        for lib in libs:
+            for th in threads:
+                workers[(lib, th)] = Worker(lib, th)
+        report["libraries"] = {f"{lib}@{th}": w.ask(task="info") for (lib, th), w in workers.items()}
+        for key, info in report["libraries"].items():
+            log(key, json.dumps(info)[:300])
+        ours = workers.get(("bnnet", cores)) or workers[("bnnet", threads[-1])]
+
+        # 1. machine
+        bw = ours.ask(task="bandwidth", elements=25_000_000 if args.quick else 100_000_000)
+        sgemm_shapes = [(2048, 2048, 2048), (60, 784, 100), (256, 784, 512), (256, 512, 512)]
+        gemm = ours.ask(task="sgemm", shapes=sgemm_shapes, reps=reps)
+        bandwidth = max(bw["read_GBps"], bw["copy_GBps"])
+        report["bandwidth"], report["sgemm_GFLOPs"] = bw, gemm
+        md.append(f"\n## Machine\n\nStreaming bandwidth ({cores} threads): read {bw['read_GBps']:.1f} GB/s, "
+                  f"copy {bw['copy_GBps']:.1f} GB/s (numpy copy, 1 thread: {bw['numpy_copy_GBps']:.1f} GB/s). "
+                  "numpy sgemm: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()) + ".\n")
+        log(md[-1])
+
+        # 2. BatchNorm forward + backward
+        bn_rows, report["bn"] = [], {}
+        for n, d in shapes:
+            res = alternate(workers, rounds, dict(task="bn", shape=[n, d], reps=reps,
+                                                  min_seconds=0.2 if args.quick else 0.5))
+            entry = {}
+            for lib in libs:
+                th, r = best_threads(res, lib)
+                entry[lib] = {**r, "threads": th, "ns_per_element": r["median"] / (n * d) * 1e9,
+                              "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9}
+                entry[lib]["pct_bandwidth"] = 100 * entry[lib]["GBps"] / bandwidth
+            report["bn"][f"{n}x{d}"] = entry
+            o = entry["bnnet"]
+            row = [f"{n}x{d}", f"{o['min']*1e6:.0f} / {o['median']*1e6:.0f}", f"{o['ns_per_element']:.2f}",
+                   f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)"]
+            for peer in [l for l in libs if l != "bnnet"]:
+                row.append(f"{entry[peer]['median']*1e6:.0f} us = **{entry[peer]['median'] / o['median']:.2f}x**")
+            bn_rows.append(row)
+            log(row)
+        md.append("\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
+                  f"GB/s at {BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth); each peer: median and "
+                  "its time divided by bnnet's (> 1: bnnet is faster).\n\n")
+        md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"], bn_rows))
+        flat = [report["bn"][s]["bnnet"]["ns_per_element"] for s in report["bn"] if int(s.split("x")[0]) >= 10000]
+        if len(flat) > 1:
+            md.append(f"\nns/element from 100,000 to 1,000,000 rows (D=100): spread {100*(max(flat)/min(flat)-1):.0f}%.\n")
+
+        # 3. training steps
+        step_libs = [l for l in libs if l != "bnnet-numpy"]
+        report["step"], step_rows = {}, []
+        for name, net in NETS.items():
+            res = alternate({k: w for k, w in workers.items() if k[0] in step_libs}, rounds,
+                            dict(task="step", reps=reps * 5, min_seconds=0.5 if args.quick else 2.0, **net))
+            entry = {}
+            for lib in step_libs:
+                th, r = best_threads(res, lib)
+                entry[lib] = {**r, "threads": th, "samples_per_s": net["batch"] / r["median"]}
+            flops, nbytes = gemm_flops(net["sizes"], net["batch"]), bn_bytes(net["sizes"], net["batch"])
+            roof = flops / (gemm["2048x2048x2048"] * 1e9) + nbytes / (bandwidth * 1e9)
+            entry["roofline"] = {"gemm_flops": flops, "bn_bytes": nbytes, "seconds": roof,
+                                 "bnnet_fraction": roof / entry["bnnet"]["median"]}
+            report["step"][name] = entry
+            o = entry["bnnet"]
+            row = [name, f"{'-'.join(map(str, net['sizes']))} {net['activation']}, batch {net['batch']}",
+                   f"{o['samples_per_s']:,.0f} ({o['threads']} thr)"]
+            for peer in [l for l in step_libs if l != "bnnet"]:
+                row.append(f"{entry[peer]['samples_per_s']:,.0f} ({entry[peer]['threads']} thr) = "
+                           f"**{o['samples_per_s'] / entry[peer]['samples_per_s']:.2f}x**")
+            row.append(f"{net['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%")
+            step_rows.append(row)
+            log(row)
+        md.append("\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
+                  "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's matmul FLOPs at "
+                  "the measured 2048^3 sgemm rate plus its BN bytes at the measured bandwidth.\n\n")
+        md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"] + ["roofline"], step_rows))
+
+        # same with the BLAS overrides unset, if this environment sets them
+        if any(os.environ.get(v) for v in BLAS_OVERRIDES) and "bnnet" in libs:
+            unset = Worker("bnnet", cores, unset=BLAS_OVERRIDES)
+            try:
+                g2 = unset.ask(task="sgemm", shapes=sgemm_shapes, reps=reps)
+                rows = []
+                report["blas_overrides_unset"] = {"sgemm_GFLOPs": g2, "step": {}}
+                for name, net in NETS.items():
+                    r = summarize(sum((unset.ask(task="step", reps=reps * 5, min_seconds=1.0, **net)["times"]
+                                       for _ in range(rounds)), []))
+                    sps = net["batch"] / r["median"]
+                    report["blas_overrides_unset"]["step"][name] = {**r, "samples_per_s": sps}
+                    peer = report["step"][name].get("jax", {}).get("samples_per_s")
+                    rows.append([name, f"{sps:,.0f}", f"{sps / peer:.2f}x JAX" if peer else "-"])
+                md.append(f"\n### With {' and '.join(BLAS_OVERRIDES)} unset (what users' machines look like)\n\n"
+                          f"numpy sgemm 2048^3: {g2['2048x2048x2048']:.0f} GFLOP/s.\n\n")
+                md.append(fmt_table(["net", "bnnet samples/s", "vs JAX"], rows))
+            finally:
+                unset.close()
+
+        # 4. memory
+        if "bnnet" in libs:
+            mem = ours.ask(task="memory", **dict(NETS["wide"], batch=4096))
+            need = mem["params"] + mem["grads"] + mem["optimizer_state"] + mem["activations"] + mem["input_batch"]
+            mem["needed_bytes"], mem["ratio"] = need, mem["peak_bytes"] / need
+            report["memory"] = mem
+            md.append(f"\n## Memory of a wide-net step at batch 4096 (SGD)\n\nPeak traced memory {mem['peak_bytes']/2**20:.1f} MiB "
+                      f"vs {need/2**20:.1f} MiB needed (params {mem['params']/2**20:.1f} + grads {mem['grads']/2**20:.1f} + "
+                      f"optimizer state {mem['optimizer_state']/2**20:.1f} + cached activations {mem['activations']/2**20:.1f} "
+                      f"+ input batch {mem['input_batch']/2**20:.1f}): **{mem['ratio']:.2f}x**.\n")
+            log(md[-1])
+    finally:
+        for w in workers.values():
+            w.close()
+
+    # 5. start-up with a cold and a warm numba cache
+    if "bnnet" in libs:
+        with tempfile.TemporaryDirectory() as cache:
+            cold, warm = startup(cache), startup(cache)
+        report["startup"] = {"cold": cold, "warm": warm}
+        md.append("\n## Start-up (import + first training step of the paper's net with Adam and a predict)\n\n")
+        md.append(fmt_table(["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
+                            [[k, f"{v['process_seconds']:.2f}", f"{v['import_seconds']:.2f}", f"{v['first_step_seconds']:.2f}",
+                              f"{v['compile_or_load_seconds']:.2f}"] for k, v in report["startup"].items()]))
+        log(md[-1])
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = "".join(md)
+    for name in (f"bench-{stamp}", "latest"):
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
+            f.write(text)
+    print("\n" + text)
+    print(f"saved {os.path.join(args.out, 'latest.json')} and latest.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Benchmark worker: one process per (library, thread count), driven by benchmarks/run.py.
+
+    python benchmarks/workers.py LIB      LIB: bnnet | bnnet-numpy | torch | jax
+
+The parent sets the thread counts in the environment before starting us (each
+library reads them at import), sends one JSON task per line on stdin and reads
+one JSON result per line on stdout. Only one worker runs at a time: the others
+wait on stdin, so two libraries' thread pools never compete for the cores.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+LIB = sys.argv[1]
+if LIB == "bnnet-numpy":
+    os.environ["BNNET_BACKEND"] = "numpy"
+elif LIB == "bnnet":
+    os.environ["BNNET_BACKEND"] = "numba"
+
+
+def timed(fn, reps, min_seconds=0.0):
+    """Run fn once to warm up, then `reps` times; return the list of seconds per call."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def make_batches(sizes, batch, k=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((k * batch, sizes[0]), dtype=np.float32)
+    y = rng.integers(0, sizes[-1], k * batch)
+    return X, y
+
+
+# --------------------------------------------------------------------------
+# bnnet (numba or numpy backend)
+# --------------------------------------------------------------------------
+
+
+class Bnnet:
+    def __init__(self):
+        import bnnet
+
+        self.bnnet = bnnet
+
+    def info(self, task):
+        import numba
+
+        from bnnet import backend
+
+        out = {"library": f"bnnet {self.bnnet.__version__} ({backend.get_backend()})", "numpy": np.__version__,
+               "numba": numba.__version__, "numba_threads": numba.get_num_threads()}
+        try:
+            from threadpoolctl import threadpool_info
+
+            out["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                           for d in threadpool_info() if d.get("user_api") == "blas"]
+        except ImportError:
+            out["blas"] = "threadpoolctl not installed"
+        return out
+
+    def bandwidth(self, task):
+        from numba import njit, prange
+
+        @njit(inline="always", fastmath=True)
+        def _sum(v):
+            s = 0.0
+            for i in range(v.size):
+                s += v[i]
+            return s
+
+        @njit(inline="always")
+        def _copy(a, b):
+            for i in range(a.size):
+                b[i] = a[i]
+
+        @njit(parallel=True, fastmath=True)
+        def read(x, chunks):
+            rows = (x.size + chunks - 1) // chunks
+            part = np.zeros(chunks)
+            for c in prange(chunks):
+                part[c] = _sum(x[c * rows:min(x.size, (c + 1) * rows)])
+            return part.sum()
+
+        @njit(parallel=True)
+        def copy(x, y, chunks):
+            rows = (x.size + chunks - 1) // chunks
+            for c in prange(chunks):
+                _copy(x[c * rows:min(x.size, (c + 1) * rows)], y[c * rows:min(x.size, (c + 1) * rows)])
+
+        import numba
+
+        chunks = numba.get_num_threads()
+        x = np.random.default_rng(0).random(task["elements"], dtype=np.float32)
+        y = np.zeros_like(x)
+        t_read = min(timed(lambda: read(x, chunks), 5))
+        t_copy = min(timed(lambda: copy(x, y, chunks), 5))
+        t_np = min(timed(lambda: np.copyto(y, x), 5))
+        return {"read_GBps": x.nbytes / t_read / 1e9, "copy_GBps": 2 * x.nbytes / t_copy / 1e9,
+                "numpy_copy_GBps": 2 * x.nbytes / t_np / 1e9}
+
+    def sgemm(self, task):
+        out = {}
+        for m, k, n in task["shapes"]:
+            a = np.random.default_rng(0).random((m, k), dtype=np.float32)
+            b = np.random.default_rng(1).random((k, n), dtype=np.float32)
+            c = np.empty((m, n), np.float32)
+            t = min(timed(lambda: np.matmul(a, b, out=c), task["reps"], 0.3))
+            out[f"{m}x{k}x{n}"] = 2 * m * k * n / t / 1e9
+        return out
+
+    def bn(self, task):
+        from bnnet.layers import BatchNorm
+
+        n, d = task["shape"]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        dy = rng.standard_normal((n, d), dtype=np.float32)
+        layer = BatchNorm(d)
+        layer.reuse_buffers = True  # as inside a model: outputs go to buffers kept across steps
+
+        def step():
+            layer._forward(x, True)
+            layer._backward(dy, True)
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def step(self, task):
+        bnnet = self.bnnet
+        sizes, act, batch = task["sizes"], task["activation"], task["batch"]
+        model = bnnet.mlp(sizes, activation=act, seed=0)
+        opt = bnnet.optim.SGD(task["lr"])
+        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+        X, y = make_batches(sizes, batch)
+        k = len(X) // batch
+        state = {"i": 0}
+
+        def step():
+            j = (state["i"] % k) * batch
+            state["i"] += 1
+            loss_fn.forward(model.forward(X[j:j + batch], train=True), y[j:j + batch])
+            model.backward(loss_fn.backward())
+            opt.step(model)
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+
+    def memory(self, task):
+        """Peak traced memory of one training step vs what the step must hold."""
+        import tracemalloc
+
+        bnnet = self.bnnet
+        sizes, act, batch = task["sizes"], task["activation"], task["batch"]
+        X, y = make_batches(sizes, batch, k=1)
+        tracemalloc.start()
+        model = bnnet.mlp(sizes, activation=act, seed=0)
+        opt = bnnet.optim.Adam(1e-3) if task.get("optimizer") == "adam" else bnnet.optim.SGD(task["lr"])
+        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+
+        def step():
+            loss_fn.forward(model.forward(X, train=True), y)
+            model.backward(loss_fn.backward())
+            opt.step(model)
+
+        step()
+        step()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        params = sum(p.nbytes for p in model.params.values())
+        grads = sum(g.nbytes for g in model.grads.values())
+        state = sum(v.nbytes for st in opt.state.values() for v in st.values())
+        # what backward needs: each Linear's input, each BatchNorm's input and (activation) output
+        acts = 0
+        for layer in model.layers:
+            if type(layer).__name__ == "Linear":
+                acts += batch * layer.in_features * 4
+            elif type(layer).__name__ == "BatchNorm":
+                acts += 2 * batch * layer.num_features * 4
+        return {"peak_bytes": peak, "live_bytes_between_steps": base, "params": params, "grads": grads,
+                "optimizer_state": state, "activations": acts, "input_batch": X.nbytes}
+
+
+# --------------------------------------------------------------------------
+# PyTorch (CPU)
+# --------------------------------------------------------------------------
+
+
+class Torch:
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+    def info(self, task):
+        return {"library": f"torch {self.torch.__version__}", "threads": self.torch.get_num_threads(),
+                "config": self.torch.__config__.show().splitlines()[1:6]}
+
+    def bn(self, task):
+        torch = self.torch
+        n, d = task["shape"]
+        x = torch.randn(n, d, requires_grad=True)
+        w = torch.ones(d, requires_grad=True)
+        b = torch.zeros(d, requires_grad=True)
+        dy = torch.randn(n, d)
+        rm, rv = torch.zeros(d), torch.ones(d)
+
+        def step():
+            y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+            x.grad = w.grad = b.grad = None
+            y.backward(dy)
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def step(self, task):
+        torch = self.torch
+        sizes, act, batch = task["sizes"], task["activation"], task["batch"]
+        acts = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}
+        mods = []
+        for i, o in zip(sizes[:-2], sizes[1:-1]):
+            mods += [torch.nn.Linear(i, o, bias=False), torch.nn.BatchNorm1d(o), acts[act]()]
+        mods.append(torch.nn.Linear(sizes[-2], sizes[-1]))
+        model = torch.nn.Sequential(*mods)
+        opt = torch.optim.SGD(model.parameters(), lr=task["lr"])
+        X, y = make_batches(sizes, batch)
+        X, y = torch.from_numpy(X), torch.from_numpy(y)
+        k = len(X) // batch
+        state = {"i": 0}
+
+        def step():
+            j = (state["i"] % k) * batch
+            state["i"] += 1
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(X[j:j + batch]), y[j:j + batch])
+            loss.backward()
+            opt.step()
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+
+
+# --------------------------------------------------------------------------
+# JAX (CPU), everything under jax.jit
+# --------------------------------------------------------------------------
+
+
+class Jax:
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+
+    def info(self, task):
+        return {"library": f"jax {self.jax.__version__}", "devices": [str(d) for d in self.jax.devices()],
+                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+    @staticmethod
+    def _bn(jnp, x, gamma, beta, eps=1e-5):
+        mean = x.mean(axis=0)
+        var = ((x - mean) ** 2).mean(axis=0)
+        return (x - mean) / jnp.sqrt(var + eps) * gamma + beta, mean, var
+
+    def bn(self, task):
+        jax, jnp = self.jax, self.jnp
+        n, d = task["shape"]
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
+        dy = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
+        g, b = jnp.ones(d, jnp.float32), jnp.zeros(d, jnp.float32)
+
+        @jax.jit
+        def fwd_bwd(x, g, b, dy):
+            (y, mean, var), vjp = jax.vjp(lambda x, g, b: self._bn(jnp, x, g, b), x, g, b)
+            dx, dg, db = vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
+            return y, mean, var, dx, dg, db
+
+        def step():
+            jax.block_until_ready(fwd_bwd(x, g, b, dy))
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def step(self, task):
+        jax, jnp = self.jax, self.jnp
+        sizes, act, batch, lr = task["sizes"], task["activation"], task["batch"], task["lr"]
+        acts = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh}
+        g = acts[act]
+        rng = np.random.default_rng(0)
+        params, stats = [], []
+        for i, o in zip(sizes[:-2], sizes[1:-1]):
+            params.append({"W": jnp.asarray(rng.standard_normal((i, o), dtype=np.float32) * np.sqrt(2 / i)),
+                           "gamma": jnp.ones(o), "beta": jnp.zeros(o)})
+            stats.append({"mean": jnp.zeros(o), "var": jnp.ones(o)})
+        params.append({"W": jnp.asarray(rng.standard_normal((sizes[-2], sizes[-1]), dtype=np.float32) * 0.1),
+                       "b": jnp.zeros(sizes[-1])})
+
+        def loss_fn(params, x, y):
+            new_stats = []
+            for p in params[:-1]:
+                z = x @ p["W"]
+                zt, mean, var = self._bn(jnp, z, p["gamma"], p["beta"])
+                new_stats.append((mean, var))
+                x = g(zt)
+            logits = x @ params[-1]["W"] + params[-1]["b"]
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.take_along_axis(logp, y[:, None], axis=1).mean(), new_stats
+
+        @jax.jit
+        def train_step(params, stats, x, y):
+            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+            params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+            m = x.shape[0]
+            stats = [{"mean": 0.9 * s["mean"] + 0.1 * mu, "var": 0.9 * s["var"] + 0.1 * v * m / (m - 1)}
+                     for s, (mu, v) in zip(stats, batch_stats)]
+            return params, stats, loss
+
+        X, y = make_batches(sizes, batch)
+        batches = [(jnp.asarray(X[j:j + batch]), jnp.asarray(y[j:j + batch])) for j in range(0, len(X), batch)]
+        state = {"i": 0, "params": params, "stats": stats}
+
+        def step():
+            xb, yb = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            state["params"], state["stats"], loss = train_step(state["params"], state["stats"], xb, yb)
+            loss.block_until_ready()
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+
+
+def main():
+    impl = {"bnnet": Bnnet, "bnnet-numpy": Bnnet, "torch": Torch, "jax": Jax}[LIB]()
+    print(json.dumps({"ready": LIB}), flush=True)
+    for line in sys.stdin:
+        task = json.loads(line)
+        try:
+            result = getattr(impl, task["task"])(task)
+        except Exception as e:  # report, keep serving
+            result = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Fused batch-norm kernels compiled with numba: the fast path behind bnnet.layers.
+
+The equations are those of `bnnet.functional`; only the schedule differs.
+Batch norm is memory-bound, so every kernel makes the fewest passes over the
+(N, D) activations:
+
+    forward  (train): 1 statistics pass (read x)            + 1 apply pass (read x, write a)
+    backward (train): 1 reduction pass (read da, a, x)      + 1 apply pass (read da, a, x, write dx)
+
+where the apply pass also runs the activation that follows batch norm
+(a = g(z~)), and the backward pass its derivative, from the saved output a.
+x_hat is never stored: it is recomputed as (x - mean) * inv_std, which costs
+less than writing and re-reading it. Statistics and per-element math are in
+float64 whatever the storage dtype (float32 or float64); sums are shifted by
+the first row, so no E[x^2] - E[x]^2 cancellation occurs.
+
+Each kernel exists as a serial function (small batches: no thread start-up)
+and a parallel one (rows split across threads, contiguous inner loop over
+features), kept as distinct functions so that numba's on-disk caches of the two
+never collide. `bn_forward` / `bn_backward` pick one by size.
+"""
+import os
+
+# numba runs its parallel kernels on OpenMP threads. By default those spin after
+# each parallel region, and so do OpenBLAS's after each GEMM: on a 2-core machine
+# the two pools then take turns on the cores and a 0.1 ms kernel can take 10 ms.
+# Sleeping workers cost a few microseconds to wake instead. (Only effective if
+# set before OpenMP starts; a value the user chose is kept.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+# Activation codes, shared with bnnet.layers.
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+
+# Above this many elements the parallel kernels are used. One core nearly
+# saturates memory bandwidth on our 2-core machines, so splitting rows gains
+# little below a few million elements, and right after a GEMM (OpenBLAS's own
+# threads still awake) it loses: measured with benchmarks/bench_bn.py.
+PARALLEL_MIN_ELEMENTS = 1 << 22
+
+# IEEE semantics (no ZeroDivisionError branch, which would block vectorization);
+# contraction to FMA is allowed, reassociation is not.
+_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+
+
+# --------------------------------------------------------------------------
+# exp(-a) that LLVM can vectorize (numba has no vector libm here)
+# --------------------------------------------------------------------------
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """Reinterpret an int64's bits as a float64 (a no-op at machine level)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split in two so that n * ln2 is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@njit(inline="always", **_OPTS)
+def _exp_neg(a):
+    """exp(-a) for a >= 0, to about 1 ulp in float64.
+
+    -a = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor series to r^13
+    (truncation < 1e-17); 2^n built from its exponent bits.
+    """
+    a = min(a, 708.0)  # exp(-708) is the smallest normal float64 scale we build
+    n = np.floor(-a * _LOG2E + 0.5)
+    r = (-a - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p * _float64_from_bits(np.int64(n + 1023.0) << 52)
+
+
+@njit(inline="always", **_OPTS)
+def _activate(z, act, slope):
+    """a = g(z) for the activation code `act` (float64 in, float64 out)."""
+    if act == RELU:
+        return max(z, 0.0)
+    if act == LEAKY_RELU:
+        return z if z > 0 else z * slope
+    if act == SIGMOID:
+        e = _exp_neg(max(z, -z))  # in (0, 1]: no overflow for any z
+        s = 1.0 / (1.0 + e)
+        return s if z >= 0 else e * s
+    if act == TANH:
+        az = max(z, -z)
+        e = _exp_neg(2.0 * az)
+        t = (1.0 - e) / (1.0 + e)
+        z2 = z * z  # near 0, 1 - e loses digits: use the series z - z^3/3 + 2z^5/15 - 17z^7/315
+        small = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+        return small if az < 0.0625 else (t if z >= 0 else -t)
+    return z
+
+
+@njit(inline="always", **_OPTS)
+def _activation_grad(a, act, slope):
+    """da/dz written in terms of the output a = g(z)."""
+    if act == RELU:
+        return 1.0 if a > 0 else 0.0
+    if act == LEAKY_RELU:
+        return 1.0 if a > 0 else slope
+    if act == SIGMOID:
+        return a * (1.0 - a)
+    if act == TANH:
+        return 1.0 - a * a
+    return 1.0
+
+
+# --------------------------------------------------------------------------
+# Statistics: float64 sums of (x - shift) and (x - shift)^2 per feature
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always", **_OPTS)
+def _accumulate(x, shift, lo, hi, s1, s2):
+    for i in range(lo, hi):
+        xi = x[i]
+        for j in range(xi.shape[0]):
+            v = np.float64(xi[j]) - shift[j]
+            s1[j] += v
+            s2[j] += v * v
+
+
+# --------------------------------------------------------------------------
+# Apply: a = g((x - mean) * (gamma * inv_std) + beta)
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always", **_OPTS)
+def _apply_rows_as(x, mean, scale, beta, act, slope, out, lo, hi):
+    for i in range(lo, hi):
+        xi = x[i]
+        oi = out[i]
+        for j in range(xi.shape[0]):
+            oi[j] = _activate((np.float64(xi[j]) - mean[j]) * scale[j] + beta[j], act, slope)
+
+
+@njit(inline="always", **_OPTS)
+def _apply_rows(x, mean, scale, beta, act, slope, out, lo, hi):
+    # One loop per activation, each with `act` a constant, so that the branch in
+    # _activate folds away and the inner loop vectorizes.
+    if act == RELU:
+        _apply_rows_as(x, mean, scale, beta, RELU, slope, out, lo, hi)
+    elif act == LEAKY_RELU:
+        _apply_rows_as(x, mean, scale, beta, LEAKY_RELU, slope, out, lo, hi)
+    elif act == SIGMOID:
+        _apply_rows_as(x, mean, scale, beta, SIGMOID, slope, out, lo, hi)
+    elif act == TANH:
+        _apply_rows_as(x, mean, scale, beta, TANH, slope, out, lo, hi)
+    else:
+        _apply_rows_as(x, mean, scale, beta, IDENTITY, slope, out, lo, hi)
+
+
+@njit(inline="always", **_OPTS)
+def _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, scale):
+    """Batch statistics from the sums s1, s2 (train, then also the running update)
+    or the running ones (eval); scale = gamma * inv_std."""
+    n = x.shape[0]
+    for j in range(x.shape[1]):
+        if train:
+            shift = np.float64(x[0, j])
+            m1 = s1[j] / n
+            v = max(s2[j] / n - m1 * m1, 0.0)  # var = E[(x-K)^2] - E[x-K]^2 >= 0, K a sample: no cancellation
+            mean[j] = shift + m1
+            # running = decay * running + (1 - decay) * batch, var_correction = m/(m-1) or 1 (see BatchNorm)
+            running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean[j]
+            running_var[j] = decay * running_var[j] + (1.0 - decay) * (v * var_correction)
+        else:
+            v = np.float64(running_var[j])
+            mean[j] = running_mean[j]
+        var[j] = v
+        inv_std[j] = 1.0 / np.sqrt(v + eps)
+        scale[j] = np.float64(gamma[j]) * inv_std[j]
+
+
+@njit(**_OPTS)
+def _forward_serial(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+                    out, mean, var, inv_std):
+    n, d = x.shape
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    if train:
+        _accumulate(x, x[0].astype(np.float64), 0, n, s1, s2)
+    scale = np.empty(d)
+    _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, scale)
+    _apply_rows(x, mean, scale, beta.astype(np.float64), act, slope, out, 0, n)
+
+
+@njit(parallel=True, **_OPTS)
+def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+                      out, mean, var, inv_std, chunks):
+    n, d = x.shape
+    rows = (n + chunks - 1) // chunks
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    if train:
+        shift = x[0].astype(np.float64)
+        p1 = np.zeros((chunks, d))
+        p2 = np.zeros((chunks, d))
+        for c in prange(chunks):
+            _accumulate(x, shift, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
+        for c in range(chunks):  # the partial sums share one shift, so they add
+            for j in range(d):
+                s1[j] += p1[c, j]
+                s2[j] += p2[c, j]
+    scale = np.empty(d)
+    _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, scale)
+    b = beta.astype(np.float64)
+    for c in prange(chunks):
+        _apply_rows(x, mean, scale, b, act, slope, out, c * rows, min(n, (c + 1) * rows))
+
+
+# --------------------------------------------------------------------------
+# Backward: g = da * g'(a); sums of g and g * x_hat; then dx
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always", **_OPTS)
+def _grad_sums_rows_as(da, a, x, mean, inv_std, act, slope, lo, hi, sg, sgx):
+    for i in range(lo, hi):
+        dai = da[i]
+        ai = a[i]
+        xi = x[i]
+        for j in range(xi.shape[0]):
+            g = np.float64(dai[j]) * _activation_grad(np.float64(ai[j]), act, slope)
+            sg[j] += g
+            sgx[j] += g * ((np.float64(xi[j]) - mean[j]) * inv_std[j])
+
+
+@njit(inline="always", **_OPTS)
+def _dx_rows_as(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, lo, hi):
+    """dx = k * (g - c1 - x_hat * c2), k = gamma * inv_std, c1 = mean(g), c2 = mean(g * x_hat)."""
+    for i in range(lo, hi):
+        dai = da[i]
+        ai = a[i]
+        xi = x[i]
+        dxi = dx[i]
+        for j in range(xi.shape[0]):
+            g = np.float64(dai[j]) * _activation_grad(np.float64(ai[j]), act, slope)
+            x_hat = (np.float64(xi[j]) - mean[j]) * inv_std[j]
+            dxi[j] = k[j] * (g - c1[j] - x_hat * c2[j])
+
+
+@njit(inline="always", **_OPTS)
+def _grad_sums_rows(da, a, x, mean, inv_std, act, slope, lo, hi, sg, sgx):
+    if act == RELU:  # one loop per activation, as in _apply_rows
+        _grad_sums_rows_as(da, a, x, mean, inv_std, RELU, slope, lo, hi, sg, sgx)
+    elif act == LEAKY_RELU:
+        _grad_sums_rows_as(da, a, x, mean, inv_std, LEAKY_RELU, slope, lo, hi, sg, sgx)
+    elif act == SIGMOID:
+        _grad_sums_rows_as(da, a, x, mean, inv_std, SIGMOID, slope, lo, hi, sg, sgx)
+    elif act == TANH:
+        _grad_sums_rows_as(da, a, x, mean, inv_std, TANH, slope, lo, hi, sg, sgx)
+    else:
+        _grad_sums_rows_as(da, a, x, mean, inv_std, IDENTITY, slope, lo, hi, sg, sgx)
+
+
+@njit(inline="always", **_OPTS)
+def _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, lo, hi):
+    if act == RELU:
+        _dx_rows_as(da, a, x, mean, inv_std, RELU, slope, k, c1, c2, dx, lo, hi)
+    elif act == LEAKY_RELU:
+        _dx_rows_as(da, a, x, mean, inv_std, LEAKY_RELU, slope, k, c1, c2, dx, lo, hi)
+    elif act == SIGMOID:
+        _dx_rows_as(da, a, x, mean, inv_std, SIGMOID, slope, k, c1, c2, dx, lo, hi)
+    elif act == TANH:
+        _dx_rows_as(da, a, x, mean, inv_std, TANH, slope, k, c1, c2, dx, lo, hi)
+    else:
+        _dx_rows_as(da, a, x, mean, inv_std, IDENTITY, slope, k, c1, c2, dx, lo, hi)
+
+
+@njit(inline="always", **_OPTS)
+def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta):
+    for j in range(sg.shape[0]):
+        dbeta[j] = sg[j]
+        dgamma[j] = sgx[j]
+        k[j] = np.float64(gamma[j]) * inv_std[j]
+        # in eval mode the statistics are constants: dx = k * g
+        c1[j] = sg[j] / n if train else 0.0
+        c2[j] = sgx[j] / n if train else 0.0
+
+
+@njit(**_OPTS)
+def _backward_serial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    n, d = x.shape
+    sg = np.zeros(d)
+    sgx = np.zeros(d)
+    _grad_sums_rows(da, a, x, mean, inv_std, act, slope, 0, n, sg, sgx)
+    k, c1, c2 = np.empty(d), np.empty(d), np.empty(d)
+    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta)
+    _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, 0, n)
+
+
+@njit(parallel=True, **_OPTS)
+def _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks):
+    n, d = x.shape
+    rows = (n + chunks - 1) // chunks
+    p1 = np.zeros((chunks, d))
+    p2 = np.zeros((chunks, d))
+    for c in prange(chunks):
+        _grad_sums_rows(da, a, x, mean, inv_std, act, slope, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
+    sg = np.zeros(d)
+    sgx = np.zeros(d)
+    for c in range(chunks):
+        for j in range(d):
+            sg[j] += p1[c, j]
+            sgx[j] += p2[c, j]
+    k, c1, c2 = np.empty(d), np.empty(d), np.empty(d)
+    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta)
+    for c in prange(chunks):
+        _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, c * rows, min(n, (c + 1) * rows))
+
+
+# --------------------------------------------------------------------------
+# Entry points used by the layers
+# --------------------------------------------------------------------------
+
+
+def _chunks(x):
+    """Number of row blocks for the parallel kernels, or 0 for the serial ones.
+
+    (The thread count is read here, not inside the kernels: calling
+    numba.get_num_threads() in a kernel stops numba from caching it.)
+    """
+    if x.size < PARALLEL_MIN_ELEMENTS:
+        return 0
+    threads = numba.get_num_threads()
+    return threads if threads > 1 else 0
+
+
+def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+               out, mean, var, inv_std):
+    """out = g((x - mean) * gamma * inv_std + beta), one statistics pass + one apply pass.
+
+    x: (N, D) float32/float64; gamma, beta, running_*: (D,); out: (N, D) like x.
+    train=True normalizes with the batch statistics (N >= 2) and updates
+    running_* in place (running = decay * running + (1 - decay) * batch, the
+    variance times var_correction); train=False uses the running statistics.
+    The float64 (D,) arrays mean, var (biased) and inv_std = 1/sqrt(var + eps)
+    receive the statistics used, for backward.
+    """
+    args = (x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+            out, mean, var, inv_std)
+    chunks = _chunks(x)
+    if chunks:
+        _forward_parallel(*args, chunks)
+    else:
+        _forward_serial(*args)
+
+
+def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    """dx (N, D), dgamma (D,), dbeta (D,) of a = g(BN(x)), written into the given arrays.
+
+    da: dL/da (N, D); a: the forward output; x: the BN input; mean, inv_std:
+    the float64 statistics the forward used (batch ones in train mode, running
+    ones in eval mode, where dx = g * gamma * inv_std).
+    """
+    chunks = _chunks(x)
+    if chunks:
+        _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks)
+    else:
+        _backward_serial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+
+
+# --------------------------------------------------------------------------
+# Optimizer updates: one pass over a parameter, its gradient and its state
+# (the rules of bnnet.optim, fused; wd adds weight_decay * p to the gradient)
+# --------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def sgd(p, g, lr, wd):
+    for i in range(p.size):
+        p[i] -= lr * (g[i] + wd * p[i])
+
+
+@njit(**_OPTS)
+def momentum(p, g, v, lr, beta, wd):
+    for i in range(p.size):
+        v[i] = beta * v[i] + (1.0 - beta) * (g[i] + wd * p[i])
+        p[i] -= lr * v[i]
+
+
+@njit(**_OPTS)
+def rmsprop(p, g, s, lr, beta, eps, wd):
+    for i in range(p.size):
+        gi = g[i] + wd * p[i]
+        s[i] = beta * s[i] + (1.0 - beta) * gi * gi
+        p[i] -= lr * gi / (np.sqrt(s[i]) + eps)
+
+
+@njit(**_OPTS)
+def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+    """bias1 = 1 - beta1^k, bias2 = 1 - beta2^k."""
+    for i in range(p.size):
+        gi = g[i] + wd * p[i]
+        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
+        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        p[i] -= lr * (m[i] / bias1) / (np.sqrt(v[i] / bias2) + eps)
+
+
+# --------------------------------------------------------------------------
+# Softmax cross-entropy: loss and gradient in one pass over the logits
+# --------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def softmax_cross_entropy(logits, labels, dlogits):
+    """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits."""
+    n, c = logits.shape
+    total = 0.0
+    for i in range(n):
+        zi = logits[i]
+        gi = dlogits[i]
+        zmax = np.float64(zi[0])
+        for k in range(1, c):
+            zmax = max(zmax, np.float64(zi[k]))
+        s = 0.0
+        for k in range(c):
+            s += np.exp(np.float64(zi[k]) - zmax)
+        log_s = np.log(s)
+        total += log_s - (np.float64(zi[labels[i]]) - zmax)
+        for k in range(c):
+            gi[k] = np.exp(np.float64(zi[k]) - zmax - log_s) / n
+        gi[labels[i]] -= 1.0 / n
+    return total / n

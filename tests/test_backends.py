@@ -1,0 +1,147 @@
+"""The numba kernels against the NumPy reference (bnnet.functional): same numbers, many shapes."""
+import numpy as np
+import pytest
+
+import bnnet
+from bnnet import backend, kernels
+from bnnet.layers import BatchNorm, LeakyReLU, ReLU, Sigmoid, Tanh
+
+TOL = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=1e-5, atol=1e-5)}
+SHAPES = [(2, 1), (2, 5), (3, 1), (7, 3), (60, 100), (129, 33), (256, 17)]
+ACTIVATIONS = [None, ReLU, lambda: LeakyReLU(0.2), Sigmoid, Tanh]
+
+
+def _run(model, x, dy, train):
+    y = model.forward(x, train=train)
+    dx = model.backward(dy, input_grad=True)
+    grads = {k: v.copy() for k, v in model.grads.items()}
+    return y.copy(), dx.copy(), grads, {k: v.copy() for k, v in model.buffers.items()}
+
+
+def _bn_model(d, dtype, act, rng):
+    bn = BatchNorm(d, dtype=dtype, decay=0.8)
+    bn.params["gamma"][:] = rng.uniform(0.5, 2.0, d)
+    bn.params["beta"][:] = rng.standard_normal(d)
+    bn.buffers["running_mean"][:] = rng.standard_normal(d)
+    bn.buffers["running_var"][:] = rng.uniform(0.5, 2.0, d)
+    layers = [bn] if act is None else [bn, act()]
+    return bnnet.Sequential(*layers)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", range(len(ACTIVATIONS)))
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_batchnorm_activation_matches_reference(dtype, shape, act, train):
+    n, d = shape
+    rng = np.random.default_rng(n * 31 + d)
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, d) + rng.standard_normal(d) * 2).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = {}
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            model = _bn_model(d, dtype, ACTIVATIONS[act], np.random.default_rng(0))
+            results[name] = _run(model, x, dy, train)
+    (y0, dx0, g0, b0), (y1, dx1, g1, b1) = results["numpy"], results["numba"]
+    tol = TOL[dtype]
+    np.testing.assert_allclose(y1, y0, **tol)
+    # dx is a difference of O(gamma * inv_std * |dy|) terms: compare on that scale
+    scale = np.abs(dy).max() * 2.0 / np.sqrt(x.astype(np.float64).var(axis=0).min() + 1e-5) if train else 1.0
+    np.testing.assert_allclose(dx1, dx0, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=tol["rtol"], atol=tol["atol"] * n)
+    for k in b0:
+        np.testing.assert_allclose(b1[k], b0[k], **tol)
+    assert y1.dtype == y0.dtype == np.dtype(dtype)
+
+
+def test_non_contiguous_and_readonly_input():
+    rng = np.random.default_rng(5)
+    big = rng.standard_normal((40, 30))
+    x = big[::2, ::3]  # (20, 10), strided in both axes
+    x.setflags(write=False)
+    out = {}
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            bn = BatchNorm(10, dtype="float64")
+            out[name] = bn.forward(x, train=True), bn.backward(np.ones_like(x) + x, True)
+    np.testing.assert_allclose(out["numba"][0], out["numpy"][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["numba"][1], out["numpy"][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parallel_kernels_match_serial(monkeypatch, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1003, 37)).astype(dtype) * 3 + 1
+    da = rng.standard_normal(x.shape).astype(dtype)
+    g, b = rng.uniform(0.5, 2, 37).astype(dtype), rng.standard_normal(37).astype(dtype)
+    results = []
+    for threshold in (1 << 40, 1):  # serial, then parallel
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", threshold)
+        out, dx = np.empty_like(x), np.empty_like(x)
+        rm, rv = np.zeros(37, dtype), np.ones(37, dtype)
+        st = np.empty((3, 37))
+        dg, db = np.empty(37, dtype), np.empty(37, dtype)
+        kernels.bn_forward(x, g, b, 1e-5, kernels.SIGMOID, 0.0, True, rm, rv, 0.9, 1003 / 1002, out, *st)
+        kernels.bn_backward(da, out, x, st[0], st[2], g, kernels.SIGMOID, 0.0, True, dx, dg, db)
+        results.append((out, dx, dg, db, rm, rv))
+    for a, b_ in zip(*results):
+        np.testing.assert_allclose(a, b_, **TOL[dtype])
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "rmsprop", "adam"])
+def test_fused_optimizer_updates_match_reference(opt):
+    rng = np.random.default_rng(11)
+    X, y = rng.standard_normal((32, 6)), rng.integers(0, 3, 32)
+    finals = {}
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            model = bnnet.mlp([6, 5, 3], activation="tanh", seed=0, dtype="float64")
+            o = bnnet.optim.get_optimizer(opt, 0.01)
+            o.weight_decay = 0.01
+            loss = bnnet.losses.SoftmaxCrossEntropy()
+            for t in range(4):
+                loss.forward(model.forward(X[t * 8:(t + 1) * 8], True), y[t * 8:(t + 1) * 8])
+                model.backward(loss.backward())
+                o.step(model)
+            finals[name] = ({k: v.copy() for k, v in model.params.items()},
+                            {(p, k): v.copy() for p, st in o.state.items() for k, v in st.items()})
+    for k in finals["numpy"][0]:
+        np.testing.assert_allclose(finals["numba"][0][k], finals["numpy"][0][k], rtol=1e-12, atol=1e-14)
+    assert finals["numba"][1].keys() == finals["numpy"][1].keys()
+    for k, v in finals["numpy"][1].items():
+        assert finals["numba"][1][k].shape == v.shape  # state keeps the parameter's shape
+        np.testing.assert_allclose(finals["numba"][1][k], v, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_softmax_cross_entropy_kernel(dtype):
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((17, 6)) * 5).astype(dtype)
+    y = rng.integers(0, 6, 17)
+    out = {}
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            loss = bnnet.losses.SoftmaxCrossEntropy()
+            out[name] = loss.forward(z, y), loss.backward().copy()
+    assert out["numba"][0] == pytest.approx(out["numpy"][0], rel=TOL[dtype]["rtol"])
+    np.testing.assert_allclose(out["numba"][1], out["numpy"][1], **TOL[dtype])
+
+
+def test_exp_kernel_accuracy():
+    """The vectorizable exp used by the sigmoid/tanh kernels is within a few ulps of numpy's."""
+    z = np.linspace(-700, 700, 200001)
+    out = np.empty((1, z.size))
+    zeros, ones = np.zeros(z.size), np.ones(z.size)
+    st = np.empty((3, z.size))
+    kernels.bn_forward(z[None, :], ones, zeros, 1.0, kernels.SIGMOID, 0.0, False, zeros, zeros, 0.9, 1.0, out, *st)
+    ref = 1 / (1 + np.exp(-z))  # eps = 1, running var 0: the input passes unchanged
+    np.testing.assert_allclose(out[0], ref, rtol=1e-14, atol=0)
+
+
+def test_backend_switch():
+    assert backend.get_backend() in ("numba", "numpy")
+    with backend.using("numpy"):
+        assert not backend.fast()
+    with pytest.raises(bnnet.HyperparameterError, match="backend must be one of"):
+        backend.set_backend("cuda")
