@@ -10,9 +10,10 @@ Batch norm is memory-bound, so every kernel makes the fewest passes over the
 where the apply pass also runs the activation that follows batch norm
 (a = g(z~)), and the backward pass its derivative, from the saved output a.
 x_hat is never stored: it is recomputed as (x - mean) * inv_std, which costs
-less than writing and re-reading it. Statistics and per-element math are in
-float64 whatever the storage dtype (float32 or float64); sums are shifted by
-the first row, so no E[x^2] - E[x]^2 cancellation occurs.
+less than writing and re-reading it. Statistics and every sum are accumulated
+in float64 whatever the storage dtype, shifted by the first row so that no
+E[x^2] - E[x]^2 cancellation occurs; per-element arithmetic runs in the storage
+dtype (as the NumPy reference does), except sigmoid/tanh, computed in float64.
 
 Each kernel exists as a serial function (small batches: no thread start-up)
 and a parallel one (rows split across threads, contiguous inner loop over
@@ -39,9 +40,9 @@ IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
 
 # Above this many elements the parallel kernels are used. One core nearly
 # saturates memory bandwidth on our 2-core machines, so splitting rows gains
-# little below a few million elements, and right after a GEMM (OpenBLAS's own
+# little below about two million elements, and right after a GEMM (OpenBLAS's own
 # threads still awake) it loses: measured with benchmarks/bench_bn.py.
-PARALLEL_MIN_ELEMENTS = 1 << 22
+PARALLEL_MIN_ELEMENTS = 1 << 21
 
 # IEEE semantics (no ZeroDivisionError branch, which would block vectorization);
 # contraction to FMA is allowed, reassociation is not.
@@ -96,38 +97,68 @@ def _exp_neg(a):
 
 
 @njit(inline="always", **_OPTS)
-def _activate(z, act, slope):
-    """a = g(z) for the activation code `act` (float64 in, float64 out)."""
+def _activate(z, act, zero, slope):
+    """a = g(z) for the activation code `act`. z, zero, slope share the storage dtype;
+    sigmoid and tanh are computed in float64 (their exp is the costly part anyway)."""
     if act == RELU:
-        return max(z, 0.0)
+        return z if z > zero else zero
     if act == LEAKY_RELU:
-        return z if z > 0 else z * slope
+        return z if z > zero else z * slope
     if act == SIGMOID:
-        e = _exp_neg(max(z, -z))  # in (0, 1]: no overflow for any z
+        zd = np.float64(z)
+        e = _exp_neg(max(zd, -zd))  # in (0, 1]: no overflow for any z
         s = 1.0 / (1.0 + e)
-        return s if z >= 0 else e * s
+        return s if zd >= 0 else e * s
     if act == TANH:
-        az = max(z, -z)
+        zd = np.float64(z)
+        az = max(zd, -zd)
         e = _exp_neg(2.0 * az)
         t = (1.0 - e) / (1.0 + e)
-        z2 = z * z  # near 0, 1 - e loses digits: use the series z - z^3/3 + 2z^5/15 - 17z^7/315
-        small = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
-        return small if az < 0.0625 else (t if z >= 0 else -t)
+        z2 = zd * zd  # near 0, 1 - e loses digits: use the series z - z^3/3 + 2z^5/15 - 17z^7/315 + ...
+        small = zd * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+        return small if az < 0.0625 else (t if zd >= 0 else -t)
     return z
 
 
 @njit(inline="always", **_OPTS)
-def _activation_grad(a, act, slope):
-    """da/dz written in terms of the output a = g(z)."""
+def _activation_grad(a, act, zero, one, slope):
+    """da/dz written in terms of the output a = g(z), in the storage dtype."""
     if act == RELU:
-        return 1.0 if a > 0 else 0.0
+        return one if a > zero else zero
     if act == LEAKY_RELU:
-        return 1.0 if a > 0 else slope
+        return one if a > zero else slope
     if act == SIGMOID:
-        return a * (1.0 - a)
+        return a * (one - a)
     if act == TANH:
-        return 1.0 - a * a
-    return 1.0
+        return one - a * a
+    return one
+
+
+# --------------------------------------------------------------------------
+# Per-feature coefficients, stored in the data's dtype so that the element
+# loops run at its full SIMD width (16 float32 lanes on AVX-512, not 8).
+# The mean is split into hi (rounded to the dtype) + lo (its rounding error):
+# (x - hi) - lo keeps the float64 mean's precision when |mean| >> std.
+# --------------------------------------------------------------------------
+
+HI, LO, SCALE, BETA = 0, 1, 2, 3  # forward table rows: a = g(((x - hi) - lo) * scale + beta)
+INV, K, C1, C2 = 2, 3, 4, 5  # backward table rows: x_hat = ((x - hi) - lo) * inv; dx = k (g - c1 - x_hat c2)
+
+
+@njit(inline="always", **_OPTS)
+def _constants(x, slope):
+    c = np.empty(3, x.dtype)  # zero, one, slope in the storage dtype
+    c[0] = 0.0
+    c[1] = 1.0
+    c[2] = slope
+    return c
+
+
+@njit(inline="always", **_OPTS)
+def _split_mean(mean, table):
+    for j in range(mean.shape[0]):
+        table[HI, j] = mean[j]
+        table[LO, j] = mean[j] - np.float64(table[HI, j])
 
 
 # --------------------------------------------------------------------------
@@ -145,41 +176,11 @@ def _accumulate(x, shift, lo, hi, s1, s2):
             s2[j] += v * v
 
 
-# --------------------------------------------------------------------------
-# Apply: a = g((x - mean) * (gamma * inv_std) + beta)
-# --------------------------------------------------------------------------
-
-
 @njit(inline="always", **_OPTS)
-def _apply_rows_as(x, mean, scale, beta, act, slope, out, lo, hi):
-    for i in range(lo, hi):
-        xi = x[i]
-        oi = out[i]
-        for j in range(xi.shape[0]):
-            oi[j] = _activate((np.float64(xi[j]) - mean[j]) * scale[j] + beta[j], act, slope)
-
-
-@njit(inline="always", **_OPTS)
-def _apply_rows(x, mean, scale, beta, act, slope, out, lo, hi):
-    # One loop per activation, each with `act` a constant, so that the branch in
-    # _activate folds away and the inner loop vectorizes.
-    if act == RELU:
-        _apply_rows_as(x, mean, scale, beta, RELU, slope, out, lo, hi)
-    elif act == LEAKY_RELU:
-        _apply_rows_as(x, mean, scale, beta, LEAKY_RELU, slope, out, lo, hi)
-    elif act == SIGMOID:
-        _apply_rows_as(x, mean, scale, beta, SIGMOID, slope, out, lo, hi)
-    elif act == TANH:
-        _apply_rows_as(x, mean, scale, beta, TANH, slope, out, lo, hi)
-    else:
-        _apply_rows_as(x, mean, scale, beta, IDENTITY, slope, out, lo, hi)
-
-
-@njit(inline="always", **_OPTS)
-def _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, scale):
+def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, table):
     """Batch statistics from the sums s1, s2 (train, then also the running update)
-    or the running ones (eval); scale = gamma * inv_std."""
+    or the running ones (eval); fills the forward coefficient table."""
     n = x.shape[0]
     for j in range(x.shape[1]):
         if train:
@@ -195,7 +196,40 @@ def _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_corr
             mean[j] = running_mean[j]
         var[j] = v
         inv_std[j] = 1.0 / np.sqrt(v + eps)
-        scale[j] = np.float64(gamma[j]) * inv_std[j]
+        table[SCALE, j] = np.float64(gamma[j]) * inv_std[j]
+        table[BETA, j] = beta[j]
+    _split_mean(mean, table)
+
+
+# --------------------------------------------------------------------------
+# Apply: a = g((x - mean) * (gamma * inv_std) + beta)
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always", **_OPTS)
+def _apply_rows_as(x, t, act, c, out, lo, hi):
+    zero, slope = c[0], c[2]
+    for i in range(lo, hi):
+        xi = x[i]
+        oi = out[i]
+        for j in range(xi.shape[0]):
+            oi[j] = _activate(((xi[j] - t[HI, j]) - t[LO, j]) * t[SCALE, j] + t[BETA, j], act, zero, slope)
+
+
+@njit(inline="always", **_OPTS)
+def _apply_rows(x, t, act, c, out, lo, hi):
+    # One loop per activation, each with `act` a constant, so that the branch in
+    # _activate folds away and the inner loop vectorizes.
+    if act == RELU:
+        _apply_rows_as(x, t, RELU, c, out, lo, hi)
+    elif act == LEAKY_RELU:
+        _apply_rows_as(x, t, LEAKY_RELU, c, out, lo, hi)
+    elif act == SIGMOID:
+        _apply_rows_as(x, t, SIGMOID, c, out, lo, hi)
+    elif act == TANH:
+        _apply_rows_as(x, t, TANH, c, out, lo, hi)
+    else:
+        _apply_rows_as(x, t, IDENTITY, c, out, lo, hi)
 
 
 @njit(**_OPTS)
@@ -206,10 +240,10 @@ def _forward_serial(x, gamma, beta, eps, act, slope, train, running_mean, runnin
     s2 = np.zeros(d)
     if train:
         _accumulate(x, x[0].astype(np.float64), 0, n, s1, s2)
-    scale = np.empty(d)
-    _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, scale)
-    _apply_rows(x, mean, scale, beta.astype(np.float64), act, slope, out, 0, n)
+    table = np.empty((4, d), x.dtype)
+    _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, table)
+    _apply_rows(x, table, act, _constants(x, slope), out, 0, n)
 
 
 @njit(parallel=True, **_OPTS)
@@ -229,12 +263,12 @@ def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, runn
             for j in range(d):
                 s1[j] += p1[c, j]
                 s2[j] += p2[c, j]
-    scale = np.empty(d)
-    _statistics(x, gamma, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, scale)
-    b = beta.astype(np.float64)
+    table = np.empty((4, d), x.dtype)
+    _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, table)
+    cst = _constants(x, slope)
     for c in prange(chunks):
-        _apply_rows(x, mean, scale, b, act, slope, out, c * rows, min(n, (c + 1) * rows))
+        _apply_rows(x, table, act, cst, out, c * rows, min(n, (c + 1) * rows))
 
 
 # --------------------------------------------------------------------------
@@ -243,99 +277,112 @@ def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, runn
 
 
 @njit(inline="always", **_OPTS)
-def _grad_sums_rows_as(da, a, x, mean, inv_std, act, slope, lo, hi, sg, sgx):
+def _grad_sums_rows_as(da, a, x, t, act, c, lo, hi, sg, sgx):
+    zero, one, slope = c[0], c[1], c[2]
     for i in range(lo, hi):
         dai = da[i]
         ai = a[i]
         xi = x[i]
         for j in range(xi.shape[0]):
-            g = np.float64(dai[j]) * _activation_grad(np.float64(ai[j]), act, slope)
-            sg[j] += g
-            sgx[j] += g * ((np.float64(xi[j]) - mean[j]) * inv_std[j])
+            g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
+            sg[j] += np.float64(g)
+            sgx[j] += np.float64(g * (((xi[j] - t[HI, j]) - t[LO, j]) * t[INV, j]))
 
 
 @njit(inline="always", **_OPTS)
-def _dx_rows_as(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, lo, hi):
+def _dx_rows_as(da, a, x, t, act, c, dx, lo, hi):
     """dx = k * (g - c1 - x_hat * c2), k = gamma * inv_std, c1 = mean(g), c2 = mean(g * x_hat)."""
+    zero, one, slope = c[0], c[1], c[2]
     for i in range(lo, hi):
         dai = da[i]
         ai = a[i]
         xi = x[i]
         dxi = dx[i]
         for j in range(xi.shape[0]):
-            g = np.float64(dai[j]) * _activation_grad(np.float64(ai[j]), act, slope)
-            x_hat = (np.float64(xi[j]) - mean[j]) * inv_std[j]
-            dxi[j] = k[j] * (g - c1[j] - x_hat * c2[j])
+            g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
+            x_hat = ((xi[j] - t[HI, j]) - t[LO, j]) * t[INV, j]
+            dxi[j] = t[K, j] * ((g - t[C1, j]) - x_hat * t[C2, j])
 
 
 @njit(inline="always", **_OPTS)
-def _grad_sums_rows(da, a, x, mean, inv_std, act, slope, lo, hi, sg, sgx):
+def _grad_sums_rows(da, a, x, t, act, c, lo, hi, sg, sgx):
     if act == RELU:  # one loop per activation, as in _apply_rows
-        _grad_sums_rows_as(da, a, x, mean, inv_std, RELU, slope, lo, hi, sg, sgx)
+        _grad_sums_rows_as(da, a, x, t, RELU, c, lo, hi, sg, sgx)
     elif act == LEAKY_RELU:
-        _grad_sums_rows_as(da, a, x, mean, inv_std, LEAKY_RELU, slope, lo, hi, sg, sgx)
+        _grad_sums_rows_as(da, a, x, t, LEAKY_RELU, c, lo, hi, sg, sgx)
     elif act == SIGMOID:
-        _grad_sums_rows_as(da, a, x, mean, inv_std, SIGMOID, slope, lo, hi, sg, sgx)
+        _grad_sums_rows_as(da, a, x, t, SIGMOID, c, lo, hi, sg, sgx)
     elif act == TANH:
-        _grad_sums_rows_as(da, a, x, mean, inv_std, TANH, slope, lo, hi, sg, sgx)
+        _grad_sums_rows_as(da, a, x, t, TANH, c, lo, hi, sg, sgx)
     else:
-        _grad_sums_rows_as(da, a, x, mean, inv_std, IDENTITY, slope, lo, hi, sg, sgx)
+        _grad_sums_rows_as(da, a, x, t, IDENTITY, c, lo, hi, sg, sgx)
 
 
 @njit(inline="always", **_OPTS)
-def _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, lo, hi):
+def _dx_rows(da, a, x, t, act, c, dx, lo, hi):
     if act == RELU:
-        _dx_rows_as(da, a, x, mean, inv_std, RELU, slope, k, c1, c2, dx, lo, hi)
+        _dx_rows_as(da, a, x, t, RELU, c, dx, lo, hi)
     elif act == LEAKY_RELU:
-        _dx_rows_as(da, a, x, mean, inv_std, LEAKY_RELU, slope, k, c1, c2, dx, lo, hi)
+        _dx_rows_as(da, a, x, t, LEAKY_RELU, c, dx, lo, hi)
     elif act == SIGMOID:
-        _dx_rows_as(da, a, x, mean, inv_std, SIGMOID, slope, k, c1, c2, dx, lo, hi)
+        _dx_rows_as(da, a, x, t, SIGMOID, c, dx, lo, hi)
     elif act == TANH:
-        _dx_rows_as(da, a, x, mean, inv_std, TANH, slope, k, c1, c2, dx, lo, hi)
+        _dx_rows_as(da, a, x, t, TANH, c, dx, lo, hi)
     else:
-        _dx_rows_as(da, a, x, mean, inv_std, IDENTITY, slope, k, c1, c2, dx, lo, hi)
+        _dx_rows_as(da, a, x, t, IDENTITY, c, dx, lo, hi)
 
 
 @njit(inline="always", **_OPTS)
-def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta):
+def _backward_table(x, mean, inv_std):
+    t = np.empty((6, x.shape[1]), x.dtype)
+    _split_mean(mean, t)
+    for j in range(x.shape[1]):
+        t[INV, j] = inv_std[j]
+    return t
+
+
+@njit(inline="always", **_OPTS)
+def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta):
     for j in range(sg.shape[0]):
         dbeta[j] = sg[j]
         dgamma[j] = sgx[j]
-        k[j] = np.float64(gamma[j]) * inv_std[j]
+        t[K, j] = np.float64(gamma[j]) * inv_std[j]
         # in eval mode the statistics are constants: dx = k * g
-        c1[j] = sg[j] / n if train else 0.0
-        c2[j] = sgx[j] / n if train else 0.0
+        t[C1, j] = sg[j] / n if train else 0.0
+        t[C2, j] = sgx[j] / n if train else 0.0
 
 
 @njit(**_OPTS)
 def _backward_serial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
     n, d = x.shape
+    t = _backward_table(x, mean, inv_std)
+    cst = _constants(x, slope)
     sg = np.zeros(d)
     sgx = np.zeros(d)
-    _grad_sums_rows(da, a, x, mean, inv_std, act, slope, 0, n, sg, sgx)
-    k, c1, c2 = np.empty(d), np.empty(d), np.empty(d)
-    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta)
-    _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, 0, n)
+    _grad_sums_rows(da, a, x, t, act, cst, 0, n, sg, sgx)
+    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
+    _dx_rows(da, a, x, t, act, cst, dx, 0, n)
 
 
 @njit(parallel=True, **_OPTS)
 def _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks):
     n, d = x.shape
     rows = (n + chunks - 1) // chunks
+    t = _backward_table(x, mean, inv_std)
+    cst = _constants(x, slope)
     p1 = np.zeros((chunks, d))
     p2 = np.zeros((chunks, d))
     for c in prange(chunks):
-        _grad_sums_rows(da, a, x, mean, inv_std, act, slope, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
+        _grad_sums_rows(da, a, x, t, act, cst, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
     sg = np.zeros(d)
     sgx = np.zeros(d)
     for c in range(chunks):
         for j in range(d):
             sg[j] += p1[c, j]
             sgx[j] += p2[c, j]
-    k, c1, c2 = np.empty(d), np.empty(d), np.empty(d)
-    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, k, c1, c2, dgamma, dbeta)
+    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
     for c in prange(chunks):
-        _dx_rows(da, a, x, mean, inv_std, act, slope, k, c1, c2, dx, c * rows, min(n, (c + 1) * rows))
+        _dx_rows(da, a, x, t, act, cst, dx, c * rows, min(n, (c + 1) * rows))
 
 
 # --------------------------------------------------------------------------
