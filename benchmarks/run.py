@@ -134,10 +134,13 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
+    ap.add_argument("--only", default="bn,flat,step,memory,startup",
+                    help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     reps = 3 if args.quick else 10
     libs = args.libs.split(",")
+    only = set(args.only.split(","))
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     shapes = [(n, d) for n, d in BN_SHAPES if not args.quick or n * d <= 4_000_000]
@@ -173,7 +176,7 @@ def main(argv=None):
 
         # 2. BatchNorm forward + backward
         bn_rows, report["bn"] = [], {}
-        for n, d in shapes:
+        for n, d in shapes if "bn" in only else []:
             res = alternate(workers, rounds, dict(task="bn", shape=[n, d], reps=reps,
                                                   min_seconds=0.2 if args.quick else 0.5))
             entry = {}
@@ -190,18 +193,29 @@ def main(argv=None):
                 row.append(f"{entry[peer]['median']*1e6:.0f} us = **{entry[peer]['median'] / o['median']:.2f}x**")
             bn_rows.append(row)
             log(row)
-        md.append("\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
+        md.append("" if not bn_rows else "\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
                   f"GB/s at {BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth); each peer: median and "
                   "its time divided by bnnet's (> 1: bnnet is faster).\n\n")
-        md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"], bn_rows))
-        flat = [report["bn"][s]["bnnet"]["ns_per_element"] for s in report["bn"] if int(s.split("x")[0]) >= 10000]
-        if len(flat) > 1:
-            md.append(f"\nns/element from 100,000 to 1,000,000 rows (D=100): spread {100*(max(flat)/min(flat)-1):.0f}%.\n")
+        if bn_rows:
+            md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"], bn_rows))
+        # flatness: bnnet's ns/element as the batch grows at D = 100
+        if "bnnet" in libs and "flat" in only:
+            rows = [10_000, 30_000, 100_000, 300_000] + ([] if args.quick else [1_000_000])
+            flat = {}
+            for n in rows:
+                t = summarize(sum((ours.ask(task="bn", shape=[n, 100], reps=reps, min_seconds=0.3)["times"]
+                                   for _ in range(rounds)), []))
+                flat[n] = t["median"] / (n * 100) * 1e9
+            report["bn_flatness_D100"] = flat
+            spread = 100 * (max(flat.values()) / min(flat.values()) - 1)
+            md.append(f"\nbnnet ns/element at D=100 as rows grow: " + ", ".join(f"{n:,}: {v:.2f}" for n, v in flat.items())
+                      + f" (spread {spread:.0f}%).\n")
+            log(md[-1])
 
         # 3. training steps
         step_libs = [l for l in libs if l != "bnnet-numpy"]
         report["step"], step_rows = {}, []
-        for name, net in NETS.items():
+        for name, net in NETS.items() if "step" in only else []:
             res = alternate({k: w for k, w in workers.items() if k[0] in step_libs}, rounds,
                             dict(task="step", reps=reps * 5, min_seconds=0.5 if args.quick else 2.0, **net))
             entry = {}
@@ -222,13 +236,14 @@ def main(argv=None):
             row.append(f"{net['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%")
             step_rows.append(row)
             log(row)
-        md.append("\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
+        md.append("" if not step_rows else "\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
                   "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's matmul FLOPs at "
                   "the measured 2048^3 sgemm rate plus its BN bytes at the measured bandwidth.\n\n")
-        md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"] + ["roofline"], step_rows))
+        if step_rows:
+            md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"] + ["roofline"], step_rows))
 
         # same with the BLAS overrides unset, if this environment sets them
-        if any(os.environ.get(v) for v in BLAS_OVERRIDES) and "bnnet" in libs:
+        if any(os.environ.get(v) for v in BLAS_OVERRIDES) and "bnnet" in libs and "step" in only:
             unset = Worker("bnnet", cores, unset=BLAS_OVERRIDES)
             try:
                 g2 = unset.ask(task="sgemm", shapes=sgemm_shapes, reps=reps)
@@ -248,7 +263,7 @@ def main(argv=None):
                 unset.close()
 
         # 4. memory
-        if "bnnet" in libs:
+        if "bnnet" in libs and "memory" in only:
             mem = ours.ask(task="memory", **dict(NETS["wide"], batch=4096))
             need = mem["params"] + mem["grads"] + mem["optimizer_state"] + mem["activations"] + mem["input_batch"]
             mem["needed_bytes"], mem["ratio"] = need, mem["peak_bytes"] / need
@@ -263,7 +278,7 @@ def main(argv=None):
             w.close()
 
     # 5. start-up with a cold and a warm numba cache
-    if "bnnet" in libs:
+    if "bnnet" in libs and "startup" in only:
         with tempfile.TemporaryDirectory() as cache:
             cold, warm = startup(cache), startup(cache)
         report["startup"] = {"cold": cold, "warm": warm}

@@ -158,8 +158,8 @@ class Bnnet:
 
         bnnet = self.bnnet
         sizes, act, batch = task["sizes"], task["activation"], task["batch"]
-        X, y = make_batches(sizes, batch, k=1)
         tracemalloc.start()
+        X, y = make_batches(sizes, batch, k=1)
         model = bnnet.mlp(sizes, activation=act, seed=0)
         opt = bnnet.optim.Adam(1e-3) if task.get("optimizer") == "adam" else bnnet.optim.SGD(task["lr"])
         loss_fn = bnnet.losses.SoftmaxCrossEntropy()
@@ -179,13 +179,9 @@ class Bnnet:
         params = sum(p.nbytes for p in model.params.values())
         grads = sum(g.nbytes for g in model.grads.values())
         state = sum(v.nbytes for st in opt.state.values() for v in st.values())
-        # what backward needs: each Linear's input, each BatchNorm's input and (activation) output
-        acts = 0
-        for layer in model.layers:
-            if type(layer).__name__ == "Linear":
-                acts += batch * layer.in_features * 4
-            elif type(layer).__name__ == "BatchNorm":
-                acts += 2 * batch * layer.num_features * 4
+        # what backward needs besides the input batch: per hidden layer z = x @ W (BN's input)
+        # and a = g(BN(z)) (the next Linear's input), and the logits
+        acts = sum(2 * batch * d * 4 for d in sizes[1:-1]) + batch * sizes[-1] * 4
         return {"peak_bytes": peak, "live_bytes_between_steps": base, "params": params, "grads": grads,
                 "optimizer_state": state, "activations": acts, "input_batch": X.nbytes}
 

@@ -41,7 +41,7 @@ IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
 # Above this many elements the parallel kernels are used. One core nearly
 # saturates memory bandwidth on our 2-core machines, so splitting rows gains
 # little below about two million elements, and right after a GEMM (OpenBLAS's own
-# threads still awake) it loses: measured with benchmarks/bench_bn.py.
+# threads still awake) it loses: measured with benchmarks/run.py.
 PARALLEL_MIN_ELEMENTS = 1 << 21
 
 # IEEE semantics (no ZeroDivisionError branch, which would block vectorization);

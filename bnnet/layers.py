@@ -25,6 +25,8 @@ class Layer:
     """Base class: holds the three dicts and a display name set by Sequential."""
 
     reuse_buffers = False  # Sequential sets it for layers whose output stays inside the model
+    grad_pool = None  # Sequential sets it: [one flat array] that every layer's dx is written into
+    overwrite_input = False  # Sequential sets it when the input is an internal buffer backward may reuse
 
     def __init__(self):
         self.params = {}
@@ -86,6 +88,17 @@ class Layer:
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             buf = self._scratch_arrays[key] = np.empty(shape, dtype)
         return buf
+
+    def _dx_buffer(self, shape, dtype):
+        """Where dL/dx goes: a view of the model's shared gradient pool (each dx is consumed
+        by the layer below before the next one is written), else a buffer of our own."""
+        if self.grad_pool is None:
+            return self._scratch("dx", shape, dtype)
+        n = shape[0] * shape[1]
+        flat = self.grad_pool[0]
+        if flat is None or flat.size < n or flat.dtype != dtype:
+            flat = self.grad_pool[0] = np.empty(n, dtype)
+        return flat[:n].reshape(shape)
 
     def _grad(self, key):
         """The array grads[key] is written into: reused across steps, shaped like params[key]."""
@@ -153,7 +166,7 @@ class Linear(Layer):
 
     def _backward(self, dy, input_grad):
         x = self._cached()
-        dx_out = self._scratch("dx", x.shape, self.dtype) if input_grad else None
+        dx_out = self._dx_buffer(x.shape, self.dtype) if input_grad else None
         dx, _, _ = F.linear_backward(dy, x, self.params["W"], self.bias, input_grad, dx_out,
                                      self._grad("W"), self._grad("b") if self.bias else None)
         return dx
@@ -267,8 +280,12 @@ class BatchNorm(Layer):
         if mode == "fused":
             out, train, act, slope = rest
             mean, _, inv_std = self._scratch_arrays["stats"]
-            dx = self._scratch("dx", x.shape, x.dtype)
+            # The kernel's dx pass reads x[i, j] before writing dx[i, j], so dx may overwrite x
+            # when x is a buffer of the model's (saves one (N, D) array); x is then gone.
+            dx = x if self.overwrite_input else self._scratch("dx", x.shape, x.dtype)
             backend.kernels().bn_backward(dy, out, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+            if self.overwrite_input:
+                self._cache = None  # a second backward would read dx as x: make it an error instead
             return dx
         if mode == "train":
             dx, dgamma[...], dbeta[...] = F.batch_norm_backward(dy, gamma, rest[0])

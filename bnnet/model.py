@@ -93,6 +93,9 @@ class Sequential:
             # Outputs that stay inside the model live in buffers reused across steps;
             # the model's own output is always a new array that the caller may keep.
             layer.reuse_buffers = i < len(self.layers) - 1
+        self._grad_pool = [None]  # one flat array shared by all layers' dx (see Layer._dx_buffer)
+        for layer in self.layers:
+            layer.grad_pool = self._grad_pool
         self.params = _DottedView(self.layers, "params")
         self.grads = _DottedView(self.layers, "grads")
         self.buffers = _DottedView(self.layers, "buffers")
@@ -114,6 +117,8 @@ class Sequential:
         name = backend.get_backend()
         if self._plan[0] != name:
             steps, layers, i = [], self.layers, 0
+            for layer in layers:
+                layer.overwrite_input = False
             while i < len(layers):
                 if name == "numba" and isinstance(layers[i], BatchNorm) and i + 1 < len(layers) \
                         and isinstance(layers[i + 1], _Activation):
@@ -122,6 +127,8 @@ class Sequential:
                 else:
                     steps.append(layers[i])
                     i += 1
+            for step in steps[1:]:  # their input is a buffer of the model, not the caller's array
+                getattr(step, "bn", step).overwrite_input = True
             self._plan = (name, steps)
         return self._plan[1]
 
@@ -152,7 +159,7 @@ class Sequential:
                              f"{getattr(self, '_out_shape', None)}, got {dy.shape}; call forward first")
         for k in range(len(steps) - 1, -1, -1):
             dy = steps[k]._backward(dy, input_grad or k > 0)
-        return dy if input_grad else None
+        return dy.copy() if input_grad else None  # dy lives in a buffer the next backward reuses
 
     def named_parameters(self):
         """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""

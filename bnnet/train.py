@@ -92,12 +92,13 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     history = {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     steps_per_epoch = len(minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn))
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here
     try:
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}")
             total_loss, total_correct, seen = 0.0, 0.0, 0
             for idx in minibatches(len(X), batch_size, rng, drop_single=bn):
-                X_t, y_t = X[idx], y[idx]
+                X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
                 logits = model.forward(X_t, train=True)
                 batch_loss = loss_fn.forward(logits, y_t)
                 model.backward(loss_fn.backward())
