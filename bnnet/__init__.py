@@ -10,7 +10,8 @@
 __version__ = "0.1.0"
 
 from . import datasets, functional, layers, losses, optim
-from .errors import BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError
+from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
+                     NonFiniteError)
 from .io import load, save
 from .model import BiasBeforeBatchNormWarning, Sequential, mlp
 from .train import evaluate, fit
@@ -19,5 +20,6 @@ __all__ = [
     "__version__", "datasets", "functional", "layers", "losses", "optim",
     "Sequential", "mlp", "fit", "evaluate", "save", "load",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
+    "NonFiniteError",
     "BiasBeforeBatchNormWarning",
 ]

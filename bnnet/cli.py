@@ -73,7 +73,24 @@ def _write_history(folder, history):
         w.writerows(zip(*(history[k] for k in keys)))
 
 
+TRAIN_SETTINGS = ("hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay", "epochs",
+                  "batch_size", "seed", "data", "dtype", "clip_grad_norm")
+
+
+def _resume_settings(args):
+    """With --resume RUN_DIR, the run's own settings (stored in its checkpoint) replace the command line's."""
+    ckpt_path = _checkpoint_path(args.resume)
+    saved = load_checkpoint(ckpt_path).metadata.get("cli")
+    if saved is None:
+        raise BnnetError(f"{ckpt_path}: not written by `bnnet train`, so it has no settings to resume with")
+    for key in TRAIN_SETTINGS:
+        setattr(args, key, saved[key])
+    args.out = args.out or (args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume))
+    return ckpt_path
+
+
 def cmd_train(args):
+    resume = _resume_settings(args) if args.resume else None
     X, y, Xt, yt = datasets.load(args.data)
     init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
     sizes = [X.shape[1], *args.hidden, int(max(y.max(), yt.max())) + 1]
@@ -87,19 +104,22 @@ def cmd_train(args):
     out = args.out or _new_run_dir()
     os.makedirs(out, exist_ok=True)
     if not args.quiet:
-        print(f"bnnet: training {'-'.join(map(str, sizes))} {args.activation}"
+        print(f"bnnet: {'resuming' if resume else 'training'} {'-'.join(map(str, sizes))} {args.activation}"
               f"{'' if args.no_batchnorm else ' + BatchNorm'} with {opt!r} on {args.data} "
               f"({len(X)} train / {len(Xt)} test rows)", file=sys.stderr)
     start = time.perf_counter()
+    settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+    # The checkpoint in the run folder is rewritten every --checkpoint-every steps and at the end.
     history = fit(model, X, y, optimizer=opt, loss="softmax_cross_entropy", epochs=args.epochs,
-                  batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet)
+                  batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet,
+                  clip_grad_norm=args.clip_grad_norm, checkpoint=os.path.join(out, CHECKPOINT_NAME),
+                  checkpoint_every=args.checkpoint_every, resume=resume,
+                  checkpoint_metadata={"cli": settings, "data": args.data})
     seconds = time.perf_counter() - start
     test = evaluate(model, Xt, yt, "softmax_cross_entropy")
-    save(os.path.join(out, CHECKPOINT_NAME), model, opt, loss="softmax_cross_entropy", data=args.data,
-         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     _write_history(out, history)
     summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds,
-               "args": {k: v for k, v in vars(args).items() if k != "func"}}
+               "args": settings}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {args.epochs} epochs "
@@ -155,6 +175,11 @@ def build_parser():
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
+    t.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global L2 norm")
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="also write the run's checkpoint every N steps (atomically), for --resume")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint, with its own settings")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a saved model")

@@ -30,3 +30,7 @@ class CheckpointError(BnnetError, ValueError):
 
 class DatasetError(BnnetError, ValueError):
     """A dataset file or folder is missing or malformed."""
+
+
+class NonFiniteError(BnnetError, ValueError):
+    """Training produced NaN or Inf (loss, activations or gradients); the message names the step and layer."""

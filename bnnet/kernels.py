@@ -76,7 +76,7 @@ def _exp_neg(a):
     -a = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor series to r^13
     (truncation < 1e-17); 2^n built from its exponent bits.
     """
-    a = min(a, 708.0)  # exp(-708) is the smallest normal float64 scale we build
+    a = 708.0 if a > 708.0 else a  # exp(-708) is the smallest normal float64 scale we build (NaN stays NaN)
     n = np.floor(-a * _LOG2E + 0.5)
     r = (-a - n * _LN2_HI) - n * _LN2_LO
     p = 1.0 / 6227020800.0
@@ -100,23 +100,24 @@ def _exp_neg(a):
 def _activate(z, act, zero, slope):
     """a = g(z) for the activation code `act`. z, zero, slope share the storage dtype;
     sigmoid and tanh are computed in float64 (their exp is the costly part anyway)."""
+    # Comparisons are written so that NaN propagates (NaN < 0 is false), as in NumPy.
     if act == RELU:
-        return z if z > zero else zero
+        return zero if z < zero else z
     if act == LEAKY_RELU:
-        return z if z > zero else z * slope
+        return z * slope if z < zero else z
     if act == SIGMOID:
         zd = np.float64(z)
-        e = _exp_neg(max(zd, -zd))  # in (0, 1]: no overflow for any z
+        e = _exp_neg(-zd if zd < 0 else zd)  # in (0, 1]: no overflow for any z
         s = 1.0 / (1.0 + e)
-        return s if zd >= 0 else e * s
+        return e * s if zd < 0 else s
     if act == TANH:
         zd = np.float64(z)
-        az = max(zd, -zd)
+        az = -zd if zd < 0 else zd
         e = _exp_neg(2.0 * az)
         t = (1.0 - e) / (1.0 + e)
         z2 = zd * zd  # near 0, 1 - e loses digits: use the series z - z^3/3 + 2z^5/15 - 17z^7/315 + ...
         small = zd * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
-        return small if az < 0.0625 else (t if zd >= 0 else -t)
+        return small if az < 0.0625 else (-t if zd < 0 else t)
     return z
 
 
@@ -124,9 +125,9 @@ def _activate(z, act, zero, slope):
 def _activation_grad(a, act, zero, one, slope):
     """da/dz written in terms of the output a = g(z), in the storage dtype."""
     if act == RELU:
-        return one if a > zero else zero
+        return zero if a <= zero else one  # NaN gives one: the NaN in da (or a) propagates
     if act == LEAKY_RELU:
-        return one if a > zero else slope
+        return slope if a <= zero else one
     if act == SIGMOID:
         return a * (one - a)
     if act == TANH:
@@ -186,7 +187,8 @@ def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, va
         if train:
             shift = np.float64(x[0, j])
             m1 = s1[j] / n
-            v = max(s2[j] / n - m1 * m1, 0.0)  # var = E[(x-K)^2] - E[x-K]^2 >= 0, K a sample: no cancellation
+            v = s2[j] / n - m1 * m1  # var = E[(x-K)^2] - E[x-K]^2, K a sample: no cancellation
+            v = 0.0 if v < 0.0 else v  # rounding can leave -tiny; NaN stays NaN
             mean[j] = shift + m1
             # running = decay * running + (1 - decay) * batch, var_correction = m/(m-1) or 1 (see BatchNorm)
             running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean[j]

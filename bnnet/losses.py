@@ -13,6 +13,7 @@ from .errors import HyperparameterError, InputError
 
 class Loss:
     name = None
+    has_accuracy = False  # classification losses report accuracy
 
     def __init__(self):
         self._grad = None
@@ -57,6 +58,7 @@ class SoftmaxCrossEntropy(Loss):
     """L = -(1/N) sum_i log softmax(z_i)[y_i].   outputs: logits (N, C); targets: integer labels (N,) in [0, C)."""
 
     name = "softmax_cross_entropy"
+    has_accuracy = True
 
     def check_targets(self, targets, n_outputs=None):
         y = np.asarray(targets)
@@ -102,6 +104,7 @@ class BinaryCrossEntropy(Loss):
     """
 
     name = "binary_cross_entropy"
+    has_accuracy = True
 
     def check_targets(self, targets, n_outputs=None):
         y = np.asarray(targets)

@@ -10,9 +10,9 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
-from .errors import HyperparameterError, InputError
 from . import backend
+from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, _Activation
 
 
@@ -132,17 +132,20 @@ class Sequential:
             self._plan = (name, steps)
         return self._plan[1]
 
-    def forward(self, x, train):
+    def forward(self, x, train, check_finite=False):
         """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
 
         x: (N, in_features), cast to the model's dtype. Returns a new (N, out) array.
+        check_finite: raise NonFiniteError naming the first layer whose output holds NaN/Inf
+            (costs one pass over every activation; fit uses it with check_activations=True).
         """
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
         steps = self._steps()
-        x = steps[0].forward(x, train)  # validates the input
-        for step in steps[1:]:
-            x = step._forward(x, train)
+        for k, step in enumerate(steps):
+            x = step.forward(x, train) if k == 0 else step._forward(x, train)  # the first validates the input
+            if check_finite and not np.isfinite(x).all():
+                raise NonFiniteError(f"{_step_name(step)} produced NaN or Inf")
         self._out_shape = x.shape
         return x
 
@@ -222,6 +225,32 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
         layers.append(act())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
     return Sequential(*layers)
+
+
+def _step_name(step):
+    return f"{step.bn.name} + {type(step.activation).__name__}" if hasattr(step, "bn") else step.name
+
+
+def first_nonfinite(model, x, train):
+    """Where NaN/Inf first appears for input x: a parameter, the input, or a layer's output; None if nowhere.
+
+    Runs one forward with the running statistics saved and restored, so that the
+    diagnosis leaves the model as it was.
+    """
+    for name, p in model.params.items():
+        if not np.isfinite(p).all():
+            return f"parameter {name}"
+    if not np.isfinite(x).all():
+        return "the input batch"
+    saved = {k: v.copy() for k, v in model.buffers.items()}
+    try:
+        model.forward(x, train, check_finite=True)
+    except NonFiniteError as e:
+        return str(e).replace(" produced NaN or Inf", "")
+    finally:
+        for k, v in saved.items():
+            model.buffers[k] = v
+    return None
 
 
 def has_batchnorm(model):

@@ -266,6 +266,23 @@ class Adam(Optimizer):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
 
+def clip_grad_norm(model, max_norm):
+    """Scale all gradients of `model` in place so that their global L2 norm is at most max_norm.
+
+    norm = sqrt(sum over parameters of sum(g^2)); if norm > max_norm every g is
+    multiplied by max_norm / norm (as torch.nn.utils.clip_grad_norm_). Returns
+    the norm before clipping (inf or nan if a gradient is not finite; then
+    nothing is scaled).
+    """
+    max_norm = check_number("clip_grad_norm", "max_norm", max_norm, low=0, low_open=True)
+    grads = [g for _, _, g in model.named_parameters() if g is not None]
+    norm = float(np.sqrt(sum(float(np.square(g, dtype=np.float64).sum()) for g in grads)))
+    if np.isfinite(norm) and norm > max_norm:
+        for g in grads:
+            g *= max_norm / norm
+    return norm
+
+
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
 
 

@@ -15,9 +15,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._checks import as_float_array, check_2d, check_finite, check_int
-from .errors import InputError
+from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .losses import get_loss
-from .model import has_batchnorm
+from .model import first_nonfinite, has_batchnorm
 from .optim import get_optimizer
 
 
@@ -54,7 +54,8 @@ def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
 
 
 def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
-        validation_data=None, progress=True):
+        validation_data=None, progress=True, clip_grad_norm=None, check_activations=False,
+        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
     Args:
@@ -67,15 +68,34 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         seed: seeds the shuffling; the same seed and model give the same run.
         validation_data: optional (X_val, y_val), evaluated in eval mode after every epoch.
         progress: show a tqdm progress bar with the running loss and accuracy.
+        clip_grad_norm: if set, scale the gradients to this global L2 norm at most before each update.
+        check_activations: also check every layer's output for NaN/Inf at every step (slower).
+            The loss is always checked: a NaN/Inf stops training with NonFiniteError naming
+            the step and where it first appears, before the update, so the parameters and
+            the last checkpoint on disk are the last good ones.
+        checkpoint: path to write checkpoints to (atomically); may contain "{step}" to keep one
+            file per checkpoint. Written every `checkpoint_every` updates and at the end.
+        resume: path of a checkpoint written by fit: restores parameters, running statistics,
+            optimizer state (and with it the learning-rate schedule), the shuffling RNG and the
+            step/epoch counters, and continues. The run then ends exactly (bitwise) where an
+            uninterrupted run with the same arguments ends.
+        checkpoint_metadata: extra JSON-serializable metadata stored in each checkpoint.
     Returns:
         {"epoch": [1, ...], "loss": [...], "accuracy": [...], "val_loss": [...], "val_accuracy": [...]}.
         Train loss/accuracy of an epoch are the means over its mini-batches, in
         train mode (as Keras reports them); accuracy entries are None for regression.
     """
+    from .io import fill_model, load_checkpoint, save  # io imports the model; avoid a cycle at import time
+    from .optim import clip_grad_norm as clip
+
     loss_fn = get_loss(loss)
     opt = get_optimizer(optimizer)
     epochs = check_int("fit", "epochs", epochs, low=1)
     batch_size = check_int("fit", "batch_size", batch_size, low=1)
+    if checkpoint_every is not None:
+        checkpoint_every = check_int("fit", "checkpoint_every", checkpoint_every, low=1)
+        if checkpoint is None:
+            raise HyperparameterError("fit: checkpoint_every needs checkpoint=PATH to write to")
     X, y = _check_data(model, X, y, loss_fn, "fit")
     if validation_data is not None:
         Xv, yv = _check_data(model, *validation_data, loss_fn, "fit(validation_data)")
@@ -89,37 +109,80 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
                       "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=2)
 
     rng = np.random.default_rng(seed)
-    history = {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+    # Where training stands: enough to continue exactly after a crash (saved in checkpoints).
+    state = {"epoch": 1, "batch": 0, "step": 0, "rng": rng.bit_generator.state, "partial": [0.0, 0.0, 0],
+             "history": {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []},
+             "run": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": len(X), "loss": loss_fn.name}}
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        saved = ckpt.metadata.get("fit")
+        if saved is None:
+            raise CheckpointError(f"{resume}: holds no training state to resume (it was not written by fit)")
+        if saved["run"] != state["run"]:
+            raise CheckpointError(f"{resume}: was written by a run with {saved['run']}, not {state['run']}; "
+                                  "resume with the same epochs, batch_size, seed, data and loss")
+        fill_model(model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
+                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, resume)
+        if ckpt.optimizer_info is None:
+            raise CheckpointError(f"{resume}: holds no optimizer state to resume")
+        opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
+        state = saved
+    history = state["history"]
+
+    def write_checkpoint():
+        path = str(checkpoint).format(step=state["step"])
+        save(path, model, opt, **(checkpoint_metadata or {}), loss=loss_fn.name, fit=state)
+
     steps_per_epoch = len(minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn))
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], disable=not progress, unit="step",
+               dynamic_ncols=True)
     X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(state["epoch"], epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}")
-            total_loss, total_correct, seen = 0.0, 0.0, 0
-            for idx in minibatches(len(X), batch_size, rng, drop_single=bn):
+            rng.bit_generator.state = state["rng"]  # the epoch's order is drawn from this state
+            batches = minibatches(len(X), batch_size, rng, drop_single=bn)
+            total_loss, total_correct, seen = state["partial"]
+            for b in range(state["batch"], len(batches)):
+                idx = batches[b]
                 X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
-                logits = model.forward(X_t, train=True)
+                logits = model.forward(X_t, train=True, check_finite=check_activations)
                 batch_loss = loss_fn.forward(logits, y_t)
+                if not np.isfinite(batch_loss):
+                    where = first_nonfinite(model, X_t, train=True) or "the loss"
+                    raise NonFiniteError(f"fit: the loss is {batch_loss} at step {state['step'] + 1} (epoch {epoch}); "
+                                         f"NaN/Inf first appears in {where}. Lower the learning rate or set "
+                                         "clip_grad_norm; the parameters are those before this step")
                 model.backward(loss_fn.backward())
+                if clip_grad_norm is not None:
+                    norm = clip(model, clip_grad_norm)
+                    if not np.isfinite(norm):
+                        raise NonFiniteError(f"fit: the gradients hold NaN or Inf at step {state['step'] + 1} "
+                                             f"(epoch {epoch}); the parameters are those before this step")
                 opt.step(model)
 
                 acc = loss_fn.accuracy(logits, y_t)
                 total_loss += batch_loss * len(idx)
                 total_correct += (acc or 0.0) * len(idx)
                 seen += len(idx)
+                state.update(batch=b + 1, step=state["step"] + 1, partial=[total_loss, total_correct, seen])
                 bar.update(1)
                 if bar.n % 10 == 0 or bar.n == bar.total:
                     bar.set_postfix(_postfix(total_loss / seen, acc and total_correct / seen), refresh=False)
+                if checkpoint_every and state["step"] % checkpoint_every == 0:
+                    write_checkpoint()
             history["epoch"].append(epoch)
             history["loss"].append(total_loss / seen)
-            history["accuracy"].append(total_correct / seen if acc is not None else None)
+            history["accuracy"].append(total_correct / seen if loss_fn.has_accuracy else None)
             if validation_data is not None:
                 val = evaluate(model, Xv, yv, loss_fn)
                 history["val_loss"].append(val["loss"])
                 history["val_accuracy"].append(val["accuracy"])
                 bar.set_postfix({**_postfix(history["loss"][-1], history["accuracy"][-1]),
                                  **_postfix(val["loss"], val["accuracy"], "val_")})
+            state.update(epoch=epoch + 1, batch=0, rng=rng.bit_generator.state, partial=[0.0, 0.0, 0])
+        if checkpoint is not None:
+            write_checkpoint()
     finally:
         bar.close()
     return history

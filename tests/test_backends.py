@@ -145,3 +145,16 @@ def test_backend_switch():
         assert not backend.fast()
     with pytest.raises(bnnet.HyperparameterError, match="backend must be one of"):
         backend.set_backend("cuda")
+
+
+@pytest.mark.parametrize("act", range(len(ACTIVATIONS)))
+def test_nan_propagates_like_numpy(act):
+    """A NaN in one feature gives NaN in that feature's outputs and gradients, in both backends."""
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    x[2, 1] = np.nan
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            model = _bn_model(3, "float64", ACTIVATIONS[act], np.random.default_rng(0))
+            y, dx, grads, _ = _run(model, x, np.ones_like(x) + x * 0.1, True)
+            assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all(), name
+            assert np.isnan(dx[:, 1]).all() and np.isnan(grads["0.gamma"][1]), name

@@ -1,0 +1,64 @@
+"""Faults in training: NaN/Inf stops fit with a message naming the step and the layer; clipping."""
+import numpy as np
+import pytest
+
+import bnnet
+from bnnet import optim
+
+
+def _data(rng, n=96, d=6, classes=3):
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    return X, rng.integers(0, classes, n)
+
+
+def test_overflowing_input_names_the_first_layer(rng):
+    X, y = _data(rng)
+    X[5, :] = 3e38  # finite, but x @ W overflows float32
+    model = bnnet.mlp([6, 8, 3], seed=0)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(bnnet.NonFiniteError, match=r"at step \d+ \(epoch 1\); NaN/Inf first appears in Linear \(layer 0\)"):
+        bnnet.fit(model, X, y, optimizer=optim.SGD(0.1), epochs=1, batch_size=96, seed=0, progress=False)
+    for k, v in before.items():  # stopped before the update: parameters untouched
+        np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(rng, tmp_path):
+    X, y = _data(rng)
+    X *= 50
+    model = bnnet.mlp([6, 8, 3], activation="relu", batchnorm=False, seed=0)
+    ckpt = tmp_path / "ck.safetensors"
+    with pytest.raises(bnnet.NonFiniteError, match=r"the loss is (nan|inf) at step (\d+).*first appears in") as info:
+        bnnet.fit(model, X, y, optimizer=optim.SGD(1e4), epochs=50, batch_size=16, seed=0, progress=False,
+                  checkpoint=ckpt, checkpoint_every=1)
+    step = int(info.value.args[0].split("at step ")[1].split()[0])
+    good = bnnet.io.load_checkpoint(ckpt)
+    assert good.metadata["fit"]["step"] == step - 1  # the last step that completed
+    assert all(np.isfinite(v).all() for v in good.model.params.values())
+
+
+def test_check_activations_catches_a_nan_inside(rng):
+    X, y = _data(rng)
+    model = bnnet.mlp([6, 8, 8, 3], activation="tanh", seed=0)
+    model.params["3.W"][0, 0] = np.nan  # a corrupted weight in the second Linear
+    with pytest.raises(bnnet.NonFiniteError, match=r"Linear \(layer 3\) produced NaN or Inf"):
+        bnnet.fit(model, X, y, epochs=1, progress=False, check_activations=True)
+    with pytest.raises(bnnet.NonFiniteError, match=r"first appears in parameter 3.W"):
+        bnnet.fit(model, X, y, epochs=1, progress=False)
+
+
+def test_clip_grad_norm(rng):
+    X, y = _data(rng)
+    model = bnnet.mlp([6, 8, 3], seed=0, dtype="float64")
+    loss = bnnet.losses.SoftmaxCrossEntropy()
+    loss.forward(model.forward(X * 100, train=True), y)
+    model.backward(loss.backward())
+    raw = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in model.grads.values()))
+    norm = optim.clip_grad_norm(model, 0.5)
+    assert norm == pytest.approx(raw, rel=1e-12) and raw > 0.5
+    after = np.sqrt(sum(np.sum(g ** 2) for g in model.grads.values()))
+    assert after == pytest.approx(0.5, rel=1e-12)
+    assert optim.clip_grad_norm(model, 10.0) == pytest.approx(0.5, rel=1e-12)  # below the bound: unchanged
+    with pytest.raises(bnnet.HyperparameterError, match="max_norm must be in"):
+        optim.clip_grad_norm(model, 0)
+    h = bnnet.fit(bnnet.mlp([6, 8, 3], seed=0), X, y, epochs=2, clip_grad_norm=1.0, progress=False, seed=0)
+    assert all(np.isfinite(h["loss"]))
