@@ -46,3 +46,28 @@ def test_batchnorm_forward_backward_properties(x):
     # float32 agrees with the float64 computation on the same input
     y64 = F.batch_norm_forward(x64, np.ones(d), np.zeros(d), 1e-5)[0]
     np.testing.assert_allclose(y, y64, atol=tol)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(batches(), st.sampled_from([None, "relu", "sigmoid", "tanh"]))
+def test_fast_and_reference_paths_agree(x, act):
+    import bnnet
+    from bnnet import backend
+
+    n, d = x.shape
+    dy = np.random.default_rng(n + d).standard_normal((n, d)).astype(x.dtype)
+    out = {}
+    for name in ("numpy", "numba"):
+        with backend.using(name):
+            layers = [BatchNorm(d, dtype=x.dtype.name)] + ([bnnet.layers.ACTIVATIONS[act]()] if act else [])
+            model = bnnet.Sequential(*layers)
+            y = model.forward(x, train=True)
+            out[name] = y, model.backward(dy, input_grad=True), model.buffers["0.running_var"].copy()
+    var = x.astype(np.float64).var(axis=0)
+    # float64: 1e-12 for well-conditioned batches, more when |x| >> std (both paths round x - mean)
+    cond = np.max(np.abs(x.astype(np.float64)).max(axis=0) / np.sqrt(var + 1e-5))
+    tol = 1e-5 if x.dtype == np.float32 else max(1e-12, 16 * np.finfo(np.float64).eps * cond)
+    scale = np.abs(dy).max() * np.max(1 / np.sqrt(var + 1e-5))  # size of the terms that make dx
+    np.testing.assert_allclose(out["numba"][0], out["numpy"][0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(out["numba"][1], out["numpy"][1], rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(out["numba"][2], out["numpy"][2], rtol=tol, atol=tol)
