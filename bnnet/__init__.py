@@ -9,15 +9,17 @@
 """
 __version__ = "0.1.0"
 
-from . import datasets, functional, layers, losses, optim
+from . import conventions, datasets, functional, layers, losses, optim
 from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
                      NonFiniteError)
+from .inference import fold_batchnorm, freeze_batchnorm, recompute_bn_stats
 from .io import load, save
 from .model import BiasBeforeBatchNormWarning, Sequential, mlp
 from .train import evaluate, fit
 
 __all__ = [
-    "__version__", "datasets", "functional", "layers", "losses", "optim",
+    "__version__", "conventions", "datasets", "functional", "layers", "losses", "optim",
+    "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats",
     "Sequential", "mlp", "fit", "evaluate", "save", "load",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
     "NonFiniteError",

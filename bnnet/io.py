@@ -77,7 +77,7 @@ def save(path, model, optimizer=None, **metadata):
         arrays, opt_info = optimizer.state_dict()
         tensors.update({f"optimizer/{k}": v for k, v in arrays.items()})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "bnnet_version": __version__,
-            "architecture": model.config(), "optimizer": opt_info, "user": metadata}
+            "architecture": model.config(), "eval_only": model.eval_only, "optimizer": opt_info, "user": metadata}
     try:
         header = json.dumps(meta)
     except TypeError as e:
@@ -155,6 +155,7 @@ def load_checkpoint(path):
     """Everything in a checkpoint: a Checkpoint(model, metadata, optimizer_info, optimizer_arrays)."""
     arrays, meta = _read(path)
     model = _build(path, meta.get("architecture", []))
+    model.eval_only = bool(meta.get("eval_only", False))
     fill_model(model, arrays, path)
     opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     return Checkpoint(model, meta.get("user", {}), meta.get("optimizer"), opt_arrays)

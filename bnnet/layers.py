@@ -13,6 +13,8 @@ was produced by the layer before). Inside a Sequential, a layer whose output
 stays inside the model writes it into a buffer reused from step to step
 (`reuse_buffers`), so a training step allocates nothing large.
 """
+import warnings
+
 import numpy as np
 
 from . import backend
@@ -113,6 +115,10 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+class BatchNormUntrainedWarning(UserWarning):
+    """A BatchNorm layer is used with running statistics that never saw a training batch."""
+
+
 def _as_rng(rng):
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
@@ -193,7 +199,11 @@ class BatchNorm(Layer):
     Args:
         num_features: D.
         eps: added to the variance (default 1e-5, as PyTorch; Keras uses 1e-3).
-        decay: in [0, 1], default 0.9.
+        decay: in [0, 1], default 0.9; or None for the cumulative average of all batches
+            seen, running = running + (batch - running) / count (PyTorch's momentum=None).
+        frozen: if True, train mode also normalizes with the running statistics and never
+            updates them, while gamma and beta still get gradients (fine-tuning with frozen
+            statistics; see bnnet.freeze_batchnorm). Separate from eval mode.
         running_var: "unbiased" (default; m/(m-1) * var_B, Alg. 2 and PyTorch) or
             "biased" (var_B as is, as Keras). The batch itself is always
             normalized with the biased variance.
@@ -202,11 +212,13 @@ class BatchNorm(Layer):
     Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen.
     """
 
-    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32"):
+    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False):
         super().__init__()
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
-        self.decay = check_number("BatchNorm", "decay", decay, low=0, high=1)
+        self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
+        self.frozen = bool(frozen)
+        self.batch_stats = None  # (mean, biased var) of the last train-mode batch, float64 (D,)
         self.running_var = check_choice("BatchNorm", "running_var", running_var, ("unbiased", "biased"))
         self.dtype = check_dtype("BatchNorm", dtype)
         self.params["gamma"] = np.ones(num_features, self.dtype)
@@ -215,13 +227,24 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(num_features, self.dtype)
         self.buffers["count"] = np.zeros((), np.int64)
 
-    def _forward(self, x, train):
-        m = x.shape[0]
-        if train and m < 2:
+    def _effective_train(self, x, train):
+        """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
+        train = train and not self.frozen
+        if not train and int(self.buffers["count"]) == 0 and not getattr(self, "_warned_untrained", False):
+            self._warned_untrained = True
+            warnings.warn(f"{self.name} normalizes with running statistics that never saw a training batch "
+                          "(mean 0, variance 1): train it first, load a checkpoint, or call "
+                          "bnnet.recompute_bn_stats(model, X)", BatchNormUntrainedWarning, stacklevel=4)
+        if train and x.shape[0] < 2:
             raise InputError(
-                f"{self.name}: a batch of {m} row in train mode has no variance to normalize with; "
+                f"{self.name}: a batch of {x.shape[0]} row in train mode has no variance to normalize with; "
                 "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
             )
+        return train
+
+    def _forward(self, x, train):
+        train = self._effective_train(x, train)
+        m = x.shape[0]
         if backend.fast():
             return self._forward_fused(x, train)
         gamma, beta = self.params["gamma"], self.params["beta"]
@@ -230,9 +253,14 @@ class BatchNorm(Layer):
             return F.batch_normalization(x, self.buffers["running_mean"], self.buffers["running_var"],
                                          beta, gamma, self.eps)
         y, mean, var, cache = F.batch_norm_forward(x, gamma, beta, self.eps)
+        self.batch_stats = (mean, var)
         self._update_running(mean, var, m)
         self._cache = ("train", x, cache)
         return y
+
+    def _decay_now(self):
+        """The weight of the old running value in this update: decay, or 1 - 1/count for the cumulative average."""
+        return self.decay if self.decay is not None else 1.0 - 1.0 / (int(self.buffers["count"]) + 1)
 
     def _forward_fused(self, x, train, activation=None, reuse=None):
         """BN (and the activation that follows, if given) in one numba kernel; see bnnet.kernels.
@@ -252,9 +280,10 @@ class BatchNorm(Layer):
         correction = m / (m - 1) if self.running_var == "unbiased" and m > 1 else 1.0
         # the kernel also updates running_mean/var in train mode, as _update_running does
         kernels.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
-                           self.buffers["running_mean"], self.buffers["running_var"], self.decay, correction,
-                           out, mean, var, inv_std)
+                           self.buffers["running_mean"], self.buffers["running_var"], self._decay_now(),
+                           correction, out, mean, var, inv_std)
         if train:
+            self.batch_stats = (mean, var)
             self.buffers["count"] += 1
         self._cache = ("fused", x, out, train, act, slope)
         return out
@@ -262,7 +291,7 @@ class BatchNorm(Layer):
     def _update_running(self, mean, var, m):
         if self.running_var == "unbiased":
             var = var * (m / (m - 1))
-        d = self.decay
+        d = self._decay_now()
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         rm *= d  # in place: the arrays in `buffers` keep their identity
         rm += (1 - d) * mean
@@ -299,7 +328,7 @@ class BatchNorm(Layer):
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
-                "running_var": self.running_var, "dtype": self.dtype}
+                "running_var": self.running_var, "dtype": self.dtype, "frozen": self.frozen}
 
 
 class _Activation(Layer):
@@ -389,8 +418,7 @@ class BatchNormActivation:
         return self._forward(self.bn._input(x, self.bn.num_features), train)
 
     def _forward(self, x, train):
-        if train and x.shape[0] < 2:
-            return self.bn._forward(x, train)  # raises the batch-of-one error
+        train = self.bn._effective_train(x, train)
         return self.bn._forward_fused(x, train, self.activation, reuse=self.activation.reuse_buffers)
 
     def _backward(self, dy, input_grad):

@@ -74,6 +74,8 @@ class Sequential:
             the batch mean, so b has no effect and its gradient is zero.
     """
 
+    eval_only = False  # set by bnnet.fold_batchnorm
+
     def __init__(self, *layers):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
@@ -141,6 +143,9 @@ class Sequential:
         """
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
+        if train and self.eval_only:
+            raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
+                                      "and has no batch statistics to train with; train the original model")
         steps = self._steps()
         for k, step in enumerate(steps):
             x = step.forward(x, train) if k == 0 else step._forward(x, train)  # the first validates the input

@@ -65,7 +65,7 @@ def test_checkpoint_is_safetensors_with_json_metadata(rng, tmp_path):
         keys = set(f.keys())
     assert meta["format"] == "bnnet-checkpoint" and meta["bnnet_version"] == bnnet.__version__
     assert meta["architecture"][1] == {"type": "BatchNorm", "num_features": 5, "eps": 1e-5, "decay": 0.9,
-                                       "running_var": "unbiased", "dtype": "float32"}
+                                       "running_var": "unbiased", "dtype": "float32", "frozen": False}
     assert {"params/0.W", "buffers/1.running_var", "buffers/1.count", "optimizer/0.W/m"} <= keys
 
 

@@ -1,0 +1,130 @@
+"""Batch norm at test time: population statistics, frozen statistics, folding BN into the Linear before it.
+
+Three ways to get the statistics that eval mode normalizes with:
+
+| mode | how | set by |
+|---|---|---|
+| exponential moving average | running = decay * running + (1 - decay) * batch, per training step | BatchNorm(decay=0.9) (the lecture's method) |
+| cumulative average | running = mean over every batch seen so far | BatchNorm(decay=None) |
+| population (Alg. 2) | mean of batch means, m/(m-1) x mean of batch variances, after training | recompute_bn_stats(model, X, mode="batch") |
+| exact full data | the mean and variance of each BN's input over all of X, in eval mode | recompute_bn_stats(model, X, mode="exact") |
+"""
+import copy
+
+import numpy as np
+
+from . import functional as F
+from ._checks import as_float_array, check_2d, check_choice, check_int
+from .layers import BatchNorm, Linear
+from .model import Sequential
+
+
+def _bn_layers(model):
+    return [(i, l) for i, l in enumerate(model.layers) if isinstance(l, BatchNorm)]
+
+
+def freeze_batchnorm(model, frozen=True):
+    """Freeze (or unfreeze) the running statistics of every BatchNorm in `model`.
+
+    Frozen layers normalize with their running statistics in train mode too, never
+    update them, and still train gamma and beta: fine-tuning on small batches
+    without disturbing the statistics. Eval mode is unaffected. Returns the model.
+    """
+    for _, bn in _bn_layers(model):
+        bn.frozen = bool(frozen)
+    return model
+
+
+def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
+    """Replace every BatchNorm's running statistics by population statistics of X. Returns the model.
+
+    mode="batch" (Ioffe & Szegedy 2015, Alg. 2): X is cut into mini-batches of
+        batch_size rows (a last, shorter one is dropped unless it is the only one);
+        the network runs in train mode on each, and each BatchNorm gets
+        E[x] = mean of the batch means, Var[x] = m/(m-1) * mean of the biased batch variances.
+    mode="exact": each BatchNorm, in order, gets the exact mean and variance of
+        its input over all of X, with the layers before it in eval mode (using the
+        statistics just computed); the variance follows the layer's running_var
+        convention (N/(N-1) for "unbiased").
+    count becomes the number of batches used. Parameters are not changed.
+    """
+    check_choice("recompute_bn_stats", "mode", mode, ("batch", "exact"))
+    batch_size = check_int("recompute_bn_stats", "batch_size", batch_size, low=2)
+    X = as_float_array(X, "X", "recompute_bn_stats", model.dtype)
+    check_2d(X, "X", "recompute_bn_stats", model.in_features)
+    bns = _bn_layers(model)
+    if not bns:
+        return model
+    n = len(X)
+    starts = list(range(0, n - batch_size + 1, batch_size)) or [0]
+    if mode == "batch":
+        if min(n, batch_size) < 2:
+            raise ValueError("recompute_bn_stats: needs at least 2 rows per batch")
+        saved = {k: v.copy() for k, v in model.buffers.items()}
+        frozen = [bn.frozen for _, bn in bns]
+        freeze_batchnorm(model, False)
+        sums = {i: [np.zeros(bn.num_features), np.zeros(bn.num_features)] for i, bn in bns}
+        try:
+            for s in starts:
+                model.forward(X[s:s + batch_size], train=True)
+                for i, bn in bns:
+                    mean, var = bn.batch_stats
+                    sums[i][0] += mean
+                    sums[i][1] += var
+        finally:
+            for k, v in saved.items():
+                model.buffers[k] = v
+            for (_, bn), f in zip(bns, frozen):
+                bn.frozen = f
+        m = min(n, batch_size)
+        for i, bn in bns:
+            bn.buffers["running_mean"][...] = sums[i][0] / len(starts)
+            bn.buffers["running_var"][...] = sums[i][1] / len(starts) * (m / (m - 1))
+            bn.buffers["count"][...] = len(starts)
+        return model
+    for i, bn in bns:  # exact: layer by layer, upstream in eval mode with the new statistics
+        count, mean, m2 = 0, np.zeros(bn.num_features), np.zeros(bn.num_features)
+        for s in range(0, n, batch_size):
+            h = X[s:s + batch_size]
+            for layer in model.layers[:i]:
+                h = layer.forward(h, train=False)
+            b_mean, b_var = F.moments(h.astype(np.float64), axes=0)
+            k = len(h)  # Chan et al.: merge (count, mean, M2) of two parts
+            delta = b_mean - mean
+            mean = mean + delta * (k / (count + k))
+            m2 = m2 + b_var * k + delta ** 2 * (count * k / (count + k))
+            count += k
+        var = m2 / count * (count / (count - 1) if bn.running_var == "unbiased" and count > 1 else 1.0)
+        bn.buffers["running_mean"][...] = mean
+        bn.buffers["running_var"][...] = var
+        bn.buffers["count"][...] = len(range(0, n, batch_size))
+    return model
+
+
+def fold_batchnorm(model):
+    """An eval-only copy of `model` where each Linear -> BatchNorm pair is one Linear.
+
+    With s = gamma / sqrt(running_var + eps):   W' = W * s (each column j by s_j),
+    b' = beta + (b - running_mean) * s   (b = 0 for a Linear without bias).
+    Computed in float64, stored in the model's dtype. Other layers are copied.
+    The result refuses train=True: it has no batch statistics left to train with.
+    """
+    layers, i = [], 0
+    while i < len(model.layers):
+        layer = model.layers[i]
+        nxt = model.layers[i + 1] if i + 1 < len(model.layers) else None
+        if isinstance(layer, Linear) and isinstance(nxt, BatchNorm):
+            W = layer.params["W"].astype(np.float64)
+            b = layer.params["b"].astype(np.float64) if layer.bias else 0.0
+            s = nxt.params["gamma"].astype(np.float64) / np.sqrt(nxt.buffers["running_var"].astype(np.float64) + nxt.eps)
+            folded = Linear(layer.in_features, layer.out_features, bias=True, rng=0, dtype=layer.dtype)
+            folded.params["W"][...] = W * s
+            folded.params["b"][...] = nxt.params["beta"] + (b - nxt.buffers["running_mean"]) * s
+            layers.append(folded)
+            i += 2
+        else:
+            layers.append(copy.deepcopy(layer))
+            i += 1
+    out = Sequential(*layers)
+    out.eval_only = True
+    return out
