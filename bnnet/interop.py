@@ -1,0 +1,124 @@
+"""PyTorch interop for sequential MLPs: Linear, BatchNorm1d, ReLU, LeakyReLU, Sigmoid, Tanh.
+
+    model = bnnet.interop.from_torch(torch_module_or_state_dict)
+    module = bnnet.interop.to_torch(model)
+
+Carried over: weights (torch's Linear.weight is bnnet's W transposed), running
+statistics, eps, the running-average weight (bnnet decay = 1 - torch momentum;
+momentum=None <-> decay=None) and num_batches_tracked <-> count. torch is imported
+only when these functions run; it is not a dependency of bnnet.
+"""
+import re
+
+import numpy as np
+
+from .conventions import decay_from_torch_momentum, torch_momentum_from_decay
+from .errors import HyperparameterError
+from .layers import ACTIVATIONS, BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+from .model import Sequential
+
+_TORCH_ACTIVATIONS = {"ReLU": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}
+
+
+def _numpy(t):
+    return t.detach().cpu().numpy()
+
+
+def _linear(weight, bias):
+    w = _numpy(weight)  # (out, in)
+    layer = Linear(w.shape[1], w.shape[0], bias=bias is not None, rng=0, dtype=w.dtype.name)
+    layer.params["W"][...] = w.T
+    if bias is not None:
+        layer.params["b"][...] = _numpy(bias)
+    return layer
+
+
+def _batchnorm(weight, bias, mean, var, count, eps, momentum):
+    g = _numpy(weight)
+    bn = BatchNorm(len(g), eps=float(eps), decay=decay_from_torch_momentum(momentum), dtype=g.dtype.name)
+    bn.params["gamma"][...] = g
+    bn.params["beta"][...] = _numpy(bias)
+    bn.buffers["running_mean"][...] = _numpy(mean)
+    bn.buffers["running_var"][...] = _numpy(var)
+    bn.buffers["count"][...] = int(count)
+    return bn
+
+
+def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
+    """A bnnet Sequential equal to a torch MLP (nn.Sequential) or to its state_dict.
+
+    A state_dict has no parameter-free layers and no BatchNorm settings: positions
+    with no parameters are filled with `activation`, and BatchNorm layers get
+    `eps` and `momentum` (torch's defaults). A module carries all of that itself.
+    """
+    import torch
+
+    if isinstance(module, torch.nn.Module):
+        layers = []
+        for child in module.children() if isinstance(module, torch.nn.Sequential) else [module]:
+            name = type(child).__name__
+            if isinstance(child, torch.nn.Linear):
+                layers.append(_linear(child.weight, child.bias))
+            elif isinstance(child, torch.nn.BatchNorm1d):
+                if not child.affine or not child.track_running_stats:
+                    raise HyperparameterError("from_torch: BatchNorm1d needs affine=True and track_running_stats=True")
+                layers.append(_batchnorm(child.weight, child.bias, child.running_mean, child.running_var,
+                                         child.num_batches_tracked, child.eps, child.momentum))
+            elif isinstance(child, torch.nn.LeakyReLU):
+                layers.append(LeakyReLU(child.negative_slope))
+            elif name in _TORCH_ACTIVATIONS:
+                layers.append(_TORCH_ACTIVATIONS[name]())
+            else:
+                raise HyperparameterError(f"from_torch: cannot convert {name}; supported: Linear, BatchNorm1d, "
+                                          "ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential")
+        return Sequential(*layers)
+    state = dict(module)
+    if activation not in ACTIVATIONS:
+        raise HyperparameterError(f"from_torch: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    indices = sorted({int(m.group(1)) for k in state if (m := re.match(r"(\d+)\.", k))})
+    if not indices or len(indices) != len({k.split(".")[0] for k in state}):
+        raise HyperparameterError("from_torch: a state_dict must have keys like '0.weight' (an nn.Sequential's)")
+    layers = []
+    for i in range(indices[-1] + 1):
+        get = lambda key: state.get(f"{i}.{key}")  # noqa: E731
+        if get("running_mean") is not None:
+            layers.append(_batchnorm(get("weight"), get("bias"), get("running_mean"), get("running_var"),
+                                     get("num_batches_tracked") if get("num_batches_tracked") is not None else 0,
+                                     eps, momentum))
+        elif get("weight") is not None:
+            layers.append(_linear(get("weight"), get("bias")))
+        else:
+            layers.append(ACTIVATIONS[activation]())
+    return Sequential(*layers)
+
+
+def to_torch(model):
+    """A torch nn.Sequential equal to `model` (same dtype, weights, statistics and conventions)."""
+    import torch
+
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, Linear):
+            m = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias, dtype=getattr(torch, layer.dtype))
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.params["W"].T)))
+                if layer.bias:
+                    m.bias.copy_(torch.from_numpy(layer.params["b"]))
+        elif isinstance(layer, BatchNorm):
+            m = torch.nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=torch_momentum_from_decay(layer.decay),
+                                     dtype=getattr(torch, layer.dtype))
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
+                m.bias.copy_(torch.from_numpy(layer.params["beta"]))
+                m.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"]))
+                m.running_var.copy_(torch.from_numpy(layer.buffers["running_var"]))
+                m.num_batches_tracked.fill_(int(layer.buffers["count"]))
+            if layer.running_var == "biased":
+                raise HyperparameterError("to_torch: torch's BatchNorm1d keeps the unbiased running variance; "
+                                          "this layer uses running_var='biased'")
+        elif isinstance(layer, LeakyReLU):
+            m = torch.nn.LeakyReLU(layer.negative_slope)
+        else:
+            m = {"ReLU": torch.nn.ReLU, "Sigmoid": torch.nn.Sigmoid, "Tanh": torch.nn.Tanh}[type(layer).__name__]()
+        mods.append(m)
+    return torch.nn.Sequential(*mods)
