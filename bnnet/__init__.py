@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from . import conventions, datasets, functional, layers, losses, optim
 from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
                      NonFiniteError)
+from .export import export_onnx
 from .inference import fold_batchnorm, freeze_batchnorm, recompute_bn_stats
 from .io import load, save
 from .model import BiasBeforeBatchNormWarning, Sequential, mlp
@@ -19,7 +20,7 @@ from .train import evaluate, fit
 
 __all__ = [
     "__version__", "conventions", "datasets", "functional", "layers", "losses", "optim",
-    "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats",
+    "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats", "export_onnx",
     "Sequential", "mlp", "fit", "evaluate", "save", "load",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
     "NonFiniteError",

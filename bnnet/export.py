@@ -1,0 +1,67 @@
+"""ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, BatchNormalization, activations).
+
+Needs the `onnx` package (pip install "bnnet[onnx]"); imported only here.
+"""
+import numpy as np
+
+from .errors import HyperparameterError
+from .inference import fold_batchnorm
+from .io import atomic_write
+from .layers import BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+
+OPSET = 17
+IR_VERSION = 9  # what onnxruntime >= 1.15 reads
+
+
+def to_onnx(model, fold=False):
+    """The ONNX ModelProto of `model` in eval mode (input "x": (N, in), output "y": (N, out)).
+
+    fold=True first folds each Linear -> BatchNorm pair into one Gemm (bnnet.fold_batchnorm);
+    otherwise each BatchNorm becomes a BatchNormalization node with the running statistics.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if fold:
+        model = fold_batchnorm(model)
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[model.dtype]
+    nodes, inits = [], []
+    h = "x"
+    for i, layer in enumerate(model.layers):
+        out = f"h{i}"
+
+        def const(name, array, layer=layer):
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=model.dtype), f"{i}.{name}"))
+            return f"{i}.{name}"
+
+        if isinstance(layer, Linear):
+            if layer.bias:  # y = x @ W + b
+                nodes.append(helper.make_node("Gemm", [h, const("W", layer.params["W"]), const("b", layer.params["b"])], [out]))
+            else:
+                nodes.append(helper.make_node("MatMul", [h, const("W", layer.params["W"])], [out]))
+        elif isinstance(layer, BatchNorm):
+            nodes.append(helper.make_node(
+                "BatchNormalization",
+                [h, const("gamma", layer.params["gamma"]), const("beta", layer.params["beta"]),
+                 const("running_mean", layer.buffers["running_mean"]), const("running_var", layer.buffers["running_var"])],
+                [out], epsilon=float(layer.eps)))
+        elif isinstance(layer, LeakyReLU):
+            nodes.append(helper.make_node("LeakyRelu", [h], [out], alpha=float(layer.negative_slope)))
+        elif isinstance(layer, (ReLU, Sigmoid, Tanh)):
+            nodes.append(helper.make_node({ReLU: "Relu", Sigmoid: "Sigmoid", Tanh: "Tanh"}[type(layer)], [h], [out]))
+        else:
+            raise HyperparameterError(f"export_onnx: cannot export {type(layer).__name__}")
+        h = out
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "bnnet", [helper.make_tensor_value_info("x", elem, ["N", model.in_features])],
+                              [helper.make_tensor_value_info("y", elem, ["N", None])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnnet")
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def export_onnx(model, path, fold=False):
+    """Write `model` (eval mode) as an ONNX file at `path`, atomically; see to_onnx. Returns the path."""
+    atomic_write(path, to_onnx(model, fold=fold).SerializeToString())
+    return path
