@@ -114,6 +114,20 @@ class Layer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
+    def __getstate__(self):
+        # Pickle (used by scikit-learn and joblib) keeps what defines the layer, not its
+        # per-step caches and buffers, which are rebuilt by the next forward.
+        state = self.__dict__.copy()
+        state.update(_cache=None, _scratch_arrays={})
+        return state
+
+    def __setstate__(self, state):
+        # Arrays may come back read-only (joblib memory-maps them): training and the
+        # in-place running-statistics update need them writable.
+        for kind in ("params", "grads", "buffers"):
+            state[kind] = {k: v if v.flags.writeable else np.array(v) for k, v in state[kind].items()}
+        self.__dict__.update(state)
+
 
 class BatchNormUntrainedWarning(UserWarning):
     """A BatchNorm layer is used with running statistics that never saw a training batch."""
