@@ -134,7 +134,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
-    ap.add_argument("--only", default="bn,flat,step,memory,startup",
+    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup",
                     help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -261,6 +261,26 @@ def main(argv=None):
                 md.append(fmt_table(["net", "bnnet samples/s", "vs JAX"], rows))
             finally:
                 unset.close()
+
+        # folded BatchNorm for inference
+        if "bnnet" in libs and "fold" in only:
+            rows = []
+            report["fold"] = {}
+            backends = {"numba": ours}
+            if ("bnnet-numpy", cores) in workers:
+                backends["numpy"] = workers[("bnnet-numpy", cores)]
+            for name, net in NETS.items():
+                for bk, w in backends.items():
+                    r = w.ask(task="predict", rows=10000, reps=reps, **net)
+                    u, f = summarize(r["unfolded"]), summarize(r["folded"])
+                    report["fold"][f"{name}/{bk}"] = {"unfolded": u, "folded": f}
+                    rows.append([name, bk, f"{10000 / u['median']:,.0f}", f"{10000 / f['median']:,.0f}",
+                                 f"**{u['median'] / f['median']:.2f}x**"])
+            md.append("\n## Prediction (eval mode, 10,000 rows), samples/s: BatchNorm folded into the Linears\n\n"
+                      "With the numba backend eval-mode BN is already fused into the activation's pass, so folding "
+                      "saves little; with the NumPy backend it removes BN's passes.\n\n")
+            md.append(fmt_table(["net", "backend", "unfolded", "folded (bnnet.fold_batchnorm)", "speed-up"], rows))
+            log(md[-1])
 
         # 4. memory
         if "bnnet" in libs and "memory" in only:

@@ -152,6 +152,18 @@ class Bnnet:
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
 
+    def predict(self, task):
+        """Eval-mode prediction of a trained net, with and without BatchNorm folded into the Linears."""
+        bnnet = self.bnnet
+        sizes, act = task["sizes"], task["activation"]
+        model = bnnet.mlp(sizes, activation=act, seed=0)
+        X, y = make_batches(sizes, 256, k=4)
+        bnnet.fit(model, X, y, epochs=1, batch_size=256, seed=0, progress=False)
+        folded = bnnet.fold_batchnorm(model)
+        Xp = np.random.default_rng(1).random((task["rows"], sizes[0]), dtype=np.float32)
+        return {"unfolded": timed(lambda: model.predict(Xp), task["reps"], 0.5),
+                "folded": timed(lambda: folded.predict(Xp), task["reps"], 0.5)}
+
     def memory(self, task):
         """Peak traced memory of one training step vs what the step must hold."""
         import tracemalloc

@@ -3,6 +3,9 @@
     bnnet train                      # Ioffe & Szegedy's MNIST net (784-100-100-100-10, sigmoid, BN) on the bundled data
     bnnet evaluate runs/<run>        # test loss and accuracy of a saved model
     bnnet predict runs/<run> X.npy   # class labels (or raw outputs) for new inputs
+    bnnet export runs/<run> --onnx model.onnx [--fold]
+    bnnet recompute-stats runs/<run> [--mode batch|exact]
+    bnnet fold runs/<run> folded.safetensors
 
 One training step, top to bottom: cmd_train -> bnnet.fit (train.py) ->
 Sequential.forward/backward (model.py) -> BatchNorm.forward/backward
@@ -154,6 +157,36 @@ def cmd_predict(args):
         np.savetxt(sys.stdout, result if result.ndim > 1 else result[:, None], fmt="%.6g" if args.outputs else "%d")
 
 
+def cmd_export(args):
+    from .export import export_onnx
+
+    model = load(_checkpoint_path(args.checkpoint))
+    export_onnx(model, args.onnx, fold=args.fold)
+    print(f"wrote {args.onnx} ({'folded Gemm' if args.fold else 'Gemm/MatMul + BatchNormalization'} nodes)")
+
+
+def cmd_recompute_stats(args):
+    from .inference import recompute_bn_stats
+
+    path = _checkpoint_path(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    X, _, _, _ = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
+    recompute_bn_stats(ckpt.model, X, batch_size=args.batch_size, mode=args.mode)
+    out = args.out or path
+    save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
+    print(f"recomputed BatchNorm statistics ({args.mode} mode, {len(X)} rows); wrote {out}")
+
+
+def cmd_fold(args):
+    from .inference import fold_batchnorm
+
+    ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
+    folded = fold_batchnorm(ckpt.model)
+    meta = {k: v for k, v in ckpt.metadata.items() if k not in ("fit", "cli")}
+    save(args.out, folded, **meta)
+    print(f"wrote {args.out}: {len(ckpt.model.layers)} layers folded into {len(folded.layers)} (eval only)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,6 +227,26 @@ def build_parser():
     r.add_argument("--out", default=None, help="write predictions to this .npy (default: print them)")
     r.add_argument("--outputs", action="store_true", help="raw model outputs (logits) instead of labels")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a saved model to ONNX")
+    x.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    x.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    x.add_argument("--fold", action="store_true", help="fold each Linear -> BatchNorm pair into one Gemm")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("recompute-stats", help="replace running statistics by population statistics of the data")
+    c.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    c.add_argument("--data", default=None, help="default: the data the model was trained on (its training split)")
+    c.add_argument("--mode", choices=["batch", "exact"], default="batch",
+                   help="batch: Alg. 2 of Ioffe & Szegedy (default); exact: full-data moments")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--out", default=None, help="write here (default: replace the checkpoint, atomically)")
+    c.set_defaults(func=cmd_recompute_stats)
+
+    f = sub.add_parser("fold", help="write an eval-only copy with BatchNorm folded into the Linear layers")
+    f.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    f.add_argument("out", help="the folded checkpoint to write")
+    f.set_defaults(func=cmd_fold)
     return p
 
 

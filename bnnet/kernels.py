@@ -500,3 +500,19 @@ def softmax_cross_entropy(logits, labels, dlogits):
             gi[k] = np.exp(np.float64(zi[k]) - zmax - log_s) / n
         gi[labels[i]] -= 1.0 / n
     return total / n
+
+
+# --------------------------------------------------------------------------
+# Bias + activation after a Linear (no BatchNorm): a = g(z + b), in place
+# --------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def bias_activation(z, b, act, slope):
+    """z <- g(z + b) in place (one pass), with b (D,) in z's dtype: the apply pass with mean 0, scale 1."""
+    d = z.shape[1]
+    t = np.zeros((4, d), z.dtype)
+    for j in range(d):
+        t[SCALE, j] = 1.0
+        t[BETA, j] = b[j]
+    _apply_rows(z, t, act, _constants(z, slope), z, 0, z.shape[0])

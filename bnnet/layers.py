@@ -370,6 +370,9 @@ class ReLU(_Activation):
     def _grad(self, z, a):
         return F.relu_grad(z)
 
+    def _grad_from_output(self, a):
+        return F.relu_grad(a)  # a > 0 exactly where z > 0
+
     kernel_code = (1, 0.0)  # (bnnet.kernels.RELU, slope)
 
 
@@ -385,6 +388,9 @@ class LeakyReLU(_Activation):
 
     def _grad(self, z, a):
         return F.leaky_relu_grad(z, self.negative_slope)
+
+    def _grad_from_output(self, a):
+        return F.leaky_relu_grad(a, self.negative_slope)  # a > 0 exactly where z > 0
 
     @property
     def kernel_code(self):
@@ -403,6 +409,9 @@ class Sigmoid(_Activation):
     def _grad(self, z, a):
         return F.sigmoid_grad_from_output(a)
 
+    def _grad_from_output(self, a):
+        return F.sigmoid_grad_from_output(a)
+
     kernel_code = (3, 0.0)  # bnnet.kernels.SIGMOID
 
 
@@ -413,6 +422,9 @@ class Tanh(_Activation):
         return F.tanh(z)
 
     def _grad(self, z, a):
+        return F.tanh_grad_from_output(a)
+
+    def _grad_from_output(self, a):
         return F.tanh_grad_from_output(a)
 
     kernel_code = (4, 0.0)  # bnnet.kernels.TANH
@@ -437,6 +449,31 @@ class BatchNormActivation:
 
     def _backward(self, dy, input_grad):
         return self.bn._backward(dy, input_grad)
+
+
+class LinearActivation:
+    """A Linear and the activation after it, with the bias add and the activation in one
+    kernel pass over z (numba backend; built by Sequential like BatchNormActivation)."""
+
+    def __init__(self, linear, activation):
+        self.linear, self.activation = linear, activation
+
+    def forward(self, x, train):
+        return self._forward(self.linear._input(x, self.linear.in_features), train)
+
+    def _forward(self, x, train):
+        lin = self.linear
+        lin._cache = x  # (N, in), for dW
+        a = lin._scratch("z", (x.shape[0], lin.out_features), lin.dtype, reuse=self.activation.reuse_buffers)
+        np.matmul(x, lin.params["W"], out=a)
+        b = lin.params["b"] if lin.bias else np.zeros(lin.out_features, lin.dtype)
+        backend.kernels().bias_activation(a, b, *self.activation.kernel_code)  # a = g(x @ W + b), in place
+        self.activation._cache = (None, a)
+        return a
+
+    def _backward(self, dy, input_grad):
+        _, a = self.activation._cached()
+        return self.linear._backward(dy * self.activation._grad_from_output(a), input_grad)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}

@@ -13,7 +13,7 @@ import numpy as np
 from . import backend
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
 from .errors import HyperparameterError, InputError, NonFiniteError
-from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, _Activation
+from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, LinearActivation, _Activation
 
 
 class BiasBeforeBatchNormWarning(UserWarning):
@@ -114,17 +114,20 @@ class Sequential:
         return next((l.in_features for l in self.layers if isinstance(l, Linear)), None)
 
     def _steps(self):
-        """The layers as run: with the numba backend, each BatchNorm followed by an
-        activation becomes one fused step (same parameters, same numbers)."""
+        """The layers as run: with the numba backend, each BatchNorm or Linear followed
+        by an activation becomes one fused step (same parameters, same numbers)."""
         name = backend.get_backend()
         if self._plan[0] != name:
             steps, layers, i = [], self.layers, 0
             for layer in layers:
                 layer.overwrite_input = False
             while i < len(layers):
-                if name == "numba" and isinstance(layers[i], BatchNorm) and i + 1 < len(layers) \
-                        and isinstance(layers[i + 1], _Activation):
+                pair = name == "numba" and i + 1 < len(layers) and isinstance(layers[i + 1], _Activation)
+                if pair and isinstance(layers[i], BatchNorm):
                     steps.append(BatchNormActivation(layers[i], layers[i + 1]))
+                    i += 2
+                elif pair and isinstance(layers[i], Linear):
+                    steps.append(LinearActivation(layers[i], layers[i + 1]))
                     i += 2
                 else:
                     steps.append(layers[i])
@@ -233,7 +236,8 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
 
 
 def _step_name(step):
-    return f"{step.bn.name} + {type(step.activation).__name__}" if hasattr(step, "bn") else step.name
+    first = getattr(step, "bn", None) or getattr(step, "linear", None)
+    return f"{first.name} + {type(step.activation).__name__}" if first is not None else step.name
 
 
 def first_nonfinite(model, x, train):

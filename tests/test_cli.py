@@ -92,3 +92,29 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, message):
 def test_usage_errors_exit_2(tmp_path):
     res = run("train", "--hidden", "a,b")
     assert res.returncode == 2 and "expected comma-separated integers" in res.stderr
+
+
+def test_export_recompute_and_fold(trained_run, tmp_path):
+    import onnxruntime as ort
+
+    out, _ = trained_run
+    _, _, Xt, _ = bnnet.datasets.load_mnist5k()
+    res = run("export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--fold")
+    assert res.returncode == 0, res.stderr
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model = bnnet.load(out / "model.safetensors")
+    np.testing.assert_allclose(session.run(["y"], {"x": Xt[:20]})[0], model.predict(Xt[:20]), rtol=1e-5, atol=1e-5)
+
+    res = run("recompute-stats", str(out), "--mode", "exact", "--out", str(tmp_path / "r.safetensors"))
+    assert res.returncode == 0, res.stderr
+    recomputed = bnnet.load(tmp_path / "r.safetensors")
+    expected = bnnet.recompute_bn_stats(model, bnnet.datasets.load_mnist5k()[0], mode="exact")
+    for k in expected.buffers:
+        np.testing.assert_allclose(recomputed.buffers[k], expected.buffers[k], rtol=1e-6)
+
+    res = run("fold", str(out), str(tmp_path / "f.safetensors"))
+    assert res.returncode == 0, res.stderr
+    folded = bnnet.load(tmp_path / "f.safetensors")
+    assert folded.eval_only and not any(type(l).__name__ == "BatchNorm" for l in folded.layers)
+    np.testing.assert_allclose(folded.predict(Xt[:50]), bnnet.load(out / "model.safetensors").predict(Xt[:50]),
+                               rtol=1e-5, atol=1e-4)
