@@ -10,9 +10,9 @@ Metadata (the safetensors header's "__metadata__", key "bnnet", a JSON string):
     hyperparameters) and the user's own **metadata.
 """
 import json
-import warnings
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np

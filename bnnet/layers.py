@@ -346,19 +346,17 @@ class BatchNorm(Layer):
 
 
 class _Activation(Layer):
-    """Elementwise a = g(z); dz = da * g'(z). Subclasses define _fn, _grad and kernel_code."""
+    """Elementwise a = g(z); dz = da * g'(z), with g' written in terms of the output a
+    (so only a is kept, and the fused kernels can use the same rule).
+    Subclasses define _fn, _grad and kernel_code."""
 
     def _forward(self, z, train):
         a = self._fn(z)
-        self._cache = (z, a)
+        self._cache = a  # (N, D), the shape of both input and output
         return a
 
-    def _cached_input(self):
-        return self._cached()[0]
-
     def _backward(self, dy, input_grad):
-        z, a = self._cached()
-        return dy * self._grad(z, a)
+        return dy * self._grad(self._cached())
 
 
 class ReLU(_Activation):
@@ -367,10 +365,7 @@ class ReLU(_Activation):
     def _fn(self, z):
         return F.relu(z)
 
-    def _grad(self, z, a):
-        return F.relu_grad(z)
-
-    def _grad_from_output(self, a):
+    def _grad(self, a):
         return F.relu_grad(a)  # a > 0 exactly where z > 0
 
     kernel_code = (1, 0.0)  # (bnnet.kernels.RELU, slope)
@@ -386,11 +381,8 @@ class LeakyReLU(_Activation):
     def _fn(self, z):
         return F.leaky_relu(z, self.negative_slope)
 
-    def _grad(self, z, a):
-        return F.leaky_relu_grad(z, self.negative_slope)
-
-    def _grad_from_output(self, a):
-        return F.leaky_relu_grad(a, self.negative_slope)  # a > 0 exactly where z > 0
+    def _grad(self, a):
+        return F.leaky_relu_grad(a, self.negative_slope)  # a > 0 exactly where z > 0 (slope >= 0)
 
     @property
     def kernel_code(self):
@@ -406,10 +398,7 @@ class Sigmoid(_Activation):
     def _fn(self, z):
         return F.sigmoid(z)
 
-    def _grad(self, z, a):
-        return F.sigmoid_grad_from_output(a)
-
-    def _grad_from_output(self, a):
+    def _grad(self, a):
         return F.sigmoid_grad_from_output(a)
 
     kernel_code = (3, 0.0)  # bnnet.kernels.SIGMOID
@@ -421,10 +410,7 @@ class Tanh(_Activation):
     def _fn(self, z):
         return F.tanh(z)
 
-    def _grad(self, z, a):
-        return F.tanh_grad_from_output(a)
-
-    def _grad_from_output(self, a):
+    def _grad(self, a):
         return F.tanh_grad_from_output(a)
 
     kernel_code = (4, 0.0)  # bnnet.kernels.TANH
@@ -468,12 +454,11 @@ class LinearActivation:
         np.matmul(x, lin.params["W"], out=a)
         b = lin.params["b"] if lin.bias else np.zeros(lin.out_features, lin.dtype)
         backend.kernels().bias_activation(a, b, *self.activation.kernel_code)  # a = g(x @ W + b), in place
-        self.activation._cache = (None, a)
+        self.activation._cache = a
         return a
 
     def _backward(self, dy, input_grad):
-        _, a = self.activation._cached()
-        return self.linear._backward(dy * self.activation._grad_from_output(a), input_grad)
+        return self.linear._backward(dy * self.activation._grad(self.activation._cached()), input_grad)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}

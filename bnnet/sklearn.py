@@ -12,6 +12,7 @@ scikit-learn (pip install "bnnet[sklearn]").
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from . import functional as F
@@ -42,8 +43,9 @@ class _BNMLP(BaseEstimator):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"{type(self).__name__}: optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         hidden = [self.hidden_layer_sizes] if np.isscalar(self.hidden_layer_sizes) else list(self.hidden_layer_sizes)
+        # an int is used as the seed itself; None or a RandomState draws one (scikit-learn's convention)
         seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else \
-            np.random.default_rng(None if self.random_state is None else 0).integers(2**31)
+            check_random_state(self.random_state).randint(2**31 - 1)
         init = "he" if self.activation in ("relu", "leaky_relu") else "xavier"
         self.model_ = mlp([X.shape[1], *hidden, n_outputs], activation=self.activation, batchnorm=self.batchnorm,
                           init=init, seed=int(seed), dtype=self.dtype)

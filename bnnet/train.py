@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from ._checks import as_float_array, check_2d, check_finite, check_int
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .losses import get_loss
+from .io import fill_model, load_checkpoint, save
 from .model import first_nonfinite, has_batchnorm
+from .optim import clip_grad_norm as clip_gradients  # fit's own argument is named clip_grad_norm
 from .optim import get_optimizer
 
 
@@ -85,9 +87,6 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         Train loss/accuracy of an epoch are the means over its mini-batches, in
         train mode (as Keras reports them); accuracy entries are None for regression.
     """
-    from .io import fill_model, load_checkpoint, save  # io imports the model; avoid a cycle at import time
-    from .optim import clip_grad_norm as clip
-
     loss_fn = get_loss(loss)
     opt = get_optimizer(optimizer)
     epochs = check_int("fit", "epochs", epochs, low=1)
@@ -155,7 +154,7 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
                                          "clip_grad_norm; the parameters are those before this step")
                 model.backward(loss_fn.backward())
                 if clip_grad_norm is not None:
-                    norm = clip(model, clip_grad_norm)
+                    norm = clip_gradients(model, clip_grad_norm)
                     if not np.isfinite(norm):
                         raise NonFiniteError(f"fit: the gradients hold NaN or Inf at step {state['step'] + 1} "
                                              f"(epoch {epoch}); the parameters are those before this step")
