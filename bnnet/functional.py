@@ -92,6 +92,18 @@ def batch_norm_forward(x, gamma, beta, eps):
         cache (x_hat, inv_std): exactly what `batch_norm_backward` needs.
     """
     mean, var = _moments_wide(x, 0, False)  # (D,), (D,) in float64 for float32 x
+    y, cache = batch_norm_apply(x, gamma, beta, mean, var, eps)
+    return y, mean.astype(x.dtype), var.astype(x.dtype), cache
+
+
+def batch_norm_apply(x, gamma, beta, mean, var, eps):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with given batch statistics.
+
+    The second half of batch_norm_forward, on its own for when the statistics
+    come from elsewhere (a synchronized BatchNorm merges them across processes).
+    mean, var: (D,), float64 for float32 x. Returns y (N, D) and the cache
+    (x_hat, inv_std) for the backward functions.
+    """
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (D,)
     # x - mu in x's dtype, with mu split into a rounded part and its rounding
     # error: x - hi is exact when x is near hi, so a float32 batch with a large
@@ -100,7 +112,31 @@ def batch_norm_forward(x, gamma, beta, eps):
     lo = (mean - hi).astype(x.dtype)
     x_hat = ((x - hi) - lo) * inv_std  # (N, D)
     y = gamma * x_hat + beta  # (N, D)
-    return y, hi, var.astype(x.dtype), (x_hat, inv_std)
+    return y, (x_hat, inv_std)
+
+
+def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Moments of the union of two disjoint sets from each set's (count, mean, M2), M2 = sum((x - mean)^2).
+
+    Chan, Golub & LeVeque's parallel formula:
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = (n_a mean_a + n_b mean_b) / n
+        M2    = M2_a + M2_b + delta^2 n_a n_b / n
+
+    No E[x^2] - E[x]^2 appears, so it is as accurate as the two-pass variance.
+    Written symmetrically: merging (a, b) and (b, a) gives bitwise the same
+    result, which keeps an MPI allreduce identical on every process. Empty sets
+    (n = 0) are allowed. Returns (n, mean, M2).
+    """
+    n = n_a + n_b
+    if n == 0:
+        return n, np.zeros_like(mean_a), np.zeros_like(m2_a)
+    delta = mean_b - mean_a
+    mean = (n_a * mean_a + n_b * mean_b) / n
+    m2 = (m2_a + m2_b) + delta * delta * (n_a * n_b / n)
+    return n, mean, m2
 
 
 def batch_norm_backward(dy, gamma, cache):
@@ -117,12 +153,25 @@ def batch_norm_backward(dy, gamma, cache):
     Returns:
         dx (N, D), dgamma (D,), dbeta (D,).
     """
-    x_hat, inv_std = cache
-    n = dy.shape[0]
-    dbeta = dy.sum(axis=0)
-    dgamma = (dy * x_hat).sum(axis=0)
-    dx = (gamma * inv_std) * (dy - dbeta / n - x_hat * (dgamma / n))
+    dbeta, dgamma = batch_norm_grad_sums(dy, cache)
+    dx = batch_norm_input_grad(dy, gamma, cache, dbeta, dgamma, dy.shape[0])
     return dx, dgamma, dbeta
+
+
+def batch_norm_grad_sums(dy, cache):
+    """sum(dy, axis=0) and sum(dy * x_hat, axis=0): dbeta and dgamma, each (D,)."""
+    x_hat, _ = cache
+    return dy.sum(axis=0), (dy * x_hat).sum(axis=0)
+
+
+def batch_norm_input_grad(dy, gamma, cache, sum_dy, sum_dy_xhat, n):
+    """dx = gamma * inv_std * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)   (N, D).
+
+    n and the two sums are those of the whole batch the statistics came from
+    (in a synchronized BatchNorm, summed over every process's shard).
+    """
+    x_hat, inv_std = cache
+    return (gamma * inv_std) * (dy - sum_dy / n - x_hat * (sum_dy_xhat / n))
 
 
 # --------------------------------------------------------------------------

@@ -344,14 +344,21 @@ def _backward_table(x, mean, inv_std):
 
 
 @njit(inline="always", **_OPTS)
-def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta):
+def _dx_coefficients(sg, sgx, gamma, inv_std, n, train, t):
+    """k, c1, c2 of dx = k (g - c1 - x_hat c2) from the sums over all n rows of the batch."""
     for j in range(sg.shape[0]):
-        dbeta[j] = sg[j]
-        dgamma[j] = sgx[j]
         t[K, j] = np.float64(gamma[j]) * inv_std[j]
         # in eval mode the statistics are constants: dx = k * g
         t[C1, j] = sg[j] / n if train else 0.0
         t[C2, j] = sgx[j] / n if train else 0.0
+
+
+@njit(inline="always", **_OPTS)
+def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta):
+    for j in range(sg.shape[0]):
+        dbeta[j] = sg[j]
+        dgamma[j] = sgx[j]
+    _dx_coefficients(sg, sgx, gamma, inv_std, n, train, t)
 
 
 @njit(**_OPTS)
@@ -385,6 +392,61 @@ def _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dg
     _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
     for c in prange(chunks):
         _dx_rows(da, a, x, t, act, cst, dx, c * rows, min(n, (c + 1) * rows))
+
+
+# --------------------------------------------------------------------------
+# The same passes, split where a synchronized BatchNorm (bnnet.distributed)
+# combines its shard's statistics and sums with the other processes'. Serial
+# only: under MPI every process runs one thread.
+# --------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _moments_serial(x, mean, m2):
+    n, d = x.shape
+    if n == 0:  # an empty shard contributes nothing
+        mean[:] = 0.0
+        m2[:] = 0.0
+        return
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    shift = x[0].astype(np.float64)
+    _accumulate(x, shift, 0, n, s1, s2)
+    for j in range(d):
+        m1 = s1[j] / n
+        mean[j] = shift[j] + m1
+        v = s2[j] - s1[j] * m1  # sum of squared deviations from the mean, from shifted sums
+        m2[j] = 0.0 if v < 0.0 else v
+
+
+@njit(**_OPTS)
+def _grad_sums_serial(da, a, x, mean, inv_std, act, slope, sg, sgx):
+    t = _backward_table(x, mean, inv_std)
+    sg[:] = 0.0
+    sgx[:] = 0.0
+    _grad_sums_rows(da, a, x, t, act, _constants(x, slope), 0, x.shape[0], sg, sgx)
+
+
+@njit(**_OPTS)
+def _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
+    t = _backward_table(x, mean, inv_std)
+    _dx_coefficients(sg, sgx, gamma, inv_std, n_total, True, t)
+    _dx_rows(da, a, x, t, act, _constants(x, slope), dx, 0, x.shape[0])
+
+
+def bn_moments(x, mean, m2):
+    """Per-feature mean and M2 = sum((x - mean)^2) of x (N, D), N >= 0, into float64 (D,) arrays."""
+    _moments_serial(x, mean, m2)
+
+
+def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
+    """sg = sum(g), sgx = sum(g * x_hat) over this shard's rows, g = da * g'(a); float64 (D,) outputs."""
+    _grad_sums_serial(da, a, x, mean, inv_std, act, slope, sg, sgx)
+
+
+def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
+    """dx = gamma inv_std (g - sg/n_total - x_hat sgx/n_total), with sg, sgx summed over the whole batch."""
+    _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, float(n_total), dx)
 
 
 # --------------------------------------------------------------------------

@@ -248,7 +248,7 @@ class BatchNorm(Layer):
             self._warned_untrained = True
             warnings.warn(f"{self.name} normalizes with running statistics that never saw a training batch "
                           "(mean 0, variance 1): train it first, load a checkpoint, or call "
-                          "bnnet.recompute_bn_stats(model, X)", BatchNormUntrainedWarning, stacklevel=4)
+                          "bnnet.recompute_bn_stats(model, X)", BatchNormUntrainedWarning, stacklevel=5)
         if train and x.shape[0] < 2:
             raise InputError(
                 f"{self.name}: a batch of {x.shape[0]} row in train mode has no variance to normalize with; "

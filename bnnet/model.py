@@ -144,14 +144,20 @@ class Sequential:
         check_finite: raise NonFiniteError naming the first layer whose output holds NaN/Inf
             (costs one pass over every activation; fit uses it with check_activations=True).
         """
+        first = self.layers[0]
+        x = first._input(x, getattr(first, "in_features", getattr(first, "num_features", None)))
+        return self._forward_rows(x, train, check_finite)
+
+    def _forward_rows(self, x, train, check_finite=False):
+        """forward() for an input already validated and cast (by fit), which may have 0 rows:
+        in data-parallel training a rank's shard can be empty and must still run its collectives."""
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
         if train and self.eval_only:
             raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
                                       "and has no batch statistics to train with; train the original model")
-        steps = self._steps()
-        for k, step in enumerate(steps):
-            x = step.forward(x, train) if k == 0 else step._forward(x, train)  # the first validates the input
+        for step in self._steps():
+            x = step._forward(x, train)
             if check_finite and not np.isfinite(x).all():
                 raise NonFiniteError(f"{_step_name(step)} produced NaN or Inf")
         self._out_shape = x.shape
@@ -187,7 +193,8 @@ class Sequential:
 
     def config(self):
         """[{"type": "Linear", "in_features": ...}, ...]: enough to rebuild the model."""
-        return [{"type": type(l).__name__, **l.config()} for l in self.layers]
+        # A layer may be saved as the class it trains like (SyncBatchNorm loads as BatchNorm).
+        return [{"type": getattr(l, "saved_as", type(l).__name__), **l.config()} for l in self.layers]
 
     def __len__(self):
         return len(self.layers)

@@ -18,6 +18,7 @@ from ._checks import as_float_array, check_2d, check_finite, check_int
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .losses import get_loss
 from .io import fill_model, load_checkpoint, save
+from .distributed import DataParallel, is_root
 from .model import first_nonfinite, has_batchnorm
 from .optim import clip_grad_norm as clip_gradients  # fit's own argument is named clip_grad_norm
 from .optim import get_optimizer
@@ -57,7 +58,7 @@ def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
 
 def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
         validation_data=None, progress=True, clip_grad_norm=None, check_activations=False,
-        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None):
+        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None, comm=None):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
     Args:
@@ -82,6 +83,12 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
             step/epoch counters, and continues. The run then ends exactly (bitwise) where an
             uninterrupted run with the same arguments ends.
         checkpoint_metadata: extra JSON-serializable metadata stored in each checkpoint.
+        comm: a bnnet.distributed.Communicator for data-parallel training (run one process per
+            rank under mpiexec, each calling fit with the same arguments and data). batch_size
+            is then the global batch, split into one shard per rank; rank 0's parameters and
+            seed are used everywhere; only rank 0 writes checkpoints and shows progress. Use
+            bnnet.distributed.sync_batchnorm(model, comm) first for synchronized BatchNorm
+            (the same steps as one process); plain BatchNorm layers normalize each shard alone.
     Returns:
         {"epoch": [1, ...], "loss": [...], "accuracy": [...], "val_loss": [...], "val_accuracy": [...]}.
         Train loss/accuracy of an epoch are the means over its mini-batches, in
@@ -107,6 +114,10 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         warnings.warn(f"fit: {len(X)} rows with batch_size={batch_size} leave a last mini-batch of one row, "
                       "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=2)
 
+    dp = None
+    if comm is not None and comm.size > 1:
+        dp = DataParallel(model, comm)
+        seed = dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
     rng = np.random.default_rng(seed)
     # Where training stands: enough to continue exactly after a crash (saved in checkpoints).
     state = {"epoch": 1, "batch": 0, "step": 0, "rng": rng.bit_generator.state, "partial": [0.0, 0.0, 0],
@@ -129,11 +140,13 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     history = state["history"]
 
     def write_checkpoint():
+        if dp is not None and dp.rank != 0:
+            return
         path = str(checkpoint).format(step=state["step"])
         save(path, model, opt, **(checkpoint_metadata or {}), loss=loss_fn.name, fit=state)
 
     steps_per_epoch = len(minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn))
-    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], disable=not progress, unit="step",
+    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], disable=not progress or not is_root(comm), unit="step",
                dynamic_ncols=True)
     X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here
     try:
@@ -144,15 +157,32 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
             total_loss, total_correct, seen = state["partial"]
             for b in range(state["batch"], len(batches)):
                 idx = batches[b]
+                n_batch = len(idx)
+                if dp is not None:
+                    idx = dp.shard(idx)  # this rank's rows of the global mini-batch
                 X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
-                logits = model.forward(X_t, train=True, check_finite=check_activations)
-                batch_loss = loss_fn.forward(logits, y_t)
+                logits = model._forward_rows(X_t, train=True, check_finite=check_activations)
+                if len(idx):
+                    batch_loss = loss_fn.forward(logits, y_t)
+                    acc = loss_fn.accuracy(logits, y_t)
+                    dlogits = loss_fn.backward()
+                else:  # an empty shard still takes part in every collective
+                    batch_loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
+                if dp is not None:
+                    # Each rank's share of the global mean loss: its gradients then add up across ranks.
+                    dlogits = dlogits * (len(idx) / n_batch)
+                    model.backward(dlogits)
+                    batch_loss, acc = dp.allreduce(batch_loss * len(idx), (acc or 0.0) * len(idx), len(idx), n_batch)
+                    acc = acc if loss_fn.has_accuracy else None
                 if not np.isfinite(batch_loss):
-                    where = first_nonfinite(model, X_t, train=True) or "the loss"
+                    # (one rank alone cannot rerun a synchronized forward to find the layer)
+                    where = first_nonfinite(model, X_t, train=True) if dp is None else None
+                    where = where or "the loss"
                     raise NonFiniteError(f"fit: the loss is {batch_loss} at step {state['step'] + 1} (epoch {epoch}); "
                                          f"NaN/Inf first appears in {where}. Lower the learning rate or set "
                                          "clip_grad_norm; the parameters are those before this step")
-                model.backward(loss_fn.backward())
+                if dp is None:
+                    model.backward(dlogits)
                 if clip_grad_norm is not None:
                     norm = clip_gradients(model, clip_grad_norm)
                     if not np.isfinite(norm):
@@ -160,10 +190,9 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
                                              f"(epoch {epoch}); the parameters are those before this step")
                 opt.step(model)
 
-                acc = loss_fn.accuracy(logits, y_t)
-                total_loss += batch_loss * len(idx)
-                total_correct += (acc or 0.0) * len(idx)
-                seen += len(idx)
+                total_loss += batch_loss * n_batch
+                total_correct += (acc or 0.0) * n_batch
+                seen += n_batch
                 state.update(batch=b + 1, step=state["step"] + 1, partial=[total_loss, total_correct, seen])
                 bar.update(1)
                 if bar.n % 10 == 0 or bar.n == bar.total:

@@ -1,0 +1,385 @@
+"""Data-parallel training over MPI, with Batch Norm synchronized across processes.
+
+Launch K processes (ranks) with the virtual environment's own mpiexec:
+
+    mpiexec -n 4 bnnet train --distributed            # or, in Python:
+
+    comm = bnnet.distributed.Communicator()           # MPI.COMM_WORLD
+    model = bnnet.distributed.sync_batchnorm(bnnet.mlp(...), comm)
+    bnnet.fit(model, X, y, batch_size=60, seed=0, comm=comm)
+
+Every rank loads the same data and draws the same shuffled order from one
+seed; global mini-batch t (batch_size rows) is cut into K contiguous shards,
+one per rank (sizes differ by at most one row; a shard may be empty). So the
+ranks together compute the same step as one process with the whole batch:
+
+    forward   each SyncBatchNorm merges every shard's (count, mean, M2) with
+              Chan's formula in one allreduce of a packed (2D + 1) buffer, then
+              normalizes its shard with the global mean and variance;
+    loss      each rank scales its loss gradient by n_rank / batch_size, so that
+              the gradients it computes are its share of the global mean loss;
+    backward  each SyncBatchNorm all-reduces sum(dy) and sum(dy * x_hat) (2D
+              numbers) to form dx with the global sums;
+    update    all parameter gradients (and the loss) are summed with one
+              allreduce of one flat buffer; every rank applies the same update.
+
+Parameters and running statistics are broadcast from rank 0 at the start and
+stay identical on every rank. Rank 0 alone writes checkpoints and shows the
+progress bar. With plain BatchNorm layers (no sync_batchnorm) each rank
+normalizes with its own shard's statistics ("local" BN, as DDP without
+SyncBatchNorm); their running statistics are then averaged across ranks (weighted
+by shard size) at every step, in the same allreduce as the gradients.
+
+mpi4py is imported only when a Communicator is made: the rest of bnnet works
+without MPI installed. `SingleProcess` is the one-rank stand-in.
+"""
+import contextlib
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .errors import BnnetError, InputError
+from .layers import BatchNorm
+
+
+class Communicator:
+    """The MPI operations bnnet needs, over an mpi4py communicator (default MPI.COMM_WORLD).
+
+    Attributes:
+        rank, size: this process's index and the number of processes.
+        stats: {"calls", "bytes", "seconds"} spent in collectives since the last
+            reset_stats() (bytes: the buffer sizes handed to MPI by this rank).
+    """
+
+    def __init__(self, comm=None):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise BnnetError("bnnet.distributed needs mpi4py and an MPI library: pip install 'bnnet[mpi]', "
+                             "then launch with that environment's mpiexec") from None
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._merge_op = _moments_op(MPI)
+        self.reset_stats()
+
+    def reset_stats(self):
+        self.stats = {"calls": 0, "bytes": 0, "seconds": 0.0}
+
+    def _timed(self, nbytes, fn, *args, **kwargs):
+        t = time.perf_counter()
+        fn(*args, **kwargs)
+        self.stats["seconds"] += time.perf_counter() - t
+        self.stats["calls"] += 1
+        self.stats["bytes"] += nbytes
+
+    def allreduce_sum(self, buf):
+        """buf <- sum of buf over all ranks, in place (a contiguous float array)."""
+        self._timed(buf.nbytes, self.comm.Allreduce, self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def merge_moments(self, buf):
+        """buf = [count, mean (D), M2 (D)] float64 <- the same for the union of every rank's rows, in place."""
+        self._timed(buf.nbytes, self.comm.Allreduce, self._MPI.IN_PLACE, buf, op=self._merge_op)
+
+    def broadcast(self, buf, root=0):
+        """buf <- root's buf, in place."""
+        self._timed(buf.nbytes, self.comm.Bcast, buf, root=root)
+
+    def broadcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def abort(self, code=1):
+        """End every rank of the job now (MPI_Abort): no rank is left waiting in a collective."""
+        self.comm.Abort(code)
+
+
+class SingleProcess:
+    """A communicator of one rank: every collective leaves its buffer as it is."""
+
+    rank, size = 0, 1
+
+    def __init__(self):
+        self.stats = {"calls": 0, "bytes": 0, "seconds": 0.0}
+
+    def reset_stats(self):
+        self.stats = {"calls": 0, "bytes": 0, "seconds": 0.0}
+
+    def allreduce_sum(self, buf):
+        pass
+
+    merge_moments = broadcast = allreduce_sum
+
+    def broadcast_object(self, obj, root=0):
+        return obj
+
+    def abort(self, code=1):
+        sys.exit(code)
+
+
+_MOMENTS_OP = None
+
+
+def _moments_op(MPI):
+    """The MPI reduction that merges packed [count, mean, M2] buffers (Chan's formula)."""
+    global _MOMENTS_OP
+    if _MOMENTS_OP is None:
+        def merge(inbuf, inoutbuf, datatype):
+            a = np.frombuffer(inbuf, dtype=np.float64)
+            b = np.frombuffer(inoutbuf, dtype=np.float64)
+            d = (a.size - 1) // 2
+            n, mean, m2 = F.merge_moments(a[0], a[1:d + 1], a[d + 1:], b[0], b[1:d + 1], b[d + 1:])
+            b[0], b[1:d + 1], b[d + 1:] = n, mean, m2
+
+        # commute=True is honest: merge_moments is bitwise symmetric in its two arguments.
+        _MOMENTS_OP = MPI.Op.Create(merge, commute=True)
+    return _MOMENTS_OP
+
+
+def limit_threads():
+    """One thread per process for numba and the BLAS (under MPI the ranks already fill the cores)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(1)
+    if backend.fast():
+        import numba
+
+        numba.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm):
+    """Run a block; if it raises on any rank, print that rank's error and abort the whole job.
+
+    Without it, a rank that fails leaves the others waiting forever in the next
+    collective. KeyboardInterrupt and SystemExit abort too (with their exit code).
+    """
+    try:
+        yield
+    except SystemExit as e:
+        if e.code not in (None, 0) and comm.size > 1:
+            sys.stderr.flush()
+            comm.abort(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException as e:
+        if comm.size == 1:
+            raise
+        detail = str(e) if isinstance(e, BnnetError) else traceback.format_exc()
+        print(f"bnnet: rank {comm.rank} of {comm.size} failed: {type(e).__name__}: {detail}".rstrip(),
+              file=sys.stderr, flush=True)
+        comm.abort(1)
+
+
+# --------------------------------------------------------------------------
+# Synchronized Batch Norm
+# --------------------------------------------------------------------------
+
+
+class SyncBatchNorm(BatchNorm):
+    """BatchNorm whose train-mode statistics are those of the global batch, split across ranks.
+
+    Same arguments, parameters, buffers and eval behaviour as BatchNorm, plus
+    `comm` (a Communicator). In train mode (not frozen) each forward makes one
+    `merge_moments` allreduce ((2D + 1) float64) and each backward one sum
+    allreduce (2D float64). A rank's shard may have any number of rows, 0
+    included, as long as the global batch has at least 2. dgamma and dbeta are
+    left as this shard's contributions: the gradient allreduce of the training
+    step sums them over the ranks like every other gradient.
+
+    Every rank must call forward and backward in the same order (they are
+    collective operations). Saved checkpoints record a plain BatchNorm.
+    """
+
+    saved_as = "BatchNorm"
+
+    def __init__(self, num_features, comm, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.comm = comm
+
+    @classmethod
+    def from_batchnorm(cls, bn, comm):
+        """A SyncBatchNorm sharing bn's parameter and buffer arrays."""
+        sync = cls(bn.num_features, comm, **bn.config())
+        sync.params, sync.buffers = bn.params, bn.buffers
+        return sync
+
+    def _effective_train(self, x, train):
+        if train and not self.frozen:
+            return True  # the global batch size is checked after the merge
+        return super()._effective_train(x, train)
+
+    def _global_moments(self, x):
+        """(n, mean, biased var) of the global batch; mean, var float64 (D,)."""
+        d = self.num_features
+        buf = self._scratch("moments", (2 * d + 1,), np.float64, reuse=True)
+        buf[0] = x.shape[0]
+        if backend.fast():
+            backend.kernels().bn_moments(x, buf[1:d + 1], buf[d + 1:])
+        elif x.shape[0]:
+            mean, var = F._moments_wide(x, 0, False)
+            buf[1:d + 1], buf[d + 1:] = mean, var * x.shape[0]
+        else:
+            buf[1:] = 0.0
+        self.comm.merge_moments(buf)
+        n = int(buf[0])
+        if n < 2:
+            raise InputError(f"{self.name}: the global batch over {self.comm.size} ranks has {n} row(s) in train "
+                             "mode; BatchNorm needs at least 2 (use a larger batch_size)")
+        return n, buf[1:d + 1], buf[d + 1:] / n
+
+    def _forward(self, x, train):
+        train = self._effective_train(x, train)
+        if backend.fast() or not train:
+            return super()._forward(x, train)
+        n, mean, var = self._global_moments(x)
+        y, cache = F.batch_norm_apply(x, self.params["gamma"], self.params["beta"], mean, var, self.eps)
+        self.batch_stats = (mean, var)
+        self._update_running(mean, var, n)
+        self._cache = ("sync", x, cache, n)
+        return y
+
+    def _forward_fused(self, x, train, activation=None, reuse=None):
+        if not train:
+            return super()._forward_fused(x, train, activation, reuse)
+        n, mean, var = self._global_moments(x)
+        self._update_running(mean, var, n)
+        stats = self._scratch("stats", (3, self.num_features), np.float64, reuse=True)
+        stats[0], stats[1] = mean, var
+        kernels = backend.kernels()
+        act, slope = (kernels.IDENTITY, 0.0) if activation is None else activation.kernel_code
+        out = self._scratch("y", x.shape, x.dtype, reuse)
+        # The apply pass with the global statistics given as the "running" ones (train=False).
+        kernels.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, False,
+                           stats[0], stats[1], 1.0, 1.0, out, stats[0], stats[1], stats[2])
+        self.batch_stats = (stats[0], stats[1])
+        self._cache = ("sync-fused", x, out, n, act, slope)
+        return out
+
+    def _backward(self, dy, input_grad):
+        mode, x, *rest = self._cached()
+        if mode not in ("sync", "sync-fused"):
+            return super()._backward(dy, input_grad)
+        gamma = self.params["gamma"]
+        dgamma, dbeta = self._grad("gamma"), self._grad("beta")
+        sums = self._scratch("sums", (2, self.num_features), np.float64, reuse=True)  # sum(g), sum(g x_hat)
+        if mode == "sync":
+            cache, n = rest
+            sums[0], sums[1] = F.batch_norm_grad_sums(dy, cache)
+        else:
+            out, n, act, slope = rest
+            mean, _, inv_std = self._scratch_arrays["stats"]
+            backend.kernels().bn_grad_sums(dy, out, x, mean, inv_std, act, slope, sums[0], sums[1])
+        dbeta[...], dgamma[...] = sums  # this shard's part; the step's gradient allreduce adds the rest
+        if not input_grad:
+            return None
+        self.comm.allreduce_sum(sums)
+        if mode == "sync":
+            return F.batch_norm_input_grad(dy, gamma, cache, sums[0], sums[1], n)
+        dx = x if self.overwrite_input else self._scratch("dx", x.shape, x.dtype)  # dx may overwrite x, as in BatchNorm
+        backend.kernels().bn_grad_dx(dy, out, x, mean, inv_std, gamma, act, slope, sums[0], sums[1], n, dx)
+        if self.overwrite_input:
+            self._cache = None
+        return dx
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["comm"] = None  # a communicator does not survive pickling; set .comm again after loading
+        return state
+
+
+def sync_batchnorm(model, comm):
+    """A Sequential like `model` with every BatchNorm replaced by a SyncBatchNorm over `comm`.
+
+    The new layers share the old ones' parameter and buffer arrays (as PyTorch's
+    SyncBatchNorm.convert_sync_batchnorm does, the model is converted, not copied).
+    """
+    from .model import Sequential
+
+    layers = [SyncBatchNorm.from_batchnorm(l, comm) if type(l) is BatchNorm else l for l in model.layers]
+    return Sequential(*layers)
+
+
+# --------------------------------------------------------------------------
+# What fit does differently when it runs on K ranks
+# --------------------------------------------------------------------------
+
+
+class DataParallel:
+    """The per-step collective work of data-parallel training, for `bnnet.fit(..., comm=comm)`.
+
+    Gradients live in one flat buffer: each layer's grads[k] is made a view into
+    it, so the gradient allreduce copies nothing. Its tail holds the extras
+    summed in the same call: the loss and correct-prediction sums, and the
+    running statistics of unsynchronized BatchNorm layers.
+    """
+
+    def __init__(self, model, comm):
+        self.model, self.comm = model, comm
+        self.rank, self.size = comm.rank, comm.size
+        self.local_bn = [l for l in model.layers if type(l) is BatchNorm]  # not synchronized
+        params = model.named_parameters()
+        n_grads = sum(p.size for _, p, _ in params)
+        n_stats = sum(2 * l.num_features for l in self.local_bn)
+        self.flat = np.zeros(n_grads + 2 + n_stats, model.dtype)
+        self.views, offset = [], 0
+        for name, p, _ in params:
+            layer, key = model.layers[int(name.split(".")[0])], name.split(".", 1)[1]
+            view = self.flat[offset:offset + p.size].reshape(p.shape)
+            layer.grads[key] = view  # layers write their gradients here (Layer._grad keeps it)
+            self.views.append((layer, key, view))
+            offset += p.size
+        self._extra = offset
+
+    def start(self, seed):
+        """Copy rank 0's parameters and buffers to every rank; return rank 0's seed (drawn there if None)."""
+        for arr in list(self.model.params.values()) + list(self.model.buffers.values()):
+            self.comm.broadcast(arr)
+        if seed is None and self.rank == 0:
+            seed = int(np.random.SeedSequence().entropy % (1 << 63))
+        return self.comm.broadcast_object(seed)
+
+    def shard(self, idx):
+        """This rank's rows of a global mini-batch: contiguous, sizes differ by at most one."""
+        return np.array_split(idx, self.size)[self.rank]
+
+    def allreduce(self, loss_sum, correct_sum, n_rank, n_global):
+        """Sum gradients, loss and correct counts over the ranks, in one allreduce.
+
+        Returns (global mean loss, global accuracy). Running statistics of local
+        BatchNorm layers are replaced by their shard-size-weighted average.
+        """
+        for layer, key, view in self.views:  # a layer that replaced its grads array: copy it in
+            if layer.grads.get(key) is not view:
+                view[...] = layer.grads.get(key, 0)
+                layer.grads[key] = view
+        e = self._extra
+        self.flat[e:e + 2] = loss_sum, correct_sum
+        o, w = e + 2, n_rank / n_global
+        for bn in self.local_bn:
+            for key in ("running_mean", "running_var"):
+                self.flat[o:o + bn.num_features] = bn.buffers[key] * w
+                o += bn.num_features
+        self.comm.allreduce_sum(self.flat)
+        o = e + 2
+        for bn in self.local_bn:
+            for key in ("running_mean", "running_var"):
+                bn.buffers[key][...] = self.flat[o:o + bn.num_features]
+                o += bn.num_features
+        return float(self.flat[e]) / n_global, float(self.flat[e + 1]) / n_global
+
+
+def is_root(comm):
+    return comm is None or comm.rank == 0
+
+
+def mpi_env_hint():
+    """Where the MPI launcher of this environment is (the one that matches its mpi4py)."""
+    return os.path.join(os.path.dirname(sys.executable), "mpiexec")
