@@ -6,6 +6,7 @@
     bnnet export runs/<run> --onnx model.onnx [--fold]
     bnnet recompute-stats runs/<run> [--mode batch|exact]
     bnnet fold runs/<run> folded.safetensors
+    mpiexec -n 4 bnnet train --distributed   # data-parallel over 4 MPI ranks, BatchNorm synchronized
 
 One training step, top to bottom: cmd_train -> bnnet.fit (train.py) ->
 Sequential.forward/backward (model.py) -> BatchNorm.forward/backward
@@ -77,7 +78,7 @@ def _write_history(folder, history):
 
 
 TRAIN_SETTINGS = ("hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay", "epochs",
-                  "batch_size", "seed", "data", "dtype", "clip_grad_norm")
+                  "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn")
 
 
 def _resume_settings(args):
@@ -87,29 +88,51 @@ def _resume_settings(args):
     if saved is None:
         raise BnnetError(f"{ckpt_path}: not written by `bnnet train`, so it has no settings to resume with")
     for key in TRAIN_SETTINGS:
-        setattr(args, key, saved[key])
+        setattr(args, key, saved.get(key, False))  # runs saved before a setting existed had it off
     args.out = args.out or (args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume))
     return ckpt_path
 
 
 def cmd_train(args):
+    if args.local_bn and not args.distributed:
+        raise BnnetError("--local-bn only applies with --distributed (one process always uses its whole batch)")
+    if not args.distributed:
+        return _train(args, None)
+    from . import distributed
+
+    comm = distributed.Communicator()
+    distributed.limit_threads()  # the ranks already fill the cores
+    with distributed.abort_on_error(comm):  # a failure on one rank ends every rank, with its message
+        _train(args, comm)
+
+
+def _train(args, comm):
+    root = comm is None or comm.rank == 0  # only rank 0 prints and writes files
     resume = _resume_settings(args) if args.resume else None
     X, y, Xt, yt = datasets.load(args.data)
     init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
     sizes = [X.shape[1], *args.hidden, int(max(y.max(), yt.max())) + 1]
     model = mlp(sizes, activation=args.activation, batchnorm=not args.no_batchnorm, init=init,
                 seed=args.seed, dtype=args.dtype)
+    if comm is not None and not args.local_bn:
+        from .distributed import sync_batchnorm
+
+        model = sync_batchnorm(model, comm)
     lr = args.lr if args.lr is not None else TRAIN_LR[args.optimizer]
     steps = args.epochs * -(-len(X) // args.batch_size)
     # Exponential decay that reaches lr * lr_decay at the last step (lr_decay = 1: constant).
     schedule = optim.ExponentialDecay(args.lr_decay, steps) if args.lr_decay != 1 else None
     opt = optim.OPTIMIZERS[args.optimizer](lr, schedule=schedule)
-    out = args.out or _new_run_dir()
-    os.makedirs(out, exist_ok=True)
-    if not args.quiet:
+    out = args.out or (_new_run_dir() if root else None)
+    if comm is not None:
+        out = comm.broadcast_object(out)
+    if root:
+        os.makedirs(out, exist_ok=True)
+    if not args.quiet and root:
+        where = "" if comm is None else f" on {comm.size} ranks ({'local' if args.local_bn else 'synchronized'} BN)"
         print(f"bnnet: {'resuming' if resume else 'training'} {'-'.join(map(str, sizes))} {args.activation}"
               f"{'' if args.no_batchnorm else ' + BatchNorm'} with {opt!r} on {args.data} "
-              f"({len(X)} train / {len(Xt)} test rows)", file=sys.stderr)
+              f"({len(X)} train / {len(Xt)} test rows){where}", file=sys.stderr)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
     # The checkpoint in the run folder is rewritten every --checkpoint-every steps and at the end.
@@ -117,8 +140,10 @@ def cmd_train(args):
                   batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet,
                   clip_grad_norm=args.clip_grad_norm, checkpoint=os.path.join(out, CHECKPOINT_NAME),
                   checkpoint_every=args.checkpoint_every, resume=resume,
-                  checkpoint_metadata={"cli": settings, "data": args.data})
+                  checkpoint_metadata={"cli": settings, "data": args.data}, comm=comm)
     seconds = time.perf_counter() - start
+    if not root:
+        return
     test = evaluate(model, Xt, yt, "softmax_cross_entropy")
     _write_history(out, history)
     summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds,
@@ -213,6 +238,12 @@ def build_parser():
                    help="also write the run's checkpoint every N steps (atomically), for --resume")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint, with its own settings")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs bnnet[mpi]): "
+                        "each rank takes batch-size/K rows of every mini-batch")
+    t.add_argument("--local-bn", action="store_true",
+                   help="with --distributed: each rank normalizes with its own shard's statistics "
+                        "(default: statistics synchronized over the whole mini-batch)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a saved model")

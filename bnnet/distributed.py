@@ -207,7 +207,7 @@ class SyncBatchNorm(BatchNorm):
     @classmethod
     def from_batchnorm(cls, bn, comm):
         """A SyncBatchNorm sharing bn's parameter and buffer arrays."""
-        sync = cls(bn.num_features, comm, **bn.config())
+        sync = cls(comm=comm, **bn.config())
         sync.params, sync.buffers = bn.params, bn.buffers
         return sync
 

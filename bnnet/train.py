@@ -118,6 +118,11 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     if comm is not None and comm.size > 1:
         dp = DataParallel(model, comm)
         seed = dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
+        smallest = min(batch_size, len(X) % batch_size or batch_size) // comm.size
+        if dp.local_bn and smallest < 2:
+            raise InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
+                             f">= 2 rows; batch_size={batch_size} over {comm.size} ranks gives shards of {smallest}. "
+                             "Use bnnet.distributed.sync_batchnorm(model, comm) or a larger batch_size")
     rng = np.random.default_rng(seed)
     # Where training stands: enough to continue exactly after a crash (saved in checkpoints).
     state = {"epoch": 1, "batch": 0, "step": 0, "rng": rng.bit_generator.state, "partial": [0.0, 0.0, 0],

@@ -1,0 +1,255 @@
+"""Data-parallel training and SyncBatchNorm: K MPI ranks against one process.
+
+The MPI runs launch tests/mpi_worker.py with this environment's own mpiexec
+(from the `mpich` wheel of the [mpi] extra), one thread per rank.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import bnnet
+from bnnet import backend, distributed
+from bnnet import functional as F
+
+import mpi_cases
+from helpers import check_layer_gradients, rel_error
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+WORKER = os.path.join(os.path.dirname(__file__), "mpi_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "NUMBA_NUM_THREADS": "1"}
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def mpirun(k, *args, timeout=300):
+    return subprocess.run([MPIEXEC, "-n", str(k), sys.executable, WORKER, *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _warm_kernels():
+    # Compile (and cache on disk) the kernels the ranks use, once, before K processes would each compile them.
+    bn = distributed.SyncBatchNorm(3, distributed.SingleProcess(), dtype="float64")
+    step = bnnet.layers.BatchNormActivation(bn, bnnet.layers.Sigmoid())
+    for dtype in ("float64", "float32"):
+        bn.dtype = dtype
+        bn.params = {k: v.astype(dtype) for k, v in bn.params.items()}
+        bn.buffers = {k: v.astype(dtype) if v.ndim else v for k, v in bn.buffers.items()}
+        x = np.random.default_rng(0).normal(size=(4, 3)).astype(dtype)
+        step._forward(x, True)
+        step._backward(x.copy(), True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{K: folder of the ranks' .npz files} for K = 2 and 4."""
+    _warm_kernels()
+    out = {}
+    for k in (2, 4):
+        folder = tmp_path_factory.mktemp(f"mpi{k}")
+        proc = mpirun(k, str(folder))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[k] = folder
+    return out
+
+
+def _rank_files(folder, name, k):
+    return [dict(np.load(os.path.join(folder, f"{name}-rank{r}.npz"))) for r in range(k)]
+
+
+def _reference_fit(case):
+    with backend.using(case["backend"]):
+        model, X, y, kwargs = mpi_cases.fit_setup(case, seed_model=100)  # rank 0's weights
+        hist = bnnet.fit(model, X, y, **kwargs)
+    return model, hist
+
+
+def _close(a, b, tol):
+    scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
+    return float(np.abs(np.asarray(a, np.float64) - b).max(initial=0.0)) <= tol * scale
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("case", [c for c in mpi_cases.FIT_CASES if c["sync"]], ids=lambda c: c["name"])
+def test_fit_on_k_ranks_equals_one_process(runs, case, k):
+    """Parameters, running statistics and the loss history after 2 epochs (8-14 steps, with uneven
+    and, for K=4, empty shards) equal those of one process with the same global batch."""
+    model, hist = _reference_fit(case)
+    ranks = _rank_files(runs[k], case["name"], k)
+    tol = TOL[case["dtype"]]
+    for r, got in enumerate(ranks):
+        for key, ref in model.params.items():
+            assert _close(got[f"params/{key}"], ref, tol), (r, key, np.abs(got[f"params/{key}"] - ref).max())
+        for key, ref in model.buffers.items():
+            assert _close(got[f"buffers/{key}"], ref, tol), (r, key)
+        assert _close(got["loss"], np.array(hist["loss"]), tol), (got["loss"], hist["loss"])
+        assert _close(got["accuracy"], np.array(hist["accuracy"]), tol)
+    for got in ranks[1:]:  # and every rank holds bitwise the same model
+        for key in got:
+            if key.startswith(("params/", "buffers/")):
+                np.testing.assert_array_equal(got[key], ranks[0][key])
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_communication_volume(runs, k):
+    """One moments allreduce per BN layer forward, one sums allreduce per BN backward, one gradient
+    allreduce per step (plus the start-up broadcasts): counted by the Communicator."""
+    case = mpi_cases.FIT_CASES[0]
+    got = _rank_files(runs[k], case["name"], k)[0]
+    model, X, y, kwargs = mpi_cases.fit_setup(case)
+    steps = 2 * -(-len(X) // kwargs["batch_size"])
+    bns = [l for l in model.layers if isinstance(l, bnnet.layers.BatchNorm)]
+    n_params = sum(p.size for p in model.params.values())
+    broadcasts = len(model.params) + len(model.buffers)
+    assert int(got["comm_calls"]) == broadcasts + steps * (2 * len(bns) + 1)
+    per_step = sum((2 * b.num_features + 1) * 8 + 2 * b.num_features * 8 for b in bns) + (n_params + 2) * 8
+    start = sum(p.nbytes for p in model.params.values()) + sum(b.nbytes for b in model.buffers.values())
+    assert int(got["comm_bytes"]) == start + steps * per_step
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_local_batchnorm_keeps_ranks_identical(runs, k):
+    """Unsynchronized BN: each shard is normalized alone (so the run differs from one process), yet the
+    parameters and the averaged running statistics stay identical on every rank."""
+    case = next(c for c in mpi_cases.FIT_CASES if not c["sync"])
+    ranks = _rank_files(runs[k], case["name"], k)
+    for got in ranks[1:]:
+        for key in got:
+            np.testing.assert_array_equal(got[key], ranks[0][key])
+    model, hist = _reference_fit(case)
+    assert np.isfinite(ranks[0]["loss"]).all()
+    assert not _close(ranks[0]["params/0.W"], model.params["0.W"], 1e-6)
+
+
+def _reference_layer(case):
+    x, dy, gamma, beta = mpi_cases.layer_data(case)
+    with backend.using("numpy"):
+        bn = bnnet.layers.BatchNorm(x.shape[1], dtype="float64")
+        bn.params["gamma"][...], bn.params["beta"][...] = gamma, beta
+        act = bnnet.layers.Sigmoid()
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        y = act.forward(bn.forward(x64, True), True)
+        dx = bn.backward(act.backward(dy64))
+    return y, dx, np.stack([bn.grads["gamma"], bn.grads["beta"]]), bn.buffers
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_sync_batchnorm_layer_equals_batchnorm_on_the_whole_batch(runs, k):
+    """Forward output, dx, dgamma, dbeta and running statistics of each rank's shard (7+5, 12+0,
+    7+5+0+3, 0+1+1+0 rows) equal BatchNorm + sigmoid on the concatenated batch (float64 reference)."""
+    for case in mpi_cases.layer_cases(k):
+        y, dx, grads, buffers = _reference_layer(case)
+        tol = TOL[case["dtype"]]
+        for r, got in enumerate(_rank_files(runs[k], case["name"], k)):
+            lo, hi = mpi_cases.shard_bounds(case["shards"], r)
+            assert got["y"].shape == (hi - lo, 6)
+            assert _close(got["y"], y[lo:hi], tol), (case["name"], r)
+            assert _close(got["dx"], dx[lo:hi], tol), (case["name"], r)
+            assert _close(got["grads"], grads, tol), (case["name"], r)
+            assert _close(got["running_mean"], buffers["running_mean"], tol)
+            assert _close(got["running_var"], buffers["running_var"], tol)
+
+
+def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
+    """Rank 1 raises at its third step while rank 0 waits in a collective: the whole job ends fast."""
+    _warm_kernels()
+    start = time.monotonic()
+    proc = mpirun(2, str(tmp_path), "fault", timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 1 of 2 failed" in proc.stderr and "injected failure on purpose at step 3" in proc.stderr, proc.stderr
+    assert elapsed < 10, elapsed
+
+
+def test_cli_distributed_trains_the_same_model(tmp_path):
+    """mpiexec -n 2 bnnet train --distributed gives the model `bnnet train` gives (float32)."""
+    bnnet_cmd = [sys.executable, "-m", "bnnet", "train", "--epochs", "1", "--quiet", "--hidden", "32,32"]
+    single = subprocess.run(bnnet_cmd + ["--out", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([MPIEXEC, "-n", "2", *bnnet_cmd, "--distributed", "--out", str(tmp_path / "two")],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr
+    assert multi.stdout.count("test accuracy") == 1  # only rank 0 reports
+    a, b = bnnet.load(tmp_path / "one" / "model.safetensors"), bnnet.load(tmp_path / "two" / "model.safetensors")
+    assert [type(l).__name__ for l in b.layers] == [type(l).__name__ for l in a.layers]  # saved as plain BatchNorm
+    for key in a.params:
+        assert _close(b.params[key], a.params[key], 1e-4), key  # 67 Adam steps in float32
+    for key in a.buffers:
+        assert _close(b.buffers[key], a.buffers[key], 1e-4), key
+
+
+def test_cli_local_bn_needs_distributed(tmp_path):
+    from bnnet.cli import main
+
+    assert main(["train", "--local-bn", "--out", str(tmp_path)]) == 1
+
+
+# --------------------------------------------------------------------------
+# Without MPI: the math of the pieces
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [[5, 7], [0, 12], [1, 1, 10], [12, 0, 0]])
+def test_merge_moments_equals_two_pass_moments(split):
+    rng = np.random.default_rng(0)
+    x = rng.normal(1e4, 1.0, (sum(split), 4))  # |mean| >> std: E[x^2] - E[x]^2 would lose ~8 digits
+    n, mean, m2 = 0.0, np.zeros(4), np.zeros(4)
+    lo = 0
+    for size in split:
+        part = x[lo:lo + size]
+        lo += size
+        pm, pv = F.moments(part, 0) if size else (np.zeros(4), np.zeros(4))
+        n, mean, m2 = F.merge_moments(n, mean, m2, float(size), pm, pv * size)
+    ref_mean, ref_var = F.moments(x, 0)
+    assert n == len(x)
+    assert rel_error(mean, ref_mean) < 1e-15
+    assert rel_error(m2 / n, ref_var) < 1e-12
+
+
+def test_merge_moments_is_bitwise_symmetric():
+    rng = np.random.default_rng(1)
+    a = (3.0, rng.normal(size=5), rng.uniform(size=5))
+    b = (8.0, rng.normal(size=5), rng.uniform(size=5))
+    for x, y in zip(F.merge_moments(*a, *b), F.merge_moments(*b, *a)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("be", ["numba", "numpy"])
+def test_sync_batchnorm_on_one_process_equals_batchnorm(be):
+    rng = np.random.default_rng(2)
+    x, dy = rng.normal(2, 3, (9, 5)), rng.normal(size=(9, 5))
+    with backend.using(be):
+        ref = bnnet.layers.BatchNorm(5, dtype="float64")
+        sync = distributed.SyncBatchNorm(5, distributed.SingleProcess(), dtype="float64")
+        for layer in (ref, sync):
+            layer.params["gamma"][...] = rng.uniform(0.5, 2, 5) if layer is ref else ref.params["gamma"]
+        np.testing.assert_allclose(sync.forward(x, True), ref.forward(x, True), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(sync.backward(dy), ref.backward(dy), rtol=0, atol=1e-12)
+        for key in ("gamma", "beta"):
+            np.testing.assert_allclose(sync.grads[key], ref.grads[key], rtol=0, atol=1e-12)
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_allclose(sync.buffers[key], ref.buffers[key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("be", ["numba", "numpy"])
+def test_sync_batchnorm_gradients_by_finite_differences(be):
+    with backend.using(be):
+        layer = distributed.SyncBatchNorm(4, distributed.SingleProcess(), dtype="float64")
+        layer.params["gamma"][...] = np.random.default_rng(3).uniform(0.5, 2, 4)
+        check_layer_gradients(layer, np.random.default_rng(4).normal(1, 2, (6, 4)), True, np.random.default_rng(5))
+
+
+def test_sync_batchnorm_needs_two_rows_in_the_global_batch():
+    layer = distributed.SyncBatchNorm(3, distributed.SingleProcess(), dtype="float64")
+    with pytest.raises(bnnet.InputError, match="global batch over 1 ranks has 1 row"):
+        layer.forward(np.ones((1, 3)), True)
+
+
+def test_sync_batchnorm_saves_as_batchnorm(tmp_path):
+    model = distributed.sync_batchnorm(bnnet.mlp([4, 3, 2], seed=0, dtype="float64"), distributed.SingleProcess())
+    assert isinstance(model.layers[1], distributed.SyncBatchNorm)
+    bnnet.save(tmp_path / "m.safetensors", model)
+    assert type(bnnet.load(tmp_path / "m.safetensors").layers[1]) is bnnet.layers.BatchNorm
