@@ -132,6 +132,9 @@ def _moments_op(MPI):
         def merge(inbuf, inoutbuf, datatype):
             a = np.frombuffer(inbuf, dtype=np.float64)
             b = np.frombuffer(inoutbuf, dtype=np.float64)
+            if backend.fast():  # the same formula compiled: this runs inside every BN forward's allreduce
+                backend.kernels().merge_moments(a, b)
+                return
             d = (a.size - 1) // 2
             n, mean, m2 = F.merge_moments(a[0], a[1:d + 1], a[d + 1:], b[0], b[1:d + 1], b[d + 1:])
             b[0], b[1:d + 1], b[d + 1:] = n, mean, m2
@@ -250,10 +253,13 @@ class SyncBatchNorm(BatchNorm):
         if not train:
             return super()._forward_fused(x, train, activation, reuse)
         n, mean, var = self._global_moments(x)
-        self._update_running(mean, var, n)
+        kernels = backend.kernels()
+        correction = n / (n - 1) if self.running_var == "unbiased" else 1.0
+        kernels.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
+                               self._decay_now(), correction)  # as BatchNorm's fused kernel does
+        self.buffers["count"] += 1
         stats = self._scratch("stats", (3, self.num_features), np.float64, reuse=True)
         stats[0], stats[1] = mean, var
-        kernels = backend.kernels()
         act, slope = (kernels.IDENTITY, 0.0) if activation is None else activation.kernel_code
         out = self._scratch("y", x.shape, x.dtype, reuse)
         # The apply pass with the global statistics given as the "running" ones (train=False).

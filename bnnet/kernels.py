@@ -434,6 +434,29 @@ def _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx)
     _dx_rows(da, a, x, t, act, _constants(x, slope), dx, 0, x.shape[0])
 
 
+@njit(cache=True, error_model="numpy")  # no FMA contraction: it would make the merge asymmetric
+def merge_moments(a, b):
+    """b <- merge(a, b) for packed [count, mean (D), M2 (D)] float64 buffers: the formula of
+    bnnet.functional.merge_moments, as the MPI reduction of a synchronized BatchNorm."""
+    d = (a.shape[0] - 1) // 2
+    na, nb = a[0], b[0]
+    n = na + nb
+    w = na * nb / n if n > 0 else 0.0
+    for j in range(1, d + 1):
+        delta = b[j] - a[j]
+        b[j] = (na * a[j] + nb * b[j]) / n if n > 0 else 0.0
+        b[j + d] = (a[j + d] + b[j + d]) + delta * delta * w
+    b[0] = n
+
+
+@njit(**_OPTS)
+def update_running(running_mean, running_var, mean, var, decay, var_correction):
+    """running = decay * running + (1 - decay) * batch (the variance times var_correction), as _statistics."""
+    for j in range(mean.shape[0]):
+        running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean[j]
+        running_var[j] = decay * running_var[j] + (1.0 - decay) * (var[j] * var_correction)
+
+
 def bn_moments(x, mean, m2):
     """Per-feature mean and M2 = sum((x - mean)^2) of x (N, D), N >= 0, into float64 (D,) arrays."""
     _moments_serial(x, mean, m2)
