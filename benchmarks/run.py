@@ -11,7 +11,10 @@ What it measures (see the README's "Performance" section for the latest table):
      net and of a wide net, bnnet vs torch vs JAX (whole step under jax.jit),
      with each net's GEMM roofline;
   4. peak memory of a wide-net step at batch 4096 against what it must hold;
-  5. start-up: a first training step with a cold and with a warm numba cache.
+  5. start-up: a first training step with a cold and with a warm numba cache;
+  6. data-parallel training under MPI (benchmarks/mpi_step.py): step time of both
+     nets on 1, 2 and 4 ranks with synchronized and local BatchNorm, time in
+     collectives and bytes communicated per step.
 Every library runs in its own worker process (benchmarks/workers.py), one at a
 time, alternating round by round, at 1 and 2 threads; each is reported at its
 best thread count. Timing never goes into the unit tests: this is the place.
@@ -122,6 +125,45 @@ def startup(cache_dir):
             "steady_step_seconds": steady, "compile_or_load_seconds": first - steady}
 
 
+def mpi_section(quick, log):
+    """Run benchmarks/mpi_step.py under this environment's mpiexec for each net and rank count."""
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    results = []
+    for net, steps in (("paper", 300), ("wide", 100)):
+        cfg = dict(NETS[net], steps=steps // (3 if quick else 1), rounds=1 if quick else 3)
+        for k in (1, 2, 4):
+            proc = subprocess.run([mpiexec, "-n", str(k), sys.executable, os.path.join(HERE, "mpi_step.py"),
+                                   json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=600)
+            if proc.returncode:
+                raise RuntimeError(f"mpi_step.py on {k} ranks failed:\n{proc.stderr[-2000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append({"net": net, "batch": cfg["batch"], **row})
+            log(net, k, json.dumps(row))
+    return results
+
+
+def mpi_markdown(results):
+    rows = []
+    for r in results:
+        for mode in ("single", "sync", "local"):
+            if mode not in r:
+                continue
+            m = r[mode]
+            extra = ""
+            if mode == "sync":
+                extra = f"{100 * (m['step_ms'] / r['local']['step_ms'] - 1):+.0f}%"
+            rows.append([r["net"], r["batch"], r["ranks"], mode, f"{m['step_ms']:.3f}",
+                         f"{r['batch'] / m['step_ms'] * 1e3:,.0f}", f"{m['comm_ms']:.3f}",
+                         f"{m['calls_per_step']:.0f}", f"{m['bytes_per_step'] / 1024:.1f}", extra])
+    return ("\n## Data-parallel training over MPI (one thread per rank, SGD, float32)\n\n"
+            "Global batch split over the ranks; comm = time inside collectives per step (waiting for the "
+            "slower rank included); KiB = bytes this rank hands to MPI per step; SyncBN cost = sync step time "
+            "over local-BN step time at the same rank count.\n\n"
+            + fmt_table(["net", "batch", "ranks", "BN", "step ms", "samples/s", "comm ms", "collectives",
+                         "KiB/step", "SyncBN cost"], rows))
+
+
 def fmt_table(header, rows):
     line = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     return line + "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
@@ -134,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
-    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup",
+    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,mpi",
                     help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -306,6 +348,12 @@ def main(argv=None):
         md.append(fmt_table(["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
                             [[k, f"{v['process_seconds']:.2f}", f"{v['import_seconds']:.2f}", f"{v['first_step_seconds']:.2f}",
                               f"{v['compile_or_load_seconds']:.2f}"] for k, v in report["startup"].items()]))
+        log(md[-1])
+
+    # 6. data-parallel training over MPI: 1, 2, 4 ranks, synchronized vs local BatchNorm
+    if "bnnet" in libs and "mpi" in only:
+        report["mpi"] = mpi_section(args.quick, log)
+        md.append(mpi_markdown(report["mpi"]))
         log(md[-1])
 
     os.makedirs(args.out, exist_ok=True)
