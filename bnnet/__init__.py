@@ -9,7 +9,7 @@
 """
 __version__ = "0.1.0"
 
-from . import conventions, datasets, functional, layers, losses, optim
+from . import conventions, datasets, functional, layers, losses, normalization, optim
 from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
                      NonFiniteError)
 from .export import export_onnx

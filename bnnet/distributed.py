@@ -34,7 +34,6 @@ mpi4py is imported only when a Communicator is made: the rest of bnnet works
 without MPI installed. `SingleProcess` is the one-rank stand-in.
 """
 import contextlib
-import os
 import sys
 import time
 import traceback
@@ -385,7 +384,3 @@ class DataParallel:
 def is_root(comm):
     return comm is None or comm.rank == 0
 
-
-def mpi_env_hint():
-    """Where the MPI launcher of this environment is (the one that matches its mpi4py)."""
-    return os.path.join(os.path.dirname(sys.executable), "mpiexec")

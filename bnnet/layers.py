@@ -226,6 +226,8 @@ class BatchNorm(Layer):
     Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen.
     """
 
+    fusable = True  # the numba backend may run it fused with the activation after it (variants set False)
+
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False):
         super().__init__()
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)

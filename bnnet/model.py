@@ -14,6 +14,7 @@ from . import backend
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, LinearActivation, _Activation
+from .normalization import NORMS, LayerNorm
 
 
 class BiasBeforeBatchNormWarning(UserWarning):
@@ -123,7 +124,7 @@ class Sequential:
                 layer.overwrite_input = False
             while i < len(layers):
                 pair = name == "numba" and i + 1 < len(layers) and isinstance(layers[i + 1], _Activation)
-                if pair and isinstance(layers[i], BatchNorm):
+                if pair and getattr(layers[i], "fusable", False):
                     steps.append(BatchNormActivation(layers[i], layers[i + 1]))
                     i += 2
                 elif pair and isinstance(layers[i], Linear):
@@ -210,7 +211,8 @@ class Sequential:
         return f"Sequential({body}\n)"
 
 
-def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None, dtype="float32"):
+def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None, dtype="float32", norm=None,
+        norm_options=None):
     """A multilayer perceptron shaped like the lecture's network.
 
     Every hidden layer is   Linear(bias=False) -> BatchNorm -> activation   (the
@@ -221,7 +223,13 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
     Args:
         sizes: [in, hidden_1, ..., hidden_k, out], at least two ints >= 1.
         activation: "relu" (default), "leaky_relu", "sigmoid" or "tanh".
-        batchnorm: insert BatchNorm in every hidden layer (default True).
+        batchnorm: insert BatchNorm in every hidden layer (default True); the same as
+            norm="batch" (True) or norm=None (False).
+        norm: the normalization layer instead, when given: "batch" (BatchNorm), "renorm"
+            (BatchRenorm), "ghost" (GhostBatchNorm), "layer" (LayerNorm) or "none".
+            The Linear before a batch-statistics norm has no bias; before LayerNorm it keeps
+            it (LayerNorm subtracts each row's mean over features, which does not cancel b).
+        norm_options: keyword arguments for each norm layer, e.g. {"virtual_batch_size": 16}.
         init, std: weight initialization, see Linear.
         seed: None or int; one Generator draws every layer's weights in order.
         dtype: "float32" (default) or "float64".
@@ -231,12 +239,16 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
         raise HyperparameterError(f"mlp: sizes must be a list [in, hidden..., out] of at least 2 ints, got {sizes!r}")
     sizes = [check_int("mlp", "sizes", s, low=1) for s in sizes]
     act = ACTIVATIONS[check_choice("mlp", "activation", activation, tuple(ACTIVATIONS))]
+    if norm is None:
+        norm = "batch" if batchnorm else "none"
+    norm_cls = {**NORMS, "none": None}[check_choice("mlp", "norm", norm, (*NORMS, "none"))]
     rng = np.random.default_rng(seed)
     layers = []
     for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
-        layers.append(Linear(fan_in, fan_out, bias=not batchnorm, init=init, std=std, rng=rng, dtype=dtype))
-        if batchnorm:
-            layers.append(BatchNorm(fan_out, dtype=dtype))
+        bias = norm_cls is None or norm_cls is LayerNorm
+        layers.append(Linear(fan_in, fan_out, bias=bias, init=init, std=std, rng=rng, dtype=dtype))
+        if norm_cls is not None:
+            layers.append(norm_cls(fan_out, dtype=dtype, **(norm_options or {})))
         layers.append(act())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
     return Sequential(*layers)

@@ -1,0 +1,224 @@
+"""BatchRenorm, GhostBatchNorm, LayerNorm: finite differences, PyTorch, and their defining properties."""
+import numpy as np
+import pytest
+import torch
+
+import bnnet
+from bnnet import backend
+from bnnet.layers import BatchNorm
+from bnnet.normalization import BatchRenorm, GhostBatchNorm, LayerNorm
+
+from helpers import check_layer_gradients, numerical_grad, rel_error
+
+
+def _data(n=10, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(2.0, 3.0, (n, d)), rng.standard_normal((n, d))
+
+
+def _set_gamma_beta(layer, seed=1):
+    rng = np.random.default_rng(seed)
+    layer.params["gamma"][...] = rng.uniform(0.5, 2.0, layer.num_features)
+    layer.params["beta"][...] = rng.normal(size=layer.num_features)
+
+
+# --------------------------------------------------------------------------
+# BatchRenorm
+# --------------------------------------------------------------------------
+
+
+def test_renorm_without_room_to_correct_is_batchnorm():
+    x, dy = _data()
+    ref, ren = BatchNorm(4, dtype="float64"), BatchRenorm(4, r_max=1.0, d_max=0.0, dtype="float64")
+    ren.buffers["running_mean"][...] = 7.0  # far from the batch: r, d would matter if allowed
+    ref.buffers["running_mean"][...] = 7.0
+    _set_gamma_beta(ref)
+    _set_gamma_beta(ren)
+    with backend.using("numpy"):
+        np.testing.assert_allclose(ren.forward(x, True), ref.forward(x, True), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(ren.backward(dy), ref.backward(dy), rtol=0, atol=1e-12)
+    for k in ("gamma", "beta"):
+        np.testing.assert_allclose(ren.grads[k], ref.grads[k], rtol=0, atol=1e-12)
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_allclose(ren.buffers[k], ref.buffers[k], rtol=0, atol=1e-12)
+
+
+def test_renorm_gradients_with_r_and_d_clipped():
+    """With r and d at their clipping bounds they are locally constant, so finite differences of
+    the whole forward apply (decay=1 keeps the running statistics fixed across the FD calls)."""
+    x, _ = _data()
+    layer = BatchRenorm(4, r_max=2.0, d_max=0.5, decay=1.0, dtype="float64")
+    layer.buffers["running_mean"][...] = -50.0  # d = +d_max
+    layer.buffers["running_var"][...] = 1e4  # r = 1/r_max
+    _set_gamma_beta(layer)
+    check_layer_gradients(layer, x, True, np.random.default_rng(2))
+    r, d = layer.renorm
+    np.testing.assert_array_equal(r, 0.5)
+    np.testing.assert_array_equal(d, 0.5)
+
+
+def test_renorm_gradients_treat_r_and_d_as_constants():
+    """Unclipped r and d: dx equals finite differences of the forward with r, d frozen at their values."""
+    x, G = _data(seed=3)
+    layer = BatchRenorm(4, r_max=3.0, d_max=5.0, decay=1.0, dtype="float64")
+    layer.buffers["running_mean"][...] = 1.5
+    layer.buffers["running_var"][...] = 6.0
+    _set_gamma_beta(layer)
+    layer.forward(x, True)
+    r, d = layer.renorm
+    assert np.all((r > 1 / 3) & (r < 3)) and np.all(np.abs(d) < 5)  # not clipped
+    dx = layer.backward(G)
+    gamma, beta = layer.params["gamma"], layer.params["beta"]
+
+    def frozen():
+        mu, var = x.mean(0), x.var(0)
+        return float(np.sum(G * (gamma * ((x - mu) / np.sqrt(var + layer.eps) * r + d) + beta)))
+
+    assert rel_error(dx, numerical_grad(frozen, x)) < 1e-7
+    assert rel_error(layer.grads["gamma"], numerical_grad(frozen, gamma)) < 1e-7
+    assert rel_error(layer.grads["beta"], numerical_grad(frozen, beta)) < 1e-7
+
+
+def test_renorm_train_equals_eval_when_batch_matches_running_statistics():
+    x, _ = _data(seed=4)
+    layer = BatchRenorm(4, decay=1.0, running_var="biased", dtype="float64")
+    _set_gamma_beta(layer)
+    layer.buffers["running_mean"][...] = x.mean(0)
+    layer.buffers["running_var"][...] = x.var(0)
+    layer.buffers["count"][...] = 1
+    plain = BatchNorm(4, dtype="float64")
+    _set_gamma_beta(plain)
+    y_train = layer.forward(x, True)
+    np.testing.assert_allclose(y_train, layer.forward(x, False), rtol=0, atol=1e-12)
+    # ...while the running statistics differ from the batch's, train mode moves towards eval mode
+    layer.buffers["running_mean"][...] += 0.3
+    assert np.abs(layer.forward(x, True) - layer.forward(x, False)).max() < np.abs(
+        plain.forward(x, True) - layer.forward(x, False)).max()
+
+
+def test_renorm_warmup_ramps_the_clipping():
+    layer = BatchRenorm(3, r_max=3.0, d_max=4.0, warmup=10, dtype="float64")
+    assert layer.clipping() == (1.0, 0.0)
+    layer.buffers["count"][...] = 5
+    assert layer.clipping() == (2.0, 2.0)
+    layer.buffers["count"][...] = 50
+    assert layer.clipping() == (3.0, 4.0)
+    with pytest.raises(bnnet.HyperparameterError, match="r_max"):
+        BatchRenorm(3, r_max=0.5)
+
+
+# --------------------------------------------------------------------------
+# GhostBatchNorm
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, vbs, expected", [(10, 4, [(0, 4), (4, 8), (8, 10)]), (9, 4, [(0, 4), (4, 9)]),
+                                              (6, 8, [(0, 6)])])
+def test_ghost_equals_batchnorm_on_each_virtual_batch_in_sequence(n, vbs, expected):
+    x, dy = _data(n=n)
+    ghost = GhostBatchNorm(4, virtual_batch_size=vbs, dtype="float64")
+    _set_gamma_beta(ghost)
+    assert ghost._chunks(n) == expected
+    y, dx = ghost.forward(x, True), ghost.backward(dy)
+    seq = BatchNorm(4, dtype="float64")  # the same virtual batches, as consecutive steps
+    _set_gamma_beta(seq)
+    dgamma = np.zeros(4)
+    for lo, hi in expected:
+        with backend.using("numpy"):
+            np.testing.assert_allclose(y[lo:hi], seq.forward(x[lo:hi], True), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(dx[lo:hi], seq.backward(dy[lo:hi]), rtol=0, atol=1e-12)
+        dgamma += seq.grads["gamma"]
+    np.testing.assert_allclose(ghost.grads["gamma"], dgamma, rtol=0, atol=1e-12)
+    for k in ("running_mean", "running_var", "count"):
+        np.testing.assert_allclose(ghost.buffers[k], seq.buffers[k], rtol=0, atol=1e-12)
+    assert int(ghost.buffers["count"]) == len(expected)
+
+
+def test_ghost_gradients_by_finite_differences():
+    x, _ = _data(n=11)
+    layer = GhostBatchNorm(4, virtual_batch_size=4, dtype="float64")
+    _set_gamma_beta(layer)
+    check_layer_gradients(layer, x, True, np.random.default_rng(5))
+
+
+# --------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------
+
+
+def test_layernorm_gradients_by_finite_differences():
+    x, _ = _data(n=5, d=6)
+    layer = LayerNorm(6, dtype="float64")
+    _set_gamma_beta(layer)
+    check_layer_gradients(layer, x, True, np.random.default_rng(6))
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_layernorm_matches_torch(dtype, tol):
+    x, dy = _data(n=7, d=5, seed=8)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    layer = LayerNorm(5, eps=1e-5, dtype=dtype)
+    _set_gamma_beta(layer)
+    ref = torch.nn.LayerNorm(5, eps=1e-5, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(layer.params["gamma"]))
+        ref.bias.copy_(torch.from_numpy(layer.params["beta"]))
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    yt = ref(xt)
+    yt.backward(torch.from_numpy(dy))
+    y = layer.forward(x, True)
+    dx = layer.backward(dy)
+    assert y.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(layer.grads["gamma"], ref.weight.grad.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(layer.grads["beta"], ref.bias.grad.numpy(), rtol=tol, atol=tol)
+
+
+def test_layernorm_is_per_sample():
+    x, _ = _data(n=4, d=6)
+    layer = LayerNorm(6, dtype="float64")
+    y = layer.forward(x, True)
+    np.testing.assert_allclose(y.mean(1), 0, atol=1e-12)
+    np.testing.assert_allclose(layer.forward(x[:1], True), y[:1], atol=1e-12)  # a batch of one works
+    np.testing.assert_array_equal(layer.forward(x, False), y)  # no train/eval difference
+
+
+# --------------------------------------------------------------------------
+# In models
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm, cls, bias", [("batch", BatchNorm, False), ("renorm", BatchRenorm, False),
+                                             ("ghost", GhostBatchNorm, False), ("layer", LayerNorm, True),
+                                             ("none", None, True)])
+def test_mlp_norm_option(norm, cls, bias, tmp_path):
+    opts = {"virtual_batch_size": 4} if norm == "ghost" else None
+    model = bnnet.mlp([6, 5, 5, 3], norm=norm, norm_options=opts, seed=0, dtype="float64")
+    assert model.layers[0].bias is bias
+    if cls is not None:
+        assert type(model.layers[1]) is cls
+    X = np.random.default_rng(0).normal(size=(40, 6))
+    y = np.arange(40) % 3
+    hist = bnnet.fit(model, X, y, epochs=2, batch_size=10, seed=0, progress=False)
+    assert np.isfinite(hist["loss"]).all()
+    bnnet.save(tmp_path / "m.safetensors", model)
+    back = bnnet.load(tmp_path / "m.safetensors")
+    assert [type(l) for l in back.layers] == [type(l) for l in model.layers]
+    np.testing.assert_array_equal(back.predict(X), model.predict(X))
+
+
+def test_variants_are_not_fused_and_agree_across_backends():
+    X = np.random.default_rng(1).normal(size=(12, 6))
+    outs = []
+    for be in ("numba", "numpy"):
+        with backend.using(be):
+            model = bnnet.mlp([6, 5, 3], norm="renorm", activation="sigmoid", seed=0, dtype="float64")
+            model.layers[1].buffers["running_mean"][...] = 0.2
+            outs.append(model.forward(X, True))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-12)
+
+
+def test_mlp_unknown_norm_is_a_clear_error():
+    with pytest.raises(bnnet.HyperparameterError, match="norm must be one of"):
+        bnnet.mlp([3, 2, 2], norm="group")
