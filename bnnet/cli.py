@@ -212,6 +212,31 @@ def cmd_fold(args):
     print(f"wrote {args.out}: {len(ckpt.model.layers)} layers folded into {len(folded.layers)} (eval only)")
 
 
+def cmd_experiment(args):
+    from . import experiments
+
+    out = args.out or _new_run_dir(os.path.join("runs", args.name))
+    kwargs = {"data": args.data, "seed": args.seed, "quick": args.quick, "progress": not args.quiet}
+    if args.steps is not None:
+        if args.name == "batch-size":
+            raise BnnetError("experiment batch-size trains a fixed number of epochs per batch size; use --epochs")
+        kwargs["steps"] = args.steps
+    if args.epochs is not None:
+        if args.name != "batch-size":
+            raise BnnetError(f"--epochs applies to experiment batch-size only; {args.name} takes --steps")
+        kwargs["epochs"] = args.epochs
+    experiments.run(args.name, out, **kwargs)
+    with open(os.path.join(out, "summary.md")) as f:
+        print(f.read().split("![")[0].rstrip())
+    print(f"\nwrote {out}/: {args.name}.csv, {args.name}.png, summary.md, summary.json")
+
+
+def cmd_report(args):
+    from .experiments import report
+
+    print(f"wrote {report(args.runs, args.out)}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -278,6 +303,21 @@ def build_parser():
     f.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     f.add_argument("out", help="the folded checkpoint to write")
     f.set_defaults(func=cmd_fold)
+    ex = sub.add_parser("experiment", help="run an experiment and write its CSV, PNG and summary (needs bnnet[plot])")
+    ex.add_argument("name", choices=["fig1", "lr-sweep", "optimizers", "batch-size"])
+    ex.add_argument("--quick", action="store_true", help="a small version in seconds (what the tests run)")
+    ex.add_argument("--steps", type=int, default=None, help="training steps per run (fig1 default 10000)")
+    ex.add_argument("--epochs", type=int, default=None, help="batch-size only: epochs per run (default 2)")
+    ex.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=cmd_experiment)
+
+    rp = sub.add_parser("report", help="one markdown page from experiment folders")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", default="report.md", help="the page to write (default report.md)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
