@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import datasets, optim
+from . import datasets, distributed, experiments, optim
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
@@ -98,8 +98,6 @@ def cmd_train(args):
         raise BnnetError("--local-bn only applies with --distributed (one process always uses its whole batch)")
     if not args.distributed:
         return _train(args, None)
-    from . import distributed
-
     comm = distributed.Communicator()
     distributed.limit_threads()  # the ranks already fill the cores
     with distributed.abort_on_error(comm):  # a failure on one rank ends every rank, with its message
@@ -107,7 +105,7 @@ def cmd_train(args):
 
 
 def _train(args, comm):
-    root = comm is None or comm.rank == 0  # only rank 0 prints and writes files
+    root = distributed.is_root(comm)  # only rank 0 prints and writes files
     resume = _resume_settings(args) if args.resume else None
     X, y, Xt, yt = datasets.load(args.data)
     init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
@@ -115,9 +113,7 @@ def _train(args, comm):
     model = mlp(sizes, activation=args.activation, batchnorm=not args.no_batchnorm, init=init,
                 seed=args.seed, dtype=args.dtype)
     if comm is not None and not args.local_bn:
-        from .distributed import sync_batchnorm
-
-        model = sync_batchnorm(model, comm)
+        model = distributed.sync_batchnorm(model, comm)
     lr = args.lr if args.lr is not None else TRAIN_LR[args.optimizer]
     steps = args.epochs * -(-len(X) // args.batch_size)
     # Exponential decay that reaches lr * lr_decay at the last step (lr_decay = 1: constant).
@@ -213,8 +209,6 @@ def cmd_fold(args):
 
 
 def cmd_experiment(args):
-    from . import experiments
-
     out = args.out or _new_run_dir(os.path.join("runs", args.name))
     kwargs = {"data": args.data, "seed": args.seed, "quick": args.quick, "progress": not args.quiet}
     if args.steps is not None:
@@ -232,9 +226,7 @@ def cmd_experiment(args):
 
 
 def cmd_report(args):
-    from .experiments import report
-
-    print(f"wrote {report(args.runs, args.out)}")
+    print(f"wrote {experiments.report(args.runs, args.out)}")
 
 
 def build_parser():
@@ -304,7 +296,7 @@ def build_parser():
     f.add_argument("out", help="the folded checkpoint to write")
     f.set_defaults(func=cmd_fold)
     ex = sub.add_parser("experiment", help="run an experiment and write its CSV, PNG and summary (needs bnnet[plot])")
-    ex.add_argument("name", choices=["fig1", "lr-sweep", "optimizers", "batch-size"])
+    ex.add_argument("name", choices=list(experiments.EXPERIMENTS))
     ex.add_argument("--quick", action="store_true", help="a small version in seconds (what the tests run)")
     ex.add_argument("--steps", type=int, default=None, help="training steps per run (fig1 default 10000)")
     ex.add_argument("--epochs", type=int, default=None, help="batch-size only: epochs per run (default 2)")

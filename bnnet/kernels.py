@@ -178,6 +178,13 @@ def _accumulate(x, shift, lo, hi, s1, s2):
 
 
 @njit(inline="always", **_OPTS)
+def _update_running_at(running_mean, running_var, j, mean_j, var_j, decay, var_correction):
+    """running = decay * running + (1 - decay) * batch; var_correction = m/(m-1) or 1 (see BatchNorm)."""
+    running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean_j
+    running_var[j] = decay * running_var[j] + (1.0 - decay) * (var_j * var_correction)
+
+
+@njit(inline="always", **_OPTS)
 def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
                 mean, var, inv_std, table):
     """Batch statistics from the sums s1, s2 (train, then also the running update)
@@ -190,9 +197,7 @@ def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, va
             v = s2[j] / n - m1 * m1  # var = E[(x-K)^2] - E[x-K]^2, K a sample: no cancellation
             v = 0.0 if v < 0.0 else v  # rounding can leave -tiny; NaN stays NaN
             mean[j] = shift + m1
-            # running = decay * running + (1 - decay) * batch, var_correction = m/(m-1) or 1 (see BatchNorm)
-            running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean[j]
-            running_var[j] = decay * running_var[j] + (1.0 - decay) * (v * var_correction)
+            _update_running_at(running_mean, running_var, j, mean[j], v, decay, var_correction)
         else:
             v = np.float64(running_var[j])
             mean[j] = running_mean[j]
@@ -451,10 +456,9 @@ def merge_moments(a, b):
 
 @njit(**_OPTS)
 def update_running(running_mean, running_var, mean, var, decay, var_correction):
-    """running = decay * running + (1 - decay) * batch (the variance times var_correction), as _statistics."""
+    """The running-statistics update of the fused forward, from statistics computed elsewhere."""
     for j in range(mean.shape[0]):
-        running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean[j]
-        running_var[j] = decay * running_var[j] + (1.0 - decay) * (var[j] * var_correction)
+        _update_running_at(running_mean, running_var, j, mean[j], var[j], decay, var_correction)
 
 
 def bn_moments(x, mean, m2):

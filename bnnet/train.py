@@ -114,11 +114,14 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         warnings.warn(f"fit: {len(X)} rows with batch_size={batch_size} leave a last mini-batch of one row, "
                       "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=2)
 
+    # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
+    batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn)]
     dp = None
     if comm is not None and comm.size > 1:
         dp = DataParallel(model, comm)
         seed = dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
-        smallest = min(batch_size, len(X) % batch_size or batch_size) // comm.size
+        # np.array_split gives the smallest shard of the smallest (last) batch len // size rows
+        smallest = min(batch_sizes) // comm.size
         if dp.local_bn and smallest < 2:
             raise InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
                              f">= 2 rows; batch_size={batch_size} over {comm.size} ranks gives shards of {smallest}. "
@@ -145,12 +148,12 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     history = state["history"]
 
     def write_checkpoint():
-        if dp is not None and dp.rank != 0:
+        if not is_root(comm):
             return
         path = str(checkpoint).format(step=state["step"])
         save(path, model, opt, **(checkpoint_metadata or {}), loss=loss_fn.name, fit=state)
 
-    steps_per_epoch = len(minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn))
+    steps_per_epoch = len(batch_sizes)
     bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], disable=not progress or not is_root(comm), unit="step",
                dynamic_ncols=True)
     X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here

@@ -29,6 +29,15 @@ def away_from_zero(rng, shape, margin=0.1):
     return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(margin, 2.0, size=shape)
 
 
+def assert_same_as(layer, ref, x, dy, atol=1e-12):
+    """layer and ref give the same train-mode output, dx, grads and buffers on (x, dy)."""
+    np.testing.assert_allclose(layer.forward(x, True), ref.forward(x, True), rtol=0, atol=atol)
+    np.testing.assert_allclose(layer.backward(dy), ref.backward(dy), rtol=0, atol=atol)
+    for kind in ("grads", "buffers"):
+        for key, value in getattr(ref, kind).items():
+            np.testing.assert_allclose(getattr(layer, kind)[key], value, rtol=0, atol=atol, err_msg=f"{kind}[{key!r}]")
+
+
 def check_layer_gradients(layer, x, train, rng, tol=1e-7):
     """Compare backward() with finite differences of L = sum(forward(x) * G), G random.
 

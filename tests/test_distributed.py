@@ -17,7 +17,7 @@ from bnnet import backend, distributed
 from bnnet import functional as F
 
 import mpi_cases
-from helpers import check_layer_gradients, rel_error
+from helpers import assert_same_as, check_layer_gradients, rel_error
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 WORKER = os.path.join(os.path.dirname(__file__), "mpi_worker.py")
@@ -235,14 +235,8 @@ def test_sync_batchnorm_on_one_process_equals_batchnorm(be):
     with backend.using(be):
         ref = bnnet.layers.BatchNorm(5, dtype="float64")
         sync = distributed.SyncBatchNorm(5, distributed.SingleProcess(), dtype="float64")
-        for layer in (ref, sync):
-            layer.params["gamma"][...] = rng.uniform(0.5, 2, 5) if layer is ref else ref.params["gamma"]
-        np.testing.assert_allclose(sync.forward(x, True), ref.forward(x, True), rtol=0, atol=1e-12)
-        np.testing.assert_allclose(sync.backward(dy), ref.backward(dy), rtol=0, atol=1e-12)
-        for key in ("gamma", "beta"):
-            np.testing.assert_allclose(sync.grads[key], ref.grads[key], rtol=0, atol=1e-12)
-        for key in ("running_mean", "running_var"):
-            np.testing.assert_allclose(sync.buffers[key], ref.buffers[key], rtol=0, atol=1e-12)
+        ref.params["gamma"][...] = sync.params["gamma"][...] = rng.uniform(0.5, 2, 5)
+        assert_same_as(sync, ref, x, dy)
 
 
 @pytest.mark.parametrize("be", ["numba", "numpy"])
