@@ -9,7 +9,7 @@
 """
 __version__ = "0.1.0"
 
-from . import conventions, datasets, functional, layers, losses, normalization, optim
+from . import conventions, datasets, engine, functional, layers, losses, normalization, ops, optim
 from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
                      NonFiniteError)
 from .export import export_onnx
@@ -19,7 +19,7 @@ from .model import BiasBeforeBatchNormWarning, Sequential, mlp
 from .train import evaluate, fit
 
 __all__ = [
-    "__version__", "conventions", "datasets", "functional", "layers", "losses", "optim",
+    "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "ops", "optim",
     "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats", "export_onnx",
     "Sequential", "mlp", "fit", "evaluate", "save", "load",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",

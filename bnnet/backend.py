@@ -1,7 +1,7 @@
-"""Which implementation runs the hot loops.
+"""Which implementation runs the operations of bnnet.ops.
 
     "numba": fused kernels from bnnet.kernels (default when numba imports);
-    "numpy": the readable equations of bnnet.functional, nothing compiled.
+    "numpy": bnnet.reference, the readable equations of bnnet.functional, nothing compiled.
 
 Both give the same numbers (float64 to 1e-12, float32 to 1e-5; tests check it).
 Choose with the environment variable BNNET_BACKEND=numba|numpy (read at import),
@@ -60,19 +60,33 @@ def using(name):
         set_backend(previous)
 
 
-def fast():
-    """True when the fused numba kernels are in use."""
-    return (_requested or get_backend()) == "numba"
+_modules = {}
 
 
-_kernels = None
+def impl():
+    """The module implementing bnnet.ops for the active backend: bnnet.kernels or bnnet.reference.
+
+    The one place where the backend decides what runs; imported (numba with
+    it) on first use.
+    """
+    name = _requested or get_backend()
+    module = _modules.get(name)
+    if module is None:
+        if name == "numba":
+            from . import kernels as module
+        else:
+            from . import reference as module
+        _modules[name] = module
+    return module
 
 
 def kernels():
-    """The bnnet.kernels module, imported (and numba with it) on first use."""
-    global _kernels
-    if _kernels is None:
-        from . import kernels as module
+    """The bnnet.kernels module (numba), whatever the active backend."""
+    from . import kernels as module
 
-        _kernels = module
-    return _kernels
+    return module
+
+
+def fast():
+    """True when the numba kernels serve bnnet.ops."""
+    return (_requested or get_backend()) == "numba"

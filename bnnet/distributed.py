@@ -40,8 +40,7 @@ import traceback
 
 import numpy as np
 
-from . import backend
-from . import functional as F
+from . import backend, ops
 from .errors import BnnetError, InputError
 from .layers import BatchNorm
 
@@ -129,14 +128,7 @@ def _moments_op(MPI):
     global _MOMENTS_OP
     if _MOMENTS_OP is None:
         def merge(inbuf, inoutbuf, datatype):
-            a = np.frombuffer(inbuf, dtype=np.float64)
-            b = np.frombuffer(inoutbuf, dtype=np.float64)
-            if backend.fast():  # the same formula compiled: this runs inside every BN forward's allreduce
-                backend.kernels().merge_moments(a, b)
-                return
-            d = (a.size - 1) // 2
-            n, mean, m2 = F.merge_moments(a[0], a[1:d + 1], a[d + 1:], b[0], b[1:d + 1], b[d + 1:])
-            b[0], b[1:d + 1], b[d + 1:] = n, mean, m2
+            ops.merge_moments(np.frombuffer(inbuf, dtype=np.float64), np.frombuffer(inoutbuf, dtype=np.float64))
 
         # commute=True is honest: merge_moments is bitwise symmetric in its two arguments.
         _MOMENTS_OP = MPI.Op.Create(merge, commute=True)
@@ -218,18 +210,14 @@ class SyncBatchNorm(BatchNorm):
             return True  # the global batch size is checked after the merge
         return super()._effective_train(x, train)
 
+    writes_out = True  # _forward writes into the array an execution plan gives it
+
     def _global_moments(self, x):
         """(n, mean, biased var) of the global batch; mean, var float64 (D,)."""
         d = self.num_features
-        buf = self._scratch("moments", (2 * d + 1,), np.float64, reuse=True)
+        buf = np.empty(2 * d + 1)  # packed [count, mean (D), M2 (D)]: one allreduce
         buf[0] = x.shape[0]
-        if backend.fast():
-            backend.kernels().bn_moments(x, buf[1:d + 1], buf[d + 1:])
-        elif x.shape[0]:
-            mean, var = F._moments_wide(x, 0, False)
-            buf[1:d + 1], buf[d + 1:] = mean, var * x.shape[0]
-        else:
-            buf[1:] = 0.0
+        ops.bn_moments(x, buf[1:d + 1], buf[d + 1:])
         self.comm.merge_moments(buf)
         n = int(buf[0])
         if n < 2:
@@ -237,60 +225,35 @@ class SyncBatchNorm(BatchNorm):
                              "mode; BatchNorm needs at least 2 (use a larger batch_size)")
         return n, buf[1:d + 1], buf[d + 1:] / n
 
-    def _forward(self, x, train):
+    def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
-        if backend.fast() or not train:
-            return super()._forward(x, train)
-        n, mean, var = self._global_moments(x)
-        y, cache = F.batch_norm_apply(x, self.params["gamma"], self.params["beta"], mean, var, self.eps)
-        self.batch_stats = (mean, var)
-        self._update_running(mean, var, n)
-        self._cache = ("sync", x, cache, n)
-        return y
-
-    def _forward_fused(self, x, train, activation=None, reuse=None):
         if not train:
-            return super()._forward_fused(x, train, activation, reuse)
+            return super()._forward(x, False, out, activation)
         n, mean, var = self._global_moments(x)
-        kernels = backend.kernels()
-        correction = n / (n - 1) if self.running_var == "unbiased" else 1.0
-        kernels.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
-                               self._decay_now(), correction)  # as BatchNorm's fused kernel does
-        self.buffers["count"] += 1
-        stats = self._scratch("stats", (3, self.num_features), np.float64, reuse=True)
+        self._update_running(mean, var, n)
+        stats = np.empty((3, self.num_features))  # mean, var, inv_std: float64 (D,)
         stats[0], stats[1] = mean, var
-        act, slope = (kernels.IDENTITY, 0.0) if activation is None else activation.kernel_code
-        out = self._scratch("y", x.shape, x.dtype, reuse)
-        # The apply pass with the global statistics given as the "running" ones (train=False).
-        kernels.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, False,
-                           stats[0], stats[1], 1.0, 1.0, out, stats[0], stats[1], stats[2])
+        act, slope = (ops.IDENTITY, 0.0) if activation is None else activation.kernel_code
+        out = out if out is not None else np.empty_like(x)
+        ops.bn_apply(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, stats[0], stats[1], out,
+                     stats[2])
         self.batch_stats = (stats[0], stats[1])
-        self._cache = ("sync-fused", x, out, n, act, slope)
+        self._cache = ("sync", x, out, stats, act, slope, n)
         return out
 
-    def _backward(self, dy, input_grad):
-        mode, x, *rest = self._cached()
-        if mode not in ("sync", "sync-fused"):
-            return super()._backward(dy, input_grad)
-        gamma = self.params["gamma"]
-        dgamma, dbeta = self._grad("gamma"), self._grad("beta")
-        sums = self._scratch("sums", (2, self.num_features), np.float64, reuse=True)  # sum(g), sum(g x_hat)
-        if mode == "sync":
-            cache, n = rest
-            sums[0], sums[1] = F.batch_norm_grad_sums(dy, cache)
-        else:
-            out, n, act, slope = rest
-            mean, _, inv_std = self._scratch_arrays["stats"]
-            backend.kernels().bn_grad_sums(dy, out, x, mean, inv_std, act, slope, sums[0], sums[1])
-        dbeta[...], dgamma[...] = sums  # this shard's part; the step's gradient allreduce adds the rest
+    def _backward(self, dy, input_grad, dx_out=None):
+        if self._cached()[0] != "sync":  # eval mode or frozen: BatchNorm's cache
+            return super()._backward(dy, input_grad, dx_out)
+        _, x, out, stats, act, slope, n = self._cached()
+        sums = np.empty((2, self.num_features))  # sum(g), sum(g x_hat) over this shard
+        ops.bn_grad_sums(dy, out, x, stats[0], stats[2], act, slope, sums[0], sums[1])
+        self._grad("beta")[...], self._grad("gamma")[...] = sums  # the step's gradient allreduce adds the rest
         if not input_grad:
             return None
         self.comm.allreduce_sum(sums)
-        if mode == "sync":
-            return F.batch_norm_input_grad(dy, gamma, cache, sums[0], sums[1], n)
-        dx = x if self.overwrite_input else self._scratch("dx", x.shape, x.dtype)  # dx may overwrite x, as in BatchNorm
-        backend.kernels().bn_grad_dx(dy, out, x, mean, inv_std, gamma, act, slope, sums[0], sums[1], n, dx)
-        if self.overwrite_input:
+        dx = dx_out if dx_out is not None else np.empty_like(x)  # may be x: read before written, as in BatchNorm
+        ops.bn_grad_dx(dy, out, x, stats[0], stats[2], self.params["gamma"], act, slope, sums[0], sums[1], n, dx)
+        if dx is x:
             self._cache = None
         return dx
 

@@ -19,31 +19,92 @@ def moments(x, axes, keepdims=False):
         mean = (1/m) sum_i x_i
         var  = (1/m) sum_i (x_i - mean)^2          (biased: divides by m)
 
-    Two passes (mean first, then squared deviations), never E[x^2] - E[x]^2,
-    which cancels catastrophically when |mean| >> std. float16/float32 input is
-    accumulated in float64; the results are returned in the input's dtype.
+    Computed from sums of x - K, K one sample of each reduced slice
+    (`moments_from_sums`), never E[x^2] - E[x]^2, which cancels catastrophically
+    when |mean| >> std. float16/float32 input is accumulated in float64; the
+    results are returned in the input's dtype.
 
     Args:
         x: array, e.g. (N, D).
-        axes: int or tuple of ints to reduce over, e.g. 0 for per-feature moments.
+        axes: int or sequence of ints to reduce over, e.g. 0 or [0] for per-feature moments.
         keepdims: keep the reduced axes with length 1 (default False).
     Returns:
         (mean, variance), each of x's shape without `axes` (e.g. (D,)).
     """
     x = np.asarray(x)
     mean, var = _moments_wide(x, axes, keepdims)
-    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+    out = x.dtype if x.dtype.kind == "f" else np.float64
+    return mean.astype(out, copy=False), var.astype(out, copy=False)
 
 
 def _moments_wide(x, axes, keepdims):
-    """moments() in the accumulation dtype (float64 for float16/float32 input)."""
-    acc = np.float64 if x.dtype.itemsize < 8 else x.dtype
-    mean = x.mean(axis=axes, dtype=acc, keepdims=True)
-    dev = x - mean  # in float64 for float32 input
-    var = np.mean(dev * dev, axis=axes, dtype=acc, keepdims=keepdims)
+    """moments() in the accumulation dtype (float64 unless x is float64 or wider)."""
+    axes = tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(axes)})) if x.ndim else ()
+    acc = x.dtype if x.dtype.kind == "f" and x.dtype.itemsize >= 8 else np.dtype(np.float64)
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+    shift = x[first].astype(acc)  # K: one sample per reduced slice, so x - K stays small
+    d = x - shift  # in float64 for float32 input
+    s1 = d.sum(axis=axes, dtype=acc, keepdims=True)
+    s2 = (d * d).sum(axis=axes, dtype=acc, keepdims=True)
+    mean, m2 = moments_from_sums(n, shift, s1, s2)
+    var = m2 / n
     if not keepdims:
-        mean = np.squeeze(mean, axis=axes)
+        mean, var = np.squeeze(mean, axis=axes), np.squeeze(var, axis=axes)
     return mean, var
+
+
+# --------------------------------------------------------------------------
+# The scalar equations of batch norm. Each is written once, here, in
+# arithmetic that works elementwise on NumPy arrays and on scalars: the
+# functions below use them on arrays, and bnnet.kernels compiles these same
+# functions with numba (njit) and calls them per feature or per element.
+# --------------------------------------------------------------------------
+
+
+def moments_from_sums(n, shift, s1, s2):
+    """Mean and M2 = sum((x - mean)^2) of n values from s1 = sum(x - K), s2 = sum((x - K)^2).
+
+    K (`shift`) is one of the values, so the sums stay small and s2 - s1^2 / n
+    does not cancel the way E[x^2] - E[x]^2 does. Rounding can leave M2 slightly
+    negative: it is clipped to 0 (NaN stays NaN).
+    """
+    m1 = s1 / n
+    m2 = s2 - s1 * m1
+    return shift + m1, np.maximum(m2, 0.0)
+
+
+def inverse_std(var, eps):
+    """1 / sqrt(var + eps)."""
+    return 1.0 / np.sqrt(var + eps)
+
+
+def normalize(x, mean_hi, mean_lo, inv_std):
+    """x_hat = ((x - mean_hi) - mean_lo) * inv_std, the mean split in two (see batch_norm_apply)."""
+    return ((x - mean_hi) - mean_lo) * inv_std
+
+
+def running_average(running, batch, decay):
+    """The running-statistics update: decay * running + (1 - decay) * batch.
+
+    `decay` is the weight of the old value (Keras' momentum; 1 - PyTorch's momentum).
+    """
+    return decay * running + (1.0 - decay) * batch
+
+
+def variance_correction(m, unbiased):
+    """m / (m - 1) when the running variance is "unbiased" (Alg. 2, PyTorch), else 1 (Keras)."""
+    return m / (m - 1.0) if unbiased and m > 1 else 1.0
+
+
+def input_grad_coefficients(gamma, inv_std, sum_dy, sum_dy_xhat, n):
+    """(k, c1, c2) of dx = k * ((dy - c1) - x_hat * c2): k = gamma * inv_std, c1 = sum(dy)/n, c2 = sum(dy x_hat)/n."""
+    return gamma * inv_std, sum_dy / n, sum_dy_xhat / n
+
+
+def input_grad(dy, x_hat, k, c1, c2):
+    """The closed-form dL/dx of batch norm in training mode: k * ((dy - c1) - x_hat * c2)."""
+    return k * ((dy - c1) - x_hat * c2)
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
@@ -104,15 +165,21 @@ def batch_norm_apply(x, gamma, beta, mean, var, eps):
     mean, var: (D,), float64 for float32 x. Returns y (N, D) and the cache
     (x_hat, inv_std) for the backward functions.
     """
-    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (D,)
-    # x - mu in x's dtype, with mu split into a rounded part and its rounding
-    # error: x - hi is exact when x is near hi, so a float32 batch with a large
-    # offset (|mu| >> std) keeps the precision of the float64 mean.
-    hi = mean.astype(x.dtype)
-    lo = (mean - hi).astype(x.dtype)
-    x_hat = ((x - hi) - lo) * inv_std  # (N, D)
+    inv_std = inverse_std(var, eps).astype(x.dtype)  # (D,)
+    x_hat = normalize(x, *split_mean(mean, x.dtype), inv_std)  # (N, D)
     y = gamma * x_hat + beta  # (N, D)
     return y, (x_hat, inv_std)
+
+
+def split_mean(mean, dtype):
+    """The float64 mean as hi + lo in `dtype`: hi rounded, lo its rounding error.
+
+    x - mu is computed in x's dtype as (x - hi) - lo: x - hi is exact when x is
+    near hi, so a float32 batch with a large offset (|mu| >> std) keeps the
+    precision of the float64 mean.
+    """
+    hi = mean.astype(dtype)
+    return hi, (mean - hi).astype(dtype)
 
 
 def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -127,12 +194,14 @@ def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
     No E[x^2] - E[x]^2 appears, so it is as accurate as the two-pass variance.
     Written symmetrically: merging (a, b) and (b, a) gives bitwise the same
-    result, which keeps an MPI allreduce identical on every process. Empty sets
-    (n = 0) are allowed. Returns (n, mean, M2).
+    result, which keeps an MPI allreduce identical on every process (as long
+    as the compiler does not contract it into FMAs). Empty sets (n = 0) are
+    allowed. Works on arrays and on scalars (bnnet.kernels compiles it).
+    Returns (n, mean, M2).
     """
     n = n_a + n_b
     if n == 0:
-        return n, np.zeros_like(mean_a), np.zeros_like(m2_a)
+        return n, mean_a * 0.0, m2_a * 0.0
     delta = mean_b - mean_a
     mean = (n_a * mean_a + n_b * mean_b) / n
     m2 = (m2_a + m2_b) + delta * delta * (n_a * n_b / n)
@@ -171,7 +240,7 @@ def batch_norm_input_grad(dy, gamma, cache, sum_dy, sum_dy_xhat, n):
     (in a synchronized BatchNorm, summed over every process's shard).
     """
     x_hat, inv_std = cache
-    return (gamma * inv_std) * (dy - sum_dy / n - x_hat * (sum_dy_xhat / n))
+    return input_grad(dy, x_hat, *input_grad_coefficients(gamma, inv_std, sum_dy, sum_dy_xhat, n))
 
 
 # --------------------------------------------------------------------------

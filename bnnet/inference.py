@@ -79,7 +79,7 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
         m = min(n, batch_size)
         for i, bn in bns:
             bn.buffers["running_mean"][...] = sums[i][0] / len(starts)
-            bn.buffers["running_var"][...] = sums[i][1] / len(starts) * (m / (m - 1))
+            bn.buffers["running_var"][...] = sums[i][1] / len(starts) * F.variance_correction(m, True)
             bn.buffers["count"][...] = len(starts)
         return model
     for i, bn in bns:  # exact: layer by layer, upstream in eval mode with the new statistics
@@ -89,12 +89,8 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
             for layer in model.layers[:i]:
                 h = layer.forward(h, train=False)
             b_mean, b_var = F.moments(h.astype(np.float64), axes=0)
-            k = len(h)  # Chan et al.: merge (count, mean, M2) of two parts
-            delta = b_mean - mean
-            mean = mean + delta * (k / (count + k))
-            m2 = m2 + b_var * k + delta ** 2 * (count * k / (count + k))
-            count += k
-        var = m2 / count * (count / (count - 1) if bn.running_var == "unbiased" and count > 1 else 1.0)
+            count, mean, m2 = F.merge_moments(count, mean, m2, len(h), b_mean, b_var * len(h))
+        var = m2 / count * F.variance_correction(count, bn.running_var == "unbiased")
         bn.buffers["running_mean"][...] = mean
         bn.buffers["running_var"][...] = var
         bn.buffers["count"][...] = len(range(0, n, batch_size))

@@ -1,4 +1,6 @@
-"""Fused batch-norm kernels compiled with numba: the fast path behind bnnet.layers.
+"""Fused batch-norm kernels compiled with numba: the "numba" backend of bnnet.ops.
+
+Nothing here checks its arguments: call these through bnnet.ops, which does.
 
 The equations are those of `bnnet.functional`; only the schedule differs.
 Batch norm is memory-bound, so every kernel makes the fewest passes over the
@@ -35,8 +37,10 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-# Activation codes, shared with bnnet.layers.
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+from . import functional as F  # noqa: E402
+from . import optim_rules  # noqa: E402
+
+from .ops import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
 
 # Above this many elements the parallel kernels are used. One core nearly
 # saturates memory bandwidth on our 2-core machines, so splitting rows gains
@@ -47,6 +51,18 @@ PARALLEL_MIN_ELEMENTS = 1 << 21
 # IEEE semantics (no ZeroDivisionError branch, which would block vectorization);
 # contraction to FMA is allowed, reassociation is not.
 _OPTS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+_OPTS_EQ = dict(error_model="numpy", fastmath={"contract", "nsz"})
+
+# The equations of bnnet.functional, compiled: each kernel below calls these,
+# so a formula is written once (there) and runs in both backends.
+_moments_from_sums = njit(inline="always", **_OPTS_EQ)(F.moments_from_sums)
+_inverse_std = njit(inline="always", **_OPTS_EQ)(F.inverse_std)
+_normalize = njit(inline="always", **_OPTS_EQ)(F.normalize)
+_running_average = njit(inline="always", **_OPTS_EQ)(F.running_average)
+_input_grad_coefficients = njit(inline="always", **_OPTS_EQ)(F.input_grad_coefficients)
+_input_grad = njit(inline="always", **_OPTS_EQ)(F.input_grad)
+# Chan's merge without FMA contraction, so that merge(a, b) and merge(b, a) are bitwise equal.
+_merge_moments = njit(cache=True, error_model="numpy")(F.merge_moments)
 
 
 # --------------------------------------------------------------------------
@@ -179,9 +195,9 @@ def _accumulate(x, shift, lo, hi, s1, s2):
 
 @njit(inline="always", **_OPTS)
 def _update_running_at(running_mean, running_var, j, mean_j, var_j, decay, var_correction):
-    """running = decay * running + (1 - decay) * batch; var_correction = m/(m-1) or 1 (see BatchNorm)."""
-    running_mean[j] = decay * running_mean[j] + (1.0 - decay) * mean_j
-    running_var[j] = decay * running_var[j] + (1.0 - decay) * (var_j * var_correction)
+    """functional.running_average for feature j; var_correction = m/(m-1) or 1 (see BatchNorm)."""
+    running_mean[j] = _running_average(running_mean[j], mean_j, decay)
+    running_var[j] = _running_average(running_var[j], var_j * var_correction, decay)
 
 
 @njit(inline="always", **_OPTS)
@@ -192,17 +208,14 @@ def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, va
     n = x.shape[0]
     for j in range(x.shape[1]):
         if train:
-            shift = np.float64(x[0, j])
-            m1 = s1[j] / n
-            v = s2[j] / n - m1 * m1  # var = E[(x-K)^2] - E[x-K]^2, K a sample: no cancellation
-            v = 0.0 if v < 0.0 else v  # rounding can leave -tiny; NaN stays NaN
-            mean[j] = shift + m1
+            mean[j], m2 = _moments_from_sums(n, np.float64(x[0, j]), s1[j], s2[j])
+            v = m2 / n
             _update_running_at(running_mean, running_var, j, mean[j], v, decay, var_correction)
         else:
             v = np.float64(running_var[j])
             mean[j] = running_mean[j]
         var[j] = v
-        inv_std[j] = 1.0 / np.sqrt(v + eps)
+        inv_std[j] = _inverse_std(v, eps)
         table[SCALE, j] = np.float64(gamma[j]) * inv_std[j]
         table[BETA, j] = beta[j]
     _split_mean(mean, table)
@@ -293,7 +306,7 @@ def _grad_sums_rows_as(da, a, x, t, act, c, lo, hi, sg, sgx):
         for j in range(xi.shape[0]):
             g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
             sg[j] += np.float64(g)
-            sgx[j] += np.float64(g * (((xi[j] - t[HI, j]) - t[LO, j]) * t[INV, j]))
+            sgx[j] += np.float64(g * _normalize(xi[j], t[HI, j], t[LO, j], t[INV, j]))
 
 
 @njit(inline="always", **_OPTS)
@@ -307,8 +320,8 @@ def _dx_rows_as(da, a, x, t, act, c, dx, lo, hi):
         dxi = dx[i]
         for j in range(xi.shape[0]):
             g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
-            x_hat = ((xi[j] - t[HI, j]) - t[LO, j]) * t[INV, j]
-            dxi[j] = t[K, j] * ((g - t[C1, j]) - x_hat * t[C2, j])
+            x_hat = _normalize(xi[j], t[HI, j], t[LO, j], t[INV, j])
+            dxi[j] = _input_grad(g, x_hat, t[K, j], t[C1, j], t[C2, j])
 
 
 @njit(inline="always", **_OPTS)
@@ -352,10 +365,9 @@ def _backward_table(x, mean, inv_std):
 def _dx_coefficients(sg, sgx, gamma, inv_std, n, train, t):
     """k, c1, c2 of dx = k (g - c1 - x_hat c2) from the sums over all n rows of the batch."""
     for j in range(sg.shape[0]):
-        t[K, j] = np.float64(gamma[j]) * inv_std[j]
-        # in eval mode the statistics are constants: dx = k * g
-        t[C1, j] = sg[j] / n if train else 0.0
-        t[C2, j] = sgx[j] / n if train else 0.0
+        # in eval mode the statistics are constants: c1 = c2 = 0, dx = k * g
+        t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(np.float64(gamma[j]), inv_std[j],
+                                                               sg[j] if train else 0.0, sgx[j] if train else 0.0, n)
 
 
 @njit(inline="always", **_OPTS)
@@ -418,10 +430,7 @@ def _moments_serial(x, mean, m2):
     shift = x[0].astype(np.float64)
     _accumulate(x, shift, 0, n, s1, s2)
     for j in range(d):
-        m1 = s1[j] / n
-        mean[j] = shift[j] + m1
-        v = s2[j] - s1[j] * m1  # sum of squared deviations from the mean, from shifted sums
-        m2[j] = 0.0 if v < 0.0 else v
+        mean[j], m2[j] = _moments_from_sums(n, shift[j], s1[j], s2[j])
 
 
 @njit(**_OPTS)
@@ -445,13 +454,9 @@ def merge_moments(a, b):
     bnnet.functional.merge_moments, as the MPI reduction of a synchronized BatchNorm."""
     d = (a.shape[0] - 1) // 2
     na, nb = a[0], b[0]
-    n = na + nb
-    w = na * nb / n if n > 0 else 0.0
     for j in range(1, d + 1):
-        delta = b[j] - a[j]
-        b[j] = (na * a[j] + nb * b[j]) / n if n > 0 else 0.0
-        b[j + d] = (a[j + d] + b[j + d]) + delta * delta * w
-    b[0] = n
+        _, b[j], b[j + d] = _merge_moments(na, a[j], a[j + d], nb, b[j], b[j + d])
+    b[0] = na + nb
 
 
 @njit(**_OPTS)
@@ -528,40 +533,42 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
 
 
 # --------------------------------------------------------------------------
-# Optimizer updates: one pass over a parameter, its gradient and its state
-# (the rules of bnnet.optim, fused; wd adds weight_decay * p to the gradient)
+# Optimizer updates: one pass over a parameter, its gradient and its state,
+# each calling the rule of bnnet.optim compiled (wd adds weight_decay * p to g)
 # --------------------------------------------------------------------------
 
-
-@njit(**_OPTS)
-def sgd(p, g, lr, wd):
-    for i in range(p.size):
-        p[i] -= lr * (g[i] + wd * p[i])
-
-
-@njit(**_OPTS)
-def momentum(p, g, v, lr, beta, wd):
-    for i in range(p.size):
-        v[i] = beta * v[i] + (1.0 - beta) * (g[i] + wd * p[i])
-        p[i] -= lr * v[i]
+_sgd_rule = njit(inline="always", **_OPTS_EQ)(optim_rules.sgd)
+_momentum_rule = njit(inline="always", **_OPTS_EQ)(optim_rules.momentum)
+_rmsprop_rule = njit(inline="always", **_OPTS_EQ)(optim_rules.rmsprop)
+_adam_rule = njit(inline="always", **_OPTS_EQ)(optim_rules.adam)
 
 
 @njit(**_OPTS)
-def rmsprop(p, g, s, lr, beta, eps, wd):
+def _sgd(p, g, lr, wd):
     for i in range(p.size):
-        gi = g[i] + wd * p[i]
-        s[i] = beta * s[i] + (1.0 - beta) * gi * gi
-        p[i] -= lr * gi / (np.sqrt(s[i]) + eps)
+        p[i] = _sgd_rule(p[i], g[i] + wd * p[i], lr)
 
 
 @njit(**_OPTS)
-def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
-    """bias1 = 1 - beta1^k, bias2 = 1 - beta2^k."""
+def _momentum(p, g, v, lr, beta, wd):
     for i in range(p.size):
-        gi = g[i] + wd * p[i]
-        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
-        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
-        p[i] -= lr * (m[i] / bias1) / (np.sqrt(v[i] / bias2) + eps)
+        p[i], v[i] = _momentum_rule(p[i], g[i] + wd * p[i], v[i], lr, beta)
+
+
+@njit(**_OPTS)
+def _rmsprop(p, g, s, lr, beta, eps, wd):
+    for i in range(p.size):
+        p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, eps)
+
+
+@njit(**_OPTS)
+def _adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+    for i in range(p.size):
+        p[i], m[i], v[i] = _adam_rule(p[i], g[i] + wd * p[i], m[i], v[i], lr, beta1, beta2, eps, bias1, bias2)
+
+
+# The entry points bnnet.ops calls (after checking the arguments).
+sgd, momentum, rmsprop, adam = _sgd, _momentum, _rmsprop, _adam
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Layers: small classes that own parameters and call the math in `bnnet.functional`.
+"""Layers: small classes that own parameters and buffers and call one operation each.
 
 A layer has
     params  : dict name -> array, the trained parameters (W, b, gamma, beta);
@@ -7,28 +7,27 @@ A layer has
     forward(x, train) -> y     train: bool, passed explicitly on every call;
     backward(dy) -> dx         uses what the last forward cached.
 
-The public forward/backward validate their input and call _forward/_backward,
-which Sequential calls directly for the layers inside a model (their input
-was produced by the layer before). Inside a Sequential, a layer whose output
-stays inside the model writes it into a buffer reused from step to step
-(`reuse_buffers`), so a training step allocates nothing large.
+The public forward/backward validate their input, check that every array in
+`params` and `buffers` has the shape, dtype and layout the layer's
+configuration implies (`check_state`), and return new arrays the caller owns.
+The private `_forward(x, train, out=None)` / `_backward(dy, input_grad,
+dx_out=None)` do the math; an execution plan (bnnet.engine) calls them for
+the layers of a model, after the same checks, passing arrays to write into.
+How a model runs (fusion, buffer reuse, in-place decisions) is the plan's
+business, never the layer's.
 """
 import warnings
 
 import numpy as np
 
-from . import backend
 from . import functional as F
+from . import ops
 from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number
 from .errors import HyperparameterError, InputError
 
 
 class Layer:
-    """Base class: holds the three dicts and a display name set by Sequential."""
-
-    reuse_buffers = False  # Sequential sets it for layers whose output stays inside the model
-    grad_pool = None  # Sequential sets it: [one flat array] that every layer's dx is written into
-    overwrite_input = False  # Sequential sets it when the input is an internal buffer backward may reuse
+    """Base class: the three dicts, a display name (set by Sequential) and the checks."""
 
     def __init__(self):
         self.params = {}
@@ -36,33 +35,64 @@ class Layer:
         self.buffers = {}
         self.name = type(self).__name__
         self._cache = None
-        self._scratch_arrays = {}
+
+    # -- the public, checked calls --------------------------------------------
 
     def forward(self, x, train):
-        """y = layer(x). train: True for training behaviour (batch statistics), False for eval."""
-        return self._forward(self._input(x, getattr(self, "in_features", getattr(self, "num_features", None))), train)
+        """y = layer(x), a new array. train: True for training behaviour (batch statistics), False for eval."""
+        x = self._input(x, self.in_width())
+        self.check_state(train)
+        return self._forward(x, train)
 
     def backward(self, dy, input_grad=True):
-        """dL/dx from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx (returns None)."""
+        """dL/dx (a new array) from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx."""
         out_shape = self._cached_output_shape()
         dtype = getattr(self, "dtype", None)
-        dy = np.asarray(dy) if dtype is None else np.asarray(dy, dtype=dtype)
+        dy = np.asarray(dy) if dtype is None else as_float_array(dy, "dy", self.name, dtype)
         if dy.shape != out_shape:
             raise InputError(f"{self.name}: dy must have the shape of the last output {out_shape}, got {dy.shape}")
+        self.check_state(False)
         return self._backward(dy, input_grad)
 
-    def _forward(self, x, train):
+    # -- what subclasses define -------------------------------------------------
+
+    def _forward(self, x, train, out=None):
         raise NotImplementedError
 
-    def _backward(self, dy, input_grad):
+    def _backward(self, dy, input_grad, dx_out=None):
         raise NotImplementedError
 
-    def _cached_output_shape(self):
-        return self._cached_input().shape
+    def state_spec(self):
+        """{(kind, key): (shape, dtype)} for every array in params and buffers, from the configuration."""
+        return {}
+
+    def in_width(self):
+        """Features this layer takes (None: any, as activations)."""
+        return getattr(self, "in_features", getattr(self, "num_features", None))
+
+    def out_width(self, in_width):
+        """Features this layer gives for `in_width` input features."""
+        return getattr(self, "out_features", getattr(self, "num_features", in_width))
 
     def config(self):
         """Constructor arguments, JSON-serializable: what a checkpoint needs to rebuild the layer."""
         return {}
+
+    # -- checks ---------------------------------------------------------------------
+
+    def check_state(self, train):
+        """Raise InputError unless every params/buffers array is what the configuration implies.
+
+        Each must be an ndarray of exactly the expected shape and dtype and
+        C-contiguous; buffers written in train mode must be writable. Nothing
+        is copied: this is a comparison of a few attributes per array.
+        """
+        for (kind, key), (shape, dtype) in self.state_spec().items():
+            a = getattr(self, kind).get(key)
+            if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype
+                    or not a.flags.c_contiguous or (train and kind == "buffers" and not a.flags.writeable)):
+                raise InputError(f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
+                                 f" {np.dtype(dtype).name} array of shape {shape}, got {_describe(a)}")
 
     def _input(self, x, features=None):
         # Layers with a dtype cast their input to it (no copy when it already matches);
@@ -75,38 +105,20 @@ class Layer:
 
     def _cached(self):
         if self._cache is None:
-            raise RuntimeError(f"{self.name}: backward() called before forward(); run forward(x, train) first")
+            raise RuntimeError(f"{self.name}: backward() called before forward(), or after a backward that "
+                               "consumed the forward's input; run forward(x, train) first")
         return self._cache
 
-    def _cached_input(self):
-        cache = self._cached()
-        return cache if isinstance(cache, np.ndarray) else cache[1]
-
-    def _scratch(self, key, shape, dtype, reuse=None):
-        """An output array: a buffer kept across calls when reusing, else a new one."""
-        if not (self.reuse_buffers if reuse is None else reuse):
-            return np.empty(shape, dtype)
-        buf = self._scratch_arrays.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._scratch_arrays[key] = np.empty(shape, dtype)
-        return buf
-
-    def _dx_buffer(self, shape, dtype):
-        """Where dL/dx goes: a view of the model's shared gradient pool (each dx is consumed
-        by the layer below before the next one is written), else a buffer of our own."""
-        if self.grad_pool is None:
-            return self._scratch("dx", shape, dtype)
-        n = shape[0] * shape[1]
-        flat = self.grad_pool[0]
-        if flat is None or flat.size < n or flat.dtype != dtype:
-            flat = self.grad_pool[0] = np.empty(n, dtype)
-        return flat[:n].reshape(shape)
+    def _cached_output_shape(self):
+        return self._cached()[0].shape
 
     def _grad(self, key):
-        """The array grads[key] is written into: reused across steps, shaped like params[key]."""
+        """The array grads[key] is written into: kept across steps when it is a writable C-contiguous
+        array shaped like params[key], else replaced by a new one."""
         g = self.grads.get(key)
         p = self.params[key]
-        if g is None or g.shape != p.shape or g.dtype != p.dtype:
+        if (not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype
+                or not g.flags.c_contiguous or not g.flags.writeable):
             g = self.grads[key] = np.empty_like(p)
         return g
 
@@ -116,9 +128,9 @@ class Layer:
 
     def __getstate__(self):
         # Pickle (used by scikit-learn and joblib) keeps what defines the layer, not its
-        # per-step caches and buffers, which are rebuilt by the next forward.
+        # per-step cache, which the next forward rebuilds.
         state = self.__dict__.copy()
-        state.update(_cache=None, _scratch_arrays={})
+        state["_cache"] = None
         return state
 
     def __setstate__(self, state):
@@ -126,7 +138,15 @@ class Layer:
         # in-place running-statistics update need them writable.
         for kind in ("params", "grads", "buffers"):
             state[kind] = {k: v if v.flags.writeable else np.array(v) for k, v in state[kind].items()}
+        state.pop("_scratch_arrays", None)
         self.__dict__.update(state)
+
+
+def _describe(a):
+    if isinstance(a, np.ndarray):
+        layout = "" if a.flags.c_contiguous else "non-contiguous "
+        return f"{layout}{'read-only ' if not a.flags.writeable else ''}{a.dtype} array of shape {a.shape}"
+    return "nothing" if a is None else type(a).__name__
 
 
 class BatchNormUntrainedWarning(UserWarning):
@@ -139,6 +159,10 @@ def _as_rng(rng):
     if isinstance(rng, np.random.Generator):
         return rng
     raise HyperparameterError(f"rng must be None, an int seed or a numpy Generator, got {rng!r}")
+
+
+def _activation_code(activation):
+    return (ops.IDENTITY, 0.0) if activation is None else activation.kernel_code
 
 
 class Linear(Layer):
@@ -176,17 +200,28 @@ class Linear(Layer):
         if self.bias:
             self.params["b"] = np.zeros(out_features, self.dtype)  # (out,)
 
-    def _forward(self, x, train):
-        self._cache = x  # (N, in), for dW
-        z = self._scratch("z", (x.shape[0], self.out_features), self.dtype)
-        return F.linear(x, self.params["W"], self.params.get("b"), out=z)
+    def state_spec(self):
+        spec = {("params", "W"): ((self.in_features, self.out_features), self.dtype)}
+        if self.bias:
+            spec["params", "b"] = ((self.out_features,), self.dtype)
+        return spec
 
-    def _cached_output_shape(self):
-        return (self._cached().shape[0], self.out_features)
+    def _forward(self, x, train, out=None, activation=None):
+        """z = x @ W + b into `out`; with `activation` (an activation layer), a = g(z) in the same pass."""
+        z = out if out is not None else np.empty((x.shape[0], self.out_features), self.dtype)  # (N, out)
+        if activation is None:
+            F.linear(x, self.params["W"], self.params.get("b"), out=z)
+        else:
+            np.matmul(x, self.params["W"], out=z)
+            b = self.params["b"] if self.bias else np.zeros(self.out_features, self.dtype)
+            ops.bias_activation(z, b, *activation.kernel_code)  # z <- g(z + b), in place
+        self._cache = (z, x, activation)  # z (N, out) is a when fused; x (N, in) for dW
+        return z
 
-    def _backward(self, dy, input_grad):
-        x = self._cached()
-        dx_out = self._dx_buffer(x.shape, self.dtype) if input_grad else None
+    def _backward(self, dy, input_grad, dx_out=None):
+        a, x, activation = self._cached()
+        if activation is not None:
+            dy = activation.grad_from_output(dy, a)  # dL/dz = dL/da * g'(z), g' written from a
         dx, _, _ = F.linear_backward(dy, x, self.params["W"], self.bias, input_grad, dx_out,
                                      self._grad("W"), self._grad("b") if self.bias else None)
         return dx
@@ -226,7 +261,7 @@ class BatchNorm(Layer):
     Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen.
     """
 
-    fusable = True  # the numba backend may run it fused with the activation after it (variants set False)
+    fusable = True  # an execution plan may run it with the activation after it in one pass (variants set False)
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False):
         super().__init__()
@@ -243,6 +278,12 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(num_features, self.dtype)
         self.buffers["count"] = np.zeros((), np.int64)
 
+    def state_spec(self):
+        d = (self.num_features,)
+        return {("params", "gamma"): (d, self.dtype), ("params", "beta"): (d, self.dtype),
+                ("buffers", "running_mean"): (d, self.dtype), ("buffers", "running_var"): (d, self.dtype),
+                ("buffers", "count"): ((), np.int64)}
+
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
         train = train and not self.frozen
@@ -258,89 +299,50 @@ class BatchNorm(Layer):
             )
         return train
 
-    def _forward(self, x, train):
-        train = self._effective_train(x, train)
-        m = x.shape[0]
-        if backend.fast():
-            return self._forward_fused(x, train)
-        gamma, beta = self.params["gamma"], self.params["beta"]
-        if not train:
-            self._cache = ("eval", x)
-            return F.batch_normalization(x, self.buffers["running_mean"], self.buffers["running_var"],
-                                         beta, gamma, self.eps)
-        y, mean, var, cache = F.batch_norm_forward(x, gamma, beta, self.eps)
-        self.batch_stats = (mean, var)
-        self._update_running(mean, var, m)
-        self._cache = ("train", x, cache)
-        return y
-
-    def _decay_now(self):
-        """The weight of the old running value in this update: decay, or 1 - 1/count for the cumulative average."""
-        return self.decay if self.decay is not None else 1.0 - 1.0 / (int(self.buffers["count"]) + 1)
-
-    def _forward_fused(self, x, train, activation=None, reuse=None):
-        """BN (and the activation that follows, if given) in one numba kernel; see bnnet.kernels.
-
-        Caches only x, the output and the float64 statistics: backward recomputes
-        x_hat from them.
-        """
-        kernels = backend.kernels()
-        act, slope = (kernels.IDENTITY, 0.0) if activation is None else activation.kernel_code
-        out = self._scratch("y", x.shape, x.dtype, reuse)
-        d = self.num_features
-        stats = self._scratch_arrays.get("stats")
-        if stats is None:
-            stats = self._scratch_arrays["stats"] = np.empty((3, d))  # mean, var, inv_std in float64
-        mean, var, inv_std = stats
-        m = x.shape[0]
-        correction = m / (m - 1) if self.running_var == "unbiased" and m > 1 else 1.0
-        # the kernel also updates running_mean/var in train mode, as _update_running does
-        kernels.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
-                           self.buffers["running_mean"], self.buffers["running_var"], self._decay_now(),
-                           correction, out, mean, var, inv_std)
-        if train:
-            self.batch_stats = (mean, var)
-            self.buffers["count"] += 1
-        self._cache = ("fused", x, out, train, act, slope)
-        return out
+    def _running_update_args(self, m):
+        """(decay, variance correction) of this batch's running update: decay, or 1 - 1/count for
+        the cumulative average; m/(m-1) for the "unbiased" running variance, else 1."""
+        decay = self.decay if self.decay is not None else 1.0 - 1.0 / (int(self.buffers["count"]) + 1)
+        return decay, F.variance_correction(m, self.running_var == "unbiased")
 
     def _update_running(self, mean, var, m):
-        if self.running_var == "unbiased":
-            var = var * (m / (m - 1))
-        d = self._decay_now()
-        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-        rm *= d  # in place: the arrays in `buffers` keep their identity
-        rm += (1 - d) * mean
-        rv *= d
-        rv += (1 - d) * var
+        """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
+        ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], np.asarray(mean, np.float64),
+                           np.asarray(var, np.float64), *self._running_update_args(m))
         self.buffers["count"] += 1
+
+    def _forward(self, x, train, out=None, activation=None):
+        """y = BN(x) into `out`; with `activation`, a = g(BN(x)) in the same pass (bnnet.ops.bn_forward).
+
+        Caches x, the output and the float64 statistics: backward recomputes x_hat from them.
+        """
+        train = self._effective_train(x, train)
+        act, slope = _activation_code(activation)
+        out = out if out is not None else np.empty_like(x)  # (N, D)
+        stats = np.empty((3, self.num_features))  # mean, biased var, inv_std: float64 (D,)
+        decay, correction = self._running_update_args(x.shape[0])
+        # in train mode the op also updates running_mean/var, as _update_running would
+        ops.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
+                       self.buffers["running_mean"], self.buffers["running_var"], decay, correction, out, *stats)
+        if train:
+            self.batch_stats = (stats[0], stats[1])
+            self.buffers["count"] += 1
+        self._cache = (out, x, stats, train, act, slope)
+        return out
 
     def _cached_output_shape(self):
         return self._cached()[1].shape
 
-    def _backward(self, dy, input_grad):
-        mode, x, *rest = self._cached()
-        gamma = self.params["gamma"]
-        dgamma, dbeta = self._grad("gamma"), self._grad("beta")
-        if mode == "fused":
-            out, train, act, slope = rest
-            mean, _, inv_std = self._scratch_arrays["stats"]
-            # The kernel's dx pass reads x[i, j] before writing dx[i, j], so dx may overwrite x
-            # when x is a buffer of the model's (saves one (N, D) array); x is then gone.
-            dx = x if self.overwrite_input else self._scratch("dx", x.shape, x.dtype)
-            backend.kernels().bn_backward(dy, out, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
-            if self.overwrite_input:
-                self._cache = None  # a second backward would read dx as x: make it an error instead
-            return dx
-        if mode == "train":
-            dx, dgamma[...], dbeta[...] = F.batch_norm_backward(dy, gamma, rest[0])
-            return dx
-        # Eval mode: the statistics are constants, so BN is a per-feature affine map.
-        inv_std = 1.0 / np.sqrt(self.buffers["running_var"] + self.eps)
-        x_hat = (x - self.buffers["running_mean"]) * inv_std
-        dgamma[...] = (dy * x_hat).sum(axis=0)
-        dbeta[...] = dy.sum(axis=0)
-        return dy * (gamma * inv_std)
+    def _backward(self, dy, input_grad, dx_out=None):
+        """dx into dx_out (which may be the forward's input x: each element is read before it is
+        written; x is then gone, so a second backward is refused); dgamma, dbeta into grads."""
+        out, x, stats, train, act, slope = self._cached()
+        dx = dx_out if dx_out is not None else np.empty_like(x)
+        ops.bn_backward(dy, out, x, stats[0], stats[2], self.params["gamma"], act, slope, train, dx,
+                        self._grad("gamma"), self._grad("beta"))
+        if dx is x:
+            self._cache = None
+        return dx
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
@@ -349,16 +351,20 @@ class BatchNorm(Layer):
 
 class _Activation(Layer):
     """Elementwise a = g(z); dz = da * g'(z), with g' written in terms of the output a
-    (so only a is kept, and the fused kernels can use the same rule).
-    Subclasses define _fn, _grad and kernel_code."""
+    (so only a is kept, and fused steps use the same rule). Subclasses define
+    _fn, _grad and kernel_code (the bnnet.ops activation code and slope)."""
 
-    def _forward(self, z, train):
+    def _forward(self, z, train, out=None):
         a = self._fn(z)
-        self._cache = a  # (N, D), the shape of both input and output
+        self._cache = (a,)  # (N, D), the shape of both input and output
         return a
 
-    def _backward(self, dy, input_grad):
-        return dy * self._grad(self._cached())
+    def _backward(self, dy, input_grad, dx_out=None):
+        return self.grad_from_output(dy, self._cached()[0])
+
+    def grad_from_output(self, dy, a):
+        """dL/dz = dy * g'(z), from the output a = g(z)."""
+        return dy * self._grad(a)
 
 
 class ReLU(_Activation):
@@ -370,7 +376,7 @@ class ReLU(_Activation):
     def _grad(self, a):
         return F.relu_grad(a)  # a > 0 exactly where z > 0
 
-    kernel_code = (1, 0.0)  # (bnnet.kernels.RELU, slope)
+    kernel_code = (ops.RELU, 0.0)
 
 
 class LeakyReLU(_Activation):
@@ -388,7 +394,7 @@ class LeakyReLU(_Activation):
 
     @property
     def kernel_code(self):
-        return (2, self.negative_slope)  # (bnnet.kernels.LEAKY_RELU, slope)
+        return (ops.LEAKY_RELU, self.negative_slope)
 
     def config(self):
         return {"negative_slope": self.negative_slope}
@@ -403,7 +409,7 @@ class Sigmoid(_Activation):
     def _grad(self, a):
         return F.sigmoid_grad_from_output(a)
 
-    kernel_code = (3, 0.0)  # bnnet.kernels.SIGMOID
+    kernel_code = (ops.SIGMOID, 0.0)
 
 
 class Tanh(_Activation):
@@ -415,52 +421,7 @@ class Tanh(_Activation):
     def _grad(self, a):
         return F.tanh_grad_from_output(a)
 
-    kernel_code = (4, 0.0)  # bnnet.kernels.TANH
-
-
-class BatchNormActivation:
-    """A BatchNorm and the activation after it, run as one fused kernel (numba backend).
-
-    Not a layer of its own: Sequential builds it over two of its layers, which
-    keep their params, grads and buffers; only the schedule changes.
-    """
-
-    def __init__(self, bn, activation):
-        self.bn, self.activation = bn, activation
-
-    def forward(self, x, train):
-        return self._forward(self.bn._input(x, self.bn.num_features), train)
-
-    def _forward(self, x, train):
-        train = self.bn._effective_train(x, train)
-        return self.bn._forward_fused(x, train, self.activation, reuse=self.activation.reuse_buffers)
-
-    def _backward(self, dy, input_grad):
-        return self.bn._backward(dy, input_grad)
-
-
-class LinearActivation:
-    """A Linear and the activation after it, with the bias add and the activation in one
-    kernel pass over z (numba backend; built by Sequential like BatchNormActivation)."""
-
-    def __init__(self, linear, activation):
-        self.linear, self.activation = linear, activation
-
-    def forward(self, x, train):
-        return self._forward(self.linear._input(x, self.linear.in_features), train)
-
-    def _forward(self, x, train):
-        lin = self.linear
-        lin._cache = x  # (N, in), for dW
-        a = lin._scratch("z", (x.shape[0], lin.out_features), lin.dtype, reuse=self.activation.reuse_buffers)
-        np.matmul(x, lin.params["W"], out=a)
-        b = lin.params["b"] if lin.bias else np.zeros(lin.out_features, lin.dtype)
-        backend.kernels().bias_activation(a, b, *self.activation.kernel_code)  # a = g(x @ W + b), in place
-        self.activation._cache = a
-        return a
-
-    def _backward(self, dy, input_grad):
-        return self.linear._backward(dy * self.activation._grad(self.activation._cached()), input_grad)
+    kernel_code = (ops.TANH, 0.0)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}

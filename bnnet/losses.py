@@ -5,8 +5,8 @@ and how to score them (`accuracy`, None for regression).
 """
 import numpy as np
 
-from . import backend
 from . import functional as F
+from . import ops
 from ._checks import as_float_array, check_finite
 from .errors import HyperparameterError, InputError
 
@@ -40,7 +40,8 @@ class Loss:
     @staticmethod
     def _outputs(outputs, owner):
         outputs = np.asarray(outputs)
-        outputs = as_float_array(outputs, "outputs", owner, outputs.dtype if outputs.dtype.kind == "f" else "float64")
+        dtype = outputs.dtype.name if outputs.dtype.name in ("float32", "float64") else "float64"
+        outputs = as_float_array(outputs, "outputs", owner, dtype)
         if outputs.ndim == 0 or outputs.shape[0] == 0:
             raise InputError(f"{owner}: outputs must have at least one row, got shape {outputs.shape}")
         return outputs
@@ -84,11 +85,8 @@ class SoftmaxCrossEntropy(Loss):
             raise InputError(f"SoftmaxCrossEntropy: outputs must be logits of shape (N, C), got {z.shape}")
         y = self.check_targets(targets, z.shape[1])
         self._same_length(z, y, type(self).__name__)
-        if backend.fast():
-            self._grad = np.empty_like(z)
-            return float(backend.kernels().softmax_cross_entropy(z, y, self._grad))
-        loss, self._grad = F.softmax_cross_entropy(z, y)
-        return loss
+        self._grad = np.empty_like(z)  # (N, C), returned by backward()
+        return ops.softmax_cross_entropy(z, y, self._grad)
 
     def predict_labels(self, outputs):
         return np.argmax(outputs, axis=1)

@@ -10,10 +10,10 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
-from . import backend
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
-from .layers import ACTIVATIONS, BatchNorm, BatchNormActivation, Layer, Linear, LinearActivation, _Activation
+from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
 from .normalization import NORMS, LayerNorm
 
 
@@ -78,6 +78,8 @@ class Sequential:
     eval_only = False  # set by bnnet.fold_batchnorm
 
     def __init__(self, *layers):
+        if not layers:
+            raise HyperparameterError("Sequential: needs at least one layer, got none")
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise HyperparameterError(f"Sequential: argument {i} must be a bnnet layer, got {type(layer).__name__}")
@@ -92,17 +94,11 @@ class Sequential:
                     stacklevel=2,
                 )
         self.layers = list(layers)
-        for i, layer in enumerate(self.layers):
-            # Outputs that stay inside the model live in buffers reused across steps;
-            # the model's own output is always a new array that the caller may keep.
-            layer.reuse_buffers = i < len(self.layers) - 1
-        self._grad_pool = [None]  # one flat array shared by all layers' dx (see Layer._dx_buffer)
-        for layer in self.layers:
-            layer.grad_pool = self._grad_pool
+        check_chain(self.layers)
         self.params = _DottedView(self.layers, "params")
         self.grads = _DottedView(self.layers, "grads")
         self.buffers = _DottedView(self.layers, "buffers")
-        self._plan = (None, None)  # (backend name, steps)
+        self._plan = None
         self._param_keys = [(f"{i}.{k}", layer, k) for i, layer in enumerate(self.layers) for k in layer.params]
 
     @property
@@ -114,29 +110,12 @@ class Sequential:
     def in_features(self):
         return next((l.in_features for l in self.layers if isinstance(l, Linear)), None)
 
-    def _steps(self):
-        """The layers as run: with the numba backend, each BatchNorm or Linear followed
-        by an activation becomes one fused step (same parameters, same numbers)."""
-        name = backend.get_backend()
-        if self._plan[0] != name:
-            steps, layers, i = [], self.layers, 0
-            for layer in layers:
-                layer.overwrite_input = False
-            while i < len(layers):
-                pair = name == "numba" and i + 1 < len(layers) and isinstance(layers[i + 1], _Activation)
-                if pair and getattr(layers[i], "fusable", False):
-                    steps.append(BatchNormActivation(layers[i], layers[i + 1]))
-                    i += 2
-                elif pair and isinstance(layers[i], Linear):
-                    steps.append(LinearActivation(layers[i], layers[i + 1]))
-                    i += 2
-                else:
-                    steps.append(layers[i])
-                    i += 1
-            for step in steps[1:]:  # their input is a buffer of the model, not the caller's array
-                getattr(step, "bn", step).overwrite_input = True
-            self._plan = (name, steps)
-        return self._plan[1]
+    def plan(self):
+        """The execution plan (bnnet.engine.Plan) this model runs with: built on first use, rebuilt
+        when the list of layers or the backend changes."""
+        if self._plan is None or not self._plan.matches(self):
+            self._plan = Plan(self)
+        return self._plan
 
     def forward(self, x, train, check_finite=False):
         """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
@@ -146,23 +125,8 @@ class Sequential:
             (costs one pass over every activation; fit uses it with check_activations=True).
         """
         first = self.layers[0]
-        x = first._input(x, getattr(first, "in_features", getattr(first, "num_features", None)))
-        return self._forward_rows(x, train, check_finite)
-
-    def _forward_rows(self, x, train, check_finite=False):
-        """forward() for an input already validated and cast (by fit), which may have 0 rows:
-        in data-parallel training a rank's shard can be empty and must still run its collectives."""
-        if not isinstance(train, (bool, np.bool_)):
-            raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
-        if train and self.eval_only:
-            raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
-                                      "and has no batch statistics to train with; train the original model")
-        for step in self._steps():
-            x = step._forward(x, train)
-            if check_finite and not np.isfinite(x).all():
-                raise NonFiniteError(f"{_step_name(step)} produced NaN or Inf")
-        self._out_shape = x.shape
-        return x
+        x = first._input(x, first.in_width())
+        return self.plan().forward(x, train, check_finite)
 
     def backward(self, dy, input_grad=False):
         """Backpropagate dL/d(output) of the last forward through the layers in reverse; fills `grads`.
@@ -170,14 +134,7 @@ class Sequential:
         input_grad: also compute and return dL/dx for the model's input (default
         False: nothing needs it in training, and it costs a matrix product).
         """
-        steps = self._steps()
-        dy = np.asarray(dy, dtype=self.dtype)
-        if dy.shape != getattr(self, "_out_shape", None):
-            raise InputError(f"Sequential.backward: dy must have the shape of the last output "
-                             f"{getattr(self, '_out_shape', None)}, got {dy.shape}; call forward first")
-        for k in range(len(steps) - 1, -1, -1):
-            dy = steps[k]._backward(dy, input_grad or k > 0)
-        return dy.copy() if input_grad else None  # dy lives in a buffer the next backward reuses
+        return self.plan().backward(dy, input_grad)
 
     def named_parameters(self):
         """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""
@@ -199,6 +156,17 @@ class Sequential:
 
     def __len__(self):
         return len(self.layers)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan"] = None  # buffers of the last step: rebuilt on first use
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_plan", None)
+        for key in ("_grad_pool", "_out_shape"):
+            state.pop(key, None)
+        self.__dict__.update(state)
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -252,11 +220,6 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
         layers.append(act())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
     return Sequential(*layers)
-
-
-def _step_name(step):
-    first = getattr(step, "bn", None) or getattr(step, "linear", None)
-    return f"{first.name} + {type(step.activation).__name__}" if first is not None else step.name
 
 
 def first_nonfinite(model, x, train):

@@ -53,7 +53,7 @@ class BatchRenorm(BatchNorm):
         t = 1.0 if self.warmup == 0 else min(1.0, int(self.buffers["count"]) / self.warmup)
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
-    def _forward(self, x, train):
+    def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
             return super()._forward(x, False)
@@ -72,9 +72,9 @@ class BatchRenorm(BatchNorm):
         self._cache = ("renorm", x, (x_norm, inv_std), x_hat, r.astype(x.dtype))
         return y.astype(x.dtype, copy=False)
 
-    def _backward(self, dy, input_grad):
+    def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()
-        if mode != "renorm":
+        if mode != "renorm":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad)
         cache, x_hat, r = rest
         self._grad("beta")[...] = dy.sum(axis=0)
@@ -115,7 +115,7 @@ class GhostBatchNorm(BatchNorm):
             del bounds[-2]  # merge a last single row into the previous virtual batch
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def _forward(self, x, train):
+    def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
             return super()._forward(x, False)
@@ -130,9 +130,9 @@ class GhostBatchNorm(BatchNorm):
         self._cache = ("ghost", x, caches)
         return y
 
-    def _backward(self, dy, input_grad):
+    def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()
-        if mode != "ghost":
+        if mode != "ghost":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad)
         dx = np.empty_like(dy)
         dgamma, dbeta = self._grad("gamma"), self._grad("beta")
@@ -171,17 +171,18 @@ class LayerNorm(Layer):
         self.params["gamma"] = np.ones(num_features, self.dtype)
         self.params["beta"] = np.zeros(num_features, self.dtype)
 
-    def _forward(self, x, train):
+    def state_spec(self):
+        return {("params", "gamma"): ((self.num_features,), self.dtype),
+                ("params", "beta"): ((self.num_features,), self.dtype)}
+
+    def _forward(self, x, train, out=None):
         # (D, N): each column is a sample; normalizing over axis 0 is normalizing each sample
         x_hat_t, _, _, cache = F.batch_norm_forward(x.T, 1.0, 0.0, self.eps)
         x_hat = x_hat_t.T  # (N, D)
         self._cache = (x, x_hat, cache)
         return (self.params["gamma"] * x_hat + self.params["beta"]).astype(x.dtype, copy=False)
 
-    def _cached_output_shape(self):
-        return self._cached()[0].shape
-
-    def _backward(self, dy, input_grad):
+    def _backward(self, dy, input_grad, dx_out=None):
         x, x_hat, cache = self._cached()
         self._grad("beta")[...] = dy.sum(axis=0)
         self._grad("gamma")[...] = (dy * x_hat).sum(axis=0)

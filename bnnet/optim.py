@@ -9,9 +9,9 @@ time a parameter is updated, and is keyed by the parameter's dotted name.
 """
 import numpy as np
 
-from . import backend
+from . import ops
 from ._checks import check_int, check_number
-from .errors import CheckpointError, HyperparameterError
+from .errors import CheckpointError, HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
 # Learning-rate schedules: a factor that multiplies the base lr after t updates.
@@ -75,11 +75,11 @@ def schedule_from_config(cfg):
 
 
 def _flat(a):
-    return a.reshape(-1)  # a view: parameters and their state are C-contiguous
+    return a.reshape(-1)  # a view: parameters, gradients and state are checked C-contiguous first
 
 
 class Optimizer:
-    """Base class.
+    """Base class: loops over the parameters; a subclass's `_update` applies its rule to one.
 
     Args:
         lr: base learning rate, > 0.
@@ -88,7 +88,15 @@ class Optimizer:
         decay_names: parameter names that get weight decay (default ("W",): not
             gamma, beta or biases, which set scale and offset, not capacity).
         schedule: None or a Schedule; the lr used at update t (t = 0, 1, ...) is lr * schedule(t).
+
+    The rules themselves are the functions of bnnet.optim_rules, run by
+    bnnet.ops (one compiled pass per parameter with the numba backend).
+    State (velocity, squared averages, ...) is created lazily, shaped like the
+    parameter, and keyed by the parameter's dotted name.
     """
+
+    state_names = ()  # the rule's per-parameter arrays
+    counter_names = ()  # the rule's per-parameter integer counters
 
     def __init__(self, lr, weight_decay=0.0, decay_names=("W",), schedule=None):
         owner = type(self).__name__
@@ -105,40 +113,54 @@ class Optimizer:
         return self.lr * (self.schedule(self.t) if self.schedule is not None else 1.0)
 
     def step(self, model):
-        """Apply one update to every parameter of `model` (a Sequential or a layer) from its current grads."""
+        """Apply one update to every parameter of `model` (a Sequential or a layer) from its current grads.
+
+        Every parameter, gradient and state array is checked first, so a bad one
+        leaves all parameters as they were.
+        """
         lr = self.current_lr()
-        fast = backend.fast()
         if hasattr(model, "named_parameters"):
             triples = model.named_parameters()
         else:
             triples = [(k, p, model.grads.get(k)) for k, p in model.params.items()]
-        for name, p, g in triples:
-            if g is None:
-                raise RuntimeError(f"{type(self).__name__}.step: no gradient for {name!r}; run model.backward() first")
+        work = [self._checked(name, p, g) for name, p, g in triples]
+        for name, p, g, state in work:
             wd = self.weight_decay if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names else 0.0
-            state = self.state.get(name)
-            if state is None:
-                state = self.state[name] = {}
-            if fast and p.flags.c_contiguous and g.flags.c_contiguous and g.dtype == p.dtype:
-                self._update_fused(p, g, state, lr, wd)
-            else:
-                if wd:
-                    g = g + wd * p
-                self._update(p, g.astype(p.dtype, copy=False), state, lr)
+            self._update(_flat(p), _flat(g), state, lr, wd)
         self.t += 1
 
-    def _update(self, p, g, state, lr):
-        """The rule, in NumPy: update p in place from its gradient g (weight decay already added)."""
-        raise NotImplementedError
+    def _checked(self, name, p, g):
+        """(name, p, g, state) with g in p's dtype, or InputError naming the array that is wrong."""
+        owner = type(self).__name__
+        if g is None:
+            raise RuntimeError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
+        if not (isinstance(p, np.ndarray) and p.dtype.name in ("float32", "float64") and p.flags.c_contiguous
+                and p.flags.writeable):
+            raise InputError(f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
+                             f"array, got {_describe(p)}")
+        g = np.asarray(g)
+        if g.shape != p.shape:
+            raise InputError(f"{owner}.step: the gradient of {name!r} has shape {g.shape}, the parameter {p.shape}")
+        g = np.ascontiguousarray(g, dtype=p.dtype)
+        state = self.state.setdefault(name, {})
+        for key in self.state_names:
+            a = state.get(key)
+            if a is None:
+                a = state[key] = np.zeros_like(p)
+            if not (isinstance(a, np.ndarray) and a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous
+                    and a.flags.writeable):
+                raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
+                                 f"{p.dtype} array of shape {p.shape} like its parameter, got {_describe(a)}")
+        for key in self.counter_names:
+            k = state.get(key)
+            if k is not None and not (isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"):
+                raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be an integer scalar array, "
+                                 f"got {_describe(k)}")
+        return name, p, g, state
 
-    def _update_fused(self, p, g, state, lr, wd):
-        """The same rule as one numba kernel over p, g and the state, flattened (see bnnet.kernels)."""
+    def _update(self, p, g, state, lr, wd):
+        """The rule over flat p, g and the state arrays (weight decay wd added to g by the op)."""
         raise NotImplementedError
-
-    def _zeros(self, state, key, p):
-        if key not in state:
-            state[key] = np.zeros_like(p)
-        return state[key]
 
     # -- saving and restoring ------------------------------------------------
 
@@ -153,7 +175,10 @@ class Optimizer:
         return arrays, info
 
     def load_state_dict(self, arrays, info):
-        """Restore what state_dict() returned (hyperparameters stay those of this instance)."""
+        """Restore what state_dict() returned (hyperparameters stay those of this instance).
+
+        Shapes are checked against the parameters at the next step().
+        """
         if info.get("type") != type(self).__name__:
             raise CheckpointError(f"optimizer state is for {info.get('type')}, cannot load it into {type(self).__name__}")
         self.t = int(info["t"])
@@ -167,14 +192,18 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
+def _describe(a):
+    if not isinstance(a, np.ndarray):
+        return type(a).__name__
+    flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
+    return f"{flags}{a.dtype} array of shape {a.shape}"
+
+
 class SGD(Optimizer):
     """Plain gradient descent: p -= lr * g."""
 
-    def _update(self, p, g, state, lr):
-        p -= lr * g
-
-    def _update_fused(self, p, g, state, lr, wd):
-        backend.kernels().sgd(_flat(p), _flat(g), lr, wd)
+    def _update(self, p, g, state, lr, wd):
+        ops.sgd(p, g, lr, wd)
 
 
 class Momentum(Optimizer):
@@ -188,18 +217,14 @@ class Momentum(Optimizer):
     torch.optim.SGD(lr = lr * (1 - beta), momentum = beta, dampening = 0).
     """
 
+    state_names = ("v",)
+
     def __init__(self, lr, beta=0.9, **kwargs):
         super().__init__(lr, **kwargs)
         self.beta = check_number("Momentum", "beta", beta, low=0, high=1, high_open=True)
 
-    def _update(self, p, g, state, lr):
-        v = self._zeros(state, "v", p)
-        v *= self.beta
-        v += (1 - self.beta) * g
-        p -= lr * v
-
-    def _update_fused(self, p, g, state, lr, wd):
-        backend.kernels().momentum(_flat(p), _flat(g), _flat(self._zeros(state, "v", p)), lr, self.beta, wd)
+    def _update(self, p, g, state, lr, wd):
+        ops.momentum(p, g, _flat(state["v"]), lr, self.beta, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta}
@@ -211,19 +236,15 @@ class RMSprop(Optimizer):
     Equals torch.optim.RMSprop(lr, alpha=beta, eps=eps) (eps outside the sqrt in both).
     """
 
+    state_names = ("s",)
+
     def __init__(self, lr, beta=0.999, eps=1e-8, **kwargs):
         super().__init__(lr, **kwargs)
         self.beta = check_number("RMSprop", "beta", beta, low=0, high=1, high_open=True)
         self.eps = check_number("RMSprop", "eps", eps, low=0, low_open=True)
 
-    def _update(self, p, g, state, lr):
-        s = self._zeros(state, "s", p)
-        s *= self.beta
-        s += (1 - self.beta) * g * g
-        p -= lr * g / (np.sqrt(s) + self.eps)
-
-    def _update_fused(self, p, g, state, lr, wd):
-        backend.kernels().rmsprop(_flat(p), _flat(g), _flat(self._zeros(state, "s", p)), lr, self.beta, self.eps, wd)
+    def _update(self, p, g, state, lr, wd):
+        ops.rmsprop(p, g, _flat(state["s"]), lr, self.beta, self.eps, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta, "eps": self.eps}
@@ -239,28 +260,19 @@ class Adam(Optimizer):
     Equals torch.optim.Adam(lr, betas=(beta1, beta2), eps=eps) up to rounding.
     """
 
+    state_names = ("m", "v")
+    counter_names = ("k",)
+
     def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs):
         super().__init__(lr, **kwargs)
         self.beta1 = check_number("Adam", "beta1", beta1, low=0, high=1, high_open=True)
         self.beta2 = check_number("Adam", "beta2", beta2, low=0, high=1, high_open=True)
         self.eps = check_number("Adam", "eps", eps, low=0, low_open=True)
 
-    def _update(self, p, g, state, lr):
-        m, v = self._zeros(state, "m", p), self._zeros(state, "v", p)
+    def _update(self, p, g, state, lr, wd):
         k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
-        m *= self.beta1
-        m += (1 - self.beta1) * g
-        v *= self.beta2
-        v += (1 - self.beta2) * g * g
-        m_hat = m / (1 - self.beta1 ** int(k))
-        v_hat = v / (1 - self.beta2 ** int(k))
-        p -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
-
-    def _update_fused(self, p, g, state, lr, wd):
-        m, v = self._zeros(state, "m", p), self._zeros(state, "v", p)
-        k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
-        backend.kernels().adam(_flat(p), _flat(g), _flat(m), _flat(v), lr, self.beta1, self.beta2, self.eps,
-                     1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
+        ops.adam(p, g, _flat(state["m"]), _flat(state["v"]), lr, self.beta1, self.beta2, self.eps,
+                 1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}

@@ -169,7 +169,7 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
                 if dp is not None:
                     idx = dp.shard(idx)  # this rank's rows of the global mini-batch
                 X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
-                logits = model._forward_rows(X_t, train=True, check_finite=check_activations)
+                logits = model.plan().forward(X_t, True, check_finite=check_activations)
                 if len(idx):
                     batch_loss = loss_fn.forward(logits, y_t)
                     acc = loss_fn.accuracy(logits, y_t)

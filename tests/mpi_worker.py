@@ -48,9 +48,9 @@ def run_layer_cases(out, comm):
             bn.params["gamma"][...], bn.params["beta"][...] = gamma, beta
             act = bnnet.layers.Sigmoid()
             if case["backend"] == "numba":  # the fused BN + activation step, as inside a model
-                step = bnnet.layers.BatchNormActivation(bn, act)
-                y = step._forward(x[lo:hi], True)
-                dx = step._backward(dy[lo:hi], True)
+                step = bnnet.engine.Step(bn, act)
+                y = step.forward(x[lo:hi], True, None)
+                dx = step.backward(dy[lo:hi], True, None)
             else:
                 y = act._forward(bn._forward(x[lo:hi], True), True)
                 dx = bn._backward(act._backward(dy[lo:hi], True), True)

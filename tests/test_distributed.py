@@ -34,16 +34,16 @@ def mpirun(k, *args, timeout=300):
 def _warm_kernels():
     # Compile (and cache on disk) the kernels the ranks use, once, before K processes would each compile them.
     bn = distributed.SyncBatchNorm(3, distributed.SingleProcess(), dtype="float64")
-    step = bnnet.layers.BatchNormActivation(bn, bnnet.layers.Sigmoid())
+    step = bnnet.engine.Step(bn, bnnet.layers.Sigmoid())  # BN + activation fused, as inside a model
     for dtype in ("float64", "float32"):
         bn.dtype = dtype
         bn.params = {k: v.astype(dtype) for k, v in bn.params.items()}
         bn.buffers = {k: v.astype(dtype) if v.ndim else v for k, v in bn.buffers.items()}
         x = np.random.default_rng(0).normal(size=(4, 3)).astype(dtype)
-        step._forward(x, True)
-        step._backward(x.copy(), True)
+        step.forward(x, True, None)
+        step.backward(x.copy(), True, None)
     packed = np.array([2.0, 1.0, 1.0])
-    backend.kernels().merge_moments(packed.copy(), packed)  # the MPI reduction's compiled body
+    bnnet.ops.merge_moments(packed.copy(), packed)  # the MPI reduction's compiled body
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,202 @@
+"""How a Sequential actually runs: its execution plan.
+
+The layers (bnnet.layers) say what to compute. The plan decides how a whole
+model runs, and is the only place that does:
+
+    fusion     a BatchNorm or a Linear followed by an activation runs as one step:
+               the activation is applied in the same pass over the data (FUSIONS);
+    buffers    every step's output except the model's last is written into an
+               array the plan keeps from step to step, and every dx into one of
+               two arrays it alternates between, so a training step allocates
+               nothing large; the model's output and any dx it returns are new
+               arrays the caller owns;
+    in place   a BatchNorm step writes its dx over its own input when that input
+               is the plan's buffer and nothing later needs it (saves one (N, D)
+               array: the kernels read each element before writing it).
+
+Both backends run the same plan: the operations inside the steps go to the
+numba kernels or to the NumPy reference through bnnet.ops (bnnet.backend
+chooses), never through branches here or in the layers.
+
+Checks: building a plan refuses layers that do not chain (each layer's
+input width must be the width the layers before it produce). Before every
+forward the plan re-checks every layer's arrays against its configuration
+(Layer.check_state: shape, dtype, layout of each params/buffers entry) and
+the chain, so an assignment into the dicts between steps is caught before a
+kernel runs. The kernels' own arguments are checked once more by bnnet.ops.
+"""
+import numpy as np
+
+from . import backend
+from .errors import HyperparameterError, InputError, NonFiniteError
+from .layers import BatchNorm, Linear, _Activation
+
+
+def check_chain(layers):
+    """Raise HyperparameterError unless each layer takes the width the layers before it give.
+
+    Returns [(in width, out width)] per layer (None where any width is accepted).
+    """
+    widths, width, source = [], None, None
+    for i, layer in enumerate(layers):
+        need = layer.in_width()
+        if need is not None and width is not None and need != width:
+            raise HyperparameterError(
+                f"layer {i} ({type(layer).__name__}) takes {need} features but {source} gives {width}: "
+                "the layers do not chain")
+        out = layer.out_width(width if need is None else need)
+        widths.append((width if need is None else need, out))
+        if out is not None:
+            width, source = out, f"layer {i} ({type(layer).__name__})"
+    return widths
+
+
+# --------------------------------------------------------------------------
+# Steps: what runs, and what each step's backward needs
+# --------------------------------------------------------------------------
+
+
+class Step:
+    """One layer, or a layer and the activation after it fused into one pass.
+
+    forward/backward call the layer's _forward/_backward with the arrays the
+    plan gives them to write into (a layer that cannot use them returns new ones).
+    """
+
+    def __init__(self, layer, activation=None):
+        self.layer, self.activation = layer, activation
+        self.layers = (layer,) if activation is None else (layer, activation)
+        # BatchNorm and Linear write into the array given; the others return their own.
+        self.writes_out = type(layer)._forward in (BatchNorm._forward, Linear._forward) or \
+            getattr(type(layer), "writes_out", False)
+        # The backward of every step but a plain Linear reads the step's output (activation
+        # gradients are written from it; BatchNorm kernels read it), so it must stay intact.
+        self.needs_output = not (isinstance(layer, Linear) and activation is None)
+        # BatchNorm's backward may write dx over its input x (read before written, element by element).
+        self.dx_over_input = isinstance(layer, BatchNorm) and getattr(layer, "fusable", False)
+
+    def forward(self, x, train, out):
+        if self.activation is not None:
+            return self.layer._forward(x, train, out=out, activation=self.activation)
+        return self.layer._forward(x, train, out=out) if self.writes_out else self.layer._forward(x, train)
+
+    def backward(self, dy, input_grad, dx_out):
+        return self.layer._backward(dy, input_grad, dx_out=dx_out)
+
+    @property
+    def name(self):
+        return " + ".join(layer.name for layer in self.layers)
+
+
+def _fuse_batchnorm(layer, nxt):
+    return isinstance(layer, BatchNorm) and getattr(layer, "fusable", False) and isinstance(nxt, _Activation)
+
+
+def _fuse_linear(layer, nxt):
+    return type(layer) is Linear and isinstance(nxt, _Activation)
+
+
+# Which layer pairs run as one step. Each rule: (layer, next layer) -> bool.
+FUSIONS = (_fuse_batchnorm, _fuse_linear)
+
+
+def schedule(layers):
+    """The steps a list of layers runs as: fused pairs where a rule of FUSIONS allows, else one per layer."""
+    steps, i = [], 0
+    while i < len(layers):
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if nxt is not None and any(rule(layers[i], nxt) for rule in FUSIONS):
+            steps.append(Step(layers[i], nxt))
+            i += 2
+        else:
+            steps.append(Step(layers[i]))
+            i += 1
+    return steps
+
+
+# --------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------
+
+
+class Plan:
+    """The schedule of one Sequential for the active backend, with its buffers.
+
+    model.plan() builds it (and rebuilds it when the layers or the backend
+    change). forward/backward take and return what Sequential's do, without
+    validating the input beyond its width and dtype: a batch may have 0 rows
+    (a data-parallel rank's empty shard still takes part in every collective).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = tuple(model.layers)
+        self.widths = check_chain(self.layers)
+        self.backend = backend.get_backend()
+        self.steps = schedule(self.layers)
+        ends = np.cumsum([len(step.layers) for step in self.steps]) - 1
+        self._out_widths = [self.widths[e][1] for e in ends]  # output width of each step
+        self._buffers = {}  # ("out", k) or ("dx", 0/1) -> array kept across steps
+        self._inputs = [None] * len(self.steps)
+        self._out_shape = None
+
+    def matches(self, model):
+        """Still valid for `model`: the same layer objects, in order, and the same backend."""
+        return (self.backend == backend.get_backend() and len(model.layers) == len(self.layers)
+                and all(a is b for a, b in zip(model.layers, self.layers)))
+
+    def check(self, train):
+        """Every layer's arrays against its configuration, and the chain (a few comparisons per array)."""
+        check_chain(self.layers)
+        for layer in self.layers:
+            layer.check_state(train)
+
+    def _buffer(self, key, shape, dtype):
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+        return buf
+
+    def forward(self, x, train, check_finite=False):
+        """Run every step; returns a new (N, out) array. x: (N, in) in the model's dtype, N >= 0."""
+        if not isinstance(train, (bool, np.bool_)):
+            raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
+        if train and self.model.eval_only:
+            raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
+                                      "and has no batch statistics to train with; train the original model")
+        width = self.widths[0][0]
+        if not isinstance(x, np.ndarray) or x.ndim != 2 or (width is not None and x.shape[1] != width):
+            raise InputError(f"Sequential.forward: x must be (N, {width}), got {getattr(x, 'shape', type(x))}")
+        self.check(train)
+        last = len(self.steps) - 1
+        for k, step in enumerate(self.steps):
+            self._inputs[k] = x
+            out = None
+            if k < last and step.writes_out:
+                out = self._buffer(("out", k), (x.shape[0], self._out_widths[k]), x.dtype)
+            x = step.forward(x, train, out)
+            if check_finite and not np.isfinite(x).all():
+                raise NonFiniteError(f"{step.name} produced NaN or Inf")
+        self._out_shape = x.shape
+        return x
+
+    def backward(self, dy, input_grad=False):
+        """Backpropagate dL/d(output) of the last forward; fills every layer's grads.
+
+        input_grad: also return dL/dx of the model's input (a new array).
+        """
+        dy = np.asarray(dy, dtype=self.model.dtype)
+        if self._out_shape is None or dy.shape != self._out_shape:
+            raise InputError(f"Sequential.backward: dy must have the shape of the last output "
+                             f"{self._out_shape}, got {dy.shape}; call forward first")
+        self.check(False)
+        for k in range(len(self.steps) - 1, -1, -1):
+            step, x = self.steps[k], self._inputs[k]
+            below = self.steps[k - 1] if k > 0 else None
+            if below is not None and step.dx_over_input and below.writes_out and not below.needs_output:
+                dx_out = x  # the step below's output buffer, dead once this step has read it
+            else:
+                dx_out = self._buffer(("dx", k % 2), x.shape, x.dtype)  # alternate: dy of this step is the other one
+            dy = step.backward(dy, input_grad or k > 0, dx_out)
+        self._out_shape = None  # the buffers of this forward are spent: a second backward needs a new forward
+        return dy.copy() if input_grad else None

@@ -1,0 +1,224 @@
+"""The operations the layers, losses and optimizers run, with one check of their arguments.
+
+Each function here is one operation (batch norm forward, its backward, an
+optimizer update, ...). It checks that every array it will read or write has
+the shape and dtype the others imply, then runs the active backend's
+implementation (see bnnet.backend):
+
+    "numba"  bnnet.kernels    fused, compiled loops (the default)
+    "numpy"  bnnet.reference  the equations of bnnet.functional, in array code
+
+Both have the same signatures and write their outputs into the arrays given.
+Compiled loops index arrays without bounds checks, so this module is the
+line that keeps a wrong-sized array (a user's assignment, a crafted file)
+from being read or written past its end: nothing reaches a kernel unchecked.
+The checks compare shapes and dtypes only (no copies, about a microsecond each).
+
+Shapes: x (N, D) float32/float64; per-feature arrays (D,) in x's dtype
+(gamma, beta, running statistics) or float64 (mean, var, inv_std, sums).
+Activation codes: IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH.
+"""
+import numpy as np
+
+from . import backend
+from .errors import InputError
+
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+_F64 = np.dtype(np.float64)
+
+
+def _fail(op, what):
+    raise InputError(f"bnnet.ops.{op}: {what}")
+
+
+def _input(op, x, rows=None):
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.name not in ("float32", "float64"):
+        _fail(op, f"x must be a 2-D float32/float64 array, got {_describe(x)}")
+    return x.shape[1]
+
+
+def _same(op, names, arrays, x, write=False):
+    for name, a in zip(names.split(), arrays):
+        if not isinstance(a, np.ndarray) or a.shape != x.shape or a.dtype != x.dtype:
+            _fail(op, f"{name} must be {x.dtype} of shape {x.shape}, got {_describe(a)}")
+        if write and not a.flags.writeable:
+            _fail(op, f"{name} is read-only; it receives the result")
+
+
+def _per_feature(op, names, arrays, d, dtype, write=False):
+    for name, a in zip(names.split(), arrays):
+        if not isinstance(a, np.ndarray) or a.shape != (d,) or a.dtype != dtype:
+            _fail(op, f"{name} must be {dtype} of shape ({d},), got {_describe(a)}")
+        if write and not a.flags.writeable:
+            _fail(op, f"{name} is read-only; it receives the result")
+
+
+def _describe(a):
+    return f"{a.dtype} of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+
+
+def _act(op, act):
+    if act not in (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH):
+        _fail(op, f"unknown activation code {act!r}")
+
+
+# --------------------------------------------------------------------------
+# Batch norm (+ the activation after it)
+# --------------------------------------------------------------------------
+
+
+def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+               out, mean, var, inv_std):
+    """out = g((x - mean) * gamma * inv_std + beta): one statistics pass + one apply pass.
+
+    x: (N, D); gamma, beta, running_*: (D,) in x's dtype; out: (N, D) like x.
+    train=True normalizes with the batch statistics (N >= 2) and updates
+    running_* in place by functional.running_average (the variance times
+    var_correction); train=False uses the running statistics. The float64 (D,)
+    arrays mean, var (biased) and inv_std = 1/sqrt(var + eps) receive the
+    statistics used, for backward.
+    """
+    d = _input("bn_forward", x)
+    _per_feature("bn_forward", "gamma beta", (gamma, beta), d, x.dtype)
+    _per_feature("bn_forward", "running_mean running_var", (running_mean, running_var), d, x.dtype, write=train)
+    _per_feature("bn_forward", "mean var inv_std", (mean, var, inv_std), d, _F64, write=True)
+    _same("bn_forward", "out", (out,), x, write=True)
+    _act("bn_forward", act)
+    if train and x.shape[0] < 2:
+        _fail("bn_forward", f"train mode needs at least 2 rows, got {x.shape[0]}")
+    backend.impl().bn_forward(x, gamma, beta, float(eps), act, float(slope), bool(train), running_mean, running_var,
+                              float(decay), float(var_correction), out, mean, var, inv_std)
+
+
+def bn_apply(x, gamma, beta, eps, act, slope, mean, var, out, inv_std):
+    """out = g((x - mean) * gamma * inv_std + beta) with given float64 (D,) statistics mean, var
+    (a synchronized BatchNorm's global ones); inv_std (float64, (D,)) receives 1/sqrt(var + eps)."""
+    d = _input("bn_apply", x)
+    _per_feature("bn_apply", "gamma beta", (gamma, beta), d, x.dtype)
+    _per_feature("bn_apply", "mean var", (mean, var), d, _F64)
+    _per_feature("bn_apply", "inv_std", (inv_std,), d, _F64, write=True)
+    _same("bn_apply", "out", (out,), x, write=True)
+    _act("bn_apply", act)
+    # the eval-mode forward, with these statistics in the place of the running ones
+    backend.impl().bn_forward(x, gamma, beta, float(eps), act, float(slope), False, mean, var, 1.0, 1.0, out,
+                              mean.copy(), var.copy(), inv_std)
+
+
+def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    """dx (N, D), dgamma (D,), dbeta (D,) of a = g(BN(x)), written into the given arrays.
+
+    da: dL/da; a: the forward output; x: the BN input (dx may be x itself: each
+    element is read before it is written); mean, inv_std: the float64
+    statistics the forward used (batch ones in train mode, running ones in eval
+    mode, where dx = g'(a) da * gamma * inv_std).
+    """
+    d = _input("bn_backward", x)
+    _same("bn_backward", "da a", (da, a), x)
+    _same("bn_backward", "dx", (dx,), x, write=True)
+    _per_feature("bn_backward", "mean inv_std", (mean, inv_std), d, _F64)
+    _per_feature("bn_backward", "gamma", (gamma,), d, x.dtype)
+    _per_feature("bn_backward", "dgamma dbeta", (dgamma, dbeta), d, x.dtype, write=True)
+    _act("bn_backward", act)
+    backend.impl().bn_backward(da, a, x, mean, inv_std, gamma, act, float(slope), bool(train), dx, dgamma, dbeta)
+
+
+def bn_moments(x, mean, m2):
+    """Per-feature mean and M2 = sum((x - mean)^2) of x (N, D), N >= 0, into float64 (D,) arrays."""
+    d = _input("bn_moments", x)
+    _per_feature("bn_moments", "mean m2", (mean, m2), d, _F64, write=True)
+    backend.impl().bn_moments(x, mean, m2)
+
+
+def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
+    """sg = sum(g), sgx = sum(g * x_hat) over this shard's rows, g = da * g'(a); float64 (D,) outputs."""
+    d = _input("bn_grad_sums", x)
+    _same("bn_grad_sums", "da a", (da, a), x)
+    _per_feature("bn_grad_sums", "mean inv_std", (mean, inv_std), d, _F64)
+    _per_feature("bn_grad_sums", "sg sgx", (sg, sgx), d, _F64, write=True)
+    _act("bn_grad_sums", act)
+    backend.impl().bn_grad_sums(da, a, x, mean, inv_std, act, float(slope), sg, sgx)
+
+
+def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
+    """dx = gamma inv_std (g - sg/n_total - x_hat sgx/n_total), with sg, sgx summed over the whole batch."""
+    d = _input("bn_grad_dx", x)
+    _same("bn_grad_dx", "da a", (da, a), x)
+    _same("bn_grad_dx", "dx", (dx,), x, write=True)
+    _per_feature("bn_grad_dx", "mean inv_std sg sgx", (mean, inv_std, sg, sgx), d, _F64)
+    _per_feature("bn_grad_dx", "gamma", (gamma,), d, x.dtype)
+    _act("bn_grad_dx", act)
+    backend.impl().bn_grad_dx(da, a, x, mean, inv_std, gamma, act, float(slope), sg, sgx, float(n_total), dx)
+
+
+def update_running(running_mean, running_var, mean, var, decay, var_correction):
+    """running_* <- functional.running_average(running_*, batch statistics, decay), in place."""
+    d = running_mean.shape[0] if isinstance(running_mean, np.ndarray) and running_mean.ndim == 1 else -1
+    dtype = running_mean.dtype if d >= 0 else None
+    _per_feature("update_running", "running_mean running_var", (running_mean, running_var), d, dtype, write=True)
+    _per_feature("update_running", "mean var", (mean, var), d, _F64)
+    backend.impl().update_running(running_mean, running_var, mean, var, float(decay), float(var_correction))
+
+
+def merge_moments(a, b):
+    """b <- Chan's merge of two packed [count, mean (D), M2 (D)] float64 buffers (the SyncBN reduction)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim == 1
+            and a.size % 2 == 1 and a.dtype == _F64 and b.dtype == _F64):
+        _fail("merge_moments", f"needs two float64 buffers of one odd length, got {_describe(a)} and {_describe(b)}")
+    backend.impl().merge_moments(a, b)
+
+
+# --------------------------------------------------------------------------
+# Linear + activation, loss, optimizer updates
+# --------------------------------------------------------------------------
+
+
+def bias_activation(z, b, act, slope):
+    """z <- g(z + b) in place: z (N, D), b (D,) in z's dtype."""
+    d = _input("bias_activation", z)
+    _same("bias_activation", "z", (z,), z, write=True)
+    _per_feature("bias_activation", "b", (b,), d, z.dtype)
+    _act("bias_activation", act)
+    backend.impl().bias_activation(z, b, act, float(slope))
+
+
+def softmax_cross_entropy(logits, labels, dlogits):
+    """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits."""
+    n, c = logits.shape if isinstance(logits, np.ndarray) and logits.ndim == 2 else (None, None)
+    _input("softmax_cross_entropy", logits)
+    _same("softmax_cross_entropy", "dlogits", (dlogits,), logits, write=True)
+    if not (isinstance(labels, np.ndarray) and labels.shape == (n,) and labels.dtype.kind in "iu"):
+        _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {_describe(labels)}")
+    if n and (labels.min() < 0 or labels.max() >= c):
+        _fail("softmax_cross_entropy", f"labels must be in [0, {c}), got values in [{labels.min()}, {labels.max()}]")
+    return float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))
+
+
+def _update(op, p, g, *state):
+    if not (isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.name in ("float32", "float64")):
+        _fail(op, f"the parameter must be a flat float32/float64 array, got {_describe(p)}")
+    _per_feature(op, "parameter", (p,), p.size, p.dtype, write=True)
+    _per_feature(op, "gradient", (g,), p.size, p.dtype)
+    _per_feature(op, " ".join(["state"] * len(state)), state, p.size, p.dtype, write=True)
+
+
+def sgd(p, g, lr, wd):
+    """p <- optim_rules.sgd(p, g + wd p, lr) over flat arrays, in place."""
+    _update("sgd", p, g)
+    backend.impl().sgd(p, g, float(lr), float(wd))
+
+
+def momentum(p, g, v, lr, beta, wd):
+    _update("momentum", p, g, v)
+    backend.impl().momentum(p, g, v, float(lr), float(beta), float(wd))
+
+
+def rmsprop(p, g, s, lr, beta, eps, wd):
+    _update("rmsprop", p, g, s)
+    backend.impl().rmsprop(p, g, s, float(lr), float(beta), float(eps), float(wd))
+
+
+def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+    """bias1 = 1 - beta1^k, bias2 = 1 - beta2^k."""
+    _update("adam", p, g, m, v)
+    backend.impl().adam(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(bias1), float(bias2),
+                        float(wd))

@@ -1,0 +1,127 @@
+"""The NumPy backend: every operation of bnnet.ops written with the equations of bnnet.functional.
+
+Same signatures and same results as the numba kernels of bnnet.kernels
+(float64 to 1e-12, float32 to 1e-5), in plain array code: outputs are written
+into the arrays passed in. This is the readable reference the kernels are
+tested against; bnnet.ops checks the arguments before either runs.
+"""
+import numpy as np
+
+from . import functional as F
+from . import optim_rules
+
+# Activation codes (shared with bnnet.kernels and the activation layers).
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+
+
+def activate(z, act, slope):
+    """a = g(z) for an activation code."""
+    if act == RELU:
+        return F.relu(z)
+    if act == LEAKY_RELU:
+        return F.leaky_relu(z, slope)
+    if act == SIGMOID:
+        return F.sigmoid(z)
+    if act == TANH:
+        return F.tanh(z)
+    return z
+
+
+def activation_grad(a, act, slope):
+    """da/dz from the output a = g(z); None for the identity (nothing to multiply by)."""
+    if act == RELU:
+        return F.relu_grad(a)
+    if act == LEAKY_RELU:
+        return F.leaky_relu_grad(a, slope)
+    if act == SIGMOID:
+        return F.sigmoid_grad_from_output(a)
+    if act == TANH:
+        return F.tanh_grad_from_output(a)
+    return None
+
+
+def _upstream(da, a, act, slope):
+    """g = da * g'(a): the gradient at the batch norm's output."""
+    grad = activation_grad(a, act, slope)
+    return da if grad is None else da * grad
+
+
+def _x_hat(x, mean, inv_std):
+    inv = inv_std.astype(x.dtype)
+    return F.normalize(x, *F.split_mean(mean, x.dtype), inv), inv
+
+
+def update_running(running_mean, running_var, mean, var, decay, var_correction):
+    running_mean[...] = F.running_average(running_mean, mean, decay)
+    running_var[...] = F.running_average(running_var, var * var_correction, decay)
+
+
+def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+               out, mean, var, inv_std):
+    if train:
+        mean[...], var[...] = F._moments_wide(x, 0, False)
+        update_running(running_mean, running_var, mean, var, decay, var_correction)
+    else:
+        mean[...], var[...] = running_mean, running_var
+    inv_std[...] = F.inverse_std(var, eps)
+    y, _ = F.batch_norm_apply(x, gamma, beta, mean, var, eps)
+    out[...] = activate(y, act, slope)
+
+
+def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    g = _upstream(da, a, act, slope)
+    cache = _x_hat(x, mean, inv_std)
+    dbeta[...], dgamma[...] = F.batch_norm_grad_sums(g, cache)
+    if train:
+        dx[...] = F.batch_norm_input_grad(g, gamma, cache, dbeta, dgamma, x.shape[0])
+    else:  # the statistics are constants: BN is a per-feature affine map
+        dx[...] = F.batch_norm_input_grad(g, gamma, cache, 0.0, 0.0, x.shape[0])
+
+
+def bn_moments(x, mean, m2):
+    if x.shape[0] == 0:  # an empty shard contributes nothing
+        mean[...], m2[...] = 0.0, 0.0
+        return
+    mean[...], var = F._moments_wide(x, 0, False)
+    m2[...] = var * x.shape[0]
+
+
+def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
+    sg[...], sgx[...] = F.batch_norm_grad_sums(_upstream(da, a, act, slope), _x_hat(x, mean, inv_std))
+
+
+def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
+    dx[...] = F.batch_norm_input_grad(_upstream(da, a, act, slope), gamma, _x_hat(x, mean, inv_std), sg, sgx,
+                                      n_total)
+
+
+def merge_moments(a, b):
+    d = (a.size - 1) // 2
+    n, mean, m2 = F.merge_moments(a[0], a[1:d + 1], a[d + 1:], b[0], b[1:d + 1], b[d + 1:])
+    b[0], b[1:d + 1], b[d + 1:] = n, mean, m2
+
+
+def bias_activation(z, b, act, slope):
+    z += b
+    z[...] = activate(z, act, slope)
+
+
+def softmax_cross_entropy(logits, labels, dlogits):
+    loss, dlogits[...] = F.softmax_cross_entropy(logits, labels)
+    return loss
+
+
+def sgd(p, g, lr, wd):
+    p[...] = optim_rules.sgd(p, g + wd * p if wd else g, lr)
+
+
+def momentum(p, g, v, lr, beta, wd):
+    p[...], v[...] = optim_rules.momentum(p, g + wd * p if wd else g, v, lr, beta)
+
+
+def rmsprop(p, g, s, lr, beta, eps, wd):
+    p[...], s[...] = optim_rules.rmsprop(p, g + wd * p if wd else g, s, lr, beta, eps)
+
+
+def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+    p[...], m[...], v[...] = optim_rules.adam(p, g + wd * p if wd else g, m, v, lr, beta1, beta2, eps, bias1, bias2)
