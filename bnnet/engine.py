@@ -42,7 +42,7 @@ def check_chain(layers):
         need = layer.in_width()
         if need is not None and width is not None and need != width:
             raise HyperparameterError(
-                f"layer {i} ({type(layer).__name__}) takes {need} features but {source} gives {width}: "
+                f"Sequential: layer {i} ({type(layer).__name__}) takes {need} features but {source} gives {width}: "
                 "the layers do not chain")
         out = layer.out_width(width if need is None else need)
         widths.append((width if need is None else need, out))

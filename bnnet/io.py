@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, HyperparameterError
 from .layers import LAYER_TYPES
 from .model import Sequential
 
@@ -127,7 +127,10 @@ def _build(path, architecture):
         raise CheckpointError(f"{path}: cannot rebuild the architecture ({e!r})") from None
     with warnings.catch_warnings():  # the user was warned about a bias before BN when building it
         warnings.simplefilter("ignore")
-        return Sequential(*layers)
+        try:
+            return Sequential(*layers)
+        except HyperparameterError as e:  # e.g. layers that do not chain
+            raise CheckpointError(f"{path}: the architecture is not a valid model ({e})") from None
 
 
 def fill_model(model, arrays, source):
