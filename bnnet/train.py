@@ -6,8 +6,15 @@
         model.backward(loss_fn.backward())          # dW, dgamma, dbeta
         opt.step(model)                             # W -= lr * dW, ... (or Momentum/RMSprop/Adam)
 
-`fit` is that loop with shuffling, a progress bar and a history; `evaluate`
-runs the model in eval mode.
+`fit` is that loop with shuffling, a progress bar, a history, checkpoints and
+resume; `evaluate` runs the model in eval mode. Read top to bottom:
+
+    fit             checks its arguments, builds the pieces below, runs the epochs
+    Step            one mini-batch: forward, loss, backward (DataParallelStep adds the collectives)
+    RunState        where training stands: counters, RNG, partial sums, history (saved in checkpoints)
+    _train_epoch    the mini-batches of one epoch: step, clip, update, count, checkpoint
+    Checkpoints     when and how checkpoints are written, and resuming from one
+    Progress        the tqdm bar
 """
 import warnings
 
@@ -15,45 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._checks import as_float_array, check_2d, check_finite, check_int
-from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
-from .losses import get_loss
-from .io import fill_model, load_checkpoint, save
 from .distributed import DataParallel, is_root
+from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
+from .io import fill_model, load_checkpoint, save
+from .losses import get_loss
 from .model import first_nonfinite, has_batchnorm
 from .optim import clip_grad_norm as clip_gradients  # fit's own argument is named clip_grad_norm
 from .optim import get_optimizer
-
-
-def _check_data(model, X, y, loss, owner):
-    X = as_float_array(X, "X", owner, model.dtype)
-    check_2d(X, "X", owner, model.in_features)
-    check_finite(X, "X", owner)
-    n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
-    y = loss.check_targets(y, n_out)
-    if len(y) != len(X):
-        raise InputError(f"{owner}: X has {len(X)} rows but y has {len(y)}; pass one target per row of X")
-    return X, y
-
-
-def minibatches(n, batch_size, rng, drop_single=False):
-    """Yield index arrays of one shuffled epoch: rng.permutation(n) cut into batch_size pieces.
-
-    With drop_single, a trailing batch of one row is dropped (BatchNorm cannot
-    train on it). Returns the batches as a list.
-    """
-    order = rng.permutation(n)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_single and len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()
-    return batches
-
-
-def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
-    """Eval-mode loss and accuracy: {"loss": float, "accuracy": float or None (regression)}."""
-    loss = get_loss(loss)
-    X, y = _check_data(model, X, y, loss, "evaluate")
-    outputs = model.predict(X, batch_size=batch_size)
-    return {"loss": loss.forward(outputs, y), "accuracy": loss.accuracy(outputs, y)}
 
 
 def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
@@ -94,134 +69,304 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         Train loss/accuracy of an epoch are the means over its mini-batches, in
         train mode (as Keras reports them); accuracy entries are None for regression.
     """
-    loss_fn = get_loss(loss)
-    opt = get_optimizer(optimizer)
+    loss_fn, opt = get_loss(loss), get_optimizer(optimizer)
     epochs = check_int("fit", "epochs", epochs, low=1)
     batch_size = check_int("fit", "batch_size", batch_size, low=1)
-    if checkpoint_every is not None:
-        checkpoint_every = check_int("fit", "checkpoint_every", checkpoint_every, low=1)
-        if checkpoint is None:
-            raise HyperparameterError("fit: checkpoint_every needs checkpoint=PATH to write to")
+    checkpoints = Checkpoints(checkpoint, checkpoint_every, model, opt, loss_fn, checkpoint_metadata, comm)
     X, y = _check_data(model, X, y, loss_fn, "fit")
-    if validation_data is not None:
-        Xv, yv = _check_data(model, *validation_data, loss_fn, "fit(validation_data)")
+    val = None if validation_data is None else _check_data(model, *_pair(validation_data), loss_fn,
+                                                           "fit(validation_data)")
+    drop_single = _check_batches(model, len(X), batch_size)
+    # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
+    batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
+    step = Step(model, loss_fn, check_activations) if comm is None or comm.size == 1 else \
+        DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
+    seed = step.start(seed)
+    run = RunState(epochs, batch_size, seed, len(X), loss_fn.name)
+    if resume is not None:
+        run = checkpoints.resume(resume, run)
+    bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step)
+    try:
+        for epoch in range(run.epoch, epochs + 1):
+            bar.epoch(epoch, epochs)
+            _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar)
+            _end_epoch(run, model, loss_fn, val, bar)
+        checkpoints.final(run)
+    finally:
+        bar.close()
+    return run.history
+
+
+def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
+    """Eval-mode loss and accuracy: {"loss": float, "accuracy": float or None (regression)}."""
+    loss = get_loss(loss)
+    X, y = _check_data(model, X, y, loss, "evaluate")
+    outputs = model.predict(X, batch_size=batch_size)
+    return {"loss": loss.forward(outputs, y), "accuracy": loss.accuracy(outputs, y)}
+
+
+def minibatches(n, batch_size, rng, drop_single=False):
+    """Index arrays of one shuffled epoch: rng.permutation(n) cut into batch_size pieces.
+
+    With drop_single, a trailing batch of one row is dropped (BatchNorm cannot
+    train on it). Returns the batches as a list.
+    """
+    order = rng.permutation(n)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_single and len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+# --------------------------------------------------------------------------
+# Checking what fit is given
+# --------------------------------------------------------------------------
+
+
+def _check_data(model, X, y, loss, owner):
+    X = as_float_array(X, "X", owner, model.dtype)
+    check_2d(X, "X", owner, model.in_features)
+    check_finite(X, "X", owner)
+    n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
+    y = loss.check_targets(y, n_out)
+    if len(y) != len(X):
+        raise InputError(f"{owner}: X has {len(X)} rows but y has {len(y)}; pass one target per row of X")
+    return X, y
+
+
+def _pair(validation_data):
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+        raise HyperparameterError(f"fit: validation_data must be a pair (X_val, y_val), got "
+                                  f"{type(validation_data).__name__}")
+    return validation_data
+
+
+def _check_batches(model, n, batch_size):
+    """Whether a trailing 1-row mini-batch is dropped (models with BatchNorm); refuses what BN cannot train on."""
     bn = has_batchnorm(model)
-    if bn and len(X) < 2:
+    if bn and n < 2:
         raise InputError("fit: a model with BatchNorm needs at least 2 training rows")
     if bn and batch_size < 2:
         raise InputError("fit: batch_size=1 cannot train BatchNorm (a batch of one has no variance); use batch_size >= 2")
-    if bn and len(X) % batch_size == 1:
-        warnings.warn(f"fit: {len(X)} rows with batch_size={batch_size} leave a last mini-batch of one row, "
-                      "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=2)
+    if bn and n % batch_size == 1:
+        warnings.warn(f"fit: {n} rows with batch_size={batch_size} leave a last mini-batch of one row, "
+                      "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=3)
+    return bn
 
-    # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
-    batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single=bn)]
-    dp = None
-    if comm is not None and comm.size > 1:
-        dp = DataParallel(model, comm)
-        seed = dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
-        # np.array_split gives the smallest shard of the smallest (last) batch len // size rows
-        smallest = min(batch_sizes) // comm.size
-        if dp.local_bn and smallest < 2:
+
+# --------------------------------------------------------------------------
+# One step: forward, loss, backward
+# --------------------------------------------------------------------------
+
+
+class Step:
+    """One mini-batch in this process: forward in train mode, loss, backward. Returns (loss, accuracy)."""
+
+    def __init__(self, model, loss_fn, check_activations):
+        self.model, self.loss_fn, self.check_activations = model, loss_fn, check_activations
+
+    def start(self, seed):
+        """The seed every process shuffles with."""
+        return seed
+
+    def rows(self, idx):
+        """The rows of a mini-batch this process computes (all of them here)."""
+        return idx
+
+    def __call__(self, X_t, y_t, n_batch):
+        """Gradients in model.grads for the mean loss over the n_batch rows of the mini-batch."""
+        logits = self.model.plan().forward(X_t, True, check_finite=self.check_activations)
+        if len(X_t):
+            loss, acc = self.loss_fn.forward(logits, y_t), self.loss_fn.accuracy(logits, y_t)
+            dlogits = self.loss_fn.backward()
+        else:  # an empty shard still takes part in every collective
+            loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
+        if len(X_t) != n_batch:  # this process's share of the mean over the whole mini-batch
+            dlogits = dlogits * (len(X_t) / n_batch)
+        self.model.backward(dlogits)
+        return self.combine(loss, acc, len(X_t), n_batch)
+
+    def combine(self, loss, acc, n_rows, n_batch):
+        """The mini-batch's loss and accuracy from this process's."""
+        return loss, acc
+
+    def where_nonfinite(self, X_t):
+        """Where NaN/Inf first appears (a parameter, the input, a layer), to name it in the error."""
+        return first_nonfinite(self.model, X_t, train=True)
+
+
+class DataParallelStep(Step):
+    """The step of one rank in data-parallel training (bnnet.distributed): its shard of each
+    mini-batch, then one allreduce of the gradients, loss and accuracy sums."""
+
+    def __init__(self, model, loss_fn, check_activations, comm, smallest_batch):
+        super().__init__(model, loss_fn, check_activations)
+        self.dp = DataParallel(model, comm)
+        # np.array_split gives the smallest shard of the smallest batch len // size rows
+        if self.dp.local_bn and smallest_batch // comm.size < 2:
             raise InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
-                             f">= 2 rows; batch_size={batch_size} over {comm.size} ranks gives shards of {smallest}. "
-                             "Use bnnet.distributed.sync_batchnorm(model, comm) or a larger batch_size")
-    rng = np.random.default_rng(seed)
-    # Where training stands: enough to continue exactly after a crash (saved in checkpoints).
-    state = {"epoch": 1, "batch": 0, "step": 0, "rng": rng.bit_generator.state, "partial": [0.0, 0.0, 0],
-             "history": {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []},
-             "run": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": len(X), "loss": loss_fn.name}}
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        saved = ckpt.metadata.get("fit")
-        if saved is None:
-            raise CheckpointError(f"{resume}: holds no training state to resume (it was not written by fit)")
-        if saved["run"] != state["run"]:
-            raise CheckpointError(f"{resume}: was written by a run with {saved['run']}, not {state['run']}; "
-                                  "resume with the same epochs, batch_size, seed, data and loss")
-        fill_model(model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
-                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, resume)
-        if ckpt.optimizer_info is None:
-            raise CheckpointError(f"{resume}: holds no optimizer state to resume")
-        opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
-        state = saved
-    history = state["history"]
+                             f">= 2 rows; batches of {smallest_batch} over {comm.size} ranks give shards of "
+                             f"{smallest_batch // comm.size}. Use bnnet.distributed.sync_batchnorm(model, comm) "
+                             "or a larger batch_size")
 
-    def write_checkpoint():
-        if not is_root(comm):
-            return
-        path = str(checkpoint).format(step=state["step"])
-        save(path, model, opt, **(checkpoint_metadata or {}), loss=loss_fn.name, fit=state)
+    def start(self, seed):
+        return self.dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
 
-    steps_per_epoch = len(batch_sizes)
-    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], disable=not progress or not is_root(comm), unit="step",
-               dynamic_ncols=True)
+    def rows(self, idx):
+        return self.dp.shard(idx)
+
+    def combine(self, loss, acc, n_rows, n_batch):
+        loss, acc = self.dp.allreduce(loss * n_rows, (acc or 0.0) * n_rows, n_rows, n_batch)
+        return loss, acc if self.loss_fn.has_accuracy else None
+
+    def where_nonfinite(self, X_t):
+        return None  # one rank alone cannot rerun a synchronized forward to find the layer
+
+
+# --------------------------------------------------------------------------
+# Where training stands, and one epoch
+# --------------------------------------------------------------------------
+
+
+class RunState:
+    """Counters, RNG state, the epoch's partial sums and the history: enough to continue
+    exactly after a crash. `as_dict()` is what checkpoints store under "fit"."""
+
+    def __init__(self, epochs, batch_size, seed, n, loss_name):
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.batch, self.step = 1, 0, 0
+        self.rng_state = self.rng.bit_generator.state  # the next epoch's order is drawn from this state
+        self.partial = [0.0, 0.0, 0]  # loss sum, correct sum, rows seen in the current epoch
+        self.history = {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+        self.run = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": n, "loss": loss_name}
+
+    def as_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "rng": self.rng_state,
+                "partial": self.partial, "history": self.history, "run": self.run}
+
+    def restore(self, saved):
+        self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
+        self.rng_state, self.partial, self.history = saved["rng"], saved["partial"], saved["history"]
+
+
+def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar):
+    """The mini-batches of epoch run.epoch, from run.batch on (after a resume, mid-epoch)."""
+    run.rng.bit_generator.state = run.rng_state  # the epoch's order is drawn from this state
+    batches = minibatches(len(X), batch_size, run.rng, drop_single)
     X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here
-    try:
-        for epoch in range(state["epoch"], epochs + 1):
-            bar.set_description(f"epoch {epoch}/{epochs}")
-            rng.bit_generator.state = state["rng"]  # the epoch's order is drawn from this state
-            batches = minibatches(len(X), batch_size, rng, drop_single=bn)
-            total_loss, total_correct, seen = state["partial"]
-            for b in range(state["batch"], len(batches)):
-                idx = batches[b]
-                n_batch = len(idx)
-                if dp is not None:
-                    idx = dp.shard(idx)  # this rank's rows of the global mini-batch
-                X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
-                logits = model.plan().forward(X_t, True, check_finite=check_activations)
-                if len(idx):
-                    batch_loss = loss_fn.forward(logits, y_t)
-                    acc = loss_fn.accuracy(logits, y_t)
-                    dlogits = loss_fn.backward()
-                else:  # an empty shard still takes part in every collective
-                    batch_loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
-                if dp is not None:
-                    # Each rank's share of the global mean loss: its gradients then add up across ranks.
-                    dlogits = dlogits * (len(idx) / n_batch)
-                    model.backward(dlogits)
-                    batch_loss, acc = dp.allreduce(batch_loss * len(idx), (acc or 0.0) * len(idx), len(idx), n_batch)
-                    acc = acc if loss_fn.has_accuracy else None
-                if not np.isfinite(batch_loss):
-                    # (one rank alone cannot rerun a synchronized forward to find the layer)
-                    where = first_nonfinite(model, X_t, train=True) if dp is None else None
-                    where = where or "the loss"
-                    raise NonFiniteError(f"fit: the loss is {batch_loss} at step {state['step'] + 1} (epoch {epoch}); "
-                                         f"NaN/Inf first appears in {where}. Lower the learning rate or set "
-                                         "clip_grad_norm; the parameters are those before this step")
-                if dp is None:
-                    model.backward(dlogits)
-                if clip_grad_norm is not None:
-                    norm = clip_gradients(model, clip_grad_norm)
-                    if not np.isfinite(norm):
-                        raise NonFiniteError(f"fit: the gradients hold NaN or Inf at step {state['step'] + 1} "
-                                             f"(epoch {epoch}); the parameters are those before this step")
-                opt.step(model)
+    total_loss, total_correct, seen = run.partial
+    for b in range(run.batch, len(batches)):
+        idx = step.rows(batches[b])
+        X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
+        batch_loss, acc = step(X_t, y_t, len(batches[b]))
+        if not np.isfinite(batch_loss):
+            where = step.where_nonfinite(X_t) or "the loss"
+            raise NonFiniteError(f"fit: the loss is {batch_loss} at step {run.step + 1} (epoch {run.epoch}); "
+                                 f"NaN/Inf first appears in {where}. Lower the learning rate or set "
+                                 "clip_grad_norm; the parameters are those before this step")
+        if clip_grad_norm is not None and not np.isfinite(clip_gradients(step.model, clip_grad_norm)):
+            raise NonFiniteError(f"fit: the gradients hold NaN or Inf at step {run.step + 1} "
+                                 f"(epoch {run.epoch}); the parameters are those before this step")
+        opt.step(step.model)
+        n_batch = len(batches[b])
+        total_loss += batch_loss * n_batch
+        total_correct += (acc or 0.0) * n_batch
+        seen += n_batch
+        run.batch, run.step, run.partial = b + 1, run.step + 1, [total_loss, total_correct, seen]
+        bar.update(total_loss / seen, acc and total_correct / seen)
+        checkpoints.after_step(run)
 
-                total_loss += batch_loss * n_batch
-                total_correct += (acc or 0.0) * n_batch
-                seen += n_batch
-                state.update(batch=b + 1, step=state["step"] + 1, partial=[total_loss, total_correct, seen])
-                bar.update(1)
-                if bar.n % 10 == 0 or bar.n == bar.total:
-                    bar.set_postfix(_postfix(total_loss / seen, acc and total_correct / seen), refresh=False)
-                if checkpoint_every and state["step"] % checkpoint_every == 0:
-                    write_checkpoint()
-            history["epoch"].append(epoch)
-            history["loss"].append(total_loss / seen)
-            history["accuracy"].append(total_correct / seen if loss_fn.has_accuracy else None)
-            if validation_data is not None:
-                val = evaluate(model, Xv, yv, loss_fn)
-                history["val_loss"].append(val["loss"])
-                history["val_accuracy"].append(val["accuracy"])
-                bar.set_postfix({**_postfix(history["loss"][-1], history["accuracy"][-1]),
-                                 **_postfix(val["loss"], val["accuracy"], "val_")})
-            state.update(epoch=epoch + 1, batch=0, rng=rng.bit_generator.state, partial=[0.0, 0.0, 0])
-        if checkpoint is not None:
-            write_checkpoint()
-    finally:
-        bar.close()
-    return history
+
+def _end_epoch(run, model, loss_fn, val, bar):
+    """Record the epoch's means (and validation), then move the counters to the next epoch."""
+    total_loss, total_correct, seen = run.partial
+    run.history["epoch"].append(run.epoch)
+    run.history["loss"].append(total_loss / seen)
+    run.history["accuracy"].append(total_correct / seen if loss_fn.has_accuracy else None)
+    if val is not None:
+        result = evaluate(model, *val, loss_fn)
+        run.history["val_loss"].append(result["loss"])
+        run.history["val_accuracy"].append(result["accuracy"])
+        bar.show({**_postfix(run.history["loss"][-1], run.history["accuracy"][-1]),
+                  **_postfix(result["loss"], result["accuracy"], "val_")})
+    run.epoch, run.batch, run.partial = run.epoch + 1, 0, [0.0, 0.0, 0]
+    run.rng_state = run.rng.bit_generator.state
+
+
+# --------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """Writes checkpoints (on rank 0 only) every `every` steps and at the end; resumes from one."""
+
+    def __init__(self, path, every, model, opt, loss_fn, metadata, comm):
+        if every is not None:
+            every = check_int("fit", "checkpoint_every", every, low=1)
+            if path is None:
+                raise HyperparameterError("fit: checkpoint_every needs checkpoint=PATH to write to")
+        self.path, self.every, self.model, self.opt = path, every, model, opt
+        self.loss_name, self.metadata, self.comm = loss_fn.name, metadata or {}, comm
+
+    def write(self, run):
+        if is_root(self.comm):
+            path = str(self.path).format(step=run.step)
+            save(path, self.model, self.opt, **self.metadata, loss=self.loss_name, fit=run.as_dict())
+
+    def after_step(self, run):
+        if self.every and run.step % self.every == 0:
+            self.write(run)
+
+    def final(self, run):
+        if self.path is not None:
+            self.write(run)
+
+    def resume(self, path, run):
+        """Load model, optimizer and run state from a checkpoint written by fit with the same settings."""
+        ckpt = load_checkpoint(path)
+        saved = ckpt.metadata.get("fit")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: holds no training state to resume (it was not written by fit)")
+        if saved.get("run") != run.run:
+            raise CheckpointError(f"{path}: was written by a run with {saved.get('run')}, not {run.run}; "
+                                  "resume with the same epochs, batch_size, seed, data and loss")
+        fill_model(self.model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
+                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, path)
+        if ckpt.optimizer_info is None:
+            raise CheckpointError(f"{path}: holds no optimizer state to resume")
+        self.opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
+        try:
+            run.restore(saved)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: its training state is incomplete ({e!r})") from None
+        return run
+
+
+# --------------------------------------------------------------------------
+# Progress bar
+# --------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar over all steps, showing the epoch and the running loss/accuracy."""
+
+    def __init__(self, enabled, total, initial):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    def epoch(self, epoch, epochs):
+        self.bar.set_description(f"epoch {epoch}/{epochs}")
+
+    def update(self, loss, acc):
+        self.bar.update(1)
+        if self.bar.n % 10 == 0 or self.bar.n == self.bar.total:
+            self.bar.set_postfix(_postfix(loss, acc), refresh=False)
+
+    def show(self, postfix):
+        self.bar.set_postfix(postfix)
+
+    def close(self):
+        self.bar.close()
 
 
 def _postfix(loss, acc, prefix=""):
