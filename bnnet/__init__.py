@@ -16,12 +16,13 @@ from .export import export_onnx
 from .inference import fold_batchnorm, freeze_batchnorm, recompute_bn_stats
 from .io import load, save
 from .model import BiasBeforeBatchNormWarning, Sequential, mlp
+from .threads import get_num_threads, set_num_threads
 from .train import evaluate, fit
 
 __all__ = [
     "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "ops", "optim",
     "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats", "export_onnx",
-    "Sequential", "mlp", "fit", "evaluate", "save", "load",
+    "Sequential", "mlp", "fit", "evaluate", "save", "load", "set_num_threads", "get_num_threads",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
     "NonFiniteError",
     "BiasBeforeBatchNormWarning",

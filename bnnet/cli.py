@@ -8,9 +8,12 @@
     bnnet fold runs/<run> folded.safetensors
     mpiexec -n 4 bnnet train --distributed   # data-parallel over 4 MPI ranks, BatchNorm synchronized
 
-One training step, top to bottom: cmd_train -> bnnet.fit (train.py) ->
-Sequential.forward/backward (model.py) -> BatchNorm.forward/backward
-(layers.py) -> batch_norm_forward/backward (functional.py) -> optimizer.step (optim.py).
+One training step, top to bottom: cmd_train -> bnnet.fit (train.py: Step) ->
+Sequential.forward/backward (model.py) -> its execution plan (engine.py) ->
+BatchNorm._forward/_backward (layers.py) -> bnnet.ops.bn_forward/bn_backward
+(ops.py: checks) -> the kernels (kernels.py) or the reference (reference.py),
+both built on the equations of functional.py -> optimizer.step (optim.py ->
+ops -> optim_rules.py).
 """
 import argparse
 import csv
@@ -21,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import datasets, distributed, experiments, optim
+from . import datasets, distributed, experiments, optim, threads
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
@@ -250,6 +253,8 @@ def build_parser():
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     t.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global L2 norm")
     t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="also write the run's checkpoint every N steps (atomically), for --resume")
@@ -304,6 +309,8 @@ def build_parser():
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     ex.set_defaults(func=cmd_experiment)
 
     rp = sub.add_parser("report", help="one markdown page from experiment folders")
@@ -316,6 +323,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            threads.set_num_threads(args.threads)
         args.func(args)
     except (BnnetError, OSError) as e:
         print(f"bnnet {args.command}: error: {e}", file=sys.stderr)

@@ -40,7 +40,7 @@ import traceback
 
 import numpy as np
 
-from . import backend, ops
+from . import ops, threads
 from .errors import BnnetError, InputError
 from .layers import BatchNorm
 
@@ -137,16 +137,7 @@ def _moments_op(MPI):
 
 def limit_threads():
     """One thread per process for numba and the BLAS (under MPI the ranks already fill the cores)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        pass
-    else:
-        threadpool_limits(1)
-    if backend.fast():
-        import numba
-
-        numba.set_num_threads(1)
+    threads.set_num_threads(1)
 
 
 @contextlib.contextmanager

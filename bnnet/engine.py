@@ -18,6 +18,9 @@ Both backends run the same plan: the operations inside the steps go to the
 numba kernels or to the NumPy reference through bnnet.ops (bnnet.backend
 chooses), never through branches here or in the layers.
 
+Threads: before each forward and backward the plan tells bnnet.threads the
+size of its largest matrix product, which sets the BLAS threads for it.
+
 Checks: building a plan refuses layers that do not chain (each layer's
 input width must be the width the layers before it produce). Before every
 forward the plan re-checks every layer's arrays against its configuration
@@ -27,7 +30,7 @@ kernel runs. The kernels' own arguments are checked once more by bnnet.ops.
 """
 import numpy as np
 
-from . import backend
+from . import backend, threads
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear, _Activation
 
@@ -136,6 +139,9 @@ class Plan:
         self.steps = schedule(self.layers)
         ends = np.cumsum([len(step.layers) for step in self.steps]) - 1
         self._out_widths = [self.widths[e][1] for e in ends]  # output width of each step
+        # in * out of the widest Linear: a batch of N rows makes products of N * that multiply-adds
+        self._gemm_width = max([l.in_features * l.out_features for l in self.layers if isinstance(l, Linear)],
+                               default=0)
         self._buffers = {}  # ("out", k) or ("dx", 0/1) -> array kept across steps
         self._inputs = [None] * len(self.steps)
         self._out_shape = None
@@ -168,6 +174,7 @@ class Plan:
         if not isinstance(x, np.ndarray) or x.ndim != 2 or (width is not None and x.shape[1] != width):
             raise InputError(f"Sequential.forward: x must be (N, {width}), got {getattr(x, 'shape', type(x))}")
         self.check(train)
+        threads.for_gemm(x.shape[0] * self._gemm_width)
         last = len(self.steps) - 1
         for k, step in enumerate(self.steps):
             self._inputs[k] = x
@@ -190,6 +197,7 @@ class Plan:
             raise InputError(f"Sequential.backward: dy must have the shape of the last output "
                              f"{self._out_shape}, got {dy.shape}; call forward first")
         self.check(False)
+        threads.for_gemm(dy.shape[0] * self._gemm_width)
         for k in range(len(self.steps) - 1, -1, -1):
             step, x = self.steps[k], self._inputs[k]
             below = self.steps[k - 1] if k > 0 else None

@@ -41,6 +41,9 @@ from . import functional as F  # noqa: E402
 from . import optim_rules  # noqa: E402
 
 from .ops import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
+from .threads import numba_threads  # noqa: E402
+
+numba_threads()  # the process-wide limit of bnnet.set_num_threads
 
 # Above this many elements the parallel kernels are used. One core nearly
 # saturates memory bandwidth on our 2-core machines, so splitting rows gains

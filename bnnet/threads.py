@@ -1,0 +1,90 @@
+"""How many threads bnnet's operations use: one setting, and a rule per operation.
+
+    bnnet.set_num_threads(n)     # at most n threads for the BLAS and the numba kernels
+    bnnet.get_num_threads()
+
+The default is OMP_NUM_THREADS when it is set, else the number of cores this
+process may run on. Within that limit each operation takes what pays off:
+
+    GEMMs       the execution plan runs a model's step on one BLAS thread when its
+                largest matrix product is small (< SMALL_GEMM_MACS multiply-adds,
+                e.g. the paper's net at batch 60), on all threads otherwise;
+    kernels     batch-norm kernels split rows across threads only above
+                bnnet.kernels.PARALLEL_MIN_ELEMENTS elements.
+
+Why: small GEMMs gain little from a second thread on an idle machine (about
+10% for the paper's net), but when other processes keep the cores busy, BLAS
+threads that wait on each other make a step several times slower. One thread
+never waits. OpenBLAS is driven through threadpoolctl, the standard tool for
+BLAS thread pools; the numba pool is told once, when the kernels load.
+"""
+import os
+
+from .errors import HyperparameterError
+
+# Matrix products below this many multiply-adds (m * k * n) run on one BLAS thread.
+SMALL_GEMM_MACS = 1 << 23
+
+_limit = None  # threads allowed, None until first asked
+_blas = None  # threadpoolctl controllers of the BLAS libraries, [] when none can be driven
+_blas_now = None  # threads the BLAS was last set to
+
+
+def _default():
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads():
+    """The most threads any bnnet operation uses."""
+    global _limit
+    if _limit is None:
+        _limit = _default()
+    return _limit
+
+
+def set_num_threads(n):
+    """Use at most n >= 1 threads for the BLAS and the numba kernels (the whole process)."""
+    global _limit, _blas_now
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise HyperparameterError(f"set_num_threads: n must be an integer >= 1, got {n!r}")
+    _limit = n
+    _blas_now = None  # re-applied at the next product
+    import sys
+
+    if "numba" in sys.modules:  # else applied when the kernels load (bnnet.kernels calls numba_threads)
+        numba_threads()
+
+
+def numba_threads():
+    """Apply the limit to numba's pool (called when the kernels load and when the limit changes)."""
+    import numba
+
+    numba.set_num_threads(min(get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _controllers():
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # without threadpoolctl the BLAS keeps its own setting
+            _blas = []
+        else:
+            _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas
+
+
+def for_gemm(macs):
+    """Set the BLAS threads for matrix products of at most `macs` multiply-adds (a no-op when unchanged)."""
+    global _blas_now
+    n = 1 if macs < SMALL_GEMM_MACS else get_num_threads()
+    if n != _blas_now:
+        for lib in _controllers():
+            lib.set_num_threads(n)
+        _blas_now = n
