@@ -125,6 +125,35 @@ def startup(cache_dir):
             "steady_step_seconds": steady, "compile_or_load_seconds": first - steady}
 
 
+def _train_seconds(env):
+    """The training time `bnnet train --epochs 2` reports ("... in X s")."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, "-m", "bnnet", "train", "--epochs", "2", "--quiet", "--out", out],
+                              env=env, capture_output=True, text=True, check=True)
+    return float(proc.stdout.rsplit(" in ", 1)[1].split(" s")[0])
+
+
+def busy_section(cores, rounds, log):
+    """2 epochs of bnnet train, idle and next to `cores` busy-loop processes, with the default
+    threads and with OPENBLAS_NUM_THREADS=1; rounds alternate idle and busy."""
+    settings = {"default threads": dict(os.environ), "OPENBLAS_NUM_THREADS=1": dict(os.environ, OPENBLAS_NUM_THREADS="1")}
+    times = {k: {"idle": [], "busy": []} for k in settings}
+    for _ in range(rounds):
+        for name, env in settings.items():
+            times[name]["idle"].append(_train_seconds(env))
+        loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+        try:
+            time.sleep(0.5)
+            for name, env in settings.items():
+                times[name]["busy"].append(_train_seconds(env))
+        finally:
+            for p in loops:
+                p.kill()
+    out = {k: {m: statistics.median(v) for m, v in t.items()} for k, t in times.items()}
+    log("busy", json.dumps(out))
+    return out
+
+
 def mpi_section(quick, log):
     """Run benchmarks/mpi_step.py under this environment's mpiexec for each net and rank count."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -176,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
-    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,mpi",
+    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,busy,mpi",
                     help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -227,19 +256,30 @@ def main(argv=None):
                 entry[lib] = {**r, "threads": th, "ns_per_element": r["median"] / (n * d) * 1e9,
                               "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9}
                 entry[lib]["pct_bandwidth"] = 100 * entry[lib]["GBps"] / bandwidth
+            if "bnnet" in libs:  # the public layer writing into the caller's buffers (out=)
+                r = summarize(sum((ours.ask(task="bn", shape=[n, d], reps=reps, out=True,
+                                            min_seconds=0.2 if args.quick else 0.5)["times"]
+                                   for _ in range(rounds)), []))
+                entry["bnnet-out"] = {**r, "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9}
+                entry["bnnet-out"]["pct_bandwidth"] = 100 * entry["bnnet-out"]["GBps"] / bandwidth
             report["bn"][f"{n}x{d}"] = entry
             o = entry["bnnet"]
             row = [f"{n}x{d}", f"{o['min']*1e6:.0f} / {o['median']*1e6:.0f}", f"{o['ns_per_element']:.2f}",
                    f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)"]
             for peer in [l for l in libs if l != "bnnet"]:
                 row.append(f"{entry[peer]['median']*1e6:.0f} us = **{entry[peer]['median'] / o['median']:.2f}x**")
+            if "bnnet-out" in entry:
+                q = entry["bnnet-out"]
+                torch_ratio = f", torch/this **{entry['torch']['median'] / q['median']:.2f}x**" if "torch" in entry else ""
+                row.append(f"{q['median']*1e6:.0f} us, {q['pct_bandwidth']:.0f}% bw{torch_ratio}")
             bn_rows.append(row)
             log(row)
         md.append("" if not bn_rows else "\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
                   f"GB/s at {BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth); each peer: median and "
                   "its time divided by bnnet's (> 1: bnnet is faster).\n\n")
         if bn_rows:
-            md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"], bn_rows))
+            md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"]
+                                + (["bnnet with out="] if "bnnet" in libs else []), bn_rows))
         # flatness: bnnet's ns/element as the batch grows at D = 100
         if "bnnet" in libs and "flat" in only:
             rows = [10_000, 30_000, 100_000, 300_000] + ([] if args.quick else [1_000_000])
@@ -268,6 +308,10 @@ def main(argv=None):
             roof = flops / (gemm["2048x2048x2048"] * 1e9) + nbytes / (bandwidth * 1e9)
             entry["roofline"] = {"gemm_flops": flops, "bn_bytes": nbytes, "seconds": roof,
                                  "bnnet_fraction": roof / entry["bnnet"]["median"]}
+            bw_ = workers[("bnnet", entry["bnnet"]["threads"])]
+            g = summarize(sum((bw_.ask(task="gemms", reps=reps * 5, min_seconds=0.5, **net)["times"]
+                               for _ in range(rounds)), []))
+            entry["gemm_share"] = g["median"] / entry["bnnet"]["median"]
             report["step"][name] = entry
             o = entry["bnnet"]
             row = [name, f"{'-'.join(map(str, net['sizes']))} {net['activation']}, batch {net['batch']}",
@@ -276,13 +320,15 @@ def main(argv=None):
                 row.append(f"{entry[peer]['samples_per_s']:,.0f} ({entry[peer]['threads']} thr) = "
                            f"**{o['samples_per_s'] / entry[peer]['samples_per_s']:.2f}x**")
             row.append(f"{net['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%")
+            row.append(f"{100 * entry['gemm_share']:.0f}%")
             step_rows.append(row)
             log(row)
         md.append("" if not step_rows else "\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
                   "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's matmul FLOPs at "
                   "the measured 2048^3 sgemm rate plus its BN bytes at the measured bandwidth.\n\n")
         if step_rows:
-            md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"] + ["roofline"], step_rows))
+            md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"]
+                                + ["roofline", "GEMMs' share of bnnet's step"], step_rows))
 
         # same with the BLAS overrides unset, if this environment sets them
         if any(os.environ.get(v) for v in BLAS_OVERRIDES) and "bnnet" in libs and "step" in only:
@@ -348,6 +394,17 @@ def main(argv=None):
         md.append(fmt_table(["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
                             [[k, f"{v['process_seconds']:.2f}", f"{v['import_seconds']:.2f}", f"{v['first_step_seconds']:.2f}",
                               f"{v['compile_or_load_seconds']:.2f}"] for k, v in report["startup"].items()]))
+        log(md[-1])
+
+    # 5b. a busy machine: `bnnet train` for 2 epochs alone and next to busy-loop processes
+    if "bnnet" in libs and "busy" in only:
+        report["busy"] = busy_section(cores, rounds, log)
+        b = report["busy"]
+        md.append("\n## `bnnet train --epochs 2` on a busy machine (training seconds, median of "
+                  f"{rounds} runs each)\n\n")
+        md.append(fmt_table(["setting", "idle", f"next to {cores} busy loops", "slowdown"],
+                            [[k, f"{v['idle']:.2f}", f"{v['busy']:.2f}", f"**{v['busy'] / v['idle']:.2f}x**"]
+                             for k, v in b.items()]))
         log(md[-1])
 
     # 6. data-parallel training over MPI: 1, 2, 4 ranks, synchronized vs local BatchNorm

@@ -125,11 +125,13 @@ class Bnnet:
         x = rng.standard_normal((n, d), dtype=np.float32)
         dy = rng.standard_normal((n, d), dtype=np.float32)
         layer = BatchNorm(d)
-        layer.reuse_buffers = True  # as inside a model: outputs go to buffers kept across steps
+        # The public API: forward/backward return new arrays, or write into `out` when given
+        # (task "out": the caller's own buffers, as PyTorch's out= variants).
+        y_buf, dx_buf = (np.empty_like(x), np.empty_like(x)) if task.get("out") else (None, None)
 
         def step():
-            layer._forward(x, True)
-            layer._backward(dy, True)
+            layer.forward(x, True, out=y_buf)
+            layer.backward(dy, out=dx_buf)
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
 
@@ -151,6 +153,29 @@ class Bnnet:
             opt.step(model)
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+
+    def gemms(self, task):
+        """The step's matrix products alone, back to back, with the BLAS threads the plan would use:
+        forward x @ W, dW = x.T @ dz and dx = dz @ W.T (not for the first layer)."""
+        bnnet = self.bnnet
+        sizes, batch = task["sizes"], task["batch"]
+        rng = np.random.default_rng(0)
+        acts = [rng.random((batch, d), dtype=np.float32) for d in sizes]
+        Ws = [rng.random((i, o), dtype=np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+        outs = [np.empty((batch, o), np.float32) for o in sizes[1:]]
+        dWs = [np.empty_like(W) for W in Ws]
+        dxs = [np.empty((batch, i), np.float32) for i in sizes[:-1]]
+        bnnet.threads.for_gemm(batch * max(i * o for i, o in zip(sizes[:-1], sizes[1:])))
+
+        def run():
+            for l, W in enumerate(Ws):
+                np.matmul(acts[l], W, out=outs[l])
+            for l in range(len(Ws) - 1, -1, -1):
+                np.matmul(acts[l].T, acts[l + 1], out=dWs[l])
+                if l:
+                    np.matmul(acts[l + 1], Ws[l].T, out=dxs[l])
+
+        return {"times": timed(run, task["reps"], task.get("min_seconds", 1.0))}
 
     def predict(self, task):
         """Eval-mode prediction of a trained net, with and without BatchNorm folded into the Linears."""

@@ -38,21 +38,40 @@ class Layer:
 
     # -- the public, checked calls --------------------------------------------
 
-    def forward(self, x, train):
-        """y = layer(x), a new array. train: True for training behaviour (batch statistics), False for eval."""
+    def forward(self, x, train, out=None):
+        """y = layer(x). train: True for training behaviour (batch statistics), False for eval.
+
+        Returns a new array, or `out` when given: an array of the output's shape and
+        dtype to write into (not overlapping x), for callers that reuse their own buffers.
+        """
         x = self._input(x, self.in_width())
         self.check_state(train)
-        return self._forward(x, train)
+        if out is None:
+            return self._forward(x, train)
+        out = _check_out(self.name, "out", out, (x.shape[0], self.out_width(x.shape[1])), x.dtype)
+        y = self._forward(x, train, out=out)
+        if y is not out:
+            out[...] = y
+        return out
 
-    def backward(self, dy, input_grad=True):
-        """dL/dx (a new array) from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx."""
+    def backward(self, dy, input_grad=True, out=None):
+        """dL/dx from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx.
+
+        Returns a new array, or `out` when given (an array shaped like the forward's input).
+        """
         out_shape = self._cached_output_shape()
         dtype = getattr(self, "dtype", None)
         dy = np.asarray(dy) if dtype is None else as_float_array(dy, "dy", self.name, dtype)
         if dy.shape != out_shape:
             raise InputError(f"{self.name}: dy must have the shape of the last output {out_shape}, got {dy.shape}")
         self.check_state(False)
-        return self._backward(dy, input_grad)
+        if out is None:
+            return self._backward(dy, input_grad)
+        out = _check_out(self.name, "out", out, self._cached_input_shape(), dy.dtype)
+        dx = self._backward(dy, True, dx_out=out)
+        if dx is not out:
+            out[...] = dx
+        return out
 
     # -- what subclasses define -------------------------------------------------
 
@@ -112,6 +131,9 @@ class Layer:
     def _cached_output_shape(self):
         return self._cached()[0].shape
 
+    def _cached_input_shape(self):
+        return self._cached()[1].shape if len(self._cached()) > 1 else self._cached()[0].shape
+
     def _grad(self, key):
         """The array grads[key] is written into: kept across steps when it is a writable C-contiguous
         array shaped like params[key], else replaced by a new one."""
@@ -140,6 +162,13 @@ class Layer:
             state[kind] = {k: v if v.flags.writeable else np.array(v) for k, v in state[kind].items()}
         state.pop("_scratch_arrays", None)
         self.__dict__.update(state)
+
+
+def _check_out(owner, name, out, shape, dtype):
+    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.writeable):
+        raise InputError(f"{owner}: {name} must be a writable {np.dtype(dtype).name} array of shape {shape}, "
+                         f"got {_describe(out)}")
+    return out
 
 
 def _describe(a):
