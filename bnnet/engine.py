@@ -22,10 +22,11 @@ Threads: before each forward and backward the plan tells bnnet.threads the
 size of its largest matrix product, which sets the BLAS threads for it.
 
 Checks: building a plan refuses layers that do not chain (each layer's
-input width must be the width the layers before it produce). Before every
-forward the plan re-checks every layer's arrays against its configuration
-(Layer.check_state: shape, dtype, layout of each params/buffers entry) and
-the chain, so an assignment into the dicts between steps is caught before a
+input width must be the width the layers before it produce; a layer replaced
+in model.layers makes model.plan() build a new plan). Before every forward
+and backward the plan re-checks every layer's arrays against its
+configuration (Layer.check_state: shape, dtype, layout of each params/buffers
+entry), so an assignment into the dicts between steps is caught before a
 kernel runs. The kernels' own arguments are checked once more by bnnet.ops.
 """
 import numpy as np
@@ -152,8 +153,7 @@ class Plan:
                 and all(a is b for a, b in zip(model.layers, self.layers)))
 
     def check(self, train):
-        """Every layer's arrays against its configuration, and the chain (a few comparisons per array)."""
-        check_chain(self.layers)
+        """Every layer's arrays against its configuration (a few comparisons per array)."""
         for layer in self.layers:
             layer.check_state(train)
 

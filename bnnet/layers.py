@@ -108,7 +108,7 @@ class Layer:
         """
         for (kind, key), (shape, dtype) in self.state_spec().items():
             a = getattr(self, kind).get(key)
-            if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype
+            if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != _DTYPES[dtype]
                     or not a.flags.c_contiguous or (train and kind == "buffers" and not a.flags.writeable)):
                 raise InputError(f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
                                  f" {np.dtype(dtype).name} array of shape {shape}, got {_describe(a)}")
@@ -162,6 +162,9 @@ class Layer:
             state[kind] = {k: v if v.flags.writeable else np.array(v) for k, v in state[kind].items()}
         state.pop("_scratch_arrays", None)
         self.__dict__.update(state)
+
+
+_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), np.int64: np.dtype(np.int64)}
 
 
 def _check_out(owner, name, out, shape, dtype):

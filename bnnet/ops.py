@@ -32,23 +32,30 @@ def _fail(op, what):
 
 
 def _input(op, x, rows=None):
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.name not in ("float32", "float64"):
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.char not in "fd":  # float32, float64
         _fail(op, f"x must be a 2-D float32/float64 array, got {_describe(x)}")
     return x.shape[1]
 
 
 def _same(op, names, arrays, x, write=False):
-    for name, a in zip(names.split(), arrays):
-        if not isinstance(a, np.ndarray) or a.shape != x.shape or a.dtype != x.dtype:
-            _fail(op, f"{name} must be {x.dtype} of shape {x.shape}, got {_describe(a)}")
-        if write and not a.flags.writeable:
-            _fail(op, f"{name} is read-only; it receives the result")
+    """Each array is like x (shape and dtype); writable if it receives a result."""
+    _check(op, names, arrays, x.shape, x.dtype, write)
 
 
 def _per_feature(op, names, arrays, d, dtype, write=False):
+    """Each array is (d,) of `dtype`; writable if it receives a result."""
+    _check(op, names, arrays, (d,), dtype, write)
+
+
+def _check(op, names, arrays, shape, dtype, write):
+    for a in arrays:  # the common case, fast: no strings built
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or (write and not a.flags.writeable):
+            break
+    else:
+        return
     for name, a in zip(names.split(), arrays):
-        if not isinstance(a, np.ndarray) or a.shape != (d,) or a.dtype != dtype:
-            _fail(op, f"{name} must be {dtype} of shape ({d},), got {_describe(a)}")
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
+            _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {_describe(a)}")
         if write and not a.flags.writeable:
             _fail(op, f"{name} is read-only; it receives the result")
 
@@ -194,7 +201,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 
 def _update(op, p, g, *state):
-    if not (isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.name in ("float32", "float64")):
+    if not (isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.char in "fd"):
         _fail(op, f"the parameter must be a flat float32/float64 array, got {_describe(p)}")
     _per_feature(op, "parameter", (p,), p.size, p.dtype, write=True)
     _per_feature(op, "gradient", (g,), p.size, p.dtype)

@@ -134,14 +134,14 @@ class Optimizer:
         owner = type(self).__name__
         if g is None:
             raise RuntimeError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
-        if not (isinstance(p, np.ndarray) and p.dtype.name in ("float32", "float64") and p.flags.c_contiguous
+        if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous
                 and p.flags.writeable):
             raise InputError(f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
                              f"array, got {_describe(p)}")
-        g = np.asarray(g)
-        if g.shape != p.shape:
-            raise InputError(f"{owner}.step: the gradient of {name!r} has shape {g.shape}, the parameter {p.shape}")
-        g = np.ascontiguousarray(g, dtype=p.dtype)
+        if not isinstance(g, np.ndarray) or g.shape != p.shape:
+            raise InputError(f"{owner}.step: the gradient of {name!r} has shape {np.shape(g)}, the parameter {p.shape}")
+        if g.dtype != p.dtype or not g.flags.c_contiguous:
+            g = np.ascontiguousarray(g, dtype=p.dtype)
         state = self.state.setdefault(name, {})
         for key in self.state_names:
             a = state.get(key)
