@@ -228,7 +228,6 @@ class SyncBatchNorm(BatchNorm):
         out = out if out is not None else np.empty_like(x)
         ops.bn_apply(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, stats[0], stats[1], out,
                      stats[2])
-        self.batch_stats = (stats[0], stats[1])
         self._cache = ("sync", x, out, stats, act, slope, n)
         return out
 

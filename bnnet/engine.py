@@ -24,7 +24,7 @@ size of its largest matrix product, which sets the BLAS threads for it.
 Checks: building a plan refuses layers that do not chain (each layer's
 input width must be the width the layers before it produce; a layer replaced
 in model.layers makes model.plan() build a new plan). Before every forward
-and backward the plan re-checks every layer's arrays against its
+the plan re-checks every layer's arrays against its
 configuration (Layer.check_state: shape, dtype, layout of each params/buffers
 entry), so an assignment into the dicts between steps is caught before a
 kernel runs. The kernels' own arguments are checked once more by bnnet.ops.
@@ -196,7 +196,9 @@ class Plan:
         if self._out_shape is None or dy.shape != self._out_shape:
             raise InputError(f"Sequential.backward: dy must have the shape of the last output "
                              f"{self._out_shape}, got {dy.shape}; call forward first")
-        self.check(False)
+        # (no re-check of the layers here: every array a kernel reads or writes in backward is
+        # checked by bnnet.ops, matrix products check their own shapes, and grads are replaced
+        # when they do not fit)
         threads.for_gemm(dy.shape[0] * self._gemm_width)
         for k in range(len(self.steps) - 1, -1, -1):
             step, x = self.steps[k], self._inputs[k]

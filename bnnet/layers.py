@@ -339,8 +339,14 @@ class BatchNorm(Layer):
 
     def _update_running(self, mean, var, m):
         """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
-        ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], np.asarray(mean, np.float64),
-                           np.asarray(var, np.float64), *self._running_update_args(m))
+        mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+        ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
+                           *self._running_update_args(m))
+        self._count_batch(mean, var)
+
+    def _count_batch(self, mean, var):
+        """After a running update: keep the batch's statistics (for recompute_bn_stats) and count it."""
+        self.batch_stats = (mean, var)
         self.buffers["count"] += 1
 
     def _forward(self, x, train, out=None, activation=None):
@@ -357,8 +363,7 @@ class BatchNorm(Layer):
         ops.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
                        self.buffers["running_mean"], self.buffers["running_var"], decay, correction, out, *stats)
         if train:
-            self.batch_stats = (stats[0], stats[1])
-            self.buffers["count"] += 1
+            self._count_batch(stats[0], stats[1])
         self._cache = (out, x, stats, train, act, slope)
         return out
 

@@ -66,7 +66,6 @@ class BatchRenorm(BatchNorm):
         _, (x_norm, inv_std) = F.batch_norm_apply(x, 1.0, 0.0, mean, var, self.eps)  # (x - mu_B) / sigma_B
         x_hat = x_norm * r.astype(x.dtype) + d.astype(x.dtype)
         y = self.params["gamma"] * x_hat + self.params["beta"]
-        self.batch_stats = (mean, var)
         self.renorm = (r, d)
         self._update_running(mean, var, x.shape[0])
         self._cache = ("renorm", x, (x_norm, inv_std), x_hat, r.astype(x.dtype))
