@@ -201,8 +201,6 @@ class SyncBatchNorm(BatchNorm):
             return True  # the global batch size is checked after the merge
         return super()._effective_train(x, train)
 
-    writes_out = True  # _forward writes into the array an execution plan gives it
-
     def _global_moments(self, x):
         """(n, mean, biased var) of the global batch; mean, var float64 (D,)."""
         d = self.num_features

@@ -70,9 +70,7 @@ class Step:
     def __init__(self, layer, activation=None):
         self.layer, self.activation = layer, activation
         self.layers = (layer,) if activation is None else (layer, activation)
-        # BatchNorm and Linear write into the array given; the others return their own.
-        self.writes_out = type(layer)._forward in (BatchNorm._forward, Linear._forward) or \
-            getattr(type(layer), "writes_out", False)
+        self.writes_out = layer.writes_out  # writes into the array it is given (else returns its own)
         # The backward of every step but a plain Linear reads the step's output (activation
         # gradients are written from it; BatchNorm kernels read it), so it must stay intact.
         self.needs_output = not (isinstance(layer, Linear) and activation is None)
@@ -82,7 +80,7 @@ class Step:
     def forward(self, x, train, out):
         if self.activation is not None:
             return self.layer._forward(x, train, out=out, activation=self.activation)
-        return self.layer._forward(x, train, out=out) if self.writes_out else self.layer._forward(x, train)
+        return self.layer._forward(x, train, out=out)
 
     def backward(self, dy, input_grad, dx_out):
         return self.layer._backward(dy, input_grad, dx_out=dx_out)
@@ -145,6 +143,7 @@ class Plan:
                                default=0)
         self._buffers = {}  # ("out", k) or ("dx", 0/1) -> array kept across steps
         self._inputs = [None] * len(self.steps)
+        self._owned = [False] * len(self.steps)  # whether step k's input is one of the plan's buffers
         self._out_shape = None
 
     def matches(self, model):
@@ -176,12 +175,14 @@ class Plan:
         self.check(train)
         threads.for_gemm(x.shape[0] * self._gemm_width)
         last = len(self.steps) - 1
+        owned = False  # the model's input belongs to the caller
         for k, step in enumerate(self.steps):
-            self._inputs[k] = x
+            self._inputs[k], self._owned[k] = x, owned
             out = None
             if k < last and step.writes_out:
                 out = self._buffer(("out", k), (x.shape[0], self._out_widths[k]), x.dtype)
             x = step.forward(x, train, out)
+            owned = out is not None and x is out
             if check_finite and not np.isfinite(x).all():
                 raise NonFiniteError(f"{step.name} produced NaN or Inf")
         self._out_shape = x.shape
@@ -203,10 +204,12 @@ class Plan:
         for k in range(len(self.steps) - 1, -1, -1):
             step, x = self.steps[k], self._inputs[k]
             below = self.steps[k - 1] if k > 0 else None
-            if below is not None and step.dx_over_input and below.writes_out and not below.needs_output:
-                dx_out = x  # the step below's output buffer, dead once this step has read it
-            else:
-                dx_out = self._buffer(("dx", k % 2), x.shape, x.dtype)  # alternate: dy of this step is the other one
+            if k == 0 and not input_grad:
+                dx_out = None  # nobody reads the model's dx (a first Linear skips it)
+            elif step.dx_over_input and self._owned[k] and not below.needs_output:
+                dx_out = x  # the step below's output, a buffer of the plan, dead once this step has read it
+            else:  # alternate between two buffers per shape: this step's dy may sit in the other one
+                dx_out = self._buffer(("dx", x.shape, k % 2), x.shape, x.dtype)
             dy = step.backward(dy, input_grad or k > 0, dx_out)
         self._out_shape = None  # the buffers of this forward are spent: a second backward needs a new forward
         return dy.copy() if input_grad else None

@@ -29,6 +29,8 @@ from .errors import HyperparameterError, InputError
 class Layer:
     """Base class: the three dicts, a display name (set by Sequential) and the checks."""
 
+    writes_out = False  # _forward writes into the `out` array it is given (else it returns a new one)
+
     def __init__(self):
         self.params = {}
         self.grads = {}
@@ -212,6 +214,8 @@ class Linear(Layer):
     Shapes: x (N, in_features) -> z (N, out_features).
     """
 
+    writes_out = True
+
     def __init__(self, in_features, out_features, bias=True, init="he", std=None, rng=None, dtype="float32"):
         super().__init__()
         self.in_features = check_int("Linear", "in_features", in_features, low=1)
@@ -294,6 +298,7 @@ class BatchNorm(Layer):
     """
 
     fusable = True  # an execution plan may run it with the activation after it in one pass (variants set False)
+    writes_out = True
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False):
         super().__init__()

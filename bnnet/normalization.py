@@ -40,6 +40,7 @@ class BatchRenorm(BatchNorm):
     """
 
     fusable = False
+    writes_out = False
 
     def __init__(self, num_features, r_max=3.0, d_max=5.0, warmup=0, eps=1e-5, decay=0.9, running_var="unbiased",
                  dtype="float32", frozen=False):
@@ -102,6 +103,7 @@ class GhostBatchNorm(BatchNorm):
     """
 
     fusable = False
+    writes_out = False
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5, decay=0.9, running_var="unbiased",
                  dtype="float32", frozen=False):
