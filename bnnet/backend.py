@@ -80,13 +80,6 @@ def impl():
     return module
 
 
-def kernels():
-    """The bnnet.kernels module (numba), whatever the active backend."""
-    from . import kernels as module
-
-    return module
-
-
 def fast():
     """True when the numba kernels serve bnnet.ops."""
     return (_requested or get_backend()) == "numba"

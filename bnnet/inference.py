@@ -112,7 +112,8 @@ def fold_batchnorm(model):
         if isinstance(layer, Linear) and isinstance(nxt, BatchNorm):
             W = layer.params["W"].astype(np.float64)
             b = layer.params["b"].astype(np.float64) if layer.bias else 0.0
-            s = nxt.params["gamma"].astype(np.float64) / np.sqrt(nxt.buffers["running_var"].astype(np.float64) + nxt.eps)
+            s = nxt.params["gamma"].astype(np.float64) * F.inverse_std(nxt.buffers["running_var"].astype(np.float64),
+                                                                       nxt.eps)
             folded = Linear(layer.in_features, layer.out_features, bias=True, rng=0, dtype=layer.dtype)
             folded.params["W"][...] = W * s
             folded.params["b"][...] = nxt.params["beta"] + (b - nxt.buffers["running_mean"]) * s

@@ -59,11 +59,11 @@ class BatchRenorm(BatchNorm):
         if not train:
             return super()._forward(x, False)
         mean, var = F._moments_wide(x, 0, False)  # (D,) float64
-        sigma_b = np.sqrt(var + self.eps)
-        sigma = np.sqrt(self.buffers["running_var"].astype(np.float64) + self.eps)
+        inv_sigma_b = F.inverse_std(var, self.eps)  # 1 / sigma_B
+        inv_sigma = F.inverse_std(self.buffers["running_var"].astype(np.float64), self.eps)  # 1 / sigma
         r_max, d_max = self.clipping()
-        r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
-        d = np.clip((mean - self.buffers["running_mean"]) / sigma, -d_max, d_max)
+        r = np.clip(inv_sigma / inv_sigma_b, 1.0 / r_max, r_max)  # sigma_B / sigma
+        d = np.clip((mean - self.buffers["running_mean"]) * inv_sigma, -d_max, d_max)
         _, (x_norm, inv_std) = F.batch_norm_apply(x, 1.0, 0.0, mean, var, self.eps)  # (x - mu_B) / sigma_B
         x_hat = x_norm * r.astype(x.dtype) + d.astype(x.dtype)
         y = self.params["gamma"] * x_hat + self.params["beta"]
