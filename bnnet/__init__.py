@@ -20,7 +20,8 @@ from .threads import get_num_threads, set_num_threads
 from .train import evaluate, fit
 
 __all__ = [
-    "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "ops", "optim",
+    "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "normalization", "ops",
+    "optim",
     "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats", "export_onnx",
     "Sequential", "mlp", "fit", "evaluate", "save", "load", "set_num_threads", "get_num_threads",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",

@@ -5,39 +5,27 @@ Same signatures and same results as the numba kernels of bnnet.kernels
 into the arrays passed in. This is the readable reference the kernels are
 tested against; bnnet.ops checks the arguments before either runs.
 """
-import numpy as np
-
 from . import functional as F
 from . import optim_rules
+from .ops import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
 
-# Activation codes (shared with bnnet.kernels and the activation layers).
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+# code -> (g(z, slope), g'(z) written from a = g(z), slope); IDENTITY is absent: nothing to apply.
+_ACTIVATIONS = {
+    RELU: (lambda z, s: F.relu(z), lambda a, s: F.relu_grad(a)),
+    LEAKY_RELU: (F.leaky_relu, F.leaky_relu_grad),
+    SIGMOID: (lambda z, s: F.sigmoid(z), lambda a, s: F.sigmoid_grad_from_output(a)),
+    TANH: (lambda z, s: F.tanh(z), lambda a, s: F.tanh_grad_from_output(a)),
+}
 
 
 def activate(z, act, slope):
     """a = g(z) for an activation code."""
-    if act == RELU:
-        return F.relu(z)
-    if act == LEAKY_RELU:
-        return F.leaky_relu(z, slope)
-    if act == SIGMOID:
-        return F.sigmoid(z)
-    if act == TANH:
-        return F.tanh(z)
-    return z
+    return _ACTIVATIONS[act][0](z, slope) if act in _ACTIVATIONS else z
 
 
 def activation_grad(a, act, slope):
     """da/dz from the output a = g(z); None for the identity (nothing to multiply by)."""
-    if act == RELU:
-        return F.relu_grad(a)
-    if act == LEAKY_RELU:
-        return F.leaky_relu_grad(a, slope)
-    if act == SIGMOID:
-        return F.sigmoid_grad_from_output(a)
-    if act == TANH:
-        return F.tanh_grad_from_output(a)
-    return None
+    return _ACTIVATIONS[act][1](a, slope) if act in _ACTIVATIONS else None
 
 
 def _upstream(da, a, act, slope):
