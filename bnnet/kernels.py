@@ -43,8 +43,6 @@ from . import optim_rules  # noqa: E402
 from .ops import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
 from .threads import numba_threads  # noqa: E402
 
-numba_threads()  # the process-wide limit of bnnet.set_num_threads
-
 # Above this many elements the parallel kernels are used. One core nearly
 # saturates memory bandwidth on our 2-core machines, so splitting rows gains
 # little below about two million elements, and right after a GEMM (OpenBLAS's own
@@ -497,7 +495,7 @@ def _chunks(x):
     """
     if x.size < PARALLEL_MIN_ELEMENTS:
         return 0
-    threads = numba.get_num_threads()
+    threads = numba_threads()  # bnnet.set_num_threads's limit
     return threads if threads > 1 else 0
 
 

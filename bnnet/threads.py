@@ -16,7 +16,7 @@ Why: small GEMMs gain little from a second thread on an idle machine (about
 10% for the paper's net), but when other processes keep the cores busy, BLAS
 threads that wait on each other make a step several times slower. One thread
 never waits. OpenBLAS is driven through threadpoolctl, the standard tool for
-BLAS thread pools; the numba pool is told once, when the kernels load.
+BLAS thread pools; the numba pool is told when a parallel kernel first runs.
 """
 import os
 
@@ -54,18 +54,18 @@ def set_num_threads(n):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise HyperparameterError(f"set_num_threads: n must be an integer >= 1, got {n!r}")
     _limit = n
-    _blas_now = None  # re-applied at the next product
-    import sys
-
-    if "numba" in sys.modules:  # else applied when the kernels load (bnnet.kernels calls numba_threads)
-        numba_threads()
+    _blas_now = None  # applied at the next matrix product; numba's pool at the next parallel kernel
 
 
 def numba_threads():
-    """Apply the limit to numba's pool (called when the kernels load and when the limit changes)."""
+    """Threads for a parallel kernel: the limit, applied to numba's pool (started only when
+    a kernel first needs it, which keeps small runs from starting it at all)."""
     import numba
 
-    numba.set_num_threads(min(get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    n = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
 
 
 def _controllers():

@@ -299,3 +299,28 @@ def test_kernels_never_index_out_of_range_with_boundscheck(tmp_path):
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_resume_from_a_checkpoint_with_wrong_optimizer_state_is_one_line(tmp_path):
+    """bnnet train --resume with an optimizer moment of the wrong shape: one error line, exit 1."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bnnet", "train", "--epochs", "1", "--hidden", "8", "--quiet",
+                           "--checkpoint-every", "5", "--out", str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = run / "model.safetensors"
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in arrays if k.startswith("optimizer/") and k.endswith("/m"))
+    arrays[key] = np.zeros(3, arrays[key].dtype)  # a moment far smaller than its parameter
+    meta_fit = json.loads(meta["bnnet"])
+    meta_fit["user"]["fit"]["epoch"] = 1  # mid-run, so that training continues
+    meta_fit["user"]["fit"]["batch"] = 5
+    save_file(arrays, str(path), metadata={"bnnet": json.dumps(meta_fit)})
+    proc = subprocess.run([sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.count("\n") == 1 and "must be a writable C-contiguous" in proc.stderr, proc.stderr
