@@ -24,10 +24,12 @@ size of its largest matrix product, which sets the BLAS threads for it.
 Checks: building a plan refuses layers that do not chain (each layer's
 input width must be the width the layers before it produce; a layer replaced
 in model.layers makes model.plan() build a new plan). Before every forward
-the plan re-checks every layer's arrays against its
-configuration (Layer.check_state: shape, dtype, layout of each params/buffers
-entry), so an assignment into the dicts between steps is caught before a
-kernel runs. The kernels' own arguments are checked once more by bnnet.ops.
+the plan makes sure every layer's arrays are what its configuration implies
+(Layer.check_state: shape, dtype, layout of each params/buffers entry): in
+full when an array was replaced or reshaped since the last check, by identity
+and shape otherwise. So an assignment into the dicts between steps is caught
+before a kernel runs. The kernels' own arguments are checked once more by
+bnnet.ops.
 """
 import numpy as np
 
@@ -145,6 +147,7 @@ class Plan:
         self._inputs = [None] * len(self.steps)
         self._owned = [False] * len(self.steps)  # whether step k's input is one of the plan's buffers
         self._out_shape = None
+        self._accepted, self._accepted_train = [], False  # arrays the last full check accepted
 
     def matches(self, model):
         """Still valid for `model`: the same layer objects, in order, and the same backend."""
@@ -152,9 +155,24 @@ class Plan:
                 and all(a is b for a, b in zip(model.layers, self.layers)))
 
     def check(self, train):
-        """Every layer's arrays against its configuration (a few comparisons per array)."""
+        """Every layer's arrays against its configuration.
+
+        The full check (Layer.check_state) runs when the plan is new or an array was
+        replaced or reshaped since the last one; otherwise each array's identity and
+        shape are compared with what that check accepted (two comparisons per array).
+        """
+        for layer, kind, key, a, shape in self._accepted:
+            b = getattr(layer, kind).get(key)
+            if b is not a or b.shape != shape:
+                break
+        else:
+            if self._accepted and (not train or self._accepted_train):
+                return
         for layer in self.layers:
             layer.check_state(train)
+        self._accepted = [(layer, kind, key, getattr(layer, kind)[key], getattr(layer, kind)[key].shape)
+                          for layer in self.layers for kind, key in layer.state_spec()]
+        self._accepted_train = train  # (train mode also requires writable buffers)
 
     def _buffer(self, key, shape, dtype):
         buf = self._buffers.get(key)

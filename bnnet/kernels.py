@@ -579,8 +579,15 @@ sgd, momentum, rmsprop, adam = _sgd, _momentum, _rmsprop, _adam
 
 @njit(**_OPTS)
 def softmax_cross_entropy(logits, labels, dlogits):
-    """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits."""
+    """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits.
+
+    Returns -1.0 (a loss can never be negative) without writing anything if a label is outside
+    [0, C): the labels index the logits, so they are checked here, in the same pass that reads them.
+    """
     n, c = logits.shape
+    for i in range(n):
+        if labels[i] < 0 or labels[i] >= c:
+            return -1.0
     total = 0.0
     for i in range(n):
         zi = logits[i]

@@ -195,9 +195,10 @@ def softmax_cross_entropy(logits, labels, dlogits):
     _same("softmax_cross_entropy", "dlogits", (dlogits,), logits, write=True)
     if not (isinstance(labels, np.ndarray) and labels.shape == (n,) and labels.dtype.kind in "iu"):
         _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {_describe(labels)}")
-    if n and (labels.min() < 0 or labels.max() >= c):
+    loss = float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))  # checks the labels' range
+    if loss < 0:
         _fail("softmax_cross_entropy", f"labels must be in [0, {c}), got values in [{labels.min()}, {labels.max()}]")
-    return float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))
+    return loss
 
 
 def _update(op, p, g, *state):

@@ -9,7 +9,7 @@ time a parameter is updated, and is keyed by the parameter's dotted name.
 """
 import numpy as np
 
-from . import ops
+from . import backend
 from ._checks import check_int, check_number
 from .errors import CheckpointError, HyperparameterError, InputError
 
@@ -89,8 +89,9 @@ class Optimizer:
             gamma, beta or biases, which set scale and offset, not capacity).
         schedule: None or a Schedule; the lr used at update t (t = 0, 1, ...) is lr * schedule(t).
 
-    The rules themselves are the functions of bnnet.optim_rules, run by
-    bnnet.ops (one compiled pass per parameter with the numba backend).
+    The rules themselves are the functions of bnnet.optim_rules, run by the
+    active backend (one compiled pass per parameter with the numba backend)
+    after `_checked` has verified every array.
     State (velocity, squared averages, ...) is created lazily, shaped like the
     parameter, and keyed by the parameter's dotted name.
     """
@@ -159,7 +160,12 @@ class Optimizer:
         return name, p, g, state
 
     def _update(self, p, g, state, lr, wd):
-        """The rule over flat p, g and the state arrays (weight decay wd added to g by the op)."""
+        """The rule over flat p, g and the state arrays (weight decay wd added to g by the kernel).
+
+        Subclasses call the backend's update directly (bnnet.kernels or bnnet.reference):
+        `_checked` has just verified every array it reads and writes, exactly as
+        bnnet.ops.sgd/momentum/rmsprop/adam would.
+        """
         raise NotImplementedError
 
     # -- saving and restoring ------------------------------------------------
@@ -203,7 +209,7 @@ class SGD(Optimizer):
     """Plain gradient descent: p -= lr * g."""
 
     def _update(self, p, g, state, lr, wd):
-        ops.sgd(p, g, lr, wd)
+        backend.impl().sgd(p, g, lr, wd)
 
 
 class Momentum(Optimizer):
@@ -224,7 +230,7 @@ class Momentum(Optimizer):
         self.beta = check_number("Momentum", "beta", beta, low=0, high=1, high_open=True)
 
     def _update(self, p, g, state, lr, wd):
-        ops.momentum(p, g, _flat(state["v"]), lr, self.beta, wd)
+        backend.impl().momentum(p, g, _flat(state["v"]), lr, self.beta, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta}
@@ -244,7 +250,7 @@ class RMSprop(Optimizer):
         self.eps = check_number("RMSprop", "eps", eps, low=0, low_open=True)
 
     def _update(self, p, g, state, lr, wd):
-        ops.rmsprop(p, g, _flat(state["s"]), lr, self.beta, self.eps, wd)
+        backend.impl().rmsprop(p, g, _flat(state["s"]), lr, self.beta, self.eps, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta, "eps": self.eps}
@@ -271,8 +277,8 @@ class Adam(Optimizer):
 
     def _update(self, p, g, state, lr, wd):
         k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
-        ops.adam(p, g, _flat(state["m"]), _flat(state["v"]), lr, self.beta1, self.beta2, self.eps,
-                 1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
+        backend.impl().adam(p, g, _flat(state["m"]), _flat(state["v"]), lr, self.beta1, self.beta2, self.eps,
+                            1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}

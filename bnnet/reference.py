@@ -95,6 +95,8 @@ def bias_activation(z, b, act, slope):
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        return -1.0  # as the kernel: a label outside [0, C)
     loss, dlogits[...] = F.softmax_cross_entropy(logits, labels)
     return loss
 
