@@ -18,9 +18,6 @@ Both backends run the same plan: the operations inside the steps go to the
 numba kernels or to the NumPy reference through bnnet.ops (bnnet.backend
 chooses), never through branches here or in the layers.
 
-Threads: before each forward and backward the plan tells bnnet.threads the
-size of its largest matrix product, which sets the BLAS threads for it.
-
 Checks: building a plan refuses layers that do not chain (each layer's
 input width must be the width the layers before it produce; a layer replaced
 in model.layers makes model.plan() build a new plan). Before every forward
@@ -33,7 +30,7 @@ bnnet.ops.
 """
 import numpy as np
 
-from . import backend, threads
+from . import backend
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear, _Activation
 
@@ -140,9 +137,6 @@ class Plan:
         self.steps = schedule(self.layers)
         ends = np.cumsum([len(step.layers) for step in self.steps]) - 1
         self._out_widths = [self.widths[e][1] for e in ends]  # output width of each step
-        # in * out of the widest Linear: a batch of N rows makes products of N * that multiply-adds
-        self._gemm_width = max([l.in_features * l.out_features for l in self.layers if isinstance(l, Linear)],
-                               default=0)
         self._buffers = {}  # ("out", k) or ("dx", 0/1) -> array kept across steps
         self._inputs = [None] * len(self.steps)
         self._owned = [False] * len(self.steps)  # whether step k's input is one of the plan's buffers
@@ -191,7 +185,6 @@ class Plan:
         if not isinstance(x, np.ndarray) or x.ndim != 2 or (width is not None and x.shape[1] != width):
             raise InputError(f"Sequential.forward: x must be (N, {width}), got {getattr(x, 'shape', type(x))}")
         self.check(train)
-        threads.for_gemm(x.shape[0] * self._gemm_width)
         last = len(self.steps) - 1
         owned = False  # the model's input belongs to the caller
         for k, step in enumerate(self.steps):
@@ -218,7 +211,6 @@ class Plan:
         # (no re-check of the layers here: every array a kernel reads or writes in backward is
         # checked by bnnet.ops, matrix products check their own shapes, and grads are replaced
         # when they do not fit)
-        threads.for_gemm(dy.shape[0] * self._gemm_width)
         for k in range(len(self.steps) - 1, -1, -1):
             step, x = self.steps[k], self._inputs[k]
             below = self.steps[k - 1] if k > 0 else None

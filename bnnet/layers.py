@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from . import ops
+from . import ops, threads
 from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number
 from .errors import HyperparameterError, InputError
 
@@ -245,6 +245,7 @@ class Linear(Layer):
     def _forward(self, x, train, out=None, activation=None):
         """z = x @ W + b into `out`; with `activation` (an activation layer), a = g(z) in the same pass."""
         z = out if out is not None else np.empty((x.shape[0], self.out_features), self.dtype)  # (N, out)
+        threads.for_gemm(x.shape[0] * self.in_features * self.out_features)  # BLAS threads for this product
         if activation is None:
             F.linear(x, self.params["W"], self.params.get("b"), out=z)
         else:
@@ -258,6 +259,7 @@ class Linear(Layer):
         a, x, activation = self._cached()
         if activation is not None:
             dy = activation.grad_from_output(dy, a)  # dL/dz = dL/da * g'(z), g' written from a
+        threads.for_gemm(x.shape[0] * self.in_features * self.out_features)
         dx, _, _ = F.linear_backward(dy, x, self.params["W"], self.bias, input_grad, dx_out,
                                      self._grad("W"), self._grad("b") if self.bias else None)
         return dx

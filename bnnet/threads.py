@@ -4,18 +4,23 @@
     bnnet.get_num_threads()
 
 The default is OMP_NUM_THREADS when it is set, else the number of cores this
-process may run on. Within that limit each operation takes what pays off:
+process may run on; a BLAS never gets more than its own setting
+(OPENBLAS_NUM_THREADS, ...) gave it. Within that limit each operation takes what pays off:
 
-    GEMMs       the execution plan runs a model's step on one BLAS thread when its
-                largest matrix product is small (< SMALL_GEMM_MACS multiply-adds,
-                e.g. the paper's net at batch 60), on all threads otherwise;
+    GEMMs       each matrix product of a Linear layer runs on one BLAS thread when it
+                is small (< SMALL_GEMM_MACS multiply-adds: every product of the paper's
+                net at batch 60, the largest being 60 x 784 x 100 = 4.7 M), on all
+                threads otherwise (the wide net at batch 256, predict on 1,000 rows);
     kernels     batch-norm kernels split rows across threads only above
                 bnnet.kernels.PARALLEL_MIN_ELEMENTS elements.
 
-Why: small GEMMs gain little from a second thread on an idle machine (about
-10% for the paper's net), but when other processes keep the cores busy, BLAS
-threads that wait on each other make a step several times slower. One thread
-never waits. OpenBLAS is driven through threadpoolctl, the standard tool for
+Why: a second thread makes small GEMMs only somewhat faster on an idle machine
+(the paper's net: about 10% per step), but when other processes keep the cores
+busy, BLAS threads that wait on each other make them several times slower
+(2 epochs of `bnnet train` next to two busy loops: about 1.0 s with one
+thread, 5 s in half the runs with two; benchmarks/run.py --only busy). One
+thread never waits. Setting the count costs under a microsecond and happens
+only when it changes. OpenBLAS is driven through threadpoolctl, the standard tool for
 BLAS thread pools; the numba pool is told when a parallel kernel first runs.
 """
 import os
@@ -69,6 +74,8 @@ def numba_threads():
 
 
 def _controllers():
+    """[(threadpoolctl controller, the threads the BLAS started with)]: its own setting
+    (OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, ...) stays an upper bound."""
     global _blas
     if _blas is None:
         try:
@@ -76,15 +83,15 @@ def _controllers():
         except ImportError:  # without threadpoolctl the BLAS keeps its own setting
             _blas = []
         else:
-            _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+            _blas = [(lib, lib.num_threads) for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
     return _blas
 
 
 def for_gemm(macs):
-    """Set the BLAS threads for matrix products of at most `macs` multiply-adds (a no-op when unchanged)."""
+    """Set the BLAS threads for matrix products of `macs` multiply-adds (a no-op when unchanged)."""
     global _blas_now
     n = 1 if macs < SMALL_GEMM_MACS else get_num_threads()
     if n != _blas_now:
-        for lib in _controllers():
-            lib.set_num_threads(n)
+        for lib, most in _controllers():
+            lib.set_num_threads(min(n, most))
         _blas_now = n
