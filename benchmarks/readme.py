@@ -5,7 +5,8 @@
 Replaces the text between <!-- perf:begin --> and <!-- perf:end --> in the
 README with tables generated from the results (date and machine included), and
 a table of the performance targets with the measured figure and whether it is
-met. No number in that part of the README is typed by hand.
+met; and the accuracy and time of `bnnet train` between <!-- train:begin -->
+and <!-- train:end -->. No number in those parts of the README is typed by hand.
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+TRAIN_BEGIN, TRAIN_END = "<!-- train:begin -->", "<!-- train:end -->"
 
 
 def table(header, rows):
@@ -148,6 +150,18 @@ def render(r):
     return "\n".join(parts)
 
 
+def render_train(r):
+    """The README's first claim: accuracy and time of `bnnet train` with its defaults."""
+    rows = r["train"]
+    acc = [row["test_accuracy"] for row in rows]
+    first = next(row for row in rows if row["seed"] == 0)
+    secs = [row["train_seconds"] for row in rows]
+    walls = [row["wall_seconds"] for row in rows]
+    return (f"**{first['test_accuracy']:.3f} on the bundled 1,000-image test split, in {min(secs):.1f}-{max(secs):.1f} s of "
+            f"training (about {sum(walls) / len(walls):.0f} s wall) on a {r['machine']['cpu_count']}-core machine** "
+            f"(measured {r['date'][:10]}; seeds 0-{len(rows) - 1} give {min(acc):.3f}-{max(acc):.3f})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", default=os.path.join(HERE, "results", "latest.json"))
@@ -161,8 +175,13 @@ def main(argv=None):
         sys.exit(f"{args.readme}: no {BEGIN} ... {END} block to fill")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
+    text = head + BEGIN + "\n" + render(r) + END + tail
+    if r.get("train") and TRAIN_BEGIN in text:
+        head, rest = text.split(TRAIN_BEGIN, 1)
+        _, tail = rest.split(TRAIN_END, 1)
+        text = head + TRAIN_BEGIN + render_train(r) + TRAIN_END + tail
     with open(args.readme, "w") as f:
-        f.write(head + BEGIN + "\n" + render(r) + END + tail)
+        f.write(text)
     print(f"updated {args.readme} from {args.results}")
 
 

@@ -134,6 +134,22 @@ def _train_seconds(env):
             return json.load(f)["train_seconds"]
 
 
+def train_section():
+    """`bnnet train --seed s` for s = 0, 1, 2 (kernels already compiled): accuracy and times."""
+    rows = []
+    for seed in range(3):
+        with tempfile.TemporaryDirectory() as out:
+            wall = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "bnnet", "train", "--seed", str(seed), "--quiet", "--out", out],
+                           capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - wall
+            with open(os.path.join(out, "summary.json")) as f:
+                summary = json.load(f)
+        rows.append({"seed": seed, "test_accuracy": summary["test_accuracy"],
+                     "train_seconds": summary["train_seconds"], "wall_seconds": wall})
+    return rows
+
+
 def busy_section(cores, rounds, log):
     """2 epochs of bnnet train, idle and next to `cores` busy-loop processes, with the default
     threads and with OPENBLAS_NUM_THREADS=1; rounds alternate idle and busy."""
@@ -206,7 +222,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
-    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,busy,mpi",
+    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,train,busy,mpi",
                     help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -395,6 +411,15 @@ def main(argv=None):
         md.append(fmt_table(["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
                             [[k, f"{v['process_seconds']:.2f}", f"{v['import_seconds']:.2f}", f"{v['first_step_seconds']:.2f}",
                               f"{v['compile_or_load_seconds']:.2f}"] for k, v in report["startup"].items()]))
+        log(md[-1])
+
+    # 5a. the README's first command: `bnnet train` with its defaults, seeds 0-2
+    if "bnnet" in libs and "train" in only:
+        report["train"] = train_section()
+        md.append("\n## `bnnet train` (defaults: the paper's net, 20 epochs)\n\n" + fmt_table(
+            ["seed", "test accuracy", "training s", "wall s"],
+            [[r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
+             for r in report["train"]]))
         log(md[-1])
 
     # 5b. a busy machine: `bnnet train` for 2 epochs alone and next to busy-loop processes
