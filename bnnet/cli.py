@@ -37,6 +37,16 @@ CHECKPOINT_NAME = "model.safetensors"
 TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
 
 
+def _threads(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def _sizes(text):
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -253,7 +263,7 @@ def build_parser():
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
-    t.add_argument("--threads", type=int, default=None, metavar="N",
+    t.add_argument("--threads", type=_threads, default=None, metavar="N",
                    help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     t.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global L2 norm")
     t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
@@ -309,7 +319,7 @@ def build_parser():
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
-    ex.add_argument("--threads", type=int, default=None, metavar="N",
+    ex.add_argument("--threads", type=_threads, default=None, metavar="N",
                     help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     ex.set_defaults(func=cmd_experiment)
 

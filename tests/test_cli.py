@@ -92,6 +92,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, message):
 def test_usage_errors_exit_2(tmp_path):
     res = run("train", "--hidden", "a,b")
     assert res.returncode == 2 and "expected comma-separated integers" in res.stderr
+    res = run("train", "--threads", "0")
+    assert res.returncode == 2 and "argument --threads: must be an integer >= 1" in res.stderr
 
 
 def test_export_recompute_and_fold(trained_run, tmp_path):
