@@ -94,3 +94,11 @@ def check_finite(x, name, owner):
             f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
             "clean or impute the data before training"
         )
+
+
+def describe(a):
+    """How an array (or anything else) reads in an error message: its layout, dtype and shape."""
+    if isinstance(a, np.ndarray):
+        flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
+        return f"{flags}{a.dtype} array of shape {a.shape}"
+    return "nothing" if a is None else type(a).__name__

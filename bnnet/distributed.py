@@ -42,7 +42,7 @@ import numpy as np
 
 from . import ops, threads
 from .errors import BnnetError, InputError
-from .layers import BatchNorm
+from .layers import BatchNorm, _activation_code
 
 
 class Communicator:
@@ -222,7 +222,7 @@ class SyncBatchNorm(BatchNorm):
         self._update_running(mean, var, n)
         stats = np.empty((3, self.num_features))  # mean, var, inv_std: float64 (D,)
         stats[0], stats[1] = mean, var
-        act, slope = (ops.IDENTITY, 0.0) if activation is None else activation.kernel_code
+        act, slope = _activation_code(activation)
         out = out if out is not None else np.empty_like(x)
         ops.bn_apply(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, stats[0], stats[1], out,
                      stats[2])

@@ -74,7 +74,7 @@ class Step:
         # gradients are written from it; BatchNorm kernels read it), so it must stay intact.
         self.needs_output = not (isinstance(layer, Linear) and activation is None)
         # BatchNorm's backward may write dx over its input x (read before written, element by element).
-        self.dx_over_input = isinstance(layer, BatchNorm) and getattr(layer, "fusable", False)
+        self.dx_over_input = isinstance(layer, BatchNorm) and layer.fusable
 
     def forward(self, x, train, out):
         if self.activation is not None:
@@ -90,7 +90,7 @@ class Step:
 
 
 def _fuse_batchnorm(layer, nxt):
-    return isinstance(layer, BatchNorm) and getattr(layer, "fusable", False) and isinstance(nxt, _Activation)
+    return isinstance(layer, BatchNorm) and layer.fusable and isinstance(nxt, _Activation)
 
 
 def _fuse_linear(layer, nxt):
@@ -137,7 +137,7 @@ class Plan:
         self.steps = schedule(self.layers)
         ends = np.cumsum([len(step.layers) for step in self.steps]) - 1
         self._out_widths = [self.widths[e][1] for e in ends]  # output width of each step
-        self._buffers = {}  # ("out", k) or ("dx", 0/1) -> array kept across steps
+        self._buffers = {}  # ("out", k) or ("dx", shape, 0/1) -> array kept across steps
         self._inputs = [None] * len(self.steps)
         self._owned = [False] * len(self.steps)  # whether step k's input is one of the plan's buffers
         self._out_shape = None

@@ -31,7 +31,6 @@ import os
 # set before OpenMP starts; a value the user chose is kept.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
@@ -545,31 +544,27 @@ _adam_rule = njit(inline="always", **_OPTS_EQ)(optim_rules.adam)
 
 
 @njit(**_OPTS)
-def _sgd(p, g, lr, wd):
+def sgd(p, g, lr, wd):
     for i in range(p.size):
         p[i] = _sgd_rule(p[i], g[i] + wd * p[i], lr)
 
 
 @njit(**_OPTS)
-def _momentum(p, g, v, lr, beta, wd):
+def momentum(p, g, v, lr, beta, wd):
     for i in range(p.size):
         p[i], v[i] = _momentum_rule(p[i], g[i] + wd * p[i], v[i], lr, beta)
 
 
 @njit(**_OPTS)
-def _rmsprop(p, g, s, lr, beta, eps, wd):
+def rmsprop(p, g, s, lr, beta, eps, wd):
     for i in range(p.size):
         p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, eps)
 
 
 @njit(**_OPTS)
-def _adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
     for i in range(p.size):
         p[i], m[i], v[i] = _adam_rule(p[i], g[i] + wd * p[i], m[i], v[i], lr, beta1, beta2, eps, bias1, bias2)
-
-
-# The entry points bnnet.ops calls (after checking the arguments).
-sgd, momentum, rmsprop, adam = _sgd, _momentum, _rmsprop, _adam
 
 
 # --------------------------------------------------------------------------
@@ -582,7 +577,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
     """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits.
 
     Returns -1.0 (a loss can never be negative) without writing anything if a label is outside
-    [0, C): the labels index the logits, so they are checked here, in the same pass that reads them.
+    [0, C): the labels index the logits, so they are checked here, before any is used.
     """
     n, c = logits.shape
     for i in range(n):

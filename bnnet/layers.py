@@ -22,7 +22,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number
+from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number, describe
 from .errors import HyperparameterError, InputError
 
 
@@ -113,7 +113,7 @@ class Layer:
             if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != _DTYPES[dtype]
                     or not a.flags.c_contiguous or (train and kind == "buffers" and not a.flags.writeable)):
                 raise InputError(f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
-                                 f" {np.dtype(dtype).name} array of shape {shape}, got {_describe(a)}")
+                                 f" {np.dtype(dtype).name} array of shape {shape}, got {describe(a)}")
 
     def _input(self, x, features=None):
         # Layers with a dtype cast their input to it (no copy when it already matches);
@@ -172,15 +172,8 @@ _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), np.
 def _check_out(owner, name, out, shape, dtype):
     if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.writeable):
         raise InputError(f"{owner}: {name} must be a writable {np.dtype(dtype).name} array of shape {shape}, "
-                         f"got {_describe(out)}")
+                         f"got {describe(out)}")
     return out
-
-
-def _describe(a):
-    if isinstance(a, np.ndarray):
-        layout = "" if a.flags.c_contiguous else "non-contiguous "
-        return f"{layout}{'read-only ' if not a.flags.writeable else ''}{a.dtype} array of shape {a.shape}"
-    return "nothing" if a is None else type(a).__name__
 
 
 class BatchNormUntrainedWarning(UserWarning):

@@ -21,6 +21,7 @@ Activation codes: IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH.
 import numpy as np
 
 from . import backend
+from ._checks import describe
 from .errors import InputError
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
@@ -31,9 +32,9 @@ def _fail(op, what):
     raise InputError(f"bnnet.ops.{op}: {what}")
 
 
-def _input(op, x, rows=None):
+def _input(op, x):
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.char not in "fd":  # float32, float64
-        _fail(op, f"x must be a 2-D float32/float64 array, got {_describe(x)}")
+        _fail(op, f"x must be a 2-D float32/float64 array, got {describe(x)}")
     return x.shape[1]
 
 
@@ -55,13 +56,9 @@ def _check(op, names, arrays, shape, dtype, write):
         return
     for name, a in zip(names.split(), arrays):
         if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
-            _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {_describe(a)}")
+            _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}")
         if write and not a.flags.writeable:
             _fail(op, f"{name} is read-only; it receives the result")
-
-
-def _describe(a):
-    return f"{a.dtype} of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
 
 
 def _act(op, act):
@@ -170,7 +167,7 @@ def merge_moments(a, b):
     """b <- Chan's merge of two packed [count, mean (D), M2 (D)] float64 buffers (the SyncBN reduction)."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim == 1
             and a.size % 2 == 1 and a.dtype == _F64 and b.dtype == _F64):
-        _fail("merge_moments", f"needs two float64 buffers of one odd length, got {_describe(a)} and {_describe(b)}")
+        _fail("merge_moments", f"needs two float64 buffers of one odd length, got {describe(a)} and {describe(b)}")
     backend.impl().merge_moments(a, b)
 
 
@@ -190,11 +187,11 @@ def bias_activation(z, b, act, slope):
 
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean over rows of -log softmax(z_i)[y_i]; writes (softmax(z) - onehot(y)) / N into dlogits."""
-    n, c = logits.shape if isinstance(logits, np.ndarray) and logits.ndim == 2 else (None, None)
     _input("softmax_cross_entropy", logits)
+    n, c = logits.shape
     _same("softmax_cross_entropy", "dlogits", (dlogits,), logits, write=True)
     if not (isinstance(labels, np.ndarray) and labels.shape == (n,) and labels.dtype.kind in "iu"):
-        _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {_describe(labels)}")
+        _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {describe(labels)}")
     loss = float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))  # checks the labels' range
     if loss < 0:
         _fail("softmax_cross_entropy", f"labels must be in [0, {c}), got values in [{labels.min()}, {labels.max()}]")
@@ -203,7 +200,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 def _update(op, p, g, *state):
     if not (isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.char in "fd"):
-        _fail(op, f"the parameter must be a flat float32/float64 array, got {_describe(p)}")
+        _fail(op, f"the parameter must be a flat float32/float64 array, got {describe(p)}")
     _per_feature(op, "parameter", (p,), p.size, p.dtype, write=True)
     _per_feature(op, "gradient", (g,), p.size, p.dtype)
     _per_feature(op, " ".join(["state"] * len(state)), state, p.size, p.dtype, write=True)

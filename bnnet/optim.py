@@ -10,7 +10,7 @@ time a parameter is updated, and is keyed by the parameter's dotted name.
 import numpy as np
 
 from . import backend
-from ._checks import check_int, check_number
+from ._checks import check_int, check_number, describe
 from .errors import CheckpointError, HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Optimizer:
         if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous
                 and p.flags.writeable):
             raise InputError(f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
-                             f"array, got {_describe(p)}")
+                             f"array, got {describe(p)}")
         if not isinstance(g, np.ndarray) or g.shape != p.shape:
             raise InputError(f"{owner}.step: the gradient of {name!r} has shape {np.shape(g)}, the parameter {p.shape}")
         if g.dtype != p.dtype or not g.flags.c_contiguous:
@@ -151,12 +151,12 @@ class Optimizer:
             if not (isinstance(a, np.ndarray) and a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous
                     and a.flags.writeable):
                 raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
-                                 f"{p.dtype} array of shape {p.shape} like its parameter, got {_describe(a)}")
+                                 f"{p.dtype} array of shape {p.shape} like its parameter, got {describe(a)}")
         for key in self.counter_names:
             k = state.get(key)
             if k is not None and not (isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"):
                 raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be an integer scalar array, "
-                                 f"got {_describe(k)}")
+                                 f"got {describe(k)}")
         return name, p, g, state
 
     def _update(self, p, g, state, lr, wd):
@@ -196,13 +196,6 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
-
-
-def _describe(a):
-    if not isinstance(a, np.ndarray):
-        return type(a).__name__
-    flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
-    return f"{flags}{a.dtype} array of shape {a.shape}"
 
 
 class SGD(Optimizer):
