@@ -50,7 +50,7 @@ def check_choice(owner, name, value, choices):
 def check_dtype(owner, dtype):
     """Normalize a float dtype spec ("float32", np.float64, ...) to its name."""
     try:
-        name = np.dtype(dtype).name
+        name = None if dtype is None else np.dtype(dtype).name  # np.dtype(None) would be float64
     except TypeError:
         name = None
     if name not in FLOAT_DTYPES:
@@ -65,7 +65,10 @@ def as_float_array(x, name, owner, dtype):
     upcast, and read-only or non-contiguous arrays, which are used as they
     are). Rejected with InputTypeError: object, string and complex arrays.
     """
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except ValueError as e:  # a ragged nested list
+        raise InputError(f"{owner}: {name} must be a rectangular array; cannot convert it ({e})") from None
     if arr.dtype.kind not in "biuf":
         raise InputTypeError(
             f"{owner}: {name} must hold real numbers, got an array of dtype {arr.dtype}; "
@@ -87,7 +90,24 @@ def check_2d(x, name, owner, features=None):
         raise InputError(f"{owner}: {name} must have {features} features (columns), got {x.shape[1]}")
 
 
+def check_seed(owner, seed):
+    """None, or an integer in [0, 2**63): what np.random.default_rng takes as a seed."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise HyperparameterError(f"{owner}: seed must be None or an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def check_finite(x, name, owner):
+    """Raise InputError if x holds NaN or Inf, naming the first such index."""
+    # One sum is cheaper than np.isfinite(x).all() (no boolean temporary); NaN/Inf make it
+    # non-finite, and only then (or when a finite sum overflows) is the full check run.
+    if x.dtype.kind != "f":
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(x, axis=None)):
+            return
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
         raise InputError(

@@ -205,9 +205,12 @@ class Plan:
         input_grad: also return dL/dx of the model's input (a new array).
         """
         dy = np.asarray(dy, dtype=self.model.dtype)
-        if self._out_shape is None or dy.shape != self._out_shape:
+        if self._out_shape is None:
+            raise InputError("Sequential.backward: no forward to backpropagate through (backward was already "
+                             "called for the last forward, or forward never ran); call forward(x, train) first")
+        if dy.shape != self._out_shape:
             raise InputError(f"Sequential.backward: dy must have the shape of the last output "
-                             f"{self._out_shape}, got {dy.shape}; call forward first")
+                             f"{self._out_shape}, got {dy.shape}")
         # (no re-check of the layers here: every array a kernel reads or writes in backward is
         # checked by bnnet.ops, matrix products check their own shapes, and grads are replaced
         # when they do not fit)

@@ -14,7 +14,8 @@ import copy
 import numpy as np
 
 from . import functional as F
-from ._checks import as_float_array, check_2d, check_choice, check_int
+from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from .errors import InputError, NonFiniteError
 from .layers import BatchNorm, Linear
 from .model import Sequential
 
@@ -52,37 +53,58 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
     batch_size = check_int("recompute_bn_stats", "batch_size", batch_size, low=2)
     X = as_float_array(X, "X", "recompute_bn_stats", model.dtype)
     check_2d(X, "X", "recompute_bn_stats", model.in_features)
+    check_finite(X, "X", "recompute_bn_stats")
     bns = _bn_layers(model)
     if not bns:
         return model
+    if mode == "batch" and len(X) < 2:
+        raise InputError("recompute_bn_stats: mode='batch' needs at least 2 rows of X, got 1")
+    saved = {k: v.copy() for k, v in model.buffers.items()}
+    try:
+        (_batch_stats if mode == "batch" else _exact_stats)(model, bns, X, batch_size)
+        for i, bn in bns:  # finite inputs can still overflow inside the network
+            for key in ("running_mean", "running_var"):
+                if not np.isfinite(bn.buffers[key]).all():
+                    raise NonFiniteError(f"recompute_bn_stats: the new {key} of {bn.name} holds NaN or Inf "
+                                         f"(X is finite, largest |x| = {np.abs(X).max():.3g}); the statistics "
+                                         "were left as they were")
+    except BaseException:
+        for k, v in saved.items():  # all layers or none
+            model.buffers[k] = v
+        raise
+    return model
+
+
+def _batch_stats(model, bns, X, batch_size):
     n = len(X)
     starts = list(range(0, n - batch_size + 1, batch_size)) or [0]
-    if mode == "batch":
-        if min(n, batch_size) < 2:
-            raise ValueError("recompute_bn_stats: needs at least 2 rows per batch")
-        saved = {k: v.copy() for k, v in model.buffers.items()}
-        frozen = [bn.frozen for _, bn in bns]
-        freeze_batchnorm(model, False)
-        sums = {i: [np.zeros(bn.num_features), np.zeros(bn.num_features)] for i, bn in bns}
-        try:
-            for s in starts:
-                model.forward(X[s:s + batch_size], train=True)
-                for i, bn in bns:
-                    mean, var = bn.batch_stats
-                    sums[i][0] += mean
-                    sums[i][1] += var
-        finally:
-            for k, v in saved.items():
-                model.buffers[k] = v
-            for (_, bn), f in zip(bns, frozen):
-                bn.frozen = f
-        m = min(n, batch_size)
-        for i, bn in bns:
-            bn.buffers["running_mean"][...] = sums[i][0] / len(starts)
-            bn.buffers["running_var"][...] = sums[i][1] / len(starts) * F.variance_correction(m, True)
-            bn.buffers["count"][...] = len(starts)
-        return model
-    for i, bn in bns:  # exact: layer by layer, upstream in eval mode with the new statistics
+    saved = {k: v.copy() for k, v in model.buffers.items()}
+    frozen = [bn.frozen for _, bn in bns]
+    freeze_batchnorm(model, False)
+    sums = {i: [np.zeros(bn.num_features), np.zeros(bn.num_features)] for i, bn in bns}
+    try:
+        for s in starts:
+            model.forward(X[s:s + batch_size], train=True)
+            for i, bn in bns:
+                mean, var = bn.batch_stats
+                sums[i][0] += mean
+                sums[i][1] += var
+    finally:
+        for k, v in saved.items():
+            model.buffers[k] = v
+        for (_, bn), f in zip(bns, frozen):
+            bn.frozen = f
+    m = min(n, batch_size)
+    for i, bn in bns:
+        bn.buffers["running_mean"][...] = sums[i][0] / len(starts)
+        bn.buffers["running_var"][...] = sums[i][1] / len(starts) * F.variance_correction(m, True)
+        bn.buffers["count"][...] = len(starts)
+
+
+def _exact_stats(model, bns, X, batch_size):
+    """Layer by layer, the layers before each BatchNorm in eval mode with the statistics just computed."""
+    n = len(X)
+    for i, bn in bns:
         count, mean, m2 = 0, np.zeros(bn.num_features), np.zeros(bn.num_features)
         for s in range(0, n, batch_size):
             h = X[s:s + batch_size]
@@ -94,7 +116,6 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
         bn.buffers["running_mean"][...] = mean
         bn.buffers["running_var"][...] = var
         bn.buffers["count"][...] = len(range(0, n, batch_size))
-    return model
 
 
 def fold_batchnorm(model):

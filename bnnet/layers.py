@@ -22,7 +22,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_int, check_number, describe
+from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_finite, check_int, check_number, describe
 from .errors import HyperparameterError, InputError
 
 
@@ -47,6 +47,7 @@ class Layer:
         dtype to write into (not overlapping x), for callers that reuse their own buffers.
         """
         x = self._input(x, self.in_width())
+        check_finite(x, "x", self.name)
         self.check_state(train)
         if out is None:
             return self._forward(x, train)
@@ -181,11 +182,12 @@ class BatchNormUntrainedWarning(UserWarning):
 
 
 def _as_rng(rng):
-    if rng is None or isinstance(rng, (int, np.integer)):
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and 0 <= rng < 2 ** 63):
         return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
         return rng
-    raise HyperparameterError(f"rng must be None, an int seed or a numpy Generator, got {rng!r}")
+    raise HyperparameterError(f"Linear: rng must be None, an integer seed in [0, 2**63) or a numpy Generator, "
+                              f"got {rng!r}")
 
 
 def _activation_code(activation):

@@ -10,7 +10,8 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int, check_seed
+from ._checks import check_finite as _check_finite  # forward's own argument is named check_finite
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
@@ -117,15 +118,19 @@ class Sequential:
             self._plan = Plan(self)
         return self._plan
 
-    def forward(self, x, train, check_finite=False):
+    def forward(self, x, train, check_finite=False, check_input=True):
         """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
 
         x: (N, in_features), cast to the model's dtype. Returns a new (N, out) array.
         check_finite: raise NonFiniteError naming the first layer whose output holds NaN/Inf
             (costs one pass over every activation; fit uses it with check_activations=True).
+        check_input: refuse an x holding NaN/Inf with InputError (default True; one pass over x).
+            False lets NaN/Inf through, as NumPy would propagate them.
         """
         first = self.layers[0]
         x = first._input(x, first.in_width())
+        if check_input:
+            _check_finite(x, "x", "Sequential.forward")
         return self.plan().forward(x, train, check_finite)
 
     def backward(self, dy, input_grad=False):
@@ -146,8 +151,16 @@ class Sequential:
         X = as_float_array(X, "X", "predict", self.dtype)
         check_2d(X, "X", "predict", self.in_features)
         check_finite(X, "X", "predict")
-        return np.concatenate([self.forward(X[i:i + batch_size], train=False)
-                               for i in range(0, len(X), batch_size)])
+        out = np.concatenate([self.forward(X[i:i + batch_size], train=False, check_input=False)
+                              for i in range(0, len(X), batch_size)])
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise NonFiniteError(f"predict: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
+                                 f"although X is finite: its values (largest |x| = {np.abs(X).max():.3g}) overflow "
+                                 f"{self.dtype} inside the model; scale the inputs as the training data was")
+        return out
 
     def config(self):
         """[{"type": "Linear", "in_features": ...}, ...]: enough to rebuild the model."""
@@ -202,7 +215,8 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
         seed: None or int; one Generator draws every layer's weights in order.
         dtype: "float32" (default) or "float64".
     """
-    sizes = list(sizes) if not isinstance(sizes, (str, bytes)) else sizes
+    if isinstance(sizes, (list, tuple, np.ndarray)):
+        sizes = list(sizes)
     if not isinstance(sizes, list) or len(sizes) < 2:
         raise HyperparameterError(f"mlp: sizes must be a list [in, hidden..., out] of at least 2 ints, got {sizes!r}")
     sizes = [check_int("mlp", "sizes", s, low=1) for s in sizes]
@@ -210,7 +224,7 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
     if norm is None:
         norm = "batch" if batchnorm else "none"
     norm_cls = {**NORMS, "none": None}[check_choice("mlp", "norm", norm, (*NORMS, "none"))]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed("mlp", seed))
     layers = []
     for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
         bias = norm_cls is None or norm_cls is LayerNorm

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._checks import as_float_array, check_2d, check_finite, check_int
+from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
 from .distributed import DataParallel, is_root
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import fill_model, load_checkpoint, save
@@ -72,6 +72,7 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     loss_fn, opt = get_loss(loss), get_optimizer(optimizer)
     epochs = check_int("fit", "epochs", epochs, low=1)
     batch_size = check_int("fit", "batch_size", batch_size, low=1)
+    seed = check_seed("fit", seed)
     checkpoints = Checkpoints(checkpoint, checkpoint_every, model, opt, loss_fn, checkpoint_metadata, comm)
     X, y = _check_data(model, X, y, loss_fn, "fit")
     val = None if validation_data is None else _check_data(model, *_pair(validation_data), loss_fn,

@@ -57,7 +57,7 @@ def test_a_second_backward_needs_a_new_forward():
     model = bnnet.mlp([4, 5, 2], seed=0)
     model.forward(np.ones((3, 4)), train=True)
     model.backward(np.ones((3, 2)))
-    with pytest.raises(bnnet.InputError, match="call forward first"):
+    with pytest.raises(bnnet.InputError, match="backward was already called"):
         model.backward(np.ones((3, 2)))
 
 
