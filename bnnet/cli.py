@@ -18,9 +18,11 @@ ops -> optim_rules.py).
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -32,19 +34,51 @@ from .model import mlp
 from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
+# Optional packages some commands import, and the extra that installs each.
+OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "plot", "mpi4py": "mpi", "sklearn": "sklearn"}
 # Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
 # well above the usual ones (tuned on the bundled data, see the README).
 TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
 
 
-def _threads(text):
+# -- option types: argparse names the option and exits 2 when one refuses its value --
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return n
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_threads = _positive = _int_at_least(1)
+_count = _int_at_least(2)
+
+
+def _seed(text):
     try:
         n = int(text)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        n = -1
+    if not 0 <= n < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
     return n
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _sizes(text):
@@ -80,6 +114,12 @@ def _checkpoint_path(path):
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
+def _beside(path, tag):
+    """model.safetensors -> model.<tag>.safetensors, in the same folder."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.{tag}{ext or '.safetensors'}"
+
+
 def _write_history(folder, history):
     with open(os.path.join(folder, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
@@ -90,23 +130,62 @@ def _write_history(folder, history):
         w.writerows(zip(*(history[k] for k in keys)))
 
 
+# The options that define a training run: stored in its checkpoints, and taken from there by --resume.
 TRAIN_SETTINGS = ("hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay", "epochs",
-                  "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn")
+                  "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn", "checkpoint_every")
 
 
-def _resume_settings(args):
-    """With --resume RUN_DIR, the run's own settings (stored in its checkpoint) replace the command line's."""
+def _resume_settings(args, parser):
+    """With --resume RUN_DIR, the run's own settings (stored in its checkpoint) replace the command line's.
+
+    Each saved setting is validated as if it were typed on the command line; an option given
+    on this command line that disagrees with the saved run is refused rather than ignored.
+    """
     ckpt_path = _checkpoint_path(args.resume)
     saved = load_checkpoint(ckpt_path).metadata.get("cli")
-    if saved is None:
-        raise BnnetError(f"{ckpt_path}: not written by `bnnet train`, so it has no settings to resume with")
+    if not isinstance(saved, dict):
+        raise BnnetError(f"{ckpt_path}: not written by `bnnet train` (no 'cli' settings), so it cannot be resumed "
+                         "by the CLI; use bnnet.fit(..., resume=PATH)")
+    actions = {a.dest: a for a in parser.train_parser._actions}
     for key in TRAIN_SETTINGS:
-        setattr(args, key, saved.get(key, False))  # runs saved before a setting existed had it off
+        default = actions[key].default
+        # runs saved before a setting existed had it at its default
+        value = _saved_setting(ckpt_path, actions[key], saved[key]) if key in saved else default
+        given = getattr(args, key)
+        if given != default and given != value:
+            raise BnnetError(f"{actions[key].option_strings[0]} {given} conflicts with the resumed run's own "
+                             f"setting ({value}); a resume keeps the run's settings: drop the option")
+        setattr(args, key, value)
     args.out = args.out or (args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume))
     return ckpt_path
 
 
+def _saved_setting(path, action, value):
+    """A setting read back from a checkpoint, checked by the same rules as its command-line option."""
+    def refuse(why):
+        raise BnnetError(f"{path}: metadata field user.cli.{action.dest} = {value!r} is invalid ({why}); "
+                         "the checkpoint was edited or corrupted")
+    if value is None:
+        return None if action.default is None else refuse("it may not be null")
+    if isinstance(action, argparse._StoreTrueAction):
+        return value if isinstance(value, bool) else refuse("expected true or false")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, list)):
+        refuse("expected a number, a string or a list of sizes")
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        parsed = action.type(text) if action.type else text
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        refuse(str(e))
+    if isinstance(value, float) and action.type is not None and not isinstance(parsed, float):
+        refuse("expected an integer")
+    if action.choices is not None and parsed not in action.choices:
+        refuse(f"expected one of {', '.join(map(str, action.choices))}")
+    return parsed
+
+
 def cmd_train(args):
+    if args.resume:
+        args.resume_path = _resume_settings(args, args.parser)
     if args.local_bn and not args.distributed:
         raise BnnetError("--local-bn only applies with --distributed (one process always uses its whole batch)")
     if not args.distributed:
@@ -119,7 +198,7 @@ def cmd_train(args):
 
 def _train(args, comm):
     root = distributed.is_root(comm)  # only rank 0 prints and writes files
-    resume = _resume_settings(args) if args.resume else None
+    resume = getattr(args, "resume_path", None)
     X, y, Xt, yt = datasets.load(args.data)
     init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
     sizes = [X.shape[1], *args.hidden, int(max(y.max(), yt.max())) + 1]
@@ -176,10 +255,7 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     path = _checkpoint_path(args.checkpoint)
     model = load(path)
-    try:
-        X = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BnnetError(f"{args.input}: cannot read as a .npy array without pickle ({e})") from None
+    X = datasets.load_npy(args.input)
     if X.ndim == 1:
         X = X[None, :]
     outputs = model.predict(X)
@@ -205,8 +281,10 @@ def cmd_recompute_stats(args):
     path = _checkpoint_path(args.checkpoint)
     ckpt = load_checkpoint(path)
     X, _, _, _ = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
+    if args.in_place and args.out:
+        raise BnnetError("give --out FILE or --in-place, not both")
     recompute_bn_stats(ckpt.model, X, batch_size=args.batch_size, mode=args.mode)
-    out = args.out or path
+    out = path if args.in_place else args.out or _beside(path, "recomputed")
     save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
     print(f"recomputed BatchNorm statistics ({args.mode} mode, {len(X)} rows); wrote {out}")
 
@@ -244,6 +322,7 @@ def cmd_report(args):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an MLP with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
@@ -253,23 +332,26 @@ def build_parser():
     t.add_argument("--init", choices=["he", "xavier", "normal"], default=None,
                    help="weight init (default: xavier for sigmoid/tanh, he for relu)")
     t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
     t.add_argument("--lr-decay", type=_fraction, default=0.1,
                    help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)")
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=60, help="default 60, as in the paper")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=_positive, default=20)
+    t.add_argument("--batch-size", type=_positive, default=60, help="rows per mini-batch (default 60, as in the paper)")
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
     t.add_argument("--threads", type=_threads, default=None, metavar="N",
                    help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
-    t.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global L2 norm")
-    t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+    t.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this global L2 norm")
+    t.add_argument("--checkpoint-every", type=_positive, default=None, metavar="N",
                    help="also write the run's checkpoint every N steps (atomically), for --resume")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its checkpoint, with its own settings")
+                   help="continue an interrupted run from its checkpoint. The run keeps its own settings "
+                        f"({', '.join('--' + k.replace('_', '-') for k in TRAIN_SETTINGS)}), read from the "
+                        "checkpoint; giving one of them with a different value is an error. --out (default: "
+                        "RUN_DIR), --quiet, --threads and --distributed may be given")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs bnnet[mpi]): "
                         "each rank takes batch-size/K rows of every mini-batch")
@@ -277,6 +359,7 @@ def build_parser():
                    help="with --distributed: each rank normalizes with its own shard's statistics "
                         "(default: statistics synchronized over the whole mini-batch)")
     t.set_defaults(func=cmd_train)
+    p.train_parser = t  # --resume checks saved settings by these options' rules
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a saved model")
     e.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
@@ -302,8 +385,10 @@ def build_parser():
     c.add_argument("--data", default=None, help="default: the data the model was trained on (its training split)")
     c.add_argument("--mode", choices=["batch", "exact"], default="batch",
                    help="batch: Alg. 2 of Ioffe & Szegedy (default); exact: full-data moments")
-    c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--out", default=None, help="write here (default: replace the checkpoint, atomically)")
+    c.add_argument("--batch-size", type=_count, default=256, help="rows per batch (default 256)")
+    c.add_argument("--out", default=None,
+                   help="write here (default: beside the checkpoint, as model.recomputed.safetensors)")
+    c.add_argument("--in-place", action="store_true", help="replace the checkpoint itself (atomically)")
     c.set_defaults(func=cmd_recompute_stats)
 
     f = sub.add_parser("fold", help="write an eval-only copy with BatchNorm folded into the Linear layers")
@@ -313,10 +398,10 @@ def build_parser():
     ex = sub.add_parser("experiment", help="run an experiment and write its CSV, PNG and summary (needs bnnet[plot])")
     ex.add_argument("name", choices=list(experiments.EXPERIMENTS))
     ex.add_argument("--quick", action="store_true", help="a small version in seconds (what the tests run)")
-    ex.add_argument("--steps", type=int, default=None, help="training steps per run (fig1 default 10000)")
-    ex.add_argument("--epochs", type=int, default=None, help="batch-size only: epochs per run (default 2)")
+    ex.add_argument("--steps", type=_positive, default=None, help="training steps per run (fig1 default 10000)")
+    ex.add_argument("--epochs", type=_positive, default=None, help="batch-size only: epochs per run (default 2)")
     ex.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=_seed, default=0)
     ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     ex.add_argument("--threads", type=_threads, default=None, metavar="N",
@@ -331,18 +416,40 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run one command; return its exit status. Every failure is one line on stderr (the traceback
+    only with --debug): 1 for errors, 2 for a bad command line (argparse), 130 for Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.parser = parser
     try:
         if getattr(args, "threads", None) is not None:
             threads.set_num_threads(args.threads)
         args.func(args)
-    except (BnnetError, OSError) as e:
-        print(f"bnnet {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"bnnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"bnnet {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def error_message(e):
+    """One line for any exception: bnnet's own and OS errors as they are, anything else as a bug."""
+    if isinstance(e, BnnetError):
+        text = str(e)
+    elif isinstance(e, ImportError) and e.name in OPTIONAL_EXTRAS:
+        text = f"needs the optional package {e.name}: pip install 'bnnet[{OPTIONAL_EXTRAS[e.name]}]'"
+    elif isinstance(e, OSError):
+        text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    elif isinstance(e, MemoryError):
+        text = "out of memory; use a smaller model, batch or dataset"
+    else:
+        text = (f"internal error {type(e).__name__}: {e} -- this is a bug in bnnet; please report it with the "
+                "output of the same command run as `bnnet --debug ...` (which adds the traceback)")
+    return " ".join(text.split())  # one line, whatever the message held
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ shape (N, 784), y int64 labels of shape (N,).
 """
 import gzip
 import os
+import zipfile
+import zlib
 from importlib import resources
 
 import numpy as np
@@ -52,9 +54,11 @@ def read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+            raw = f.read(MAX_FILE_BYTES + 1)  # a bound on what a corrupt or hostile .gz can expand to
+    except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path}: cannot read IDX file ({e})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise DatasetError(f"{path}: more than {MAX_FILE_BYTES >> 30} GiB of data; bnnet reads datasets into memory")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
@@ -98,23 +102,118 @@ def load_mnist(folder):
     return tuple(out)
 
 
-def load_npz(path):
-    """Arrays X_train, y_train, X_test, y_test from an .npz file (read with allow_pickle=False)."""
+# -- .npy / .npz files ---------------------------------------------------------
+
+MAX_FILE_BYTES = 16 << 30  # what bnnet agrees to read into memory from one file
+NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")
+
+
+def _npy_header(f, source, available):
+    """(shape, dtype) from the header of the .npy stream f, refused unless its data fits in `available` bytes.
+
+    Read before the array is, so that a header claiming a huge array is refused
+    without allocating it.
+    """
     try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as e:
+        raise DatasetError(f"{source}: not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise DatasetError(f"{source}: holds Python objects (dtype {dtype}); bnnet reads numeric arrays only")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > available:
+        raise DatasetError(f"{source}: header says shape {shape} of {dtype} ({nbytes} bytes) but the file holds "
+                           f"{available} bytes of data; it is truncated or corrupt")
+    return shape, dtype
+
+
+def load_npy(path):
+    """One array from a .npy file, header checked against the file size first; never unpickles."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if zipfile.is_zipfile(f):
+                raise DatasetError(f"{path}: is an .npz archive, not a .npy array; save one array with np.save")
+            f.seek(0)
+            _npy_header(f, path, size)
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, MemoryError) as e:
+        raise DatasetError(f"{path}: cannot read as a .npy array without pickle ({e})") from None
+
+
+def load_npz(path):
+    """Arrays X_train, y_train, X_test, y_test from an .npz file (read with allow_pickle=False).
+
+    Each array's header is checked against its size in the archive before it is read.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {name.removesuffix(".npy"): info for name, info in
+                       ((info.filename, info) for info in z.infolist())}
+            missing = [k for k in NPZ_KEYS if k not in members]
+            if missing:
+                raise DatasetError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)}")
+            for k in NPZ_KEYS:
+                with z.open(members[k]) as f:
+                    _npy_header(f, f"{path}: {k}", members[k].file_size)
         with np.load(path, allow_pickle=False) as data:
-            return tuple(np.asarray(data[k]) for k in ("X_train", "y_train", "X_test", "y_test"))
-    except KeyError as e:
-        raise DatasetError(f"{path}: missing array {e}; expected X_train, y_train, X_test, y_test") from None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read as .npz without pickle ({e})") from None
+            return tuple(np.asarray(data[k]) for k in NPZ_KEYS)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError, NotImplementedError) as e:
+        raise DatasetError(f"{path}: cannot read as .npz without pickle ({e or type(e).__name__})") from None
+
+
+# -- what a training set must be -----------------------------------------------
+
+MAX_CLASSES = 1 << 16
+
+
+def check_split(X, y, Xt, yt, source):
+    """Validate a loaded dataset: X (N, ...) real and finite, y (N,) integer labels in [0, MAX_CLASSES),
+    the test split like the training one. Returns (X float32 (N, features), y int64, Xt, yt)."""
+    out = []
+    for split, (A, labels) in (("train", (X, y)), ("test", (Xt, yt))):
+        if A.ndim < 2:
+            raise DatasetError(f"{source}: X_{split} must have one row per sample (2-D, or N images), "
+                               f"got shape {A.shape}")
+        if A.dtype.kind not in "biuf":
+            raise DatasetError(f"{source}: X_{split} must hold real numbers, got dtype {A.dtype}")
+        A = A.reshape(len(A), -1)
+        if A.shape[0] == 0 or A.shape[1] == 0:
+            raise DatasetError(f"{source}: X_{split} is empty (shape {A.shape})")
+        if out and A.shape[1] != out[0].shape[1]:
+            raise DatasetError(f"{source}: X_test has {A.shape[1]} features, X_train {out[0].shape[1]}")
+        if labels.ndim != 1 or len(labels) != len(A):
+            raise DatasetError(f"{source}: y_{split} must be 1-D with one label per row of X_{split} "
+                               f"({len(A)}), got shape {labels.shape}")
+        if labels.dtype.kind not in "biuf":
+            raise DatasetError(f"{source}: y_{split} must hold integer class labels, got dtype {labels.dtype}")
+        with np.errstate(invalid="ignore"):
+            bad = ~((labels >= 0) & (labels < MAX_CLASSES) & (labels == np.floor(labels)))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DatasetError(f"{source}: y_{split} must hold integer class labels in [0, {MAX_CLASSES}), "
+                               f"got {labels[i].item()!r} at row {i}")
+        A = A.astype(np.float32, copy=False)
+        if not np.isfinite(A).all():
+            row = int(np.flatnonzero(~np.isfinite(A).all(axis=1))[0])
+            raise DatasetError(f"{source}: X_{split} holds NaN or Inf (first in row {row}) or values beyond float32")
+        out += [A, labels.astype(np.int64)]
+    return tuple(out)
 
 
 def load(spec):
-    """Dataset by CLI spec: "mnist5k", a folder of MNIST IDX files, or an .npz file."""
+    """Dataset by CLI spec: "mnist5k", a folder of MNIST IDX files, or an .npz file; checked by check_split."""
     if spec == "mnist5k":
         return load_mnist5k()
     if os.path.isdir(spec):
-        return load_mnist(spec)
+        return check_split(*load_mnist(spec), spec)
     if spec.endswith(".npz"):
-        return load_npz(spec)
+        return check_split(*load_npz(spec), spec)
     raise DatasetError(f"--data must be 'mnist5k', a folder of MNIST IDX files or an .npz file, got {spec!r}")

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import datasets, optim
+from ._checks import check_int, check_seed
 from .errors import HyperparameterError
 from .layers import BatchNormUntrainedWarning, Sigmoid
 from .losses import SoftmaxCrossEntropy
@@ -293,8 +294,14 @@ EXPERIMENTS = {"fig1": fig1, "lr-sweep": lr_sweep, "optimizers": optimizers, "ba
 
 
 def run(name, out, **kwargs):
+    """Run experiment `name` (a key of EXPERIMENTS), writing its files to the folder `out`."""
     if name not in EXPERIMENTS:
         raise HyperparameterError(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
+    for key in ("steps", "every", "epochs"):  # None (the default) or a positive count; 0 is not "default"
+        if kwargs.get(key) is not None:
+            kwargs[key] = check_int(f"experiment {name}", key, kwargs[key], low=1)
+    if "seed" in kwargs:
+        kwargs["seed"] = check_seed(f"experiment {name}", kwargs["seed"])
     return EXPERIMENTS[name](out, **kwargs)
 
 
@@ -307,8 +314,12 @@ def report(run_dirs, out):
         if not os.path.isfile(path):
             raise HyperparameterError(f"report: {d} holds no summary.md; pass folders written by `bnnet experiment`")
         rel = os.path.relpath(os.path.abspath(d), base)
-        with open(path) as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise HyperparameterError(f"report: {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                      "pass folders written by `bnnet experiment`") from None
         for png in sorted(p for p in os.listdir(d) if p.endswith(".png")):
             text = text.replace(f"]({png})", f"]({rel}/{png})")
         parts += [f"<!-- from {rel} -->", text.replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]
