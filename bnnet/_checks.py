@@ -40,6 +40,12 @@ def check_int(owner, name, value, *, low=None):
     return int(value)
 
 
+def check_bool(owner, name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise HyperparameterError(f"{owner}: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_choice(owner, name, value, choices):
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from .errors import CheckpointError, HyperparameterError
+from .errors import BnnetError, CheckpointError, HyperparameterError
 from .layers import LAYER_TYPES
 from .model import Sequential
 
@@ -94,8 +94,18 @@ class Checkpoint:
     optimizer_arrays: dict = field(default_factory=dict)  # "<param>/<state>" -> array
 
 
+MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself sets on a header
+FEATURE_FIELDS = ("in_features", "out_features", "num_features")  # sizes that are dimensions of a layer's tensors
+
+
 def _read(path):
-    """(arrays, meta) of a bnnet checkpoint file; CheckpointError for anything else."""
+    """(arrays, meta) of a bnnet checkpoint file; CheckpointError for anything else.
+
+    Nothing is allocated from what the metadata claims: the header is parsed and
+    checked field by field (`_check_meta`), and each layer's sizes are checked
+    against the shapes of the tensors the file actually holds, before the arrays
+    are read or a layer is built.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -105,26 +115,87 @@ def _read(path):
         raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror})") from None
     try:
         n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
+        if len(data) < 8 or n > len(data) - 8 or n > MAX_HEADER_BYTES:
             raise ValueError("header length exceeds the file size (truncated or not safetensors)")
         header = json.loads(data[8:8 + n])
         meta = json.loads(header["__metadata__"]["bnnet"])
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError("not a bnnet checkpoint")
-        arrays = _st_load(data)
-    except (ValueError, KeyError, TypeError, SafetensorError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid bnnet checkpoint ({e}); "
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a valid bnnet checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                               "it may be truncated, corrupted or another program's file") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer bnnet (format {meta['format_version']}); upgrade bnnet")
+    shapes = {k: v.get("shape") if isinstance(v, dict) else None for k, v in header.items() if k != "__metadata__"}
+    _check_meta(path, meta, shapes)
+    try:
+        arrays = _st_load(data)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid bnnet checkpoint, its tensors cannot be read ({e}); "
+                              "it may be truncated, corrupted or another program's file") from None
     return arrays, meta
+
+
+def _check_meta(path, meta, shapes):
+    """Check the metadata's schema, one field at a time, and the architecture against the tensor shapes."""
+    def bad(field, expected, value):
+        text = repr(value)
+        raise CheckpointError(f"{path}: metadata field {field} must be {expected}, got "
+                              f"{text if len(text) <= 80 else text[:77] + '...'}")
+
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        bad("format_version", "an integer >= 1", version)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer bnnet (format {version}); upgrade bnnet")
+    for field, kind, expected in (("bnnet_version", str, "a string"), ("eval_only", bool, "true or false"),
+                                  ("user", dict, "an object")):
+        if field in meta and not isinstance(meta[field], kind):
+            bad(field, expected, meta[field])
+    architecture = meta.get("architecture")
+    if not isinstance(architecture, list) or not architecture:
+        bad("architecture", "a non-empty list of layer configurations", architecture)
+    for key, shape in shapes.items():
+        if key.partition("/")[0] not in ("params", "buffers", "optimizer"):
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}; expected params/, buffers/ or optimizer/ names")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has no valid shape in the header ({shape!r})")
+    for i, cfg in enumerate(architecture):
+        field = f"architecture[{i}]"
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in LAYER_TYPES:
+            bad(f"{field}.type", f"one of {', '.join(sorted(LAYER_TYPES))}",
+                cfg.get("type") if isinstance(cfg, dict) else cfg)
+        for key, value in cfg.items():
+            if value is not None and (isinstance(value, (list, dict)) or not isinstance(value, (bool, int, float, str))):
+                bad(f"{field}.{key}", "a number, string, boolean or null", value)
+        # A layer's sizes are dimensions of its own tensors: refuse sizes the file's tensors do not
+        # have, before building the layer allocates them.
+        dims = {d for key, shape in shapes.items() if key.split("/")[1].partition(".")[0] == str(i) for d in shape}
+        for key in FEATURE_FIELDS:
+            if key in cfg and cfg[key] not in dims:
+                raise CheckpointError(f"{path}: metadata field {field}.{key} = {cfg[key]!r} does not match the "
+                                      f"file's tensors for layer {i} (their dimensions: {sorted(dims) or 'none'})")
+    opt = meta.get("optimizer")
+    if opt is not None:
+        from .optim import OPTIMIZERS, optimizer_from_info
+
+        names = sorted(cls.__name__ for cls in OPTIMIZERS.values())
+        if not isinstance(opt, dict):
+            bad("optimizer", "an object or null", opt)
+        if opt.get("type") not in names:
+            bad("optimizer.type", f"one of {', '.join(names)}", opt.get("type"))
+        t = opt.get("t")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            bad("optimizer.t", "an integer >= 0", t)
+        try:  # the hyperparameters are checked by the optimizer's own constructor
+            optimizer_from_info(opt)
+        except (BnnetError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: metadata field optimizer is invalid ({e})") from None
 
 
 def _build(path, architecture):
     try:
         layers = [LAYER_TYPES[cfg["type"]](**{k: v for k, v in cfg.items() if k != "type"}) for cfg in architecture]
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild the architecture ({e!r})") from None
+        raise CheckpointError(f"{path}: cannot rebuild the architecture ({e})") from None
     with warnings.catch_warnings():  # the user was warned about a bias before BN when building it
         warnings.simplefilter("ignore")
         try:
@@ -137,15 +208,17 @@ def fill_model(model, arrays, source):
     """Copy params/ and buffers/ arrays into model in place; CheckpointError listing every mismatch."""
     problems = []
     for kind, view in (("params", model.params), ("buffers", model.buffers)):
-        expected = {k: v.shape for k, v in view.items()}
+        expected = dict(view.items())
         found = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(kind + "/")}
         for k in sorted(expected.keys() - found.keys()):
-            problems.append(f"missing {kind} {k} {expected[k]}")
+            problems.append(f"missing {kind} {k} {expected[k].shape}")
         for k in sorted(found.keys() - expected.keys()):
             problems.append(f"unexpected {kind} {k} {found[k].shape}")
         for k in sorted(expected.keys() & found.keys()):
-            if found[k].shape != expected[k]:
-                problems.append(f"{kind} {k}: checkpoint {found[k].shape}, model {expected[k]}")
+            if found[k].shape != expected[k].shape:
+                problems.append(f"{kind} {k}: checkpoint {found[k].shape}, model {expected[k].shape}")
+            elif found[k].dtype != expected[k].dtype:
+                problems.append(f"{kind} {k}: checkpoint {found[k].dtype}, model {expected[k].dtype}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
     for k, v in arrays.items():
@@ -161,7 +234,33 @@ def load_checkpoint(path):
     model.eval_only = bool(meta.get("eval_only", False))
     fill_model(model, arrays, path)
     opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    _check_optimizer_arrays(path, model, meta.get("optimizer"), opt_arrays)
     return Checkpoint(model, meta.get("user", {}), meta.get("optimizer"), opt_arrays)
+
+
+def _check_optimizer_arrays(path, model, info, arrays):
+    """Each optimizer/<param>/<state> array must belong to a parameter, a state of the saved
+    optimizer's type, and have that parameter's shape and dtype."""
+    from .optim import OPTIMIZERS
+
+    if info is None:
+        if arrays:
+            raise CheckpointError(f"{path}: holds optimizer tensors but no optimizer metadata")
+        return
+    cls = next(cls for cls in OPTIMIZERS.values() if cls.__name__ == info["type"])
+    for key, value in arrays.items():
+        name, _, state = key.rpartition("/")
+        if name not in model.params or state not in cls.state_names + cls.counter_names:
+            raise CheckpointError(f"{path}: unexpected optimizer tensor {key!r} for {info['type']} (its states: "
+                                  f"{', '.join(cls.state_names + cls.counter_names) or 'none'})")
+        p = model.params[name]
+        if state in cls.counter_names:  # a per-parameter update count
+            if value.shape != () or value.dtype.kind not in "iu" or value < 0:
+                raise CheckpointError(f"{path}: optimizer tensor {key!r} must be a non-negative integer scalar, "
+                                      f"got {value.dtype} {value.shape}")
+        elif value.shape != p.shape or value.dtype != p.dtype:
+            raise CheckpointError(f"{path}: optimizer tensor {key!r} is {value.dtype} {value.shape}; "
+                                  f"parameter {name} is {p.dtype} {p.shape}")
 
 
 def load(path, optimizer=None):

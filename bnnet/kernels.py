@@ -615,3 +615,15 @@ def bias_activation(z, b, act, slope):
         t[SCALE, j] = 1.0
         t[BETA, j] = b[j]
     _apply_rows(z, t, act, _constants(z, slope), z, 0, z.shape[0])
+
+
+@njit(**_OPTS)
+def copy_finite(src, dst):
+    # x - x is 0 for every finite x and NaN for NaN/Inf; summing it keeps the loop branch-free
+    # (so it vectorizes like a plain copy).
+    acc = 0.0
+    for i in range(src.size):
+        v = src[i]
+        dst[i] = v
+        acc += v - v
+    return acc == 0.0

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_float_array, check_2d, check_choice, check_dtype, check_finite, check_int, check_number, describe
+from ._checks import as_float_array, check_2d, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
 from .errors import HyperparameterError, InputError
 
 
@@ -224,7 +224,7 @@ class Linear(Layer):
             fan = in_features if init == "he" else in_features + out_features
             std = float(np.sqrt(2.0 / fan))
         self.std = std
-        self.bias = bool(bias)
+        self.bias = check_bool("Linear", "bias", bias)
         self.dtype = check_dtype("Linear", dtype)
         w = _as_rng(rng).standard_normal((in_features, out_features)) * std
         self.params["W"] = w.astype(self.dtype)  # (in, out)
@@ -302,7 +302,7 @@ class BatchNorm(Layer):
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
-        self.frozen = bool(frozen)
+        self.frozen = check_bool(type(self).__name__, "frozen", frozen)
         self.batch_stats = None  # (mean, biased var) of the last train-mode batch, float64 (D,)
         self.running_var = check_choice("BatchNorm", "running_var", running_var, ("unbiased", "biased"))
         self.dtype = check_dtype("BatchNorm", dtype)

@@ -227,3 +227,14 @@ def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
     _update("adam", p, g, m, v)
     backend.impl().adam(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(bias1), float(bias2),
                         float(wd))
+
+
+def copy_finite(src, dst):
+    """dst <- src (flat float arrays of one size and dtype); returns whether every value of src is finite.
+
+    One pass: what `fit` uses to keep a copy of the last good state and check the new one together.
+    """
+    if not (isinstance(src, np.ndarray) and src.ndim == 1 and src.dtype.char in "fd" and src.flags.c_contiguous):
+        _fail("copy_finite", f"src must be a flat C-contiguous float32/float64 array, got {describe(src)}")
+    _per_feature("copy_finite", "dst", (dst,), src.size, src.dtype, write=True)
+    return bool(backend.impl().copy_finite(src, dst))

@@ -63,8 +63,12 @@ SCHEDULES = {cls.__name__: cls for cls in (StepDecay, ExponentialDecay, InverseT
 
 
 def schedule_from_config(cfg):
+    """A Schedule from its config() ({"type": name, **arguments}), or None."""
     if cfg is None:
         return None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in SCHEDULES:
+        raise HyperparameterError(f"schedule config must be {{'type': one of {', '.join(SCHEDULES)}, ...}}, "
+                                  f"got {cfg!r}")
     cfg = dict(cfg)
     return SCHEDULES[cfg.pop("type")](**cfg)
 
@@ -103,6 +107,9 @@ class Optimizer:
         owner = type(self).__name__
         self.lr = check_number(owner, "lr", lr, low=0, low_open=True)
         self.weight_decay = check_number(owner, "weight_decay", weight_decay, low=0)
+        if not isinstance(decay_names, (list, tuple)) or not all(isinstance(n, str) for n in decay_names):
+            raise HyperparameterError(f"{owner}: decay_names must be a sequence of parameter names like ('W',), "
+                                      f"got {decay_names!r}")
         self.decay_names = tuple(decay_names)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise HyperparameterError(f"{owner}: schedule must be None or a bnnet.optim Schedule, got {schedule!r}")

@@ -5,6 +5,8 @@ Same signatures and same results as the numba kernels of bnnet.kernels
 into the arrays passed in. This is the readable reference the kernels are
 tested against; bnnet.ops checks the arguments before either runs.
 """
+import numpy as np
+
 from . import functional as F
 from . import optim_rules
 from .ops import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
@@ -115,3 +117,8 @@ def rmsprop(p, g, s, lr, beta, eps, wd):
 
 def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
     p[...], m[...], v[...] = optim_rules.adam(p, g + wd * p if wd else g, m, v, lr, beta1, beta2, eps, bias1, bias2)
+
+
+def copy_finite(src, dst):
+    np.copyto(dst, src)
+    return bool(np.isfinite(dst).all())

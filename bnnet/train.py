@@ -12,6 +12,7 @@ resume; `evaluate` runs the model in eval mode. Read top to bottom:
     fit             checks its arguments, builds the pieces below, runs the epochs
     Step            one mini-batch: forward, loss, backward (DataParallelStep adds the collectives)
     RunState        where training stands: counters, RNG, partial sums, history (saved in checkpoints)
+    LastGood        a copy of the last all-finite state, to undo a step that produced NaN/Inf
     _train_epoch    the mini-batches of one epoch: step, clip, update, count, checkpoint
     Checkpoints     when and how checkpoints are written, and resuming from one
     Progress        the tqdm bar
@@ -20,6 +21,8 @@ import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from . import ops
 
 from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
 from .distributed import DataParallel, is_root
@@ -48,9 +51,10 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         progress: show a tqdm progress bar with the running loss and accuracy.
         clip_grad_norm: if set, scale the gradients to this global L2 norm at most before each update.
         check_activations: also check every layer's output for NaN/Inf at every step (slower).
-            The loss is always checked: a NaN/Inf stops training with NonFiniteError naming
-            the step and where it first appears, before the update, so the parameters and
-            the last checkpoint on disk are the last good ones.
+            The loss, and after each update every parameter, running statistic and optimizer
+            state, are always checked: a NaN/Inf stops training with NonFiniteError naming the
+            step and where it first appears, after putting back the state of the last good step
+            (LastGood), so the model, the optimizer and every checkpoint written hold finite values.
         checkpoint: path to write checkpoints to (atomically); may contain "{step}" to keep one
             file per checkpoint. Written every `checkpoint_every` updates and at the end.
         resume: path of a checkpoint written by fit: restores parameters, running statistics,
@@ -85,12 +89,13 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     seed = step.start(seed)
     run = RunState(epochs, batch_size, seed, len(X), loss_fn.name)
     if resume is not None:
-        run = checkpoints.resume(resume, run)
+        run = checkpoints.resume(resume, run, len(batch_sizes))
+    last_good = LastGood(model, opt)
     bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step)
     try:
         for epoch in range(run.epoch, epochs + 1):
             bar.epoch(epoch, epochs)
-            _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar)
+            _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good)
             _end_epoch(run, model, loss_fn, val, bar)
         checkpoints.final(run)
     finally:
@@ -250,7 +255,7 @@ class RunState:
         self.rng_state, self.partial, self.history = saved["rng"], saved["partial"], saved["history"]
 
 
-def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar):
+def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good):
     """The mini-batches of epoch run.epoch, from run.batch on (after a resume, mid-epoch)."""
     run.rng.bit_generator.state = run.rng_state  # the epoch's order is drawn from this state
     batches = minibatches(len(X), batch_size, run.rng, drop_single)
@@ -260,15 +265,21 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
         idx = step.rows(batches[b])
         X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
         batch_loss, acc = step(X_t, y_t, len(batches[b]))
+        when = f"at step {run.step + 1} (epoch {run.epoch})"
         if not np.isfinite(batch_loss):
             where = step.where_nonfinite(X_t) or "the loss"
-            raise NonFiniteError(f"fit: the loss is {batch_loss} at step {run.step + 1} (epoch {run.epoch}); "
-                                 f"NaN/Inf first appears in {where}. Lower the learning rate or set "
-                                 "clip_grad_norm; the parameters are those before this step")
+            last_good.restore()
+            raise NonFiniteError(f"fit: the loss is {batch_loss} {when}; NaN/Inf first appears in {where}. "
+                                 f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}")
         if clip_grad_norm is not None and not np.isfinite(clip_gradients(step.model, clip_grad_norm)):
-            raise NonFiniteError(f"fit: the gradients hold NaN or Inf at step {run.step + 1} "
-                                 f"(epoch {run.epoch}); the parameters are those before this step")
+            last_good.restore()
+            raise NonFiniteError(f"fit: the gradients hold NaN or Inf {when}; {LastGood.RESTORED}")
         opt.step(step.model)
+        if not last_good.commit():
+            where = last_good.first_nonfinite()
+            last_good.restore()
+            raise NonFiniteError(f"fit: the update {when} made {where} NaN or Inf (the loss was {batch_loss:.4g}). "
+                                 f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}")
         n_batch = len(batches[b])
         total_loss += batch_loss * n_batch
         total_correct += (acc or 0.0) * n_batch
@@ -276,6 +287,86 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
         run.batch, run.step, run.partial = b + 1, run.step + 1, [total_loss, total_correct, seen]
         bar.update(total_loss / seen, acc and total_correct / seen)
         checkpoints.after_step(run)
+
+
+_KIND_NAMES = {"params": "parameter", "buffers": "buffer", "optimizer": "optimizer state"}
+
+
+class LastGood:
+    """The last state of training that was finite everywhere, so that a step producing NaN/Inf is undone.
+
+    After each update, `commit` copies everything a step changes (parameters, buffers such as
+    running statistics, optimizer state and its step counter) into the older of two copies and
+    checks it finite in the same pass (bnnet.ops.copy_finite); only an all-finite copy becomes
+    the last good one. `restore` writes the last good copy back into the live arrays. About one
+    memory copy of the state per step.
+    """
+
+    RESTORED = "the model and optimizer were restored to the last good step, and no checkpoint holds NaN/Inf"
+
+    def __init__(self, model, opt):
+        self.model, self.opt = model, opt
+        self.copies = [{}, {}]  # two slots: {key: array}, plus the optimizer counter
+        self.t = [0, 0]
+        self.good = None  # which slot holds the last good state
+        if not self.commit():
+            raise NonFiniteError(f"fit: the model holds NaN or Inf before training, in {self.first_nonfinite()}")
+
+    def _live(self):
+        live = {("params", k): v for k, v in self.model.params.items()}
+        live.update({("buffers", k): v for k, v in self.model.buffers.items()})
+        live.update({("optimizer", f"{name}/{k}"): v for name, st in self.opt.state.items() for k, v in st.items()})
+        return live
+
+    def commit(self):
+        """Copy the live state into the spare slot; if it is all finite it becomes the last good state."""
+        spare = 1 if self.good == 0 else 0
+        old, new, ok = self.copies[spare], {}, True
+        for key, a in self._live().items():
+            c = old.get(key)
+            if c is None or c.shape != a.shape or c.dtype != a.dtype:
+                c = np.empty_like(a)
+            if a.dtype.kind == "f" and a.flags.c_contiguous:
+                ok &= ops.copy_finite(a.reshape(-1), c.reshape(-1))
+            else:
+                np.copyto(c, a)
+                ok &= a.dtype.kind != "f" or bool(np.isfinite(a).all())
+            new[key] = c
+        self.copies[spare], self.t[spare] = new, self.opt.t
+        if ok:
+            self.good = spare
+        return ok
+
+    def restore(self):
+        """Put the last good state back: values copied into the live arrays, optimizer state created
+        since then removed, the optimizer's counter set back."""
+        saved = self.copies[self.good]
+        for (kind, key), a in self._live().items():
+            if (kind, key) not in saved:
+                continue
+            if isinstance(a, np.ndarray):
+                np.copyto(a, saved[kind, key])
+            else:  # an optimizer's scalar counter (a numpy integer, immutable): replace it
+                name, _, k = key.rpartition("/")
+                self.opt.state[name][k] = saved[kind, key][()]
+        for (kind, key), c in saved.items():
+            if kind == "optimizer":
+                name, _, k = key.rpartition("/")
+                self.opt.state.setdefault(name, {})[k] = self.opt.state.get(name, {}).get(k, c.copy())
+        for name in list(self.opt.state):
+            for k in list(self.opt.state[name]):
+                if ("optimizer", f"{name}/{k}") not in saved:
+                    del self.opt.state[name][k]
+            if not self.opt.state[name]:
+                del self.opt.state[name]
+        self.opt.t = self.t[self.good]
+
+    def first_nonfinite(self):
+        """The first live array holding NaN/Inf, as "parameter 0.W", "buffer 1.running_var", ..."""
+        for (kind, key), a in self._live().items():
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                return f"{_KIND_NAMES[kind]} {key}"
+        return "nothing"
 
 
 def _end_epoch(run, model, loss_fn, val, bar):
@@ -323,7 +414,7 @@ class Checkpoints:
         if self.path is not None:
             self.write(run)
 
-    def resume(self, path, run):
+    def resume(self, path, run, batches_per_epoch):
         """Load model, optimizer and run state from a checkpoint written by fit with the same settings."""
         ckpt = load_checkpoint(path)
         saved = ckpt.metadata.get("fit")
@@ -332,16 +423,74 @@ class Checkpoints:
         if saved.get("run") != run.run:
             raise CheckpointError(f"{path}: was written by a run with {saved.get('run')}, not {run.run}; "
                                   "resume with the same epochs, batch_size, seed, data and loss")
-        fill_model(self.model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
-                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, path)
+        _check_run_state(path, saved, run, batches_per_epoch)
         if ckpt.optimizer_info is None:
             raise CheckpointError(f"{path}: holds no optimizer state to resume")
+        if ckpt.optimizer_info["type"] != type(self.opt).__name__:
+            raise CheckpointError(f"{path}: holds {ckpt.optimizer_info['type']} state; this run trains with "
+                                  f"{type(self.opt).__name__}")
+        _check_finite_state(path, ckpt)
+        fill_model(self.model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
+                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, path)
         self.opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
-        try:
-            run.restore(saved)
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: its training state is incomplete ({e!r})") from None
+        run.restore(saved)
         return run
+
+
+def _check_run_state(path, saved, run, batches_per_epoch):
+    """The "fit" metadata of a checkpoint, field by field: counters that agree with each other, an RNG
+    state numpy accepts, partial sums and a history of the right lengths."""
+    def bad(field, expected):
+        value = repr(saved.get(field))
+        raise CheckpointError(f"{path}: metadata field user.fit.{field} must be {expected}, got "
+                              f"{value if len(value) <= 80 else value[:77] + '...'}")
+
+    def integer(field, low, high):
+        value = saved.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            bad(field, f"an integer in [{low}, {high}]")
+        return value
+
+    epochs = run.run["epochs"]
+    epoch = integer("epoch", 1, epochs + 1)
+    batch = integer("batch", 0, batches_per_epoch if epoch <= epochs else 0)
+    integer("step", 0, epochs * batches_per_epoch)
+    if saved["step"] != (epoch - 1) * batches_per_epoch + batch:
+        bad("step", f"(epoch - 1) * {batches_per_epoch} + batch = {(epoch - 1) * batches_per_epoch + batch}")
+    try:
+        np.random.default_rng(0).bit_generator.state = saved.get("rng")
+    except (TypeError, ValueError, KeyError, OverflowError):
+        bad("rng", "a numpy PCG64 state")
+    partial = saved.get("partial")
+    if (not isinstance(partial, list) or len(partial) != 3 or not all(_is_number(v) for v in partial)
+            or not isinstance(partial[2], int) or partial[2] < 0):
+        bad("partial", "[loss sum, correct sum, rows] (two numbers and an integer >= 0)")
+    history = saved.get("history")
+    keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+    if not isinstance(history, dict) or set(history) != set(keys):
+        bad("history", f"an object with the lists {', '.join(keys)}")
+    for key in keys:
+        values = history[key]
+        lengths = (epoch - 1,) if key in ("epoch", "loss", "accuracy") else (0, epoch - 1)
+        if (not isinstance(values, list) or len(values) not in lengths
+                or not all(v is None or _is_number(v) for v in values)):
+            raise CheckpointError(f"{path}: metadata field user.fit.history.{key} must be a list of "
+                                  f"{epoch - 1} numbers, got {str(values)[:80]}")
+
+
+def _check_finite_state(path, ckpt):
+    """Refuse to resume from a checkpoint holding NaN/Inf (fit never writes one; an edited file may)."""
+    arrays = [("params", k, v) for k, v in ckpt.model.params.items()]
+    arrays += [("buffers", k, v) for k, v in ckpt.model.buffers.items()]
+    arrays += [("optimizer", k, v) for k, v in ckpt.optimizer_arrays.items()]
+    for kind, key, a in arrays:
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(f"{path}: {_KIND_NAMES[kind]} {key} holds NaN or Inf; resume from an earlier "
+                                  "checkpoint")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------

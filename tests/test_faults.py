@@ -39,10 +39,13 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(rng, tmp_path):
 def test_check_activations_catches_a_nan_inside(rng):
     X, y = _data(rng)
     model = bnnet.mlp([6, 8, 8, 3], activation="tanh", seed=0)
-    model.params["3.W"][0, 0] = np.nan  # a corrupted weight in the second Linear
-    with pytest.raises(bnnet.NonFiniteError, match=r"Linear \(layer 3\) produced NaN or Inf"):
-        bnnet.fit(model, X, y, epochs=1, progress=False, check_activations=True)
-    with pytest.raises(bnnet.NonFiniteError, match=r"first appears in parameter 3.W"):
+    huge = np.full_like(X, 3e38)  # finite in float32, but X @ W overflows in the first Linear
+    with pytest.raises(bnnet.NonFiniteError, match=r"Linear \(layer 0\) produced NaN or Inf"):
+        bnnet.fit(model, huge, y, epochs=1, progress=False, check_activations=True)
+    with pytest.raises(bnnet.NonFiniteError, match=r"first appears in Linear \(layer 0\)"):
+        bnnet.fit(model, huge, y, epochs=1, progress=False)
+    model.params["3.W"][0, 0] = np.nan  # a corrupted weight: refused before the first step
+    with pytest.raises(bnnet.NonFiniteError, match=r"holds NaN or Inf before training, in parameter 3.W"):
         bnnet.fit(model, X, y, epochs=1, progress=False)
 
 

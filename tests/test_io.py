@@ -113,10 +113,10 @@ def test_mismatched_arrays_are_listed(rng, tmp_path):
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n])["__metadata__"]
     arrays = st_load(data)
-    arrays["params/0.W"] = np.ones((6, 7), np.float32)  # wrong shape
+    arrays["params/0.W"] = np.ones((5, 6), np.float32)  # wrong shape (transposed)
     del arrays["buffers/1.running_var"]  # missing
     path.write_bytes(st_save(arrays, metadata=meta))
-    with pytest.raises(bnnet.CheckpointError, match=r"params 0.W: checkpoint \(6, 7\), model \(6, 5\); missing buffers 1.running_var \(5,\)"):
+    with pytest.raises(bnnet.CheckpointError, match=r"params 0.W: checkpoint \(5, 6\), model \(6, 5\); missing buffers 1.running_var \(5,\)"):
         bnnet.load(path)
 
 

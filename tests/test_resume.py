@@ -68,7 +68,7 @@ def test_resume_with_other_settings_is_refused(data, uninterrupted):
     other = bnnet.mlp([10, 12, 4], seed=0)
     with pytest.raises(bnnet.CheckpointError, match="does not match the model"):
         _fit(other, optim.Adam(0.01), data, resume=str(folder / "ck-5.safetensors"))
-    with pytest.raises(bnnet.CheckpointError, match="optimizer state is for Adam"):
+    with pytest.raises(bnnet.CheckpointError, match="holds Adam state; this run trains with SGD"):
         _fit(_setup()[0], optim.SGD(0.1), data, resume=str(folder / "ck-5.safetensors"))
 
 
