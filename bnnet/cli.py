@@ -192,7 +192,8 @@ def cmd_train(args):
         return _train(args, None)
     comm = distributed.Communicator()
     distributed.limit_threads()  # the ranks already fill the cores
-    with distributed.abort_on_error(comm):  # a failure on one rank ends every rank, with its message
+    # a failure on one rank ends every rank, with the one line the single-process CLI prints
+    with distributed.abort_on_error(comm, command="bnnet train", describe=error_message):
         _train(args, comm)
 
 

@@ -34,6 +34,7 @@ mpi4py is imported only when a Communicator is made: the rest of bnnet works
 without MPI installed. `SingleProcess` is the one-rank stand-in.
 """
 import contextlib
+import os
 import sys
 import time
 import traceback
@@ -92,6 +93,10 @@ class Communicator:
     def broadcast_object(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    def allgather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        return self.comm.allgather(obj)
+
     def abort(self, code=1):
         """End every rank of the job now (MPI_Abort): no rank is left waiting in a collective."""
         self.comm.Abort(code)
@@ -115,6 +120,9 @@ class SingleProcess:
 
     def broadcast_object(self, obj, root=0):
         return obj
+
+    def allgather_object(self, obj):
+        return [obj]
 
     def abort(self, code=1):
         sys.exit(code)
@@ -141,26 +149,49 @@ def limit_threads():
 
 
 @contextlib.contextmanager
-def abort_on_error(comm):
+def abort_on_error(comm, command=None, describe=None):
     """Run a block; if it raises on any rank, print that rank's error and abort the whole job.
 
     Without it, a rank that fails leaves the others waiting forever in the next
     collective. KeyboardInterrupt and SystemExit abort too (with their exit code).
+    The message is "bnnet: rank R of K failed: <error>" (with the traceback for
+    errors that are not bnnet's own); with `command` (e.g. "bnnet train") it is the
+    CLI's one line, "<command>: error: rank R of K: <describe(error)>".
     """
     try:
         yield
     except SystemExit as e:
         if e.code not in (None, 0) and comm.size > 1:
-            sys.stderr.flush()
-            comm.abort(e.code if isinstance(e.code, int) else 1)
+            _abort(comm, e.code if isinstance(e.code, int) else 1)
         raise
     except BaseException as e:
         if comm.size == 1:
             raise
-        detail = str(e) if isinstance(e, BnnetError) else traceback.format_exc()
-        print(f"bnnet: rank {comm.rank} of {comm.size} failed: {type(e).__name__}: {detail}".rstrip(),
-              file=sys.stderr, flush=True)
-        comm.abort(1)
+        if getattr(e, "collective", False) and comm.rank != 0:
+            time.sleep(30)  # every rank raised it: rank 0 reports it and ends the job
+            os._exit(1)
+        where = f"rank {comm.rank} of {comm.size}"
+        if isinstance(e, KeyboardInterrupt):
+            line, code = (f"{command}: interrupted ({where})" if command else f"bnnet: {where} interrupted"), 130
+        elif command:
+            line, code = f"{command}: error: {where}: {(describe or str)(e)}", 1
+        elif isinstance(e, BnnetError):
+            line, code = f"bnnet: {where} failed: {type(e).__name__}: {e}", 1
+        else:  # not one of bnnet's own errors: the traceback says where
+            line, code = f"bnnet: {where} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}".rstrip(), 1
+        print(line, file=sys.stderr, flush=True)
+        _abort(comm, code)
+
+
+def _abort(comm, code):
+    """End every rank. MPI_Abort can return to Python with some MPI builds: this rank then exits
+    at once, so that code after the failing block never runs on it."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    try:
+        comm.abort(code)
+    finally:
+        os._exit(code)
 
 
 # --------------------------------------------------------------------------
@@ -293,6 +324,20 @@ class DataParallel:
             self.views.append((layer, key, view))
             offset += p.size
         self._extra = offset
+
+    def check_agreement(self, settings):
+        """Raise the same InputError on every rank unless every rank was given the same settings
+        (row count, features, dtype, architecture, optimizer, loss, batch size, epochs): ranks that
+        disagree would otherwise wait for each other forever in a collective."""
+        every = self.comm.allgather_object(settings)
+        differ = [k for k in settings if any(other.get(k) != every[0].get(k) for other in every)]
+        if differ:
+            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {str(other.get(k))[:60]}" for r, other in enumerate(every))
+                               for k in differ)
+            error = InputError(f"fit: the {self.size} ranks were not given the same training run ({detail}); "
+                               "give every rank the same data, model and settings")
+            error.collective = True  # raised on every rank: one of them reports it
+            raise error
 
     def start(self, seed):
         """Copy rank 0's parameters and buffers to every rank; return rank 0's seed (drawn there if None)."""

@@ -619,11 +619,11 @@ def bias_activation(z, b, act, slope):
 
 @njit(**_OPTS)
 def copy_finite(src, dst):
-    # x - x is 0 for every finite x and NaN for NaN/Inf; summing it keeps the loop branch-free
-    # (so it vectorizes like a plain copy).
-    acc = 0.0
+    # v - v is 0 for every finite v and NaN for NaN/Inf. An integer OR is associative, so the
+    # loop vectorizes like a plain copy (a float sum would be one long dependency chain).
+    bad = 0
     for i in range(src.size):
         v = src[i]
         dst[i] = v
-        acc += v - v
-    return acc == 0.0
+        bad |= (v - v) != 0.0
+    return bad == 0

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import ops
+from . import backend
 
 from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
 from .distributed import DataParallel, is_root
@@ -86,6 +86,10 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
     step = Step(model, loss_fn, check_activations) if comm is None or comm.size == 1 else \
         DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
+    step.agree({"rows": len(X), "features": X.shape[1], "dtype": model.dtype, "architecture": model.config(),
+                "optimizer": {k: v for k, v in opt.state_dict()[1].items() if k != "t"}, "loss": loss_fn.name,
+                "batch_size": batch_size, "epochs": epochs, "validation_rows": None if val is None else len(val[0]),
+                "resume": resume is not None})
     seed = step.start(seed)
     run = RunState(epochs, batch_size, seed, len(X), loss_fn.name)
     if resume is not None:
@@ -171,6 +175,9 @@ class Step:
     def __init__(self, model, loss_fn, check_activations):
         self.model, self.loss_fn, self.check_activations = model, loss_fn, check_activations
 
+    def agree(self, settings):
+        """Check that every process runs the same training (one process: nothing to compare)."""
+
     def start(self, seed):
         """The seed every process shuffles with."""
         return seed
@@ -208,12 +215,19 @@ class DataParallelStep(Step):
     def __init__(self, model, loss_fn, check_activations, comm, smallest_batch):
         super().__init__(model, loss_fn, check_activations)
         self.dp = DataParallel(model, comm)
+        self.smallest_batch = smallest_batch
+
+    def agree(self, settings):
+        self.dp.check_agreement(settings)  # first: the checks below assume every rank has the same data
         # np.array_split gives the smallest shard of the smallest batch len // size rows
-        if self.dp.local_bn and smallest_batch // comm.size < 2:
-            raise InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
-                             f">= 2 rows; batches of {smallest_batch} over {comm.size} ranks give shards of "
-                             f"{smallest_batch // comm.size}. Use bnnet.distributed.sync_batchnorm(model, comm) "
-                             "or a larger batch_size")
+        size = self.dp.size
+        if self.dp.local_bn and self.smallest_batch // size < 2:
+            error = InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
+                               f">= 2 rows; batches of {self.smallest_batch} over {size} ranks give shards of "
+                               f"{self.smallest_batch // size}. Use bnnet.distributed.sync_batchnorm(model, comm) "
+                               "or a larger batch_size")
+            error.collective = True  # the same on every rank: one of them reports it
+            raise error
 
     def start(self, seed):
         return self.dp.start(seed)  # every rank now holds rank 0's parameters and draws rank 0's order
@@ -297,42 +311,51 @@ class LastGood:
 
     After each update, `commit` copies everything a step changes (parameters, buffers such as
     running statistics, optimizer state and its step counter) into the older of two copies and
-    checks it finite in the same pass (bnnet.ops.copy_finite); only an all-finite copy becomes
-    the last good one. `restore` writes the last good copy back into the live arrays. About one
-    memory copy of the state per step.
+    checks it finite in the same pass (the backend's copy_finite); only an all-finite copy becomes
+    the last good one. `restore` writes the last good copy back into the live arrays. The cost
+    is about one memory copy of the state per step.
     """
 
     RESTORED = "the model and optimizer were restored to the last good step, and no checkpoint holds NaN/Inf"
 
     def __init__(self, model, opt):
         self.model, self.opt = model, opt
-        self.copies = [{}, {}]  # two slots: {key: array}, plus the optimizer counter
-        self.t = [0, 0]
+        self.slots = [None, None]  # each: the live arrays, their copies, the scalars and opt.t at commit
         self.good = None  # which slot holds the last good state
         if not self.commit():
             raise NonFiniteError(f"fit: the model holds NaN or Inf before training, in {self.first_nonfinite()}")
 
     def _live(self):
-        live = {("params", k): v for k, v in self.model.params.items()}
-        live.update({("buffers", k): v for k, v in self.model.buffers.items()})
-        live.update({("optimizer", f"{name}/{k}"): v for name, st in self.opt.state.items() for k, v in st.items()})
+        """[((kind, where, name), value)] for every array a step changes, in a fixed order."""
+        live = [((kind, i, k), a) for i, layer in enumerate(self.model.layers)
+                for kind in ("params", "buffers") for k, a in getattr(layer, kind).items()]
+        live += [(("optimizer", name, k), a) for name, st in self.opt.state.items() for k, a in st.items()]
         return live
 
     def commit(self):
         """Copy the live state into the spare slot; if it is all finite it becomes the last good state."""
         spare = 1 if self.good == 0 else 0
-        old, new, ok = self.copies[spare], {}, True
-        for key, a in self._live().items():
-            c = old.get(key)
-            if c is None or c.shape != a.shape or c.dtype != a.dtype:
-                c = np.empty_like(a)
-            if a.dtype.kind == "f" and a.flags.c_contiguous:
-                ok &= ops.copy_finite(a.reshape(-1), c.reshape(-1))
-            else:
-                np.copyto(c, a)
-                ok &= a.dtype.kind != "f" or bool(np.isfinite(a).all())
-            new[key] = c
-        self.copies[spare], self.t[spare] = new, self.opt.t
+        live = self._live()
+        slot = self.slots[spare]
+        arrays = [a for _, a in live if isinstance(a, np.ndarray)]
+        if (slot is None or len(slot["arrays"]) != len(arrays)
+                or any(x is not y for x, y in zip(slot["arrays"], arrays))):
+            # New or replaced arrays (the first step creates the optimizer state): new copies, made
+            # here with the same size and dtype, so the kernel below needs no other check.
+            copies = [np.empty(a.shape, a.dtype) for a in arrays]
+            slot = {"keys": [key for key, a in live if isinstance(a, np.ndarray)], "arrays": arrays,
+                    "copies": copies, "pairs": [(np.ascontiguousarray(a).reshape(-1), c.reshape(-1))
+                                                for a, c in zip(arrays, copies)]}
+        copy_finite, ok = backend.impl().copy_finite, True
+        for src, dst in slot["pairs"]:
+            if src.dtype.kind == "f":
+                ok &= copy_finite(src, dst)
+            else:  # integer counters (BatchNorm's count)
+                np.copyto(dst, src)
+        # numpy scalars (the optimizer's per-parameter counters) are immutable: kept as they are
+        slot["scalars"] = {key: a for key, a in live if not isinstance(a, np.ndarray)}
+        slot["t"] = self.opt.t
+        self.slots[spare] = slot
         if ok:
             self.good = spare
         return ok
@@ -340,33 +363,36 @@ class LastGood:
     def restore(self):
         """Put the last good state back: values copied into the live arrays, optimizer state created
         since then removed, the optimizer's counter set back."""
-        saved = self.copies[self.good]
-        for (kind, key), a in self._live().items():
-            if (kind, key) not in saved:
-                continue
-            if isinstance(a, np.ndarray):
-                np.copyto(a, saved[kind, key])
-            else:  # an optimizer's scalar counter (a numpy integer, immutable): replace it
-                name, _, k = key.rpartition("/")
-                self.opt.state[name][k] = saved[kind, key][()]
-        for (kind, key), c in saved.items():
+        slot = self.slots[self.good]
+        saved = dict(zip(slot["keys"], slot["copies"])) | slot["scalars"]
+        for layer_index, layer in enumerate(self.model.layers):
+            for kind in ("params", "buffers"):
+                d = getattr(layer, kind)
+                for k in d:
+                    _put(d, k, saved[kind, layer_index, k])
+        state = {}
+        for (kind, name, k), value in saved.items():
             if kind == "optimizer":
-                name, _, k = key.rpartition("/")
-                self.opt.state.setdefault(name, {})[k] = self.opt.state.get(name, {}).get(k, c.copy())
-        for name in list(self.opt.state):
-            for k in list(self.opt.state[name]):
-                if ("optimizer", f"{name}/{k}") not in saved:
-                    del self.opt.state[name][k]
-            if not self.opt.state[name]:
-                del self.opt.state[name]
-        self.opt.t = self.t[self.good]
+                entry = state.setdefault(name, {})
+                entry[k] = self.opt.state.get(name, {}).get(k)
+                _put(entry, k, value)
+        self.opt.state, self.opt.t = state, slot["t"]
 
     def first_nonfinite(self):
         """The first live array holding NaN/Inf, as "parameter 0.W", "buffer 1.running_var", ..."""
-        for (kind, key), a in self._live().items():
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                return f"{_KIND_NAMES[kind]} {key}"
+        for (kind, where, name), a in self._live():
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all():
+                sep = "/" if kind == "optimizer" else "."
+                return f"{_KIND_NAMES[kind]} {where}{sep}{name}"
         return "nothing"
+
+
+def _put(d, k, saved):
+    """d[k] = saved, into d[k]'s own memory when it is an array of that shape (others hold references)."""
+    if isinstance(d.get(k), np.ndarray) and d[k].shape == saved.shape and d[k].flags.writeable:
+        np.copyto(d[k], saved, casting="unsafe")
+    else:
+        d[k] = saved.copy() if isinstance(saved, np.ndarray) else saved
 
 
 def _end_epoch(run, model, loss_fn, val, bar):

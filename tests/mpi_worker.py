@@ -2,6 +2,7 @@
 
     mpiexec -n K python tests/mpi_worker.py OUT          # equivalence cases
     mpiexec -n K python tests/mpi_worker.py OUT fault    # rank 1 fails at its third step
+    mpiexec -n K python tests/mpi_worker.py OUT mismatch # ranks given different row counts
 
 The cases (data, models, shard sizes) are defined in mpi_cases.py, which the
 test imports too, so that it computes the single-process references from the
@@ -78,11 +79,24 @@ def run_fault(comm):
         bnnet.fit(model, X, y, comm=comm, **kwargs)
 
 
+def run_mismatch(comm):
+    """Rank r is given 10 * r fewer rows than rank 0: refused on every rank before the first step."""
+    case = mpi_cases.FIT_CASES[0]
+    model, X, y, kwargs = mpi_cases.fit_setup(case, seed_model=0)
+    n = len(X) - 10 * comm.rank
+    with distributed.abort_on_error(comm):
+        bnnet.fit(model, X[:n], y[:n], comm=comm, **kwargs)
+    print("after the block", file=sys.stderr)  # never reached: the job was aborted
+
+
 def main():
     out = sys.argv[1]
     comm = distributed.Communicator()
     if sys.argv[2:] == ["fault"]:
         run_fault(comm)
+        return
+    if sys.argv[2:] == ["mismatch"]:
+        run_mismatch(comm)
         return
     with distributed.abort_on_error(comm):
         run_fit_cases(out, comm)

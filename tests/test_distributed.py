@@ -175,6 +175,30 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     assert elapsed < 10, elapsed
 
 
+def test_ranks_given_different_data_fail_together_with_one_message(tmp_path):
+    """Ranks given 4 different row counts would wait forever in a collective: every rank is refused
+    before the first step, one rank reports it, and the job ends."""
+    _warm_kernels()
+    start = time.monotonic()
+    proc = mpirun(4, str(tmp_path), "mismatch", timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet:")]
+    assert len(lines) == 1 and "were not given the same training run (rows: rank 0" in lines[0], proc.stderr
+    assert "after the block" not in proc.stderr
+    assert time.monotonic() - start < 25
+
+
+def test_cli_distributed_errors_are_the_single_process_line(tmp_path):
+    """A distributed `bnnet train` that fails prints the CLI's own one line, with the rank."""
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "bnnet", "train", "--distributed", "--quiet",
+                           "--data", str(tmp_path / "missing.npz")], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet train:")]
+    assert lines and all(line.startswith("bnnet train: error: rank ") and "missing.npz" in line for line in lines)
+    assert "Traceback" not in proc.stderr
+
+
 def test_cli_distributed_trains_the_same_model(tmp_path):
     """mpiexec -n 2 bnnet train --distributed gives the model `bnnet train` gives (float32)."""
     bnnet_cmd = [sys.executable, "-m", "bnnet", "train", "--epochs", "1", "--quiet", "--hidden", "32,32"]
