@@ -184,9 +184,9 @@ def check_split(X, y, Xt, yt, source):
                                f"got shape {A.shape}")
         if A.dtype.kind not in "biuf":
             raise DatasetError(f"{source}: X_{split} must hold real numbers, got dtype {A.dtype}")
-        A = A.reshape(len(A), -1)
-        if A.shape[0] == 0 or A.shape[1] == 0:
+        if A.size == 0:
             raise DatasetError(f"{source}: X_{split} is empty (shape {A.shape})")
+        A = A.reshape(len(A), -1)
         if out and A.shape[1] != out[0].shape[1]:
             raise DatasetError(f"{source}: X_test has {A.shape[1]} features, X_train {out[0].shape[1]}")
         if labels.ndim != 1 or len(labels) != len(A):
