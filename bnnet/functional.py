@@ -6,7 +6,11 @@ these functions, so this file is the one to read to see the math run.
 
 Shapes: N = batch size (rows), D = features (columns), C = classes.
 """
+import numbers
+
 import numpy as np
+
+from .errors import HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
 # Moments and the tf.nn.batch_normalization formula
@@ -32,9 +36,25 @@ def moments(x, axes, keepdims=False):
         (mean, variance), each of x's shape without `axes` (e.g. (D,)).
     """
     x = np.asarray(x)
+    axes = _check_axes(x, axes)
     mean, var = _moments_wide(x, axes, keepdims)
     out = x.dtype if x.dtype.kind == "f" else np.float64
     return mean.astype(out, copy=False), var.astype(out, copy=False)
+
+
+def _check_axes(x, axes):
+    """axes as a tuple of ints in [-ndim, ndim); HyperparameterError for anything else."""
+    items = [axes] if isinstance(axes, numbers.Integral) else axes
+    try:
+        items = list(items) if not isinstance(items, (str, bytes)) else None
+    except TypeError:
+        items = None
+    if (items is None or not items
+            or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items)):
+        raise HyperparameterError(f"moments: axes must be an int or a non-empty sequence of ints, got {axes!r}")
+    if not all(-x.ndim <= a < x.ndim for a in items):
+        raise HyperparameterError(f"moments: axes {axes!r} out of range for an input of shape {x.shape}")
+    return tuple(int(a) for a in items)
 
 
 def _moments_wide(x, axes, keepdims):
@@ -123,6 +143,12 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
         - mean * inv) as TensorFlow arranges it: subtracting first keeps float32
         accurate when |mean| >> std.
     """
+    shapes = [np.shape(a) for a in (x, mean, variance, offset, scale) if a is not None]
+    try:
+        np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise InputError(f"batch_normalization: x, mean, variance, offset and scale must broadcast together, "
+                         f"got shapes {', '.join(map(str, shapes))}") from None
     inv = 1.0 / np.sqrt(variance + variance_epsilon)
     if scale is not None:
         inv = inv * scale

@@ -119,7 +119,10 @@ class Layer:
     def _input(self, x, features=None):
         # Layers with a dtype cast their input to it (no copy when it already matches);
         # dtype-free layers (activations) keep float32/float64 and compute in float64 otherwise.
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as e:  # a ragged nested list
+            raise InputError(f"{self.name}: x must be a rectangular array; cannot convert it ({e})") from None
         dtype = getattr(self, "dtype", None) or (x.dtype.name if x.dtype.name in ("float32", "float64") else "float64")
         x = as_float_array(x, "x", self.name, dtype)
         check_2d(x, "x", self.name, features)
@@ -127,7 +130,7 @@ class Layer:
 
     def _cached(self):
         if self._cache is None:
-            raise RuntimeError(f"{self.name}: backward() called before forward(), or after a backward that "
+            raise InputError(f"{self.name}: backward() called before forward(), or after a backward that "
                                "consumed the forward's input; run forward(x, train) first")
         return self._cache
 

@@ -24,7 +24,7 @@ class Loss:
     def backward(self):
         """dL/d(outputs) of the last forward, same shape and dtype as the outputs."""
         if self._grad is None:
-            raise RuntimeError(f"{type(self).__name__}: backward() called before forward()")
+            raise InputError(f"{type(self).__name__}: backward() called before forward()")
         return self._grad
 
     def check_targets(self, targets, n_outputs=None):

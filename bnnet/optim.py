@@ -141,7 +141,7 @@ class Optimizer:
         """(name, p, g, state) with g in p's dtype, or InputError naming the array that is wrong."""
         owner = type(self).__name__
         if g is None:
-            raise RuntimeError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
+            raise InputError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
         if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous
                 and p.flags.writeable):
             raise InputError(f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "

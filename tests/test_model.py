@@ -180,7 +180,7 @@ def test_predict_batches_equal_one_pass(rng):
 
 
 def test_backward_before_forward_is_an_error():
-    with pytest.raises(RuntimeError, match="backward\\(\\) called before forward"):
+    with pytest.raises(bnnet.InputError, match="backward\\(\\) called before forward"):
         Sigmoid().backward(np.ones((2, 2)))
 
 

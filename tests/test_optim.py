@@ -129,5 +129,5 @@ def test_hyperparameter_errors(make, match):
 
 
 def test_step_without_backward_is_an_error():
-    with pytest.raises(RuntimeError, match="no gradient for '0.W'; run model.backward"):
+    with pytest.raises(bnnet.InputError, match="no gradient for '0.W'; run model.backward"):
         optim.SGD(0.1).step(bnnet.mlp([2, 2, 2]))
