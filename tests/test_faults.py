@@ -65,3 +65,56 @@ def test_clip_grad_norm(rng):
         optim.clip_grad_norm(model, 0)
     h = bnnet.fit(bnnet.mlp([6, 8, 3], seed=0), X, y, epochs=2, clip_grad_norm=1.0, progress=False, seed=0)
     assert all(np.isfinite(h["loss"]))
+
+
+def _state(model, opt):
+    """Copies of everything a step changes: parameters, buffers, optimizer state and counter."""
+    return ({k: v.copy() for k, v in model.params.items()}, {k: v.copy() for k, v in model.buffers.items()},
+            {f"{n}/{k}": np.array(v, copy=True) for n, st in opt.state.items() for k, v in st.items()}, opt.t)
+
+
+def _assert_state_equal(a, b):
+    for x, y in zip(a[:3], b[:3]):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert a[3] == b[3]
+
+
+@pytest.mark.parametrize("name,lr,where", [
+    ("sgd", 1e4, "the loss"), ("sgd", 1e308, "the update"), ("momentum", 1e8, "buffer 1.running_var"),
+    ("momentum", 1e308, "the update"), ("rmsprop", 1e20, "the loss"), ("rmsprop", 1e308, "the update"),
+    ("adam", 1e20, "the loss"), ("adam", 1e308, "the update")])
+def test_after_a_nonfinite_error_memory_and_disk_hold_the_last_good_step(name, lr, where, tmp_path, monkeypatch):
+    """Whatever goes non-finite (the loss, a parameter after the update, a running variance), fit
+    raises NonFiniteError with the model, the optimizer and the checkpoint on disk all finite and
+    equal to the state after the last step that completed."""
+    rng = np.random.default_rng(0)
+    X, y = (rng.random((120, 8)) * 40).astype(np.float32), np.arange(120) % 3
+    model = bnnet.mlp([8, 16, 3], activation="relu", seed=0)
+    opt = bnnet.optim.OPTIMIZERS[name](lr)
+    good = [_state(model, opt)]  # before training, then after every step that completed
+    after_step = bnnet.train.Checkpoints.after_step
+
+    def record(self, run):
+        after_step(self, run)
+        good.append(_state(model, opt))
+
+    monkeypatch.setattr(bnnet.train.Checkpoints, "after_step", record)
+    path = tmp_path / "ck.safetensors"
+    with np.errstate(all="ignore"), pytest.raises(bnnet.NonFiniteError) as info:
+        bnnet.fit(model, X, y, optimizer=opt, epochs=3, batch_size=20, progress=False, checkpoint=str(path),
+                  checkpoint_every=1)
+    message = str(info.value)
+    assert (f"made {where}" in message if where.startswith("buffer") else where in message), message
+    assert "restored to the last good step" in message
+    _assert_state_equal(_state(model, opt), good[-1])
+    for part in good[-1][:3]:
+        assert all(np.isfinite(v).all() for v in part.values() if v.dtype.kind == "f")
+    if len(good) > 1:  # a checkpoint was written after the last good step: it holds that step
+        ckpt = bnnet.io.load_checkpoint(str(path))
+        on_disk = ({k: v for k, v in ckpt.model.params.items()}, {k: v for k, v in ckpt.model.buffers.items()},
+                   ckpt.optimizer_arrays, ckpt.optimizer_info["t"])
+        _assert_state_equal(on_disk, good[-1])
+    else:
+        assert not path.exists()
