@@ -191,6 +191,7 @@ def cmd_train(args):
     if not args.distributed:
         return _train(args, None)
     comm = distributed.Communicator()
+    distributed.exit_on_interrupt(comm, "bnnet train")
     distributed.limit_threads()  # the ranks already fill the cores
     # a failure on one rank ends every rank, with the one line the single-process CLI prints
     with distributed.abort_on_error(comm, command="bnnet train", describe=error_message):

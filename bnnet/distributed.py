@@ -170,6 +170,8 @@ def abort_on_error(comm, command=None, describe=None):
         if getattr(e, "collective", False) and comm.rank != 0:
             time.sleep(30)  # every rank raised it: rank 0 reports it and ends the job
             os._exit(1)
+        if isinstance(e, KeyboardInterrupt) and comm.rank != 0:
+            time.sleep(2)  # Ctrl-C reaches every rank: let rank 0 say it once (unless it alone was spared)
         where = f"rank {comm.rank} of {comm.size}"
         if isinstance(e, KeyboardInterrupt):
             line, code = (f"{command}: interrupted ({where})" if command else f"bnnet: {where} interrupted"), 130
@@ -181,6 +183,23 @@ def abort_on_error(comm, command=None, describe=None):
             line, code = f"bnnet: {where} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}".rstrip(), 1
         print(line, file=sys.stderr, flush=True)
         _abort(comm, code)
+
+
+def exit_on_interrupt(comm, command):
+    """On Ctrl-C (SIGINT): rank 0 prints "<command>: interrupted" and exits at once (130); mpiexec,
+    which forwards Ctrl-C to every rank, then ends the others.
+
+    The other ranks ignore SIGINT: one that exited first would get rank 0 killed while it waits
+    in a collective, before it could print. Exiting from the handler also works inside an MPI
+    reduction, whose Python callback cannot raise KeyboardInterrupt.
+    """
+    import signal
+
+    def handler(signum, frame):
+        print(f"{command}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, handler if comm.rank == 0 else signal.SIG_IGN)
 
 
 def _abort(comm, code):

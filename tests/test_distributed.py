@@ -5,6 +5,7 @@ The MPI runs launch tests/mpi_worker.py with this environment's own mpiexec
 """
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +198,25 @@ def test_cli_distributed_errors_are_the_single_process_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet train:")]
     assert lines and all(line.startswith("bnnet train: error: rank ") and "missing.npz" in line for line in lines)
     assert "Traceback" not in proc.stderr
+
+
+def _default_signals():
+    # as from a shell: SIGINT delivered and handled by default, whatever this test process set up
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_cli_distributed_ctrl_c_is_one_line(tmp_path):
+    """Ctrl-C to mpiexec (forwarded to every rank, often inside an MPI reduction): the CLI's own
+    line once, no traceback."""
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "bnnet", "train", "--distributed", "--quiet",
+                             "--epochs", "1000", "--out", str(tmp_path / "run")], env=ENV, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    time.sleep(8)  # past start-up, inside training
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert err.count("bnnet train: interrupted") == 1, (proc.returncode, out, err)
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
 
 
 def test_cli_distributed_trains_the_same_model(tmp_path):
