@@ -17,6 +17,7 @@ resume; `evaluate` runs the model in eval mode. Read top to bottom:
     Checkpoints     when and how checkpoints are written, and resuming from one
     Progress        the tqdm bar
 """
+import json
 import warnings
 
 import numpy as np
@@ -424,6 +425,13 @@ class Checkpoints:
             every = check_int("fit", "checkpoint_every", every, low=1)
             if path is None:
                 raise HyperparameterError("fit: checkpoint_every needs checkpoint=PATH to write to")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise HyperparameterError(f"fit: checkpoint_metadata must be a dict, got {type(metadata).__name__}")
+            try:  # refused now, not at the first checkpoint after minutes of training
+                json.dumps(metadata)
+            except (TypeError, ValueError) as e:
+                raise HyperparameterError(f"fit: checkpoint_metadata must be JSON-serializable ({e})") from None
         self.path, self.every, self.model, self.opt = path, every, model, opt
         self.loss_name, self.metadata, self.comm = loss_fn.name, metadata or {}, comm
 

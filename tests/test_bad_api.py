@@ -116,6 +116,8 @@ CASES = [
     ("fit labels strings", lambda: fit(y=np.array(["a"] * 20)), E.BnnetError, "labels"),
     ("fit checkpoint_every without path", lambda: fit(checkpoint_every=2), E.HyperparameterError, "checkpoint_every needs checkpoint=PATH"),
     ("fit checkpoint_every 0", lambda: fit(checkpoint_every=0, checkpoint="x.safetensors"), E.HyperparameterError, "checkpoint_every must be an integer >= 1"),
+    ("fit checkpoint_metadata", lambda: fit(checkpoint="x.safetensors", checkpoint_metadata={"a": object()}),
+     E.HyperparameterError, "checkpoint_metadata must be JSON-serializable"),
     ("fit resume missing", lambda: fit(resume="/nonexistent/ck.safetensors"), E.CheckpointError, "no such checkpoint file"),
     ("fit params NaN", lambda: fit(model=_nan_model()), E.NonFiniteError, "holds NaN or Inf before training, in parameter 0.W"),
     ("evaluate features", lambda: bnnet.evaluate(model(), X[:, :2], y), E.InputError, "must have 4 features"),
