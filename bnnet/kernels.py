@@ -627,3 +627,12 @@ def copy_finite(src, dst):
         dst[i] = v
         bad |= (v - v) != 0.0
     return bad == 0
+
+
+@njit(**_OPTS)
+def all_finite(x):
+    bad = 0  # as in copy_finite: an integer OR of (v - v) != 0 vectorizes
+    for i in range(x.size):
+        v = x[i]
+        bad |= (v - v) != 0.0
+    return bad == 0

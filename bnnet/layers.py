@@ -40,14 +40,17 @@ class Layer:
 
     # -- the public, checked calls --------------------------------------------
 
-    def forward(self, x, train, out=None):
+    def forward(self, x, train, out=None, check_input=True):
         """y = layer(x). train: True for training behaviour (batch statistics), False for eval.
 
         Returns a new array, or `out` when given: an array of the output's shape and
         dtype to write into (not overlapping x), for callers that reuse their own buffers.
+        check_input: refuse an x holding NaN/Inf with InputError (default True; one read
+            pass over x); False lets them through, propagated as NumPy would.
         """
         x = self._input(x, self.in_width())
-        check_finite(x, "x", self.name)
+        if check_input and not ops.all_finite(x):
+            check_finite(x, "x", self.name)  # names the first NaN/Inf
         self.check_state(train)
         if out is None:
             return self._forward(x, train)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int, check_seed
 from ._checks import check_finite as _check_finite  # forward's own argument is named check_finite
+from . import ops
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
@@ -124,13 +125,13 @@ class Sequential:
         x: (N, in_features), cast to the model's dtype. Returns a new (N, out) array.
         check_finite: raise NonFiniteError naming the first layer whose output holds NaN/Inf
             (costs one pass over every activation; fit uses it with check_activations=True).
-        check_input: refuse an x holding NaN/Inf with InputError (default True; one pass over x).
+        check_input: refuse an x holding NaN/Inf with InputError (default True; one read pass over x).
             False lets NaN/Inf through, as NumPy would propagate them.
         """
         first = self.layers[0]
         x = first._input(x, first.in_width())
-        if check_input:
-            _check_finite(x, "x", "Sequential.forward")
+        if check_input and not ops.all_finite(x):
+            _check_finite(x, "x", "Sequential.forward")  # names the first NaN/Inf
         return self.plan().forward(x, train, check_finite)
 
     def backward(self, dy, input_grad=False):

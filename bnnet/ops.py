@@ -238,3 +238,12 @@ def copy_finite(src, dst):
         _fail("copy_finite", f"src must be a flat C-contiguous float32/float64 array, got {describe(src)}")
     _per_feature("copy_finite", "dst", (dst,), src.size, src.dtype, write=True)
     return bool(backend.impl().copy_finite(src, dst))
+
+
+def all_finite(x):
+    """Whether every value of the float array x is finite: one read pass, no temporary array."""
+    if not (isinstance(x, np.ndarray) and x.dtype.char in "fd"):
+        _fail("all_finite", f"x must be a float32/float64 array, got {describe(x)}")
+    if not x.flags.c_contiguous:
+        return bool(np.isfinite(x).all())
+    return bool(backend.impl().all_finite(x.reshape(-1)))

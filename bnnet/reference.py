@@ -122,3 +122,7 @@ def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
 def copy_finite(src, dst):
     np.copyto(dst, src)
     return bool(np.isfinite(dst).all())
+
+
+def all_finite(x):
+    return bool(np.isfinite(x).all())

@@ -158,3 +158,23 @@ def test_nan_propagates_like_numpy(act):
             y, dx, grads, _ = _run(model, x, np.ones_like(x) + x * 0.1, True)
             assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all(), name
             assert np.isnan(dx[:, 1]).all() and np.isnan(grads["0.gamma"][1]), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_finiteness_checks_agree_between_backends(dtype):
+    """copy_finite (fit's last good state) and all_finite (input checks): the same answer and copy in
+    both backends, for NaN/+Inf/-Inf at the first, a middle and the last position, and none."""
+    for n in (1, 7, 64, 1001):
+        for position in (None, 0, n // 2, n - 1):
+            for bad in (np.nan, np.inf, -np.inf):
+                x = np.random.default_rng(n).standard_normal(n).astype(dtype)
+                if position is not None:
+                    x[position] = bad
+                expected = position is None
+                for name in ("numpy", "numba"):
+                    with backend.using(name):
+                        out = np.full_like(x, 7.0)
+                        assert bnnet.ops.copy_finite(x, out) is expected, (name, n, position, bad)
+                        np.testing.assert_array_equal(out, x)
+                        assert bnnet.ops.all_finite(x) is expected
+                        assert bnnet.ops.all_finite(x.reshape(1, n)[:, ::-1]) is expected  # not contiguous

@@ -181,6 +181,12 @@ def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
             ops.merge_moments(np.zeros(5), np.zeros(7))
         with pytest.raises(bnnet.InputError, match="bias_activation"):
             ops.bias_activation(np.zeros((3, 4)), np.zeros(3), ops.RELU, 0.0)
+        with pytest.raises(bnnet.InputError, match="copy_finite"):
+            ops.copy_finite(np.zeros(10), np.zeros(9))
+        with pytest.raises(bnnet.InputError, match="copy_finite"):
+            ops.copy_finite(np.zeros(10, "float32"), np.zeros(10))
+        with pytest.raises(bnnet.InputError, match="all_finite"):
+            ops.all_finite(np.zeros(10, "int64"))
 
 
 # --------------------------------------------------------------------------
