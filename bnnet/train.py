@@ -24,7 +24,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import backend
-
 from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
 from .distributed import DataParallel, is_root
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
