@@ -146,10 +146,10 @@ def _check_meta(path, meta, shapes):
         bad("format_version", "an integer >= 1", version)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer bnnet (format {version}); upgrade bnnet")
-    for field, kind, expected in (("bnnet_version", str, "a string"), ("eval_only", bool, "true or false"),
-                                  ("user", dict, "an object")):
-        if field in meta and not isinstance(meta[field], kind):
-            bad(field, expected, meta[field])
+    for key, kind, expected in (("bnnet_version", str, "a string"), ("eval_only", bool, "true or false"),
+                                ("user", dict, "an object")):
+        if key in meta and not isinstance(meta[key], kind):
+            bad(key, expected, meta[key])
     architecture = meta.get("architecture")
     if not isinstance(architecture, list) or not architecture:
         bad("architecture", "a non-empty list of layer configurations", architecture)

@@ -30,7 +30,9 @@ from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteE
 from .io import fill_model, load_checkpoint, save
 from .losses import get_loss
 from .model import first_nonfinite, has_batchnorm
-from .optim import clip_grad_norm as clip_gradients  # fit's own argument is named clip_grad_norm
+from .optim import (
+    clip_grad_norm as clip_gradients,  # fit's own argument is named clip_grad_norm
+)
 from .optim import get_optimizer
 
 

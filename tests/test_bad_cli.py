@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import pathlib
 import struct
 import sys
 import zipfile
@@ -40,7 +41,7 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     X = rng.random((40, 6)).astype(np.float32)
     y = np.arange(40) % 3
-    ok = dict(X_train=X, y_train=y, X_test=X[:10], y_test=y[:10])
+    ok = {"X_train": X, "y_train": y, "X_test": X[:10], "y_test": y[:10]}
     f = {"ok": _npz(d / "ok.npz", **ok)}
     (d / "empty.npz").write_bytes(b"")
     f["empty"] = str(d / "empty.npz")
@@ -278,12 +279,12 @@ def test_the_table_is_long_enough():
 
 
 def test_recompute_stats_with_bad_data_leaves_the_run_as_it_was(files, capsys):
-    path = os.path.join(files["run"], "model.safetensors")
-    before = open(path, "rb").read()
+    path = pathlib.Path(files["run"]) / "model.safetensors"
+    before = path.read_bytes()
     run_cli("recompute-stats {run} --data {nanx}", files, capsys)
-    assert open(path, "rb").read() == before
+    assert path.read_bytes() == before
     assert run_cli("recompute-stats {run} --data {ok}", files, capsys)[0] == 0
-    assert open(path, "rb").read() == before  # written beside it by default
+    assert path.read_bytes() == before  # written beside it by default
     assert os.path.exists(os.path.join(files["run"], "model.recomputed.safetensors"))
 
 

@@ -200,18 +200,12 @@ def test_cli_distributed_errors_are_the_single_process_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _default_signals():
-    # as from a shell: SIGINT delivered and handled by default, whatever this test process set up
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_cli_distributed_ctrl_c_is_one_line(tmp_path):
     """Ctrl-C to mpiexec (forwarded to every rank, often inside an MPI reduction): the CLI's own
     line once, no traceback."""
     proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "bnnet", "train", "--distributed", "--quiet",
                              "--epochs", "1000", "--out", str(tmp_path / "run")], env=ENV, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+                            stdout=subprocess.PIPE, text=True)
     time.sleep(8)  # past start-up, inside training
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
