@@ -16,59 +16,80 @@ from .layers import LAYER_TYPES, BatchNorm, Layer
 
 
 class BatchRenorm(BatchNorm):
-    """Batch Renormalization (Ioffe 2017): train mode normalizes with the batch statistics,
-    then corrects them towards the running ones:
+    """Batch Renormalization (Ioffe 2017, Algorithm 1): train mode normalizes with the batch
+    statistics, then corrects them towards moving averages mu and sigma of the batch statistics:
 
-        sigma_B = sqrt(var_B + eps),   sigma = sqrt(running_var + eps)
-        r = clip(sigma_B / sigma, 1/r_max, r_max)          (D,)  constant in backward
-        d = clip((mu_B - running_mean) / sigma, -d_max, d_max)  (D,)  constant in backward
+        sigma_B = sqrt(var_B + eps)
+        r = clip(sigma_B / sigma, r_min, r_max)              (D,)  constant in backward
+        d = clip((mu_B - mu) / sigma, -d_max, d_max)          (D,)  constant in backward
         x_hat = (x - mu_B) / sigma_B * r + d
         y = gamma * x_hat + beta
+        mu    <- renorm_momentum * mu    + (1 - renorm_momentum) * mu_B       (after r and d)
+        sigma <- renorm_momentum * sigma + (1 - renorm_momentum) * sigma_B
 
-    With r = 1, d = 0 this is BatchNorm; when the batch statistics equal the
-    running ones, train and eval mode give the same output. The running
-    statistics are updated as in BatchNorm (before the next batch; r and d use
-    the values from before this batch's update).
+    mu and sigma are the buffers `renorm_mean` (starts at 0) and `renorm_std` (starts at 1).
+    Eval mode is BatchNorm's: the running_mean/running_var buffers, updated from the batch
+    mean and variance with `decay` as in BatchNorm; Keras does the same ("inference is the same
+    for either value of renorm"), which is what folding, ONNX export and recompute_bn_stats
+    use. With r = 1, d = 0 (r_max = 1, d_max = 0) train mode is BatchNorm's.
 
-    Args (besides BatchNorm's num_features, eps, decay, running_var, dtype):
+    Args (besides BatchNorm's num_features, eps, decay, running_var, dtype, frozen):
         r_max: >= 1 (default 3.0, the paper's final value).
         d_max: >= 0 (default 5.0, the paper's final value).
-        warmup: number of train-mode batches over which r_max and d_max grow
-            linearly from 1 and 0 to their values (default 0: from the start).
-            The paper starts as plain BatchNorm and relaxes the clipping
-            gradually, since the running statistics are poor at first.
+        r_min: in (0, 1] (default None: 1 / r_max, as in the paper).
+        renorm_momentum: weight of the old mu and sigma, in [0, 1] (default 0.99, Keras's;
+            the paper's update rate alpha is 1 - renorm_momentum).
+        warmup: number of train-mode batches over which r_max, r_min and d_max move
+            linearly from 1, 1 and 0 to their values (default 0: from the start). The
+            paper starts as plain BatchNorm and relaxes the clipping gradually, since
+            the moving averages are poor at first.
     """
 
     fusable = False
     writes_out = False
 
     def __init__(self, num_features, r_max=3.0, d_max=5.0, warmup=0, eps=1e-5, decay=0.9, running_var="unbiased",
-                 dtype="float32", frozen=False):
+                 dtype="float32", frozen=False, r_min=None, renorm_momentum=0.99):
         super().__init__(num_features, eps=eps, decay=decay, running_var=running_var, dtype=dtype, frozen=frozen)
         self.r_max = check_number("BatchRenorm", "r_max", r_max, low=1)
         self.d_max = check_number("BatchRenorm", "d_max", d_max, low=0)
+        self.r_min = None if r_min is None else check_number("BatchRenorm", "r_min", r_min, low=0, high=1,
+                                                             low_open=True)
+        self.renorm_momentum = check_number("BatchRenorm", "renorm_momentum", renorm_momentum, low=0, high=1)
         self.warmup = check_int("BatchRenorm", "warmup", warmup, low=0)
+        self.buffers["renorm_mean"] = np.zeros(num_features, self.dtype)  # mu
+        self.buffers["renorm_std"] = np.ones(num_features, self.dtype)  # sigma
+
+    def state_spec(self):
+        d = (self.num_features,)
+        return {**super().state_spec(), ("buffers", "renorm_mean"): (d, self.dtype),
+                ("buffers", "renorm_std"): (d, self.dtype)}
 
     def clipping(self):
-        """(r_max, d_max) in effect for the next train-mode batch (the warm-up ramp)."""
+        """(r_min, r_max, d_max) in effect for the next train-mode batch (the warm-up ramp)."""
         t = 1.0 if self.warmup == 0 else min(1.0, int(self.buffers["count"]) / self.warmup)
-        return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
+        r_max = 1.0 + (self.r_max - 1.0) * t
+        r_min = 1.0 / r_max if self.r_min is None else 1.0 + (self.r_min - 1.0) * t
+        return r_min, r_max, self.d_max * t
 
     def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
             return super()._forward(x, False)
-        mean, var = F._moments_wide(x, 0, False)  # (D,) float64
-        inv_sigma_b = F.inverse_std(var, self.eps)  # 1 / sigma_B
-        inv_sigma = F.inverse_std(self.buffers["running_var"].astype(np.float64), self.eps)  # 1 / sigma
-        r_max, d_max = self.clipping()
-        r = np.clip(inv_sigma / inv_sigma_b, 1.0 / r_max, r_max)  # sigma_B / sigma
-        d = np.clip((mean - self.buffers["running_mean"]) * inv_sigma, -d_max, d_max)
+        mean, var = F._moments_wide(x, 0, False)  # mu_B, var_B: (D,) float64
+        sigma_b = 1.0 / F.inverse_std(var, self.eps)  # sqrt(var_B + eps)
+        mu = self.buffers["renorm_mean"].astype(np.float64)
+        sigma = self.buffers["renorm_std"].astype(np.float64)
+        r_min, r_max, d_max = self.clipping()
+        r = np.clip(sigma_b / sigma, r_min, r_max)
+        d = np.clip((mean - mu) / sigma, -d_max, d_max)
         _, (x_norm, inv_std) = F.batch_norm_apply(x, 1.0, 0.0, mean, var, self.eps)  # (x - mu_B) / sigma_B
         x_hat = x_norm * r.astype(x.dtype) + d.astype(x.dtype)
         y = self.params["gamma"] * x_hat + self.params["beta"]
         self.renorm = (r, d)
-        self._update_running(mean, var, x.shape[0])
+        self._update_running(mean, var, x.shape[0])  # eval mode's statistics, as BatchNorm
+        self.buffers["renorm_mean"][...] = F.running_average(mu, mean, self.renorm_momentum)
+        self.buffers["renorm_std"][...] = F.running_average(sigma, sigma_b, self.renorm_momentum)
         self._cache = ("renorm", x, (x_norm, inv_std), x_hat, r.astype(x.dtype))
         return y.astype(x.dtype, copy=False)
 
@@ -84,7 +105,8 @@ class BatchRenorm(BatchNorm):
         return dx
 
     def config(self):
-        return {**super().config(), "r_max": self.r_max, "d_max": self.d_max, "warmup": self.warmup}
+        return {**super().config(), "r_max": self.r_max, "d_max": self.d_max, "warmup": self.warmup,
+                "r_min": self.r_min, "renorm_momentum": self.renorm_momentum}
 
 
 class GhostBatchNorm(BatchNorm):

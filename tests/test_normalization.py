@@ -30,7 +30,8 @@ def _set_gamma_beta(layer, seed=1):
 def test_renorm_without_room_to_correct_is_batchnorm():
     x, dy = _data()
     ref, ren = BatchNorm(4, dtype="float64"), BatchRenorm(4, r_max=1.0, d_max=0.0, dtype="float64")
-    ren.buffers["running_mean"][...] = 7.0  # far from the batch: r, d would matter if allowed
+    ren.buffers["renorm_mean"][...] = 7.0  # far from the batch: r, d would matter if allowed
+    ren.buffers["running_mean"][...] = 7.0
     ref.buffers["running_mean"][...] = 7.0
     _set_gamma_beta(ref)
     _set_gamma_beta(ren)
@@ -42,9 +43,9 @@ def test_renorm_gradients_with_r_and_d_clipped():
     """With r and d at their clipping bounds they are locally constant, so finite differences of
     the whole forward apply (decay=1 keeps the running statistics fixed across the FD calls)."""
     x, _ = _data()
-    layer = BatchRenorm(4, r_max=2.0, d_max=0.5, decay=1.0, dtype="float64")
-    layer.buffers["running_mean"][...] = -50.0  # d = +d_max
-    layer.buffers["running_var"][...] = 1e4  # r = 1/r_max
+    layer = BatchRenorm(4, r_max=2.0, d_max=0.5, decay=1.0, renorm_momentum=1.0, dtype="float64")
+    layer.buffers["renorm_mean"][...] = -50.0  # d = +d_max
+    layer.buffers["renorm_std"][...] = 100.0  # r = 1/r_max
     _set_gamma_beta(layer)
     check_layer_gradients(layer, x, True, np.random.default_rng(2))
     r, d = layer.renorm
@@ -55,9 +56,9 @@ def test_renorm_gradients_with_r_and_d_clipped():
 def test_renorm_gradients_treat_r_and_d_as_constants():
     """Unclipped r and d: dx equals finite differences of the forward with r, d frozen at their values."""
     x, G = _data(seed=3)
-    layer = BatchRenorm(4, r_max=3.0, d_max=5.0, decay=1.0, dtype="float64")
-    layer.buffers["running_mean"][...] = 1.5
-    layer.buffers["running_var"][...] = 6.0
+    layer = BatchRenorm(4, r_max=3.0, d_max=5.0, decay=1.0, renorm_momentum=1.0, dtype="float64")
+    layer.buffers["renorm_mean"][...] = 1.5
+    layer.buffers["renorm_std"][...] = np.sqrt(6.0)
     _set_gamma_beta(layer)
     layer.forward(x, True)
     r, d = layer.renorm
@@ -76,10 +77,11 @@ def test_renorm_gradients_treat_r_and_d_as_constants():
 
 def test_renorm_train_equals_eval_when_batch_matches_running_statistics():
     x, _ = _data(seed=4)
-    layer = BatchRenorm(4, decay=1.0, running_var="biased", dtype="float64")
+    layer = BatchRenorm(4, decay=1.0, renorm_momentum=1.0, running_var="biased", dtype="float64")
     _set_gamma_beta(layer)
-    layer.buffers["running_mean"][...] = x.mean(0)
+    layer.buffers["running_mean"][...] = layer.buffers["renorm_mean"][...] = x.mean(0)
     layer.buffers["running_var"][...] = x.var(0)
+    layer.buffers["renorm_std"][...] = np.sqrt(x.var(0) + layer.eps)
     layer.buffers["count"][...] = 1
     plain = BatchNorm(4, dtype="float64")
     _set_gamma_beta(plain)
@@ -87,19 +89,82 @@ def test_renorm_train_equals_eval_when_batch_matches_running_statistics():
     np.testing.assert_allclose(y_train, layer.forward(x, False), rtol=0, atol=1e-12)
     # ...while the running statistics differ from the batch's, train mode moves towards eval mode
     layer.buffers["running_mean"][...] += 0.3
+    layer.buffers["renorm_mean"][...] += 0.3
     assert np.abs(layer.forward(x, True) - layer.forward(x, False)).max() < np.abs(
         plain.forward(x, True) - layer.forward(x, False)).max()
 
 
 def test_renorm_warmup_ramps_the_clipping():
     layer = BatchRenorm(3, r_max=3.0, d_max=4.0, warmup=10, dtype="float64")
-    assert layer.clipping() == (1.0, 0.0)
+    assert layer.clipping() == (1.0, 1.0, 0.0)
     layer.buffers["count"][...] = 5
-    assert layer.clipping() == (2.0, 2.0)
+    assert layer.clipping() == (0.5, 2.0, 2.0)
     layer.buffers["count"][...] = 50
-    assert layer.clipping() == (3.0, 4.0)
+    assert layer.clipping() == (1 / 3, 3.0, 4.0)
+    layer = BatchRenorm(3, r_max=3.0, r_min=0.5, d_max=4.0, warmup=10, dtype="float64")
+    layer.buffers["count"][...] = 5
+    assert layer.clipping() == (0.75, 2.0, 2.0)
     with pytest.raises(bnnet.HyperparameterError, match="r_max"):
         BatchRenorm(3, r_max=0.5)
+
+
+def _algorithm_1(batches, gamma, beta, eps, r_min, r_max, d_max, alpha, decay):
+    """Batch Renorm by Algorithm 1 of Ioffe (2017), written out independently of bnnet, float64:
+    train outputs and the moving mu, sigma after each batch; eval mode's moving mean and (biased)
+    variance updated with weight `decay` as Keras's moving_mean/moving_variance."""
+    mu, sigma = np.zeros(gamma.shape), np.ones(gamma.shape)
+    moving_mean, moving_var = np.zeros(gamma.shape), np.ones(gamma.shape)
+    out = []
+    for x in batches:
+        mu_b = x.mean(axis=0)
+        var_b = ((x - mu_b) ** 2).mean(axis=0)
+        sigma_b = np.sqrt(var_b + eps)
+        r = np.minimum(np.maximum(sigma_b / sigma, r_min), r_max)
+        d = np.minimum(np.maximum((mu_b - mu) / sigma, -d_max), d_max)
+        y = gamma * ((x - mu_b) / sigma_b * r + d) + beta
+        mu, sigma = mu + alpha * (mu_b - mu), sigma + alpha * (sigma_b - sigma)
+        moving_mean = decay * moving_mean + (1 - decay) * mu_b
+        moving_var = decay * moving_var + (1 - decay) * var_b
+        out.append((y, mu.copy(), sigma.copy(), moving_mean.copy(), moving_var.copy()))
+    return out
+
+
+def test_renorm_follows_algorithm_1_over_several_steps():
+    """Twelve batches whose mean and scale drift (so that r and d are clipped at some steps and not
+    at others): train outputs, mu, sigma and eval outputs match the independent reference to 1e-6."""
+    rng = np.random.default_rng(7)
+    d = 5
+    batches = [rng.normal(loc=0.4 * t, scale=1 + 0.3 * t, size=(16, d)) * rng.uniform(0.5, 2, d) for t in range(12)]
+    layer = BatchRenorm(d, r_max=1.5, r_min=0.8, d_max=0.5, renorm_momentum=0.9, decay=0.8, eps=1e-3,
+                        running_var="biased", dtype="float64")
+    _set_gamma_beta(layer, seed=3)
+    gamma, beta = layer.params["gamma"].copy(), layer.params["beta"].copy()
+    reference = _algorithm_1(batches, gamma, beta, 1e-3, 0.8, 1.5, 0.5, alpha=0.1, decay=0.8)
+    clipped, free = 0, 0
+    for x, (y, mu, sigma, moving_mean, moving_var) in zip(batches, reference):
+        np.testing.assert_allclose(layer.forward(x, True), y, rtol=0, atol=1e-6)
+        r, d_ = layer.renorm
+        at_bound = (r == 1.5) | (r == 0.8) | (np.abs(d_) == 0.5)
+        clipped, free = clipped + int(at_bound.sum()), free + int((~at_bound).sum())
+        np.testing.assert_allclose(layer.buffers["renorm_mean"], mu, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(layer.buffers["renorm_std"], sigma, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(layer.buffers["running_mean"], moving_mean, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(layer.buffers["running_var"], moving_var, rtol=0, atol=1e-6)
+        x_eval = rng.normal(size=(7, d))
+        expected = gamma * (x_eval - moving_mean) / np.sqrt(moving_var + 1e-3) + beta
+        np.testing.assert_allclose(layer.forward(x_eval, False), expected, rtol=0, atol=1e-6)
+    assert clipped > 5 and free > 5  # r and d were clipped in some channels and steps, free in others
+
+
+def test_renorm_options_survive_a_checkpoint(tmp_path):
+    model = bnnet.Sequential(bnnet.layers.Linear(4, 3, bias=False),
+                             BatchRenorm(3, r_max=2.0, r_min=0.7, d_max=1.0, renorm_momentum=0.95))
+    model.forward(np.random.default_rng(0).normal(size=(8, 4)), True)
+    bnnet.save(tmp_path / "m.safetensors", model)
+    loaded = bnnet.load(tmp_path / "m.safetensors")
+    assert loaded.layers[1].config() == model.layers[1].config()
+    for key in ("renorm_mean", "renorm_std", "running_mean", "running_var"):
+        np.testing.assert_array_equal(loaded.buffers[f"1.{key}"], model.buffers[f"1.{key}"])
 
 
 # --------------------------------------------------------------------------
