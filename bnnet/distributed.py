@@ -274,8 +274,8 @@ class SyncBatchNorm(BatchNorm):
         stats[0], stats[1] = mean, var
         act, slope = _activation_code(activation)
         out = out if out is not None else np.empty_like(x)
-        ops.bn_apply(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, stats[0], stats[1], out,
-                     stats[2])
+        gamma, beta, _, _ = self._affine()
+        ops.bn_apply(x, gamma, beta, self.eps, act, slope, stats[0], stats[1], out, stats[2])
         self._cache = ("sync", x, out, stats, act, slope, n)
         return out
 
@@ -285,12 +285,13 @@ class SyncBatchNorm(BatchNorm):
         _, x, out, stats, act, slope, n = self._cached()
         sums = np.empty((2, self.num_features))  # sum(g), sum(g x_hat) over this shard
         ops.bn_grad_sums(dy, out, x, stats[0], stats[2], act, slope, sums[0], sums[1])
-        self._grad("beta")[...], self._grad("gamma")[...] = sums  # the step's gradient allreduce adds the rest
+        gamma, _, dgamma, dbeta = self._affine()
+        dbeta[...], dgamma[...] = sums  # the step's gradient allreduce adds the rest
         if not input_grad:
             return None
         self.comm.allreduce_sum(sums)
         dx = dx_out if dx_out is not None else np.empty_like(x)  # may be x: read before written, as in BatchNorm
-        ops.bn_grad_dx(dy, out, x, stats[0], stats[2], self.params["gamma"], act, slope, sums[0], sums[1], n, dx)
+        ops.bn_grad_dx(dy, out, x, stats[0], stats[2], gamma, act, slope, sums[0], sums[1], n, dx)
         if dx is x:
             self._cache = None
         return dx
@@ -330,7 +331,8 @@ class DataParallel:
     def __init__(self, model, comm):
         self.model, self.comm = model, comm
         self.rank, self.size = comm.rank, comm.size
-        self.local_bn = [l for l in model.layers if type(l) is BatchNorm]  # not synchronized
+        # not synchronized, and keeping running statistics (averaged over the ranks at each step)
+        self.local_bn = [l for l in model.layers if type(l) is BatchNorm and l.track_running_stats]
         params = model.named_parameters()
         n_grads = sum(p.size for _, p, _ in params)
         n_stats = sum(2 * l.num_features for l in self.local_bn)

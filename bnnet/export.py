@@ -39,12 +39,15 @@ def to_onnx(model, fold=False):
                 nodes.append(helper.make_node("Gemm", [h, const("W", layer.params["W"]), const("b", layer.params["b"])], [out]))
             else:
                 nodes.append(helper.make_node("MatMul", [h, const("W", layer.params["W"])], [out]))
-        elif isinstance(layer, BatchNorm):
+        elif isinstance(layer, BatchNorm) and layer.track_running_stats:
+            gamma, beta, _, _ = layer._affine()  # 1 and 0 when affine=False
             nodes.append(helper.make_node(
                 "BatchNormalization",
-                [h, const("gamma", layer.params["gamma"]), const("beta", layer.params["beta"]),
+                [h, const("gamma", gamma), const("beta", beta),
                  const("running_mean", layer.buffers["running_mean"]), const("running_var", layer.buffers["running_var"])],
                 [out], epsilon=float(layer.eps)))
+        elif isinstance(layer, BatchNorm):  # track_running_stats=False: the batch's own statistics, in eval too
+            nodes += _batch_statistics_nodes(helper, h, out, f"{i}.", layer, const)
         elif isinstance(layer, LeakyReLU):
             nodes.append(helper.make_node("LeakyRelu", [h], [out], alpha=float(layer.negative_slope)))
         elif isinstance(layer, (ReLU, Sigmoid, Tanh)):
@@ -59,6 +62,24 @@ def to_onnx(model, fold=False):
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)
     return proto
+
+
+def _batch_statistics_nodes(helper, x, out, prefix, layer, const):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the mean and biased variance of x over
+    the batch axis: what a BatchNorm without running statistics computes in every mode."""
+    gamma, beta, _, _ = layer._affine()
+    n = [prefix + k for k in ("mean", "centered", "squared", "var", "var_eps", "std", "x_hat", "scaled")]
+    return [
+        helper.make_node("ReduceMean", [x], [n[0]], axes=[0], keepdims=1),
+        helper.make_node("Sub", [x, n[0]], [n[1]]),
+        helper.make_node("Mul", [n[1], n[1]], [n[2]]),
+        helper.make_node("ReduceMean", [n[2]], [n[3]], axes=[0], keepdims=1),
+        helper.make_node("Add", [n[3], const("eps", np.array(layer.eps))], [n[4]]),
+        helper.make_node("Sqrt", [n[4]], [n[5]]),
+        helper.make_node("Div", [n[1], n[5]], [n[6]]),
+        helper.make_node("Mul", [n[6], const("gamma", gamma)], [n[7]]),
+        helper.make_node("Add", [n[7], const("beta", beta)], [out]),
+    ]
 
 
 def export_onnx(model, path, fold=False):

@@ -15,13 +15,13 @@ import numpy as np
 
 from . import functional as F
 from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
-from .errors import InputError, NonFiniteError
+from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear
 from .model import Sequential
 
 
 def _bn_layers(model):
-    return [(i, l) for i, l in enumerate(model.layers) if isinstance(l, BatchNorm)]
+    return [(i, l) for i, l in enumerate(model.layers) if isinstance(l, BatchNorm) and l.track_running_stats]
 
 
 def freeze_batchnorm(model, frozen=True):
@@ -131,13 +131,17 @@ def fold_batchnorm(model):
         layer = model.layers[i]
         nxt = model.layers[i + 1] if i + 1 < len(model.layers) else None
         if isinstance(layer, Linear) and isinstance(nxt, BatchNorm):
+            if not nxt.track_running_stats:
+                raise HyperparameterError(f"fold_batchnorm: {nxt.name} keeps no running statistics "
+                                          "(track_running_stats=False): it normalizes every batch with the batch's "
+                                          "own statistics, which no fixed Linear can do")
             W = layer.params["W"].astype(np.float64)
             b = layer.params["b"].astype(np.float64) if layer.bias else 0.0
-            s = nxt.params["gamma"].astype(np.float64) * F.inverse_std(nxt.buffers["running_var"].astype(np.float64),
-                                                                       nxt.eps)
+            gamma, beta, _, _ = nxt._affine()
+            s = gamma.astype(np.float64) * F.inverse_std(nxt.buffers["running_var"].astype(np.float64), nxt.eps)
             folded = Linear(layer.in_features, layer.out_features, bias=True, rng=0, dtype=layer.dtype)
             folded.params["W"][...] = W * s
-            folded.params["b"][...] = nxt.params["beta"] + (b - nxt.buffers["running_mean"]) * s
+            folded.params["b"][...] = beta + (b - nxt.buffers["running_mean"]) * s
             layers.append(folded)
             i += 2
         else:

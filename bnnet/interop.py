@@ -21,7 +21,7 @@ _TORCH_ACTIVATIONS = {"ReLU": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}
 
 
 def _numpy(t):
-    return t.detach().cpu().numpy()
+    return t if isinstance(t, np.ndarray) else t.detach().cpu().numpy()
 
 
 def _linear(weight, bias):
@@ -33,14 +33,17 @@ def _linear(weight, bias):
     return layer
 
 
-def _batchnorm(weight, bias, mean, var, count, eps, momentum):
-    g = _numpy(weight)
-    bn = BatchNorm(len(g), eps=float(eps), decay=decay_from_torch_momentum(momentum), dtype=g.dtype.name)
-    bn.params["gamma"][...] = g
-    bn.params["beta"][...] = _numpy(bias)
-    bn.buffers["running_mean"][...] = _numpy(mean)
-    bn.buffers["running_var"][...] = _numpy(var)
-    bn.buffers["count"][...] = int(count)
+def _batchnorm(num_features, weight, bias, mean, var, count, eps, momentum, dtype):
+    """A BatchNorm from torch's tensors; weight/bias None: affine=False; mean/var None: no running statistics."""
+    bn = BatchNorm(num_features, eps=float(eps), decay=decay_from_torch_momentum(momentum), dtype=dtype,
+                   affine=weight is not None, track_running_stats=mean is not None)
+    if weight is not None:
+        bn.params["gamma"][...] = _numpy(weight)
+        bn.params["beta"][...] = _numpy(bias)
+    if mean is not None:
+        bn.buffers["running_mean"][...] = _numpy(mean)
+        bn.buffers["running_var"][...] = _numpy(var)
+        bn.buffers["count"][...] = int(count)
     return bn
 
 
@@ -60,10 +63,11 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
             if isinstance(child, torch.nn.Linear):
                 layers.append(_linear(child.weight, child.bias))
             elif isinstance(child, torch.nn.BatchNorm1d):
-                if not child.affine or not child.track_running_stats:
-                    raise HyperparameterError("from_torch: BatchNorm1d needs affine=True and track_running_stats=True")
-                layers.append(_batchnorm(child.weight, child.bias, child.running_mean, child.running_var,
-                                         child.num_batches_tracked, child.eps, child.momentum))
+                dtype = next((str(t.dtype).removeprefix("torch.") for t in child.state_dict().values()
+                              if t.is_floating_point()), "float32")  # no tensors at all: torch's default
+                layers.append(_batchnorm(child.num_features, child.weight, child.bias, child.running_mean,
+                                         child.running_var, child.num_batches_tracked, child.eps, child.momentum,
+                                         dtype))
             elif isinstance(child, torch.nn.LeakyReLU):
                 layers.append(LeakyReLU(child.negative_slope))
             elif name in _TORCH_ACTIVATIONS:
@@ -82,9 +86,10 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
     for i in range(indices[-1] + 1):
         get = lambda key: state.get(f"{i}.{key}")  # noqa: E731
         if get("running_mean") is not None:
-            layers.append(_batchnorm(get("weight"), get("bias"), get("running_mean"), get("running_var"),
+            mean = _numpy(get("running_mean"))
+            layers.append(_batchnorm(len(mean), get("weight"), get("bias"), mean, get("running_var"),
                                      get("num_batches_tracked") if get("num_batches_tracked") is not None else 0,
-                                     eps, momentum))
+                                     eps, momentum, mean.dtype.name))
         elif get("weight") is not None:
             layers.append(_linear(get("weight"), get("bias")))
         else:
@@ -106,13 +111,16 @@ def to_torch(model):
                     m.bias.copy_(torch.from_numpy(layer.params["b"]))
         elif isinstance(layer, BatchNorm):
             m = torch.nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=torch_momentum_from_decay(layer.decay),
+                                     affine=layer.affine, track_running_stats=layer.track_running_stats,
                                      dtype=getattr(torch, layer.dtype))
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
-                m.bias.copy_(torch.from_numpy(layer.params["beta"]))
-                m.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"]))
-                m.running_var.copy_(torch.from_numpy(layer.buffers["running_var"]))
-                m.num_batches_tracked.fill_(int(layer.buffers["count"]))
+                if layer.affine:
+                    m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
+                    m.bias.copy_(torch.from_numpy(layer.params["beta"]))
+                if layer.track_running_stats:
+                    m.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"]))
+                    m.running_var.copy_(torch.from_numpy(layer.buffers["running_var"]))
+                    m.num_batches_tracked.fill_(int(layer.buffers["count"]))
             if layer.running_var == "biased":
                 raise HyperparameterError("to_torch: torch's BatchNorm1d keeps the unbiased running variance; "
                                           "this layer uses running_var='biased'")

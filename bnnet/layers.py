@@ -296,37 +296,86 @@ class BatchNorm(Layer):
             "biased" (var_B as is, as Keras). The batch itself is always
             normalized with the biased variance.
         dtype: "float32" (default) or "float64".
-    Params: gamma (D,) ones, beta (D,) zeros.
-    Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen.
+        affine: learn gamma and beta (default True). False: y = (x - mu) / sqrt(var + eps), and
+            the layer has no params (PyTorch's affine=False; Keras' center=scale=False).
+        track_running_stats: keep running statistics for eval mode (default True). False: no
+            buffers; the batch's own statistics normalize in train and eval mode alike (as in
+            PyTorch), so eval mode also needs >= 2 rows.
+    Params: gamma (D,) ones, beta (D,) zeros (none when affine=False).
+    Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen
+        (none when track_running_stats=False).
     """
 
     fusable = True  # an execution plan may run it with the activation after it in one pass (variants set False)
     writes_out = True
+    affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
+    _constants = None
 
-    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False):
+    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
+                 affine=True, track_running_stats=True):
         super().__init__()
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
         self.frozen = check_bool(type(self).__name__, "frozen", frozen)
+        self.affine = check_bool(type(self).__name__, "affine", affine)
+        self.track_running_stats = check_bool(type(self).__name__, "track_running_stats", track_running_stats)
+        if self.frozen and not self.track_running_stats:
+            raise HyperparameterError(f"{type(self).__name__}: frozen=True normalizes with the running statistics, "
+                                      "which track_running_stats=False does not keep")
         self.batch_stats = None  # (mean, biased var) of the last train-mode batch, float64 (D,)
         self.running_var = check_choice("BatchNorm", "running_var", running_var, ("unbiased", "biased"))
         self.dtype = check_dtype("BatchNorm", dtype)
-        self.params["gamma"] = np.ones(num_features, self.dtype)
-        self.params["beta"] = np.zeros(num_features, self.dtype)
-        self.buffers["running_mean"] = np.zeros(num_features, self.dtype)
-        self.buffers["running_var"] = np.ones(num_features, self.dtype)
-        self.buffers["count"] = np.zeros((), np.int64)
+        self._constants = None  # gamma = 1, beta = 0 and gradient sinks when affine=False, made on first use
+        self.reset_parameters()
+
+    def reset_running_stats(self):
+        """running_mean = 0, running_var = 1, count = 0 (nothing to reset with track_running_stats=False)."""
+        if self.track_running_stats:
+            d = self.num_features
+            self.buffers["running_mean"] = np.zeros(d, self.dtype)
+            self.buffers["running_var"] = np.ones(d, self.dtype)
+            self.buffers["count"] = np.zeros((), np.int64)
+
+    def reset_parameters(self):
+        """gamma = 1, beta = 0 (when affine), and reset_running_stats()."""
+        if self.affine:
+            self.params["gamma"] = np.ones(self.num_features, self.dtype)
+            self.params["beta"] = np.zeros(self.num_features, self.dtype)
+        self.reset_running_stats()
 
     def state_spec(self):
         d = (self.num_features,)
-        return {("params", "gamma"): (d, self.dtype), ("params", "beta"): (d, self.dtype),
-                ("buffers", "running_mean"): (d, self.dtype), ("buffers", "running_var"): (d, self.dtype),
-                ("buffers", "count"): ((), np.int64)}
+        spec = {}
+        if self.affine:
+            spec["params", "gamma"] = spec["params", "beta"] = (d, self.dtype)
+        if self.track_running_stats:
+            spec["buffers", "running_mean"] = spec["buffers", "running_var"] = (d, self.dtype)
+            spec["buffers", "count"] = ((), np.int64)
+        return spec
+
+    def _affine(self):
+        """(gamma, beta, dgamma, dbeta): the params and their grads, or with affine=False the
+        constants 1 and 0 and two arrays the kernels may write gradients into (never read)."""
+        if self.affine:
+            return self.params["gamma"], self.params["beta"], self._grad("gamma"), self._grad("beta")
+        if self._constants is None or self._constants[0].shape != (self.num_features,):
+            ones, zeros = np.ones(self.num_features, self.dtype), np.zeros(self.num_features, self.dtype)
+            ones.flags.writeable = zeros.flags.writeable = False
+            self._constants = (ones, zeros, np.empty(self.num_features, self.dtype),
+                               np.empty(self.num_features, self.dtype))
+        return self._constants
+
+    def _running(self):
+        """(running_mean, running_var) for the kernels; with track_running_stats=False two arrays
+        they may write into, never read (the layer always uses batch statistics then)."""
+        if self.track_running_stats:
+            return self.buffers["running_mean"], self.buffers["running_var"]
+        return np.zeros(self.num_features, self.dtype), np.ones(self.num_features, self.dtype)
 
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
-        train = train and not self.frozen
+        train = (train and not self.frozen) or not self.track_running_stats
         if not train and int(self.buffers["count"]) == 0 and not getattr(self, "_warned_untrained", False):
             self._warned_untrained = True
             warnings.warn(f"{self.name} normalizes with running statistics that never saw a training batch "
@@ -342,20 +391,23 @@ class BatchNorm(Layer):
     def _running_update_args(self, m):
         """(decay, variance correction) of this batch's running update: decay, or 1 - 1/count for
         the cumulative average; m/(m-1) for the "unbiased" running variance, else 1."""
-        decay = self.decay if self.decay is not None else 1.0 - 1.0 / (int(self.buffers["count"]) + 1)
+        count = int(self.buffers["count"]) if self.track_running_stats else 0
+        decay = self.decay if self.decay is not None else 1.0 - 1.0 / (count + 1)
         return decay, F.variance_correction(m, self.running_var == "unbiased")
 
     def _update_running(self, mean, var, m):
         """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
         mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-        ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
-                           *self._running_update_args(m))
+        if self.track_running_stats:
+            ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
+                               *self._running_update_args(m))
         self._count_batch(mean, var)
 
     def _count_batch(self, mean, var):
         """After a running update: keep the batch's statistics (for recompute_bn_stats) and count it."""
         self.batch_stats = (mean, var)
-        self.buffers["count"] += 1
+        if self.track_running_stats:
+            self.buffers["count"] += 1
 
     def _forward(self, x, train, out=None, activation=None):
         """y = BN(x) into `out`; with `activation`, a = g(BN(x)) in the same pass (bnnet.ops.bn_forward).
@@ -367,9 +419,9 @@ class BatchNorm(Layer):
         out = out if out is not None else np.empty_like(x)  # (N, D)
         stats = np.empty((3, self.num_features))  # mean, biased var, inv_std: float64 (D,)
         decay, correction = self._running_update_args(x.shape[0])
+        gamma, beta, _, _ = self._affine()
         # in train mode the op also updates running_mean/var, as _update_running would
-        ops.bn_forward(x, self.params["gamma"], self.params["beta"], self.eps, act, slope, train,
-                       self.buffers["running_mean"], self.buffers["running_var"], decay, correction, out, *stats)
+        ops.bn_forward(x, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, out, *stats)
         if train:
             self._count_batch(stats[0], stats[1])
         self._cache = (out, x, stats, train, act, slope)
@@ -383,15 +435,18 @@ class BatchNorm(Layer):
         written; x is then gone, so a second backward is refused); dgamma, dbeta into grads."""
         out, x, stats, train, act, slope = self._cached()
         dx = dx_out if dx_out is not None else np.empty_like(x)
-        ops.bn_backward(dy, out, x, stats[0], stats[2], self.params["gamma"], act, slope, train, dx,
-                        self._grad("gamma"), self._grad("beta"))
+        gamma, _, dgamma, dbeta = self._affine()
+        ops.bn_backward(dy, out, x, stats[0], stats[2], gamma, act, slope, train, dx, dgamma, dbeta)
         if dx is x:
             self._cache = None
         return dx
 
     def config(self):
-        return {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
-                "running_var": self.running_var, "dtype": self.dtype, "frozen": self.frozen}
+        cfg = {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
+               "running_var": self.running_var, "dtype": self.dtype, "frozen": self.frozen}
+        # only when not the default, so that variants without these options rebuild from it
+        cfg.update({k: False for k in ("affine", "track_running_stats") if not getattr(self, k)})
+        return cfg
 
 
 class _Activation(Layer):
