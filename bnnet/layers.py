@@ -301,6 +301,10 @@ class BatchNorm(Layer):
         track_running_stats: keep running statistics for eval mode (default True). False: no
             buffers; the batch's own statistics normalize in train and eval mode alike (as in
             PyTorch), so eval mode also needs >= 2 rows.
+        axis: the channel axis of N-D input (default 1, PyTorch's (N, C, ...); -1 for channels
+            last, as Keras). (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs are
+            normalized per channel over every other axis, as BatchNorm1d/2d/3d; the statistics
+            are those of the N x L (x H x W ...) values of each channel.
     Params: gamma (D,) ones, beta (D,) zeros (none when affine=False).
     Buffers: running_mean (D,) zeros, running_var (D,) ones, count () int64 batches seen
         (none when track_running_stats=False).
@@ -309,11 +313,16 @@ class BatchNorm(Layer):
     fusable = True  # an execution plan may run it with the activation after it in one pass (variants set False)
     writes_out = True
     affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
-    _constants = None
+    axis = 1
+    spatial = True  # accepts (N, C, L), (N, C, H, W), (N, C, D, H, W) (GhostBatchNorm: (N, D) only)
+    _constants = _layout = None
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
-                 affine=True, track_running_stats=True):
+                 affine=True, track_running_stats=True, axis=1):
         super().__init__()
+        self.axis = check_int(type(self).__name__, "axis", axis)
+        if self.axis not in (1, -1) and not self.spatial:
+            raise HyperparameterError(f"{type(self).__name__}: axis must be 1 (it takes (N, D) input only), got {axis}")
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
@@ -446,7 +455,61 @@ class BatchNorm(Layer):
                "running_var": self.running_var, "dtype": self.dtype, "frozen": self.frozen}
         # only when not the default, so that variants without these options rebuild from it
         cfg.update({k: False for k in ("affine", "track_running_stats") if not getattr(self, k)})
+        if self.axis != 1:
+            cfg["axis"] = self.axis
         return cfg
+
+    # -- N-D input: each channel's values as the rows of a (rows, C) array ---------------
+
+    def forward(self, x, train, out=None, check_input=True):
+        x = as_float_array(x, "x", self.name, self.dtype)  # no copy when x already has the layer's dtype
+        if x.ndim <= 2:
+            if x.ndim == 2 and self.axis % 2 != 1:
+                raise InputError(f"{self.name}: (N, D) input has its features on axis 1, not axis {self.axis}")
+            self._layout = None
+            return super().forward(x, train, out=out, check_input=check_input)
+        rows = self._rows(x)
+        y = self._from_rows(super().forward(rows, train, check_input=check_input))
+        if out is None:
+            return y
+        out = _check_out(self.name, "out", out, x.shape, y.dtype)
+        out[...] = y
+        return out
+
+    def backward(self, dy, input_grad=True, out=None):
+        if self._layout is None:
+            return super().backward(dy, input_grad=input_grad, out=out)
+        dy = as_float_array(dy, "dy", self.name, self.dtype)
+        if dy.shape != self._layout[0]:
+            raise InputError(f"{self.name}: dy must have the shape of the last output {self._layout[0]}, got {dy.shape}")
+        dx = super().backward(self._rows(dy, layout=False), input_grad=True)
+        dx = self._from_rows(dx)
+        if out is None:
+            return dx
+        out = _check_out(self.name, "out", out, dx.shape, dx.dtype)
+        out[...] = dx
+        return out
+
+    def _rows(self, x, layout=True):
+        """(N, C, *S) -> (N * prod(S), C), channel axis last (a copy unless it already is)."""
+        if not self.spatial:
+            raise InputError(f"{self.name}: takes (N, D) input only, got shape {x.shape}")
+        if not 3 <= x.ndim <= 5:
+            raise InputError(f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+                             f"got shape {x.shape}")
+        axis = self.axis % x.ndim
+        if axis == 0 or x.shape[axis] != self.num_features:
+            raise InputError(f"{self.name}: x of shape {x.shape} must have {self.num_features} channels on axis "
+                             f"{self.axis}")
+        moved = np.moveaxis(x, axis, -1)  # (N, *S, C)
+        if layout:
+            self._layout = (x.shape, axis, moved.shape)
+        return np.ascontiguousarray(moved).reshape(-1, self.num_features)
+
+    def _from_rows(self, y):
+        """The inverse of _rows for the last forward's layout: a new C-contiguous array."""
+        shape, axis, moved_shape = self._layout
+        return np.ascontiguousarray(np.moveaxis(y.reshape(moved_shape), -1, axis))
 
 
 class _Activation(Layer):

@@ -124,6 +124,8 @@ class GhostBatchNorm(BatchNorm):
     Args (besides BatchNorm's): virtual_batch_size >= 2.
     """
 
+    spatial = False  # virtual batches cut the rows of (N, D) input; N-D input is refused
+
     fusable = False
     writes_out = False
 

@@ -149,3 +149,80 @@ def test_a_tensorless_layer_loads_and_a_huge_claim_does_not(tmp_path):
     (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
     with pytest.raises(bnnet.CheckpointError, match="num_features = 1000000000"):
         bnnet.load(tmp_path / "huge.safetensors")
+
+
+# --------------------------------------------------------------------------
+# N-D input: (N, C, L), (N, C, H, W), (N, C, D, H, W), and channels last
+# --------------------------------------------------------------------------
+
+LAYOUTS = [((5, 3, 4), torch.nn.BatchNorm1d), ((4, 3, 5, 2), torch.nn.BatchNorm2d),
+           ((2, 3, 4, 3, 2), torch.nn.BatchNorm3d)]
+
+
+@pytest.mark.parametrize("shape,torch_cls", LAYOUTS, ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("name", ["numba", "numpy"])
+def test_nd_input_matches_pytorch_batchnorm_1d_2d_3d(shape, torch_cls, name):
+    rng = np.random.default_rng(6)
+    bn = BatchNorm(3, dtype="float64", decay=0.9)
+    ref = torch_cls(3, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(rng.uniform(0.5, 2, 3)))
+        ref.bias.copy_(torch.tensor(rng.normal(size=3)))
+    bn.params["gamma"][...] = ref.weight.detach().numpy()
+    bn.params["beta"][...] = ref.bias.detach().numpy()
+    with backend.using(name):
+        for step in range(2):
+            x, dy = rng.normal(size=shape) * 2 + step, rng.normal(size=shape)
+            xt = torch.tensor(x, requires_grad=True)
+            yt = ref(xt)
+            yt.backward(torch.tensor(dy))
+            np.testing.assert_allclose(bn.forward(x, True), yt.detach().numpy(), rtol=0, atol=1e-10)
+            np.testing.assert_allclose(bn.backward(dy), xt.grad.numpy(), rtol=0, atol=1e-10)
+            np.testing.assert_allclose(bn.grads["gamma"], ref.weight.grad.numpy(), rtol=0, atol=1e-10)
+            np.testing.assert_allclose(bn.grads["beta"], ref.bias.grad.numpy(), rtol=0, atol=1e-10)
+            ref.weight.grad = ref.bias.grad = None
+        np.testing.assert_allclose(bn.buffers["running_mean"], ref.running_mean.numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(bn.buffers["running_var"], ref.running_var.numpy(), rtol=0, atol=1e-12)
+        ref.eval()
+        x = rng.normal(size=shape)
+        np.testing.assert_allclose(bn.forward(x, False), ref(torch.tensor(x)).detach().numpy(), rtol=0, atol=1e-10)
+
+
+def test_nd_gradients_by_finite_differences():
+    bn = _layer(True, True)
+    x = np.random.default_rng(7).normal(size=(3, 4, 2, 3)) * 2 + 1
+    check_layer_gradients(bn, x, True, np.random.default_rng(8))
+
+
+def test_channels_last_equals_channels_first_transposed():
+    rng = np.random.default_rng(9)
+    x, dy = rng.normal(size=(4, 3, 5, 2)), rng.normal(size=(4, 3, 5, 2))
+    first, last = BatchNorm(3, dtype="float64"), BatchNorm(3, dtype="float64", axis=-1)
+    to_last = (0, 2, 3, 1)
+    np.testing.assert_allclose(last.forward(x.transpose(to_last), True), first.forward(x, True).transpose(to_last),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(last.backward(dy.transpose(to_last)), first.backward(dy).transpose(to_last),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(last.grads["gamma"], first.grads["gamma"], rtol=0, atol=1e-12)
+    out = np.empty((4, 5, 2, 3))
+    assert last.forward(x.transpose(to_last), False, out=out) is out
+    assert BatchNorm(3, axis=-1).config()["axis"] == -1 and "axis" not in BatchNorm(3).config()
+
+
+def test_nd_shapes_that_do_not_fit_are_refused():
+    from bnnet.normalization import GhostBatchNorm
+
+    bn = BatchNorm(3)
+    with pytest.raises(bnnet.InputError, match="must have 3 channels on axis 1"):
+        bn.forward(np.zeros((4, 5, 6)), True)
+    with pytest.raises(bnnet.InputError, match=r"must be \(N, C\), \(N, C, L\)"):
+        bn.forward(np.zeros((2, 3, 2, 2, 2, 2)), True)
+    with pytest.raises(bnnet.InputError, match="takes \\(N, D\\) input only"):
+        GhostBatchNorm(3, virtual_batch_size=2).forward(np.zeros((4, 3, 5)), True)
+    bn.forward(np.random.default_rng(0).normal(size=(4, 3, 5)), True)
+    with pytest.raises(bnnet.InputError, match=r"dy must have the shape of the last output \(4, 3, 5\)"):
+        bn.backward(np.zeros((4, 3, 6)))
+    with pytest.raises(bnnet.InputError, match="channels on axis 0"):
+        BatchNorm(4, axis=0).forward(np.zeros((4, 3, 5)), True)
+    with pytest.raises(bnnet.InputError, match=r"\(N, D\) input has its features on axis 1, not axis 0"):
+        BatchNorm(4, axis=0).forward(np.zeros((4, 4)), True)
