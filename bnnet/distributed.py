@@ -207,6 +207,9 @@ def _abort(comm, code):
     at once, so that code after the failing block never runs on it."""
     sys.stderr.flush()
     sys.stdout.flush()
+    # mpiexec forwards each rank's output through its own process, and an abort kills the job at
+    # once: without a moment's wait the message can be lost on its way (seen on busy machines)
+    time.sleep(0.5)
     try:
         comm.abort(code)
     finally:

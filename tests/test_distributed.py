@@ -184,7 +184,8 @@ def test_ranks_given_different_data_fail_together_with_one_message(tmp_path):
     proc = mpirun(4, str(tmp_path), "mismatch", timeout=60)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet:")]
-    assert len(lines) == 1 and "were not given the same training run (rows: rank 0" in lines[0], proc.stderr
+    assert len(lines) == 1 and "were not given the same training run (rows: rank 0" in lines[0], \
+        (proc.returncode, proc.stderr)
     assert "after the block" not in proc.stderr
     assert time.monotonic() - start < 25
 
