@@ -81,19 +81,9 @@ def _assert_state_equal(a, b):
     assert a[3] == b[3]
 
 
-@pytest.mark.parametrize("name,lr,where", [
-    ("sgd", 1e4, "the loss"), ("sgd", 1e308, "the update"), ("momentum", 1e8, "buffer 1.running_var"),
-    ("momentum", 1e308, "the update"), ("rmsprop", 1e20, "the loss"), ("rmsprop", 1e308, "the update"),
-    ("adam", 1e20, "the loss"), ("adam", 1e308, "the update")])
-def test_after_a_nonfinite_error_memory_and_disk_hold_the_last_good_step(name, lr, where, tmp_path, monkeypatch):
-    """Whatever goes non-finite (the loss, a parameter after the update, a running variance), fit
-    raises NonFiniteError with the model, the optimizer and the checkpoint on disk all finite and
-    equal to the state after the last step that completed."""
-    rng = np.random.default_rng(0)
-    X, y = (rng.random((120, 8)) * 40).astype(np.float32), np.arange(120) % 3
-    model = bnnet.mlp([8, 16, 3], activation="relu", seed=0)
-    opt = bnnet.optim.OPTIMIZERS[name](lr)
-    good = [_state(model, opt)]  # before training, then after every step that completed
+def _run_until_nonfinite(model, opt, X, y, path, monkeypatch):
+    """fit until NonFiniteError; returns (message, [state before training and after each good step])."""
+    good = [_state(model, opt)]
     after_step = bnnet.train.Checkpoints.after_step
 
     def record(self, run):
@@ -101,20 +91,55 @@ def test_after_a_nonfinite_error_memory_and_disk_hold_the_last_good_step(name, l
         good.append(_state(model, opt))
 
     monkeypatch.setattr(bnnet.train.Checkpoints, "after_step", record)
-    path = tmp_path / "ck.safetensors"
     with np.errstate(all="ignore"), pytest.raises(bnnet.NonFiniteError) as info:
         bnnet.fit(model, X, y, optimizer=opt, epochs=3, batch_size=20, progress=False, checkpoint=str(path),
                   checkpoint_every=1)
-    message = str(info.value)
-    assert (f"made {where}" in message if where.startswith("buffer") else where in message), message
-    assert "restored to the last good step" in message
+    return str(info.value), good
+
+
+def _assert_last_good_everywhere(model, opt, good, path):
     _assert_state_equal(_state(model, opt), good[-1])
     for part in good[-1][:3]:
         assert all(np.isfinite(v).all() for v in part.values() if v.dtype.kind == "f")
     if len(good) > 1:  # a checkpoint was written after the last good step: it holds that step
         ckpt = bnnet.io.load_checkpoint(str(path))
-        on_disk = ({k: v for k, v in ckpt.model.params.items()}, {k: v for k, v in ckpt.model.buffers.items()},
-                   ckpt.optimizer_arrays, ckpt.optimizer_info["t"])
+        on_disk = (dict(ckpt.model.params.items()), dict(ckpt.model.buffers.items()), ckpt.optimizer_arrays,
+                   ckpt.optimizer_info["t"])
         _assert_state_equal(on_disk, good[-1])
     else:
         assert not path.exists()
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam"])
+@pytest.mark.parametrize("kind", ["the loss", "the update", "buffer 1.running_var"])
+def test_each_kind_of_nonfinite_step_is_named_and_undone(name, kind, tmp_path, monkeypatch):
+    """Made to happen at the first step, whatever the machine: logits that overflow (the loss), an
+    update that overflows (a parameter), a batch variance beyond float32 (the running variance,
+    while the normalized output and the loss stay finite)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((60, 8)).astype(np.float32), np.arange(60) % 3
+    model = bnnet.mlp([8, 16, 3], activation="relu", seed=0)
+    lr = 1e308 if kind == "the update" else 1e-3
+    if kind == "the loss":
+        model.params["3.W"][...] = 3e38
+    if kind.startswith("buffer"):
+        X = X * np.float32(5e19)
+    opt = bnnet.optim.OPTIMIZERS[name](lr)
+    message, good = _run_until_nonfinite(model, opt, X, y, tmp_path / "ck.safetensors", monkeypatch)
+    assert "at step 1 " in message and "restored to the last good step" in message, message
+    assert (f"made {kind}" if kind.startswith("buffer") else kind) in message, message
+    _assert_last_good_everywhere(model, opt, good, tmp_path / "ck.safetensors")
+
+
+@pytest.mark.parametrize("name,lr", [("sgd", 1e4), ("momentum", 1e8), ("rmsprop", 1e20), ("adam", 1e20)])
+def test_after_divergence_memory_and_disk_hold_the_last_good_step(name, lr, tmp_path, monkeypatch):
+    """A learning rate that diverges after some steps (where and how depends on the machine's
+    arithmetic): the model, the optimizer and the checkpoint on disk all equal the state after
+    the last step that completed."""
+    rng = np.random.default_rng(0)
+    X, y = (rng.random((120, 8)) * 40).astype(np.float32), np.arange(120) % 3
+    model = bnnet.mlp([8, 16, 3], activation="relu", seed=0)
+    opt = bnnet.optim.OPTIMIZERS[name](lr)
+    message, good = _run_until_nonfinite(model, opt, X, y, tmp_path / "ck.safetensors", monkeypatch)
+    assert "restored to the last good step" in message, message
+    _assert_last_good_everywhere(model, opt, good, tmp_path / "ck.safetensors")
