@@ -44,41 +44,28 @@ TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
 # -- option types: argparse names the option and exits 2 when one refuses its value --
 
 
-def _int_at_least(low):
+def _option(convert, ok, expected):
+    """An argparse type: convert(text), refused as "<expected>, got <text>" unless ok(value)."""
     def parse(text):
         try:
-            n = int(text)
+            value = convert(text)
         except ValueError:
-            n = None
-        if n is None or n < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return n
-    parse.__name__ = f"integer >= {low}"
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
     return parse
+
+
+def _int_at_least(low):
+    return _option(int, lambda n: n >= low, f"must be an integer >= {low}")
 
 
 _threads = _positive = _int_at_least(1)
 _count = _int_at_least(2)
-
-
-def _seed(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
-    return n
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+_seed = _option(int, lambda n: 0 <= n < 2 ** 63, "must be an integer in [0, 2**63)")
+_positive_float = _option(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_fraction = _option(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]")
 
 
 def _sizes(text):
@@ -89,16 +76,6 @@ def _sizes(text):
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected positive layer sizes, got {text!r}")
     return sizes
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _new_run_dir(root="runs"):
