@@ -64,6 +64,14 @@ def check_dtype(owner, dtype):
     return name
 
 
+def as_array(x, name, owner):
+    """np.asarray(x), with InputError for a ragged nested list (which numpy refuses with ValueError)."""
+    try:
+        return np.asarray(x)
+    except ValueError as e:
+        raise InputError(f"{owner}: {name} must be a rectangular array; cannot convert it ({e})") from None
+
+
 def as_float_array(x, name, owner, dtype):
     """Convert array-like input to a floating array of `dtype` without copying when possible.
 
@@ -71,10 +79,7 @@ def as_float_array(x, name, owner, dtype):
     upcast, and read-only or non-contiguous arrays, which are used as they
     are). Rejected with InputTypeError: object, string and complex arrays.
     """
-    try:
-        arr = np.asarray(x)
-    except ValueError as e:  # a ragged nested list
-        raise InputError(f"{owner}: {name} must be a rectangular array; cannot convert it ({e})") from None
+    arr = as_array(x, name, owner)
     if arr.dtype.kind not in "biuf":
         raise InputTypeError(
             f"{owner}: {name} must hold real numbers, got an array of dtype {arr.dtype}; "
@@ -107,19 +112,17 @@ def check_seed(owner, seed):
 
 def check_finite(x, name, owner):
     """Raise InputError if x holds NaN or Inf, naming the first such index."""
-    # One sum is cheaper than np.isfinite(x).all() (no boolean temporary); NaN/Inf make it
-    # non-finite, and only then (or when a finite sum overflows) is the full check run.
     if x.dtype.kind != "f":
         return
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(x, axis=None)):
-            return
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise InputError(
-            f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
-            "clean or impute the data before training"
-        )
+    from . import ops  # (ops imports this module)
+    # one compiled read pass for float32/float64, no boolean temporary
+    if ops.all_finite(x) if x.dtype.char in "fd" else np.isfinite(x).all():
+        return
+    bad = np.argwhere(~np.isfinite(x))[0]
+    raise InputError(
+        f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
+        "clean or impute the data before training"
+    )
 
 
 def describe(a):

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_float_array, check_2d, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
+from ._checks import as_array, as_float_array, check_2d, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
 from .errors import HyperparameterError, InputError
 
 
@@ -49,8 +49,8 @@ class Layer:
             pass over x); False lets them through, propagated as NumPy would.
         """
         x = self._input(x, self.in_width())
-        if check_input and not ops.all_finite(x):
-            check_finite(x, "x", self.name)  # names the first NaN/Inf
+        if check_input:
+            check_finite(x, "x", self.name)
         self.check_state(train)
         if out is None:
             return self._forward(x, train)
@@ -122,10 +122,7 @@ class Layer:
     def _input(self, x, features=None):
         # Layers with a dtype cast their input to it (no copy when it already matches);
         # dtype-free layers (activations) keep float32/float64 and compute in float64 otherwise.
-        try:
-            x = np.asarray(x)
-        except ValueError as e:  # a ragged nested list
-            raise InputError(f"{self.name}: x must be a rectangular array; cannot convert it ({e})") from None
+        x = as_array(x, "x", self.name)
         dtype = getattr(self, "dtype", None) or (x.dtype.name if x.dtype.name in ("float32", "float64") else "float64")
         x = as_float_array(x, "x", self.name, dtype)
         check_2d(x, "x", self.name, features)
