@@ -61,7 +61,10 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
         raise InputError("recompute_bn_stats: mode='batch' needs at least 2 rows of X, got 1")
     saved = {k: v.copy() for k, v in model.buffers.items()}
     try:
-        (_batch_stats if mode == "batch" else _exact_stats)(model, bns, X, batch_size)
+        if mode == "batch":
+            _batch_stats(model, bns, X, batch_size, saved)
+        else:
+            _exact_stats(model, bns, X, batch_size)
         for i, bn in bns:  # finite inputs can still overflow inside the network
             for key in ("running_mean", "running_var"):
                 if not np.isfinite(bn.buffers[key]).all():
@@ -75,10 +78,11 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
     return model
 
 
-def _batch_stats(model, bns, X, batch_size):
+def _batch_stats(model, bns, X, batch_size, saved):
+    """Alg. 2 of Ioffe & Szegedy; `saved` holds the buffers as they were, put back after the
+    train-mode passes have moved them."""
     n = len(X)
     starts = list(range(0, n - batch_size + 1, batch_size)) or [0]
-    saved = {k: v.copy() for k, v in model.buffers.items()}
     frozen = [bn.frozen for _, bn in bns]
     freeze_batchnorm(model, False)
     sums = {i: [np.zeros(bn.num_features), np.zeros(bn.num_features)] for i, bn in bns}
