@@ -134,12 +134,18 @@ def _read(path):
     return arrays, meta
 
 
+def field_error(path, field, expected, value):
+    """The CheckpointError for one metadata field: "<path>: metadata field <field> must be <expected>,
+    got <value>" (the value's repr, cut at 80 characters)."""
+    text = repr(value)
+    return CheckpointError(f"{path}: metadata field {field} must be {expected}, got "
+                           f"{text if len(text) <= 80 else text[:77] + '...'}")
+
+
 def _check_meta(path, meta, shapes):
     """Check the metadata's schema, one field at a time, and the architecture against the tensor shapes."""
     def bad(field, expected, value):
-        text = repr(value)
-        raise CheckpointError(f"{path}: metadata field {field} must be {expected}, got "
-                              f"{text if len(text) <= 80 else text[:77] + '...'}")
+        raise field_error(path, field, expected, value)
 
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:

@@ -27,7 +27,7 @@ from . import backend
 from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
 from .distributed import DataParallel, is_root
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
-from .io import fill_model, load_checkpoint, save
+from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
 from .model import first_nonfinite, has_batchnorm
 from .optim import (
@@ -476,9 +476,7 @@ def _check_run_state(path, saved, run, batches_per_epoch):
     """The "fit" metadata of a checkpoint, field by field: counters that agree with each other, an RNG
     state numpy accepts, partial sums and a history of the right lengths."""
     def bad(field, expected):
-        value = repr(saved.get(field))
-        raise CheckpointError(f"{path}: metadata field user.fit.{field} must be {expected}, got "
-                              f"{value if len(value) <= 80 else value[:77] + '...'}")
+        raise field_error(path, f"user.fit.{field}", expected, saved.get(field))
 
     def integer(field, low, high):
         value = saved.get(field)
@@ -509,8 +507,7 @@ def _check_run_state(path, saved, run, batches_per_epoch):
         lengths = (epoch - 1,) if key in ("epoch", "loss", "accuracy") else (0, epoch - 1)
         if (not isinstance(values, list) or len(values) not in lengths
                 or not all(v is None or _is_number(v) for v in values)):
-            raise CheckpointError(f"{path}: metadata field user.fit.history.{key} must be a list of "
-                                  f"{epoch - 1} numbers, got {str(values)[:80]}")
+            raise field_error(path, f"user.fit.history.{key}", f"a list of {epoch - 1} numbers", values)
 
 
 def _check_finite_state(path, ckpt):
