@@ -312,7 +312,7 @@ class BatchNorm(Layer):
     affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
     axis = 1
     spatial = True  # accepts (N, C, L), (N, C, H, W), (N, C, D, H, W) (GhostBatchNorm: (N, D) only)
-    _constants = _layout = None
+    _constants = _stat_sinks = _layout = None
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
                  affine=True, track_running_stats=True, axis=1):
@@ -377,7 +377,9 @@ class BatchNorm(Layer):
         they may write into, never read (the layer always uses batch statistics then)."""
         if self.track_running_stats:
             return self.buffers["running_mean"], self.buffers["running_var"]
-        return np.zeros(self.num_features, self.dtype), np.ones(self.num_features, self.dtype)
+        if self._stat_sinks is None or self._stat_sinks[0].shape != (self.num_features,):
+            self._stat_sinks = (np.zeros(self.num_features, self.dtype), np.ones(self.num_features, self.dtype))
+        return self._stat_sinks
 
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
