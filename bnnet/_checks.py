@@ -101,6 +101,17 @@ def check_2d(x, name, owner, features=None):
         raise InputError(f"{owner}: {name} must have {features} features (columns), got {x.shape[1]}")
 
 
+def check_batch(x, name, owner):
+    """Raise InputError unless x is a batch (N, ...) of N >= 1 samples, each at least 1-D."""
+    if x.ndim < 2:
+        raise InputError(
+            f"{owner}: {name} must be a batch of shape (N, features) or (N, channels, ...), got shape {x.shape}; "
+            f"a single sample is {name}[None]"
+        )
+    if x.shape[0] == 0:
+        raise InputError(f"{owner}: {name} is empty (0 rows); pass at least one sample")
+
+
 def check_seed(owner, seed):
     """None, or an integer in [0, 2**63): what np.random.default_rng takes as a seed."""
     if seed is None:

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import ops, threads
 from .errors import BnnetError, InputError
-from .layers import BatchNorm, _activation_code
+from .layers import BatchNorm, _activation_code, on_rows
 
 
 class Communicator:
@@ -267,6 +267,7 @@ class SyncBatchNorm(BatchNorm):
                              "mode; BatchNorm needs at least 2 (use a larger batch_size)")
         return n, buf[1:d + 1], buf[d + 1:] / n
 
+    @on_rows
     def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
@@ -282,6 +283,7 @@ class SyncBatchNorm(BatchNorm):
         self._cache = ("sync", x, out, stats, act, slope, n)
         return out
 
+    @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
         if self._cached()[0] != "sync":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad, dx_out)

@@ -18,9 +18,12 @@ Both backends run the same plan: the operations inside the steps go to the
 numba kernels or to the NumPy reference through bnnet.ops (bnnet.backend
 chooses), never through branches here or in the layers.
 
-Checks: building a plan refuses layers that do not chain (each layer's
-input width must be the width the layers before it produce; a layer replaced
-in model.layers makes model.plan() build a new plan). Before every forward
+Checks: building a plan refuses layers that do not chain (each layer must
+take the per-sample shape the layers before it produce, as far as it is known
+without an input; a layer replaced in model.layers makes model.plan() build a
+new plan), and the first forward for each input shape checks the whole chain
+with that shape (a 32x32 image where the model was built for 28x28 is refused
+with the layer that cannot take it, before anything runs). Before every forward
 the plan makes sure every layer's arrays are what its configuration implies
 (Layer.check_state: shape, dtype, layout of each params/buffers entry): in
 full when an array was replaced or reshaped since the last check, by identity
@@ -35,23 +38,26 @@ from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear, _Activation
 
 
-def check_chain(layers):
-    """Raise HyperparameterError unless each layer takes the width the layers before it give.
+def check_chain(layers, shape=None, error=HyperparameterError):
+    """Raise `error` unless each layer takes the per-sample shape the layers before it give.
 
-    Returns [(in width, out width)] per layer (None where any width is accepted).
+    shape: the per-sample shape of the input (a tuple), or None to start from what the
+    first layer declares (Layer.in_shape; sizes not known yet are None and match anything).
+    Returns [(in shape, out shape)] per layer (None where nothing is known yet).
     """
-    widths, width, source = [], None, None
+    shapes, source = [], "the input"
     for i, layer in enumerate(layers):
-        need = layer.in_width()
-        if need is not None and width is not None and need != width:
-            raise HyperparameterError(
-                f"Sequential: layer {i} ({type(layer).__name__}) takes {need} features but {source} gives {width}: "
-                "the layers do not chain")
-        out = layer.out_width(width if need is None else need)
-        widths.append((width if need is None else need, out))
-        if out is not None:
-            width, source = out, f"layer {i} ({type(layer).__name__})"
-    return widths
+        if shape is None:
+            shape = layer.in_shape()
+        try:
+            out = None if shape is None else layer.out_shape(tuple(shape))
+        except InputError as e:
+            if i == 0:
+                raise error(str(e)) from None
+            raise error(f"Sequential: {e}, which is what {source} gives: the layers do not chain") from None
+        shapes.append((shape, out))
+        shape, source = out, f"layer {i} ({type(layer).__name__})"
+    return shapes
 
 
 # --------------------------------------------------------------------------
@@ -132,11 +138,11 @@ class Plan:
     def __init__(self, model):
         self.model = model
         self.layers = tuple(model.layers)
-        self.widths = check_chain(self.layers)
+        self.shapes = check_chain(self.layers)
         self.backend = backend.get_backend()
         self.steps = schedule(self.layers)
-        ends = np.cumsum([len(step.layers) for step in self.steps]) - 1
-        self._out_widths = [self.widths[e][1] for e in ends]  # output width of each step
+        self._ends = np.cumsum([len(step.layers) for step in self.steps]) - 1  # each step's last layer
+        self._step_shapes = {}  # per-sample input shape -> per-sample output shape of each step
         self._buffers = {}  # ("out", k) or ("dx", shape, 0/1) -> array kept across steps
         self._inputs = [None] * len(self.steps)
         self._owned = [False] * len(self.steps)  # whether step k's input is one of the plan's buffers
@@ -175,15 +181,18 @@ class Plan:
         return buf
 
     def forward(self, x, train, check_finite=False):
-        """Run every step; returns a new (N, out) array. x: (N, in) in the model's dtype, N >= 0."""
+        """Run every step; returns a new (N, ...) array. x: (N, ...) in the model's dtype, N >= 0."""
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
         if train and self.model.eval_only:
             raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
                                       "and has no batch statistics to train with; train the original model")
-        width = self.widths[0][0]
-        if not isinstance(x, np.ndarray) or x.ndim != 2 or (width is not None and x.shape[1] != width):
-            raise InputError(f"Sequential.forward: x must be (N, {width}), got {getattr(x, 'shape', type(x))}")
+        if not isinstance(x, np.ndarray) or x.ndim < 2:
+            raise InputError(f"Sequential.forward: x must be a batch (N, ...), got {getattr(x, 'shape', type(x))}")
+        out_shapes = self._step_shapes.get(x.shape[1:])
+        if out_shapes is None:  # the first batch of this shape: check the chain with it
+            shapes = check_chain(self.layers, x.shape[1:], error=InputError)
+            out_shapes = self._step_shapes[x.shape[1:]] = [shapes[e][1] for e in self._ends]
         self.check(train)
         last = len(self.steps) - 1
         owned = False  # the model's input belongs to the caller
@@ -191,7 +200,7 @@ class Plan:
             self._inputs[k], self._owned[k] = x, owned
             out = None
             if k < last and step.writes_out:
-                out = self._buffer(("out", k), (x.shape[0], self._out_widths[k]), x.dtype)
+                out = self._buffer(("out", k), (x.shape[0], *out_shapes[k]), x.dtype)
             x = step.forward(x, train, out)
             owned = out is not None and x is out
             if check_finite and not np.isfinite(x).all():

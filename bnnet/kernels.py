@@ -201,14 +201,14 @@ def _update_running_at(running_mean, running_var, j, mean_j, var_j, decay, var_c
 
 
 @njit(inline="always", **_OPTS)
-def _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+def _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
                 mean, var, inv_std, table):
-    """Batch statistics from the sums s1, s2 (train, then also the running update)
-    or the running ones (eval); fills the forward coefficient table."""
-    n = x.shape[0]
-    for j in range(x.shape[1]):
+    """Batch statistics from the sums s1, s2 of n values per feature shifted by `shift`
+    (train, then also the running update) or the running ones (eval); fills the forward
+    coefficient table."""
+    for j in range(gamma.shape[0]):
         if train:
-            mean[j], m2 = _moments_from_sums(n, np.float64(x[0, j]), s1[j], s2[j])
+            mean[j], m2 = _moments_from_sums(n, shift[j], s1[j], s2[j])
             v = m2 / n
             _update_running_at(running_mean, running_var, j, mean[j], v, decay, var_correction)
         else:
@@ -258,10 +258,12 @@ def _forward_serial(x, gamma, beta, eps, act, slope, train, running_mean, runnin
     n, d = x.shape
     s1 = np.zeros(d)
     s2 = np.zeros(d)
+    shift = np.zeros(d)
     if train:
-        _accumulate(x, x[0].astype(np.float64), 0, n, s1, s2)
+        shift[:] = x[0]
+        _accumulate(x, shift, 0, n, s1, s2)
     table = np.empty((4, d), x.dtype)
-    _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+    _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
                 mean, var, inv_std, table)
     _apply_rows(x, table, act, _constants(x, slope), out, 0, n)
 
@@ -273,8 +275,9 @@ def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, runn
     rows = (n + chunks - 1) // chunks
     s1 = np.zeros(d)
     s2 = np.zeros(d)
+    shift = np.zeros(d)
     if train:
-        shift = x[0].astype(np.float64)
+        shift[:] = x[0]
         p1 = np.zeros((chunks, d))
         p2 = np.zeros((chunks, d))
         for c in prange(chunks):
@@ -284,7 +287,7 @@ def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, runn
                 s1[j] += p1[c, j]
                 s2[j] += p2[c, j]
     table = np.empty((4, d), x.dtype)
-    _statistics(x, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+    _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
                 mean, var, inv_std, table)
     cst = _constants(x, slope)
     for c in prange(chunks):
@@ -412,6 +415,132 @@ def _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dg
 
 
 # --------------------------------------------------------------------------
+# Channels of N-D input: x (N, C, S), each channel's N*S values normalized
+# together (the layer's (N, C, H, W) input with S = H*W). One thread per
+# channel; within a channel the float64 sums are kept per position k of S (so
+# that the inner loop over k vectorizes) and added up at the end. Backward runs
+# both of its passes over one channel before the next, while it is in cache.
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always", **_OPTS)
+def _channel_sums(x, j, shift, row1, row2):
+    row1[:] = 0.0
+    row2[:] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i, j]
+        for k in range(xi.shape[0]):
+            v = np.float64(xi[k]) - shift
+            row1[k] += v
+            row2[k] += v * v
+    return row1.sum(), row2.sum()
+
+
+@njit(inline="always", **_OPTS)
+def _apply_channel_as(x, t, act, c, out, j):
+    zero, slope = c[0], c[2]
+    hi, lo, scale, beta = t[HI, j], t[LO, j], t[SCALE, j], t[BETA, j]
+    for i in range(x.shape[0]):
+        xi = x[i, j]
+        oi = out[i, j]
+        for k in range(xi.shape[0]):
+            oi[k] = _activate(((xi[k] - hi) - lo) * scale + beta, act, zero, slope)
+
+
+@njit(inline="always", **_OPTS)
+def _apply_channel(x, t, act, c, out, j):
+    if act == RELU:  # one loop per activation, as in _apply_rows
+        _apply_channel_as(x, t, RELU, c, out, j)
+    elif act == LEAKY_RELU:
+        _apply_channel_as(x, t, LEAKY_RELU, c, out, j)
+    elif act == SIGMOID:
+        _apply_channel_as(x, t, SIGMOID, c, out, j)
+    elif act == TANH:
+        _apply_channel_as(x, t, TANH, c, out, j)
+    else:
+        _apply_channel_as(x, t, IDENTITY, c, out, j)
+
+
+@njit(parallel=True, **_OPTS)
+def _forward_spatial(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
+                     out, mean, var, inv_std):
+    n, d, s = x.shape
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    shift = np.zeros(d)
+    if train:
+        for j in prange(d):
+            shift[j] = x[0, j, 0]
+            s1[j], s2[j] = _channel_sums(x, j, shift[j], np.empty(s), np.empty(s))
+    table = np.empty((4, d), x.dtype)
+    _statistics(n * s, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
+                mean, var, inv_std, table)
+    cst = _constants(x, slope)
+    for j in prange(d):
+        _apply_channel(x, table, act, cst, out, j)
+
+
+@njit(inline="always", **_OPTS)
+def _channel_grad_sums_as(da, a, x, t, act, c, j, row1, row2):
+    zero, one, slope = c[0], c[1], c[2]
+    hi, lo, inv = t[HI, j], t[LO, j], t[INV, j]
+    row1[:] = 0.0
+    row2[:] = 0.0
+    for i in range(x.shape[0]):
+        dai = da[i, j]
+        ai = a[i, j]
+        xi = x[i, j]
+        for k in range(xi.shape[0]):
+            g = dai[k] * _activation_grad(ai[k], act, zero, one, slope)
+            row1[k] += np.float64(g)
+            row2[k] += np.float64(g * _normalize(xi[k], hi, lo, inv))
+    return row1.sum(), row2.sum()
+
+
+@njit(inline="always", **_OPTS)
+def _dx_channel_as(da, a, x, t, act, c, dx, j):
+    zero, one, slope = c[0], c[1], c[2]
+    hi, lo, inv, k_, c1, c2 = t[HI, j], t[LO, j], t[INV, j], t[K, j], t[C1, j], t[C2, j]
+    for i in range(x.shape[0]):
+        dai = da[i, j]
+        ai = a[i, j]
+        xi = x[i, j]
+        dxi = dx[i, j]
+        for k in range(xi.shape[0]):
+            g = dai[k] * _activation_grad(ai[k], act, zero, one, slope)
+            dxi[k] = _input_grad(g, _normalize(xi[k], hi, lo, inv), k_, c1, c2)
+
+
+@njit(inline="always", **_OPTS)
+def _backward_channel_as(da, a, x, mean, inv_std, gamma, act, c, train, dx, dgamma, dbeta, t, j):
+    sg, sgx = _channel_grad_sums_as(da, a, x, t, act, c, j, np.empty(x.shape[2]), np.empty(x.shape[2]))
+    dbeta[j] = sg
+    dgamma[j] = sgx
+    # in eval mode the statistics are constants: c1 = c2 = 0, dx = k * g
+    t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(np.float64(gamma[j]), inv_std[j], sg if train else 0.0,
+                                                           sgx if train else 0.0, x.shape[0] * x.shape[2])
+    _dx_channel_as(da, a, x, t, act, c, dx, j)
+
+
+@njit(parallel=True, **_OPTS)
+def _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    t = _backward_table(x, mean, inv_std)
+    cst = _constants(x, slope)
+    for j in prange(x.shape[1]):
+        if act == RELU:  # one loop per activation, as in _apply_rows
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, RELU, cst, train, dx, dgamma, dbeta, t, j)
+        elif act == LEAKY_RELU:
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, LEAKY_RELU, cst, train, dx, dgamma, dbeta, t, j)
+        elif act == SIGMOID:
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, SIGMOID, cst, train, dx, dgamma, dbeta, t, j)
+        elif act == TANH:
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, TANH, cst, train, dx, dgamma, dbeta, t, j)
+        else:
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, IDENTITY, cst, train, dx, dgamma, dbeta, t, j)
+
+
+
+# --------------------------------------------------------------------------
 # The same passes, split where a synchronized BatchNorm (bnnet.distributed)
 # combines its shard's statistics and sums with the other processes'. Serial
 # only: under MPI every process runs one thread.
@@ -511,6 +640,9 @@ def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var
     """
     args = (x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
             out, mean, var, inv_std)
+    if x.ndim == 3:  # (N, C, S)
+        _forward_spatial(*args)
+        return
     chunks = _chunks(x)
     if chunks:
         _forward_parallel(*args, chunks)
@@ -525,6 +657,9 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
     the float64 statistics the forward used (batch ones in train mode, running
     ones in eval mode, where dx = g * gamma * inv_std).
     """
+    if x.ndim == 3:  # (N, C, S)
+        _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+        return
     chunks = _chunks(x)
     if chunks:
         _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks)

@@ -16,13 +16,14 @@ the layers of a model, after the same checks, passing arrays to write into.
 How a model runs (fusion, buffer reuse, in-place decisions) is the plan's
 business, never the layer's.
 """
+import functools
 import warnings
 
 import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_array, as_float_array, check_2d, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
+from ._checks import as_array, as_float_array, check_batch, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
 from .errors import HyperparameterError, InputError
 
 
@@ -48,14 +49,16 @@ class Layer:
         check_input: refuse an x holding NaN/Inf with InputError (default True; one read
             pass over x); False lets them through, propagated as NumPy would.
         """
-        x = self._input(x, self.in_width())
+        x = self._input(x)
+        shape = self.out_shape(x.shape[1:])  # (raises InputError when the layer cannot take x)
         if check_input:
             check_finite(x, "x", self.name)
         self.check_state(train)
         if out is None:
             return self._forward(x, train)
-        out = _check_out(self.name, "out", out, (x.shape[0], self.out_width(x.shape[1])), x.dtype)
-        y = self._forward(x, train, out=out)
+        out = _check_out(self.name, "out", out, (x.shape[0], *shape), x.dtype)
+        # the kernels write through reshaped views of `out`, which only a C-contiguous array has
+        y = self._forward(x, train, out=out if out.flags.c_contiguous else None)
         if y is not out:
             out[...] = y
         return out
@@ -74,7 +77,7 @@ class Layer:
         if out is None:
             return self._backward(dy, input_grad)
         out = _check_out(self.name, "out", out, self._cached_input_shape(), dy.dtype)
-        dx = self._backward(dy, True, dx_out=out)
+        dx = self._backward(dy, True, dx_out=out if out.flags.c_contiguous else None)
         if dx is not out:
             out[...] = dx
         return out
@@ -91,13 +94,23 @@ class Layer:
         """{(kind, key): (shape, dtype)} for every array in params and buffers, from the configuration."""
         return {}
 
-    def in_width(self):
-        """Features this layer takes (None: any, as activations)."""
-        return getattr(self, "in_features", getattr(self, "num_features", None))
+    def in_shape(self):
+        """The per-sample input shape this layer takes: a tuple, None where any size goes
+        (Conv2d: (C, None, None)), or None for any shape at all (activations)."""
+        return None
 
-    def out_width(self, in_width):
-        """Features this layer gives for `in_width` input features."""
-        return getattr(self, "out_features", getattr(self, "num_features", in_width))
+    def out_shape(self, shape):
+        """The per-sample output shape for per-sample input `shape` (a tuple; None entries are
+        sizes not known yet, which give None). Raises InputError when the layer cannot take it."""
+        self._require(shape, self.in_shape())
+        return shape
+
+    def _require(self, shape, need):
+        """InputError unless `shape` fits the template `need` (None entries match anything)."""
+        if need is None or (len(shape) == len(need) and all(a is None or b is None or a == b
+                                                            for a, b in zip(shape, need))):
+            return
+        raise InputError(f"{self.name}: x must be {_per_sample(need)}, got {_per_sample(shape)}")
 
     def config(self):
         """Constructor arguments, JSON-serializable: what a checkpoint needs to rebuild the layer."""
@@ -119,13 +132,13 @@ class Layer:
                 raise InputError(f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
                                  f" {np.dtype(dtype).name} array of shape {shape}, got {describe(a)}")
 
-    def _input(self, x, features=None):
+    def _input(self, x):
         # Layers with a dtype cast their input to it (no copy when it already matches);
         # dtype-free layers (activations) keep float32/float64 and compute in float64 otherwise.
         x = as_array(x, "x", self.name)
         dtype = getattr(self, "dtype", None) or (x.dtype.name if x.dtype.name in ("float32", "float64") else "float64")
         x = as_float_array(x, "x", self.name, dtype)
-        check_2d(x, "x", self.name, features)
+        check_batch(x, "x", self.name)
         return x
 
     def _cached(self):
@@ -171,6 +184,11 @@ class Layer:
 
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), np.int64: np.dtype(np.int64)}
+
+
+def _per_sample(shape):
+    """(N, 3, H, W)-style text for a per-sample shape template (None -> a letter)."""
+    return "(N, " + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 def _check_out(owner, name, out, shape, dtype):
@@ -233,6 +251,13 @@ class Linear(Layer):
         self.params["W"] = w.astype(self.dtype)  # (in, out)
         if self.bias:
             self.params["b"] = np.zeros(out_features, self.dtype)  # (out,)
+
+    def in_shape(self):
+        return (self.in_features,)
+
+    def out_shape(self, shape):
+        self._require(shape, self.in_shape())
+        return (self.out_features,)
 
     def state_spec(self):
         spec = {("params", "W"): ((self.in_features, self.out_features), self.dtype)}
@@ -312,14 +337,15 @@ class BatchNorm(Layer):
     affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
     axis = 1
     spatial = True  # accepts (N, C, L), (N, C, H, W), (N, C, D, H, W) (GhostBatchNorm: (N, D) only)
-    _constants = _stat_sinks = _layout = None
+    _constants = _stat_sinks = _layout = _last_shape = None
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
                  affine=True, track_running_stats=True, axis=1):
         super().__init__()
         self.axis = check_int(type(self).__name__, "axis", axis)
-        if self.axis not in (1, -1) and not self.spatial:
-            raise HyperparameterError(f"{type(self).__name__}: axis must be 1 (it takes (N, D) input only), got {axis}")
+        if self.axis not in (1, -1):
+            raise HyperparameterError(f"{type(self).__name__}: axis must be 1 (channels first, as PyTorch) or -1 "
+                                      f"(channels last, as Keras), got {axis}")
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
@@ -389,9 +415,10 @@ class BatchNorm(Layer):
             warnings.warn(f"{self.name} normalizes with running statistics that never saw a training batch "
                           "(mean 0, variance 1): train it first, load a checkpoint, or call "
                           "bnnet.recompute_bn_stats(model, X)", BatchNormUntrainedWarning, stacklevel=5)
-        if train and x.shape[0] < 2:
+        if train and x.size // self.num_features < 2:
+            rows = f"{x.shape[0]} row" if x.ndim == 2 else f"shape {x.shape} has 1 value per channel"
             raise InputError(
-                f"{self.name}: a batch of {x.shape[0]} row in train mode has no variance to normalize with; "
+                f"{self.name}: a batch of {rows} in train mode has no variance to normalize with; "
                 "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
             )
         return train
@@ -424,27 +451,28 @@ class BatchNorm(Layer):
         """
         train = self._effective_train(x, train)
         act, slope = _activation_code(activation)
-        out = out if out is not None else np.empty_like(x)  # (N, D)
-        stats = np.empty((3, self.num_features))  # mean, biased var, inv_std: float64 (D,)
-        decay, correction = self._running_update_args(x.shape[0])
+        out = out if out is not None else np.empty(x.shape, self.dtype)  # like x, C-contiguous
+        xk, outk = self._kernel_view(x), self._kernel_view(out)  # (N, C) or (N, C, S) or (N*S, C)
+        stats = np.empty((3, self.num_features))  # mean, biased var, inv_std: float64 (C,)
+        decay, correction = self._running_update_args(x.size // self.num_features)
         gamma, beta, _, _ = self._affine()
         # in train mode the op also updates running_mean/var, as _update_running would
-        ops.bn_forward(x, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, out, *stats)
+        ops.bn_forward(xk, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, outk,
+                       *stats)
         if train:
             self._count_batch(stats[0], stats[1])
-        self._cache = (out, x, stats, train, act, slope)
+        self._cache = (outk, xk, stats, train, act, slope, x)
+        self._last_shape = x.shape
         return out
-
-    def _cached_output_shape(self):
-        return self._cached()[1].shape
 
     def _backward(self, dy, input_grad, dx_out=None):
         """dx into dx_out (which may be the forward's input x: each element is read before it is
         written; x is then gone, so a second backward is refused); dgamma, dbeta into grads."""
-        out, x, stats, train, act, slope = self._cached()
-        dx = dx_out if dx_out is not None else np.empty_like(x)
+        out, xk, stats, train, act, slope, x = self._cached()
+        dx = dx_out if dx_out is not None else np.empty(x.shape, self.dtype)
         gamma, _, dgamma, dbeta = self._affine()
-        ops.bn_backward(dy, out, x, stats[0], stats[2], gamma, act, slope, train, dx, dgamma, dbeta)
+        ops.bn_backward(self._kernel_view(dy), out, xk, stats[0], stats[2], gamma, act, slope, train,
+                        self._kernel_view(dx), dgamma, dbeta)
         if dx is x:
             self._cache = None
         return dx
@@ -458,57 +486,82 @@ class BatchNorm(Layer):
             cfg["axis"] = self.axis
         return cfg
 
-    # -- N-D input: each channel's values as the rows of a (rows, C) array ---------------
+    # -- N-D input ----------------------------------------------------------------------
 
-    def forward(self, x, train, out=None, check_input=True):
-        x = as_float_array(x, "x", self.name, self.dtype)  # no copy when x already has the layer's dtype
-        if x.ndim <= 2:
-            if x.ndim == 2 and self.axis % 2 != 1:
-                raise InputError(f"{self.name}: (N, D) input has its features on axis 1, not axis {self.axis}")
-            self._layout = None
-            return super().forward(x, train, out=out, check_input=check_input)
-        rows = self._rows(x)
-        y = self._from_rows(super().forward(rows, train, check_input=check_input))
-        if out is None:
-            return y
-        out = _check_out(self.name, "out", out, x.shape, y.dtype)
-        out[...] = y
-        return out
+    def in_shape(self):
+        return (self.num_features,) if self.axis == 1 or not self.spatial else None
 
-    def backward(self, dy, input_grad=True, out=None):
-        if self._layout is None:
-            return super().backward(dy, input_grad=input_grad, out=out)
-        dy = as_float_array(dy, "dy", self.name, self.dtype)
-        if dy.shape != self._layout[0]:
-            raise InputError(f"{self.name}: dy must have the shape of the last output {self._layout[0]}, got {dy.shape}")
-        dx = super().backward(self._rows(dy, layout=False), input_grad=True)
-        dx = self._from_rows(dx)
-        if out is None:
-            return dx
-        out = _check_out(self.name, "out", out, dx.shape, dx.dtype)
-        out[...] = dx
-        return out
+    def out_shape(self, shape):
+        if not (len(shape) == 1 or (self.spatial and 2 <= len(shape) <= 4)):
+            raise InputError(f"{self.name}: x must be " + ("(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)"
+                             if self.spatial else "(N, D)") + f", got {_per_sample(shape)}")
+        channels = shape[0] if self.axis == 1 else shape[-1]
+        if channels is not None and channels != self.num_features:
+            where = "axis 1" if self.axis == 1 else "the last axis"
+            raise InputError(f"{self.name}: x must have {self.num_features} channels on {where}, "
+                             f"got shape {_per_sample(shape)}")
+        return shape
+
+    def _kernel_view(self, a):
+        """What the kernels see of an N-D array: (N, C, S) for channels on axis 1 (each channel's
+        S = L or H*W or D*H*W values contiguous per sample), (N*S, C) for channels last; (N, C)
+        as is. A view of a C-contiguous array (a copy of any other, which the kernels only read)."""
+        if a.ndim == 2:
+            return a
+        if self.axis == 1:
+            return a.reshape(a.shape[0], self.num_features, -1)
+        return a.reshape(-1, self.num_features)
+
+    def _cached_output_shape(self):
+        self._cached()
+        return self._last_shape
+
+    _cached_input_shape = _cached_output_shape
 
     def _rows(self, x, layout=True):
-        """(N, C, *S) -> (N * prod(S), C), channel axis last (a copy unless it already is)."""
-        if not self.spatial:
-            raise InputError(f"{self.name}: takes (N, D) input only, got shape {x.shape}")
-        if not 3 <= x.ndim <= 5:
-            raise InputError(f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
-                             f"got shape {x.shape}")
-        axis = self.axis % x.ndim
-        if axis == 0 or x.shape[axis] != self.num_features:
-            raise InputError(f"{self.name}: x of shape {x.shape} must have {self.num_features} channels on axis "
-                             f"{self.axis}")
-        moved = np.moveaxis(x, axis, -1)  # (N, *S, C)
+        """(N, C, *S) -> (N * prod(S), C), channels last: the (N, D) rows that the variants'
+        NumPy math takes (a copy unless the channels are already last)."""
+        moved = np.moveaxis(x, self.axis, -1)  # (N, *S, C)
         if layout:
-            self._layout = (x.shape, axis, moved.shape)
+            self._layout = (self.axis, moved.shape)
         return np.ascontiguousarray(moved).reshape(-1, self.num_features)
 
     def _from_rows(self, y):
         """The inverse of _rows for the last forward's layout: a new C-contiguous array."""
-        shape, axis, moved_shape = self._layout
+        axis, moved_shape = self._layout
         return np.ascontiguousarray(np.moveaxis(y.reshape(moved_shape), -1, axis))
+
+
+def on_rows(method):
+    """Decorator for the _forward/_backward of Batch Norm variants whose math is written for
+    (N, D) rows: N-D input runs as the (rows, C) array of each channel's values (BatchNorm._rows)."""
+    if method.__name__ == "_forward":
+        @functools.wraps(method)
+        def forward(self, x, train, out=None, activation=None):
+            if x.ndim == 2:
+                y = method(self, x, train, out, activation)
+            else:
+                y = self._from_rows(method(self, self._rows(x), train, None, activation))
+                if out is not None:
+                    out[...] = y
+                    y = out
+            self._last_shape = x.shape
+            return y
+        return forward
+
+    @functools.wraps(method)
+    def backward(self, dy, input_grad, dx_out=None):
+        if dy.ndim == 2:
+            return method(self, dy, input_grad, dx_out)
+        dx = method(self, self._rows(dy, layout=False), input_grad, None)
+        if dx is None:
+            return None
+        dx = self._from_rows(dx)
+        if dx_out is not None:
+            dx_out[...] = dx
+            return dx_out
+        return dx
+    return backward
 
 
 class _Activation(Layer):

@@ -127,8 +127,7 @@ class Sequential:
         check_input: refuse an x holding NaN/Inf with InputError (default True; one read pass over x).
             False lets NaN/Inf through, as NumPy would propagate them.
         """
-        first = self.layers[0]
-        x = first._input(x, first.in_width())
+        x = self.layers[0]._input(x)
         if check_input:
             _check_finite(x, "x", "Sequential.forward")
         return self.plan().forward(x, train, check_finite)

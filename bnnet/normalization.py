@@ -12,7 +12,7 @@ import numpy as np
 
 from . import functional as F
 from ._checks import check_dtype, check_int, check_number
-from .layers import LAYER_TYPES, BatchNorm, Layer
+from .layers import LAYER_TYPES, BatchNorm, Layer, on_rows
 
 
 class BatchRenorm(BatchNorm):
@@ -72,6 +72,7 @@ class BatchRenorm(BatchNorm):
         r_min = 1.0 / r_max if self.r_min is None else 1.0 + (self.r_min - 1.0) * t
         return r_min, r_max, self.d_max * t
 
+    @on_rows
     def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
@@ -93,6 +94,7 @@ class BatchRenorm(BatchNorm):
         self._cache = ("renorm", x, (x_norm, inv_std), x_hat, r.astype(x.dtype))
         return y.astype(x.dtype, copy=False)
 
+    @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()
         if mode != "renorm":  # eval mode or frozen: BatchNorm's cache
@@ -140,6 +142,7 @@ class GhostBatchNorm(BatchNorm):
             del bounds[-2]  # merge a last single row into the previous virtual batch
         return list(zip(bounds[:-1], bounds[1:]))
 
+    @on_rows
     def _forward(self, x, train, out=None, activation=None):
         train = self._effective_train(x, train)
         if not train:
@@ -155,6 +158,7 @@ class GhostBatchNorm(BatchNorm):
         self._cache = ("ghost", x, caches)
         return y
 
+    @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()
         if mode != "ghost":  # eval mode or frozen: BatchNorm's cache
@@ -195,6 +199,9 @@ class LayerNorm(Layer):
         self.dtype = check_dtype("LayerNorm", dtype)
         self.params["gamma"] = np.ones(num_features, self.dtype)
         self.params["beta"] = np.zeros(num_features, self.dtype)
+
+    def in_shape(self):
+        return (self.num_features,)
 
     def state_spec(self):
         return {("params", "gamma"): ((self.num_features,), self.dtype),

@@ -14,7 +14,9 @@ line that keeps a wrong-sized array (a user's assignment, a crafted file)
 from being read or written past its end: nothing reaches a kernel unchecked.
 The checks compare shapes and dtypes only (no copies, about a microsecond each).
 
-Shapes: x (N, D) float32/float64; per-feature arrays (D,) in x's dtype
+Shapes: x (N, D) float32/float64, or for the batch-norm forward and backward
+also (N, C, S): C channels of S values each (the layer's (N, C, H, W) input
+seen with H*W = S), normalized per channel over N*S values; per-feature arrays (D,) or (C,) in x's dtype
 (gamma, beta, running statistics) or float64 (mean, var, inv_std, sums).
 Activation codes: IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH.
 """
@@ -32,9 +34,11 @@ def _fail(op, what):
     raise InputError(f"bnnet.ops.{op}: {what}")
 
 
-def _input(op, x):
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.char not in "fd":  # float32, float64
-        _fail(op, f"x must be a 2-D float32/float64 array, got {describe(x)}")
+def _input(op, x, spatial=False):
+    """The number of features of x: (N, D), or (N, C, S) where the op takes each channel's S values."""
+    if (not isinstance(x, np.ndarray) or x.ndim not in ((2, 3) if spatial else (2,))
+            or x.dtype.char not in "fd"):  # float32, float64
+        _fail(op, f"x must be a {'2-D or 3-D' if spatial else '2-D'} float32/float64 array, got {describe(x)}")
     return x.shape[1]
 
 
@@ -75,21 +79,21 @@ def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var
                out, mean, var, inv_std):
     """out = g((x - mean) * gamma * inv_std + beta): one statistics pass + one apply pass.
 
-    x: (N, D); gamma, beta, running_*: (D,) in x's dtype; out: (N, D) like x.
+    x: (N, D) or (N, C, S); gamma, beta, running_*: (D,) in x's dtype; out: like x.
     train=True normalizes with the batch statistics (N >= 2) and updates
     running_* in place by functional.running_average (the variance times
     var_correction); train=False uses the running statistics. The float64 (D,)
     arrays mean, var (biased) and inv_std = 1/sqrt(var + eps) receive the
     statistics used, for backward.
     """
-    d = _input("bn_forward", x)
+    d = _input("bn_forward", x, spatial=True)
     _per_feature("bn_forward", "gamma beta", (gamma, beta), d, x.dtype)
     _per_feature("bn_forward", "running_mean running_var", (running_mean, running_var), d, x.dtype, write=train)
     _per_feature("bn_forward", "mean var inv_std", (mean, var, inv_std), d, _F64, write=True)
     _same("bn_forward", "out", (out,), x, write=True)
     _act("bn_forward", act)
-    if train and x.shape[0] < 2:
-        _fail("bn_forward", f"train mode needs at least 2 rows, got {x.shape[0]}")
+    if train and x.size // max(d, 1) < 2:
+        _fail("bn_forward", f"train mode needs at least 2 values per feature, got x of shape {x.shape}")
     backend.impl().bn_forward(x, gamma, beta, float(eps), act, float(slope), bool(train), running_mean, running_var,
                               float(decay), float(var_correction), out, mean, var, inv_std)
 
@@ -116,7 +120,7 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
     statistics the forward used (batch ones in train mode, running ones in eval
     mode, where dx = g'(a) da * gamma * inv_std).
     """
-    d = _input("bn_backward", x)
+    d = _input("bn_backward", x, spatial=True)
     _same("bn_backward", "da a", (da, a), x)
     _same("bn_backward", "dx", (dx,), x, write=True)
     _per_feature("bn_backward", "mean inv_std", (mean, inv_std), d, _F64)

@@ -46,8 +46,22 @@ def update_running(running_mean, running_var, mean, var, decay, var_correction):
     running_var[...] = F.running_average(running_var, var * var_correction, decay)
 
 
+def _rows(a):
+    """(N, C, S) -> (N*S, C): each channel's values as one column (a copy); (N, D) as is."""
+    return a if a.ndim == 2 else np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+
+
+def _write(dst, rows):
+    """dst[...] = rows, for a dst that _rows turned into those rows."""
+    if dst.ndim == 2:
+        dst[...] = rows
+    else:
+        dst[...] = np.moveaxis(rows.reshape(dst.shape[0], dst.shape[2], dst.shape[1]), -1, 1)
+
+
 def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
                out, mean, var, inv_std):
+    x = _rows(x)
     if train:
         mean[...], var[...] = F._moments_wide(x, 0, False)
         update_running(running_mean, running_var, mean, var, decay, var_correction)
@@ -55,17 +69,18 @@ def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var
         mean[...], var[...] = running_mean, running_var
     inv_std[...] = F.inverse_std(var, eps)
     y, _ = F.batch_norm_apply(x, gamma, beta, mean, var, eps)
-    out[...] = activate(y, act, slope)
+    _write(out, activate(y, act, slope))
 
 
 def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
+    da, a, x = _rows(da), _rows(a), _rows(x)
     g = _upstream(da, a, act, slope)
     cache = _x_hat(x, mean, inv_std)
     dbeta[...], dgamma[...] = F.batch_norm_grad_sums(g, cache)
     if train:
-        dx[...] = F.batch_norm_input_grad(g, gamma, cache, dbeta, dgamma, x.shape[0])
+        _write(dx, F.batch_norm_input_grad(g, gamma, cache, dbeta, dgamma, x.shape[0]))
     else:  # the statistics are constants: BN is a per-feature affine map
-        dx[...] = F.batch_norm_input_grad(g, gamma, cache, 0.0, 0.0, x.shape[0])
+        _write(dx, F.batch_norm_input_grad(g, gamma, cache, 0.0, 0.0, x.shape[0]))
 
 
 def bn_moments(x, mean, m2):

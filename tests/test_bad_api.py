@@ -82,8 +82,8 @@ CASES = [
     # forward / backward / predict
     ("forward NaN", lambda: model().forward(with_nan(X), train=True), E.InputError, "Sequential.forward: x contains NaN or Inf"),
     ("forward Inf eval", lambda: model().forward(np.full((2, 4), np.inf), train=False), E.InputError, "contains NaN or Inf"),
-    ("forward 1-D", lambda: model().forward(X[0], train=True), E.InputError, "must be 2-D (batch, features)"),
-    ("forward features", lambda: model().forward(X[:, :3], train=True), E.InputError, "must have 4 features"),
+    ("forward 1-D", lambda: model().forward(X[0], train=True), E.InputError, "must be a batch of shape (N, features)"),
+    ("forward features", lambda: model().forward(X[:, :3], train=True), E.InputError, "x must be (N, 4), got (N, 3)"),
     ("forward empty", lambda: model().forward(X[:0], train=True), E.InputError, "is empty (0 rows)"),
     ("forward strings", lambda: model().forward(np.array([["a"] * 4]), train=False), E.InputTypeError, "must hold real numbers"),
     ("forward complex", lambda: model().forward(X + 1j, train=False), E.InputTypeError, "dtype complex"),

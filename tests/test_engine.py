@@ -109,6 +109,6 @@ def test_small_products_run_on_one_blas_thread_and_large_on_all():
     assert all(lib.num_threads == min(threads.get_num_threads(), most) for lib, most in threads._controllers())
 
 
-def test_check_chain_reports_widths():
-    widths = engine.check_chain([Linear(3, 4), BatchNorm(4), ReLU(), Linear(4, 2)])
-    assert widths == [(3, 4), (4, 4), (4, 4), (4, 2)]
+def test_check_chain_reports_per_sample_shapes():
+    shapes = engine.check_chain([Linear(3, 4), BatchNorm(4), ReLU(), Linear(4, 2)])
+    assert shapes == [((3,), (4,)), ((4,), (4,)), ((4,), (4,)), ((4,), (2,))]

@@ -86,8 +86,8 @@ def test_batch_of_one_in_train_mode_is_a_clear_error():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (np.ones((4, 5)), r"Linear \(layer 0\): x must have 3 features \(columns\), got 5"),
-    (np.ones(3), r"must be 2-D \(batch, features\), got shape \(3,\)"),
+    (np.ones((4, 5)), r"Linear \(layer 0\): x must be \(N, 3\), got \(N, 5\)"),
+    (np.ones(3), r"must be a batch of shape \(N, features\) or \(N, channels, ...\), got shape \(3,\)"),
     (np.ones((0, 3)), r"x is empty"),
 ])
 def test_bad_shapes_name_the_layer(bad, match):
