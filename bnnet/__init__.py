@@ -9,13 +9,13 @@
 """
 __version__ = "0.1.0"
 
-from . import conventions, datasets, engine, functional, layers, losses, normalization, ops, optim
+from . import conv, conventions, datasets, engine, functional, layers, losses, normalization, ops, optim
 from .errors import (BnnetError, CheckpointError, DatasetError, HyperparameterError, InputError, InputTypeError,
                      NonFiniteError)
 from .export import export_onnx
 from .inference import fold_batchnorm, freeze_batchnorm, recompute_bn_stats
 from .io import load, save
-from .model import BiasBeforeBatchNormWarning, Sequential, mlp
+from .model import BiasBeforeBatchNormWarning, Sequential, convnet, mlp
 from .threads import get_num_threads, set_num_threads
 from .train import evaluate, fit
 
@@ -23,7 +23,7 @@ __all__ = [
     "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "normalization", "ops",
     "optim",
     "fold_batchnorm", "freeze_batchnorm", "recompute_bn_stats", "export_onnx",
-    "Sequential", "mlp", "fit", "evaluate", "save", "load", "set_num_threads", "get_num_threads",
+    "Sequential", "mlp", "convnet", "fit", "evaluate", "save", "load", "set_num_threads", "get_num_threads",
     "BnnetError", "InputError", "InputTypeError", "HyperparameterError", "CheckpointError", "DatasetError",
     "NonFiniteError",
     "BiasBeforeBatchNormWarning",

@@ -112,6 +112,21 @@ def check_batch(x, name, owner):
         raise InputError(f"{owner}: {name} is empty (0 rows); pass at least one sample")
 
 
+def check_samples(x, name, owner, shape):
+    """Raise InputError unless x is a batch of N >= 1 samples of per-sample `shape` (None: any size there).
+
+    shape None accepts any batch; a 1-tuple is a number of features (columns), as check_2d.
+    """
+    if shape is None:
+        return check_batch(x, name, owner)
+    if len(shape) == 1:
+        return check_2d(x, name, owner, shape[0])
+    check_batch(x, name, owner)
+    if x.ndim - 1 != len(shape) or any(a is not None and a != b for a, b in zip(shape, x.shape[1:])):
+        need = ", ".join("?" if d is None else str(d) for d in shape)
+        raise InputError(f"{owner}: {name} must be (N, {need}), got shape {x.shape}")
+
+
 def check_seed(owner, seed):
     """None, or an integer in [0, 2**63): what np.random.default_rng takes as a seed."""
     if seed is None:

@@ -76,9 +76,9 @@ class Step:
         self.layer, self.activation = layer, activation
         self.layers = (layer,) if activation is None else (layer, activation)
         self.writes_out = layer.writes_out  # writes into the array it is given (else returns its own)
-        # The backward of every step but a plain Linear reads the step's output (activation
-        # gradients are written from it; BatchNorm kernels read it), so it must stay intact.
-        self.needs_output = not (isinstance(layer, Linear) and activation is None)
+        # Whether the step's backward reads its output (activation gradients are written from it;
+        # BatchNorm kernels read it), which then must stay intact until then.
+        self.needs_output = layer.backward_reads_output or activation is not None
         # BatchNorm's backward may write dx over its input x (read before written, element by element).
         self.dx_over_input = isinstance(layer, BatchNorm) and layer.fusable
 

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 
 from . import functional as F
-from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int
+from ._checks import as_float_array, check_choice, check_samples, check_finite, check_int
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear
 from .model import Sequential
@@ -52,7 +52,7 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
     check_choice("recompute_bn_stats", "mode", mode, ("batch", "exact"))
     batch_size = check_int("recompute_bn_stats", "batch_size", batch_size, low=2)
     X = as_float_array(X, "X", "recompute_bn_stats", model.dtype)
-    check_2d(X, "X", "recompute_bn_stats", model.in_features)
+    check_samples(X, "X", "recompute_bn_stats", model.input_shape)
     check_finite(X, "X", "recompute_bn_stats")
     bns = _bn_layers(model)
     if not bns:

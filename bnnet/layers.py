@@ -31,6 +31,7 @@ class Layer:
     """Base class: the three dicts, a display name (set by Sequential) and the checks."""
 
     writes_out = False  # _forward writes into the `out` array it is given (else it returns a new one)
+    backward_reads_output = True  # _backward reads the forward's output (False lets a plan write over it)
 
     def __init__(self):
         self.params = {}
@@ -231,6 +232,7 @@ class Linear(Layer):
     """
 
     writes_out = True
+    backward_reads_output = False  # dW and dx need x and W only
 
     def __init__(self, in_features, out_features, bias=True, init="he", std=None, rng=None, dtype="float32"):
         super().__init__()

@@ -10,8 +10,9 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._checks import as_float_array, check_2d, check_choice, check_finite, check_int, check_seed
+from ._checks import as_float_array, check_choice, check_finite, check_int, check_samples, check_seed
 from ._checks import check_finite as _check_finite  # forward's own argument is named check_finite
+from .conv import Conv2d, Flatten, MaxPool2d
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
@@ -86,11 +87,12 @@ class Sequential:
                 raise HyperparameterError(f"Sequential: argument {i} must be a bnnet layer, got {type(layer).__name__}")
             layer.name = f"{type(layer).__name__} (layer {i})"
         for i, (a, b) in enumerate(zip(layers, layers[1:])):
-            if isinstance(a, Linear) and a.bias and isinstance(b, BatchNorm):
+            if isinstance(a, (Linear, Conv2d)) and a.bias and isinstance(b, BatchNorm):
+                kind = type(a).__name__
                 warnings.warn(
-                    f"layer {i} is a Linear with bias feeding the BatchNorm at layer {i + 1}: BatchNorm subtracts "
+                    f"layer {i} is a {kind} with bias feeding the BatchNorm at layer {i + 1}: BatchNorm subtracts "
                     "the batch mean, which cancels b (its gradient is zero); beta takes its role. "
-                    "Use Linear(..., bias=False).",
+                    f"Use {kind}(..., bias=False).",
                     BiasBeforeBatchNormWarning,
                     stacklevel=2,
                 )
@@ -109,7 +111,15 @@ class Sequential:
 
     @property
     def in_features(self):
-        return next((l.in_features for l in self.layers if isinstance(l, Linear)), None)
+        """The number of input features of a model that takes (N, D) input (None for images)."""
+        shape = self.input_shape
+        return shape[0] if shape is not None and len(shape) == 1 else None
+
+    @property
+    def input_shape(self):
+        """The per-sample input shape the first layers imply: (784,) for mlp([784, ...]), (1, None, None)
+        for a Conv2d(1, ...) first (None: any size the later layers allow); None if nothing is implied."""
+        return next((shape for shape, _ in check_chain(self.layers) if shape is not None), None)
 
     def plan(self):
         """The execution plan (bnnet.engine.Plan) this model runs with: built on first use, rebuilt
@@ -145,15 +155,15 @@ class Sequential:
         return [(name, layer.params[k], layer.grads.get(k)) for name, layer, k in self._param_keys]
 
     def predict(self, X, batch_size=1024):
-        """Eval-mode outputs for X (N, in_features), computed batch_size rows at a time -> (N, out)."""
+        """Eval-mode outputs for X (N, in_features) or (N, C, H, W), batch_size rows at a time -> (N, out)."""
         batch_size = check_int("predict", "batch_size", batch_size, low=1)
         X = as_float_array(X, "X", "predict", self.dtype)
-        check_2d(X, "X", "predict", self.in_features)
+        check_samples(X, "X", "predict", self.input_shape)
         check_finite(X, "X", "predict")
         out = np.concatenate([self.forward(X[i:i + batch_size], train=False, check_input=False)
                               for i in range(0, len(X), batch_size)])
         with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(out).all(axis=1)
+            finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
             raise NonFiniteError(f"predict: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
@@ -233,6 +243,87 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
         layers.append(act())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
     return Sequential(*layers)
+
+
+def convnet(in_shape=(1, 28, 28), channels=(32, 64), hidden=(128,), classes=10, kernel_size=3, pool=2,
+            activation="relu", batchnorm=True, norm=None, norm_options=None, init="he", seed=None, dtype="float32"):
+    """A convolutional network with Batch Norm in every block, as in the Ioffe & Szegedy paper.
+
+    Each entry of `channels` is a block
+
+        Conv2d(kernel_size, padding kernel_size // 2, bias=False) -> BatchNorm -> activation -> MaxPool2d(pool)
+
+    (the padding keeps H and W; the pool divides them by `pool`), then
+
+        Flatten -> [Linear(bias=False) -> BatchNorm -> activation] per entry of `hidden` -> Linear(classes)
+
+    The convolution before BatchNorm has no bias for the same reason as the Linear: the
+    per-channel mean subtraction cancels it, and beta takes its place.
+
+    Args:
+        in_shape: (C, H, W) of one input image (default (1, 28, 28)); H and W must stay >= 1
+            through the pools.
+        channels: output channels of each convolution block (default (32, 64)); may be empty.
+        hidden: widths of the fully connected hidden layers (default (128,)); may be empty.
+        classes: outputs of the last Linear (default 10).
+        kernel_size: odd int, the convolutions' kernel (default 3).
+        pool: max-pool size and stride after each block (default 2; 1 for no pooling).
+        activation: "relu" (default), "leaky_relu", "sigmoid" or "tanh".
+        batchnorm, norm, norm_options: as mlp; norm may be "batch", "renorm" or "none" (the
+            per-sample and virtual-batch variants take (N, D) input only).
+        init, seed, dtype: as mlp.
+    Input: (N, C, H, W). Output: (N, classes) logits.
+    """
+    owner = "convnet"
+    if not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3:
+        raise HyperparameterError(f"{owner}: in_shape must be (channels, height, width), got {in_shape!r}")
+    in_shape = [check_int(owner, "in_shape", d, low=1) for d in in_shape]
+    channels = [check_int(owner, "channels", c, low=1) for c in _int_list(owner, "channels", channels)]
+    hidden = [check_int(owner, "hidden", h, low=1) for h in _int_list(owner, "hidden", hidden)]
+    classes = check_int(owner, "classes", classes, low=1)
+    kernel_size = check_int(owner, "kernel_size", kernel_size, low=1)
+    if kernel_size % 2 == 0:
+        raise HyperparameterError(f"{owner}: kernel_size must be odd (the padding kernel_size // 2 then keeps "
+                                  f"the image size), got {kernel_size}")
+    pool = check_int(owner, "pool", pool, low=1)
+    act = ACTIVATIONS[check_choice(owner, "activation", activation, tuple(ACTIVATIONS))]
+    if norm is None:
+        norm = "batch" if batchnorm else "none"
+    norm_cls = {"batch": BatchNorm, "renorm": NORMS["renorm"], "none": None}[
+        check_choice(owner, "norm", norm, ("batch", "renorm", "none"))]
+    rng = np.random.default_rng(check_seed(owner, seed))
+    c, h, w = in_shape
+    layers = []
+    for out in channels:
+        layers.append(Conv2d(c, out, kernel_size, padding=kernel_size // 2, bias=norm_cls is None, init=init,
+                             rng=rng, dtype=dtype))
+        if norm_cls is not None:
+            layers.append(norm_cls(out, dtype=dtype, **(norm_options or {})))
+        layers.append(act())
+        if pool > 1:
+            if h < pool or w < pool:
+                raise HyperparameterError(f"{owner}: {len(channels)} pools of {pool} shrink a {in_shape[1]}x"
+                                          f"{in_shape[2]} image below one pixel; use fewer channels entries or a "
+                                          "smaller pool")
+            layers.append(MaxPool2d(pool))
+            h, w = h // pool, w // pool
+        c = out
+    layers.append(Flatten())
+    width = c * h * w
+    for size in hidden:
+        layers.append(Linear(width, size, bias=norm_cls is None, init=init, rng=rng, dtype=dtype))
+        if norm_cls is not None:
+            layers.append(norm_cls(size, dtype=dtype, **(norm_options or {})))
+        layers.append(act())
+        width = size
+    layers.append(Linear(width, classes, bias=True, init=init, rng=rng, dtype=dtype))
+    return Sequential(*layers)
+
+
+def _int_list(owner, name, value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return list(value)
+    raise HyperparameterError(f"{owner}: {name} must be a list of ints, got {value!r}")
 
 
 def first_nonfinite(model, x, train):

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import backend
-from ._checks import as_float_array, check_2d, check_finite, check_int, check_seed
+from ._checks import as_float_array, check_finite, check_int, check_samples, check_seed
 from .distributed import DataParallel, is_root
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
@@ -88,7 +88,7 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
     step = Step(model, loss_fn, check_activations) if comm is None or comm.size == 1 else \
         DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
-    step.agree({"rows": len(X), "features": X.shape[1], "dtype": model.dtype, "architecture": model.config(),
+    step.agree({"rows": len(X), "features": list(X.shape[1:]), "dtype": model.dtype, "architecture": model.config(),
                 "optimizer": {k: v for k, v in opt.state_dict()[1].items() if k != "t"}, "loss": loss_fn.name,
                 "batch_size": batch_size, "epochs": epochs, "validation_rows": None if val is None else len(val[0]),
                 "resume": resume is not None})
@@ -137,7 +137,7 @@ def minibatches(n, batch_size, rng, drop_single=False):
 
 def _check_data(model, X, y, loss, owner):
     X = as_float_array(X, "X", owner, model.dtype)
-    check_2d(X, "X", owner, model.in_features)
+    check_samples(X, "X", owner, model.input_shape)
     check_finite(X, "X", owner)
     n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
     y = loss.check_targets(y, n_out)
@@ -275,7 +275,7 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
     """The mini-batches of epoch run.epoch, from run.batch on (after a resume, mid-epoch)."""
     run.rng.bit_generator.state = run.rng_state  # the epoch's order is drawn from this state
     batches = minibatches(len(X), batch_size, run.rng, drop_single)
-    X_buf = np.empty((min(batch_size, len(X)), X.shape[1]), X.dtype)  # each mini-batch is gathered here
+    X_buf = np.empty((min(batch_size, len(X)), *X.shape[1:]), X.dtype)  # each mini-batch is gathered here
     total_loss, total_correct, seen = run.partial
     for b in range(run.batch, len(batches)):
         idx = step.rows(batches[b])
