@@ -60,7 +60,7 @@ class Conv2d(_Windowed):
             (Linear's W is (in, out): a matrix product x @ W, where here the kernel slides).
         kernel_size: int or (kh, kw).
         stride: int or (sh, sw) (default 1).
-        padding: int or (ph, pw) zeros on each side (default 0).
+        padding: int or (ph, pw) zeros on each side (default 0; less than the kernel size).
         bias: learn b (O,) (default True). Set False when a BatchNorm follows: its mean
             subtraction (per channel, over N x H x W) cancels b, exactly as for Linear.
         init: "he" (default; N(0, 2 / fan_in), fan_in = C * kh * kw), "xavier"
@@ -83,6 +83,10 @@ class Conv2d(_Windowed):
         self.kernel_size = _pair("Conv2d", "kernel_size", kernel_size, 1)
         self.stride = _pair("Conv2d", "stride", stride, 1)
         self.padding = _pair("Conv2d", "padding", padding, 0)
+        if any(p >= k for p, k in zip(self.padding, self.kernel_size)):
+            # (padding k - 1 already gives every output that sees at least one input pixel)
+            raise HyperparameterError(f"Conv2d: padding must be less than the kernel size {self.kernel_size}, "
+                                      f"got {self.padding}")
         self.bias = check_bool("Conv2d", "bias", bias)
         self.init = check_choice("Conv2d", "init", init, ("he", "xavier", "normal"))
         self.dtype = check_dtype("Conv2d", dtype)

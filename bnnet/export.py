@@ -1,9 +1,12 @@
-"""ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, BatchNormalization, activations).
+"""ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, Conv, BatchNormalization, pools,
+Flatten, activations).
 
 Needs the `onnx` package (pip install "bnnet[onnx]"); imported only here.
 """
 import numpy as np
 
+from .conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
+from .engine import check_chain
 from .errors import HyperparameterError
 from .inference import fold_batchnorm
 from .io import atomic_write
@@ -14,9 +17,10 @@ IR_VERSION = 9  # what onnxruntime >= 1.15 reads
 
 
 def to_onnx(model, fold=False):
-    """The ONNX ModelProto of `model` in eval mode (input "x": (N, in), output "y": (N, out)).
+    """The ONNX ModelProto of `model` in eval mode (input "x": (N, in) or (N, C, H, W), output "y": (N, out)).
 
-    fold=True first folds each Linear -> BatchNorm pair into one Gemm (bnnet.fold_batchnorm);
+    fold=True first folds each Linear -> BatchNorm (Conv2d -> BatchNorm) pair into one Gemm (Conv)
+    (bnnet.fold_batchnorm);
     otherwise each BatchNorm becomes a BatchNormalization node with the running statistics.
     """
     import onnx
@@ -27,7 +31,8 @@ def to_onnx(model, fold=False):
     elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[model.dtype]
     nodes, inits = [], []
     h = "x"
-    for i, layer in enumerate(model.layers):
+    shapes = check_chain(model.layers)  # per-sample input shape of each layer (the rank BatchNorm sees)
+    for i, (layer, (shape, _)) in enumerate(zip(model.layers, shapes)):
         out = f"h{i}"
 
         def const(name, array, layer=layer):
@@ -39,6 +44,24 @@ def to_onnx(model, fold=False):
                 nodes.append(helper.make_node("Gemm", [h, const("W", layer.params["W"]), const("b", layer.params["b"])], [out]))
             else:
                 nodes.append(helper.make_node("MatMul", [h, const("W", layer.params["W"])], [out]))
+        elif isinstance(layer, Conv2d):
+            pads = [*layer.padding, *layer.padding]  # (top, left, bottom, right)
+            inputs = [h, const("W", layer.params["W"])] + ([const("b", layer.params["b"])] if layer.bias else [])
+            nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(layer.kernel_size),
+                                          strides=list(layer.stride), pads=pads))
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            extra = {"count_include_pad": 1} if isinstance(layer, AvgPool2d) else {}
+            nodes.append(helper.make_node("MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool", [h], [out],
+                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                                          pads=[*layer.padding, *layer.padding], **extra))
+        elif isinstance(layer, GlobalAvgPool2d):
+            nodes.append(helper.make_node("GlobalAveragePool", [h], [f"{out}.pooled"]))
+            nodes.append(helper.make_node("Flatten", [f"{out}.pooled"], [out], axis=1))
+        elif isinstance(layer, Flatten):
+            nodes.append(helper.make_node("Flatten", [h], [out], axis=1))
+        elif isinstance(layer, BatchNorm) and layer.axis != 1:
+            raise HyperparameterError("export_onnx: ONNX BatchNormalization takes channels on axis 1; this layer "
+                                      "has axis=-1 (channels last)")
         elif isinstance(layer, BatchNorm) and layer.track_running_stats:
             gamma, beta, _, _ = layer._affine()  # 1 and 0 when affine=False
             nodes.append(helper.make_node(
@@ -47,7 +70,7 @@ def to_onnx(model, fold=False):
                  const("running_mean", layer.buffers["running_mean"]), const("running_var", layer.buffers["running_var"])],
                 [out], epsilon=float(layer.eps)))
         elif isinstance(layer, BatchNorm):  # track_running_stats=False: the batch's own statistics, in eval too
-            nodes += _batch_statistics_nodes(helper, h, out, f"{i}.", layer, const)
+            nodes += _batch_statistics_nodes(helper, h, out, f"{i}.", layer, const, 1 + len(shape or (0,)))
         elif isinstance(layer, LeakyReLU):
             nodes.append(helper.make_node("LeakyRelu", [h], [out], alpha=float(layer.negative_slope)))
         elif isinstance(layer, (ReLU, Sigmoid, Tanh)):
@@ -56,7 +79,8 @@ def to_onnx(model, fold=False):
             raise HyperparameterError(f"export_onnx: cannot export {type(layer).__name__}")
         h = out
     nodes[-1].output[0] = "y"
-    graph = helper.make_graph(nodes, "bnnet", [helper.make_tensor_value_info("x", elem, ["N", model.in_features])],
+    dims = ["N", *(d if d is not None else name for d, name in zip(model.input_shape or (None,), "DHW"[-3:]))]
+    graph = helper.make_graph(nodes, "bnnet", [helper.make_tensor_value_info("x", elem, dims)],
                               [helper.make_tensor_value_info("y", elem, ["N", None])], initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnnet")
     proto.ir_version = IR_VERSION
@@ -64,16 +88,20 @@ def to_onnx(model, fold=False):
     return proto
 
 
-def _batch_statistics_nodes(helper, x, out, prefix, layer, const):
+def _batch_statistics_nodes(helper, x, out, prefix, layer, const, ndim):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the mean and biased variance of x over
-    the batch axis: what a BatchNorm without running statistics computes in every mode."""
+    every axis but the channel axis 1 (of an ndim-D x): what a BatchNorm without running statistics
+    computes in every mode."""
     gamma, beta, _, _ = layer._affine()
+    per_channel = (-1, *[1] * (ndim - 2))  # (C,) or (C, 1, 1) to broadcast over (N, C, H, W)
+    gamma, beta = gamma.reshape(per_channel), beta.reshape(per_channel)
+    axes = [0, *range(2, ndim)]
     n = [prefix + k for k in ("mean", "centered", "squared", "var", "var_eps", "std", "x_hat", "scaled")]
     return [
-        helper.make_node("ReduceMean", [x], [n[0]], axes=[0], keepdims=1),
+        helper.make_node("ReduceMean", [x], [n[0]], axes=axes, keepdims=1),
         helper.make_node("Sub", [x, n[0]], [n[1]]),
         helper.make_node("Mul", [n[1], n[1]], [n[2]]),
-        helper.make_node("ReduceMean", [n[2]], [n[3]], axes=[0], keepdims=1),
+        helper.make_node("ReduceMean", [n[2]], [n[3]], axes=axes, keepdims=1),
         helper.make_node("Add", [n[3], const("eps", np.array(layer.eps))], [n[4]]),
         helper.make_node("Sqrt", [n[4]], [n[5]]),
         helper.make_node("Div", [n[1], n[5]], [n[6]]),

@@ -10,12 +10,14 @@ Three ways to get the statistics that eval mode normalizes with:
 | exact full data | the mean and variance of each BN's input over all of X, in eval mode | recompute_bn_stats(model, X, mode="exact") |
 """
 import copy
+import math
 
 import numpy as np
 
 from . import functional as F
 from ._checks import as_float_array, check_choice, check_samples, check_finite, check_int
 from .errors import HyperparameterError, InputError, NonFiniteError
+from .conv import Conv2d
 from .layers import BatchNorm, Linear
 from .model import Sequential
 
@@ -98,8 +100,8 @@ def _batch_stats(model, bns, X, batch_size, saved):
             model.buffers[k] = v
         for (_, bn), f in zip(bns, frozen):
             bn.frozen = f
-    m = min(n, batch_size)
     for i, bn in bns:
+        m = bn._last_shape[0] if len(bn._last_shape) == 2 else math.prod(bn._last_shape) // bn.num_features
         bn.buffers["running_mean"][...] = sums[i][0] / len(starts)
         bn.buffers["running_var"][...] = sums[i][1] / len(starts) * F.variance_correction(m, True)
         bn.buffers["count"][...] = len(starts)
@@ -114,8 +116,10 @@ def _exact_stats(model, bns, X, batch_size):
             h = X[s:s + batch_size]
             for layer in model.layers[:i]:
                 h = layer.forward(h, train=False)
-            b_mean, b_var = F.moments(h.astype(np.float64), axes=0)
-            count, mean, m2 = F.merge_moments(count, mean, m2, len(h), b_mean, b_var * len(h))
+            axes = tuple(a for a in range(h.ndim) if a != bn.axis % h.ndim)  # all but the channel axis
+            b_mean, b_var = F.moments(h.astype(np.float64), axes=axes)
+            values = h.size // bn.num_features  # per channel
+            count, mean, m2 = F.merge_moments(count, mean, m2, values, b_mean, b_var * values)
         var = m2 / count * F.variance_correction(count, bn.running_var == "unbiased")
         bn.buffers["running_mean"][...] = mean
         bn.buffers["running_var"][...] = var
@@ -123,9 +127,11 @@ def _exact_stats(model, bns, X, batch_size):
 
 
 def fold_batchnorm(model):
-    """An eval-only copy of `model` where each Linear -> BatchNorm pair is one Linear.
+    """An eval-only copy of `model` where each Linear -> BatchNorm (or Conv2d -> BatchNorm) pair is
+    one Linear (Conv2d).
 
-    With s = gamma / sqrt(running_var + eps):   W' = W * s (each column j by s_j),
+    With s = gamma / sqrt(running_var + eps):   W' = W * s (each column j by s_j; for a Conv2d,
+    each output channel's kernel W[o] by s_o),
     b' = beta + (b - running_mean) * s   (b = 0 for a Linear without bias).
     Computed in float64, stored in the model's dtype. Other layers are copied.
     The result refuses train=True: it has no batch statistics left to train with.
@@ -134,7 +140,7 @@ def fold_batchnorm(model):
     while i < len(model.layers):
         layer = model.layers[i]
         nxt = model.layers[i + 1] if i + 1 < len(model.layers) else None
-        if isinstance(layer, Linear) and isinstance(nxt, BatchNorm):
+        if isinstance(layer, (Linear, Conv2d)) and isinstance(nxt, BatchNorm):
             if not nxt.track_running_stats:
                 raise HyperparameterError(f"fold_batchnorm: {nxt.name} keeps no running statistics "
                                           "(track_running_stats=False): it normalizes every batch with the batch's "
@@ -143,8 +149,11 @@ def fold_batchnorm(model):
             b = layer.params["b"].astype(np.float64) if layer.bias else 0.0
             gamma, beta, _, _ = nxt._affine()
             s = gamma.astype(np.float64) * F.inverse_std(nxt.buffers["running_var"].astype(np.float64), nxt.eps)
-            folded = Linear(layer.in_features, layer.out_features, bias=True, rng=0, dtype=layer.dtype)
-            folded.params["W"][...] = W * s
+            folded = type(layer)(**{**layer.config(), "bias": True, "rng": 0})
+            if isinstance(layer, Conv2d):
+                folded.params["W"][...] = W * s[:, None, None, None]  # (O, C, kh, kw): output channel o by s_o
+            else:
+                folded.params["W"][...] = W * s  # (in, out): column j by s_j
             folded.params["b"][...] = beta + (b - nxt.buffers["running_mean"]) * s
             layers.append(folded)
             i += 2

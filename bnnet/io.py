@@ -95,7 +95,8 @@ class Checkpoint:
 
 
 MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself sets on a header
-FEATURE_FIELDS = ("in_features", "out_features", "num_features")  # sizes that are dimensions of a layer's tensors
+# sizes that are dimensions of a layer's tensors
+FEATURE_FIELDS = ("in_features", "out_features", "num_features", "in_channels", "out_channels")
 
 
 def _read(path):
@@ -170,11 +171,17 @@ def _check_meta(path, meta, shapes):
             bad(f"{field}.type", f"one of {', '.join(sorted(LAYER_TYPES))}",
                 cfg.get("type") if isinstance(cfg, dict) else cfg)
         for key, value in cfg.items():
-            if value is not None and (isinstance(value, (list, dict)) or not isinstance(value, (bool, int, float, str))):
+            if isinstance(value, list):  # a kernel size, stride or padding: (height, width)
+                if not 1 <= len(value) <= 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    bad(f"{field}.{key}", "a list of 1 or 2 integers", value)
+            elif value is not None and (isinstance(value, dict) or not isinstance(value, (bool, int, float, str))):
                 bad(f"{field}.{key}", "a number, string, boolean or null", value)
         # A layer's sizes are dimensions of its own tensors: refuse sizes the file's tensors do not
         # have, before building the layer allocates them.
         dims = {d for key, shape in shapes.items() if key.split("/")[1].partition(".")[0] == str(i) for d in shape}
+        if dims and isinstance(cfg.get("kernel_size"), list) and not set(cfg["kernel_size"]) <= dims:
+            raise CheckpointError(f"{path}: metadata field {field}.kernel_size = {cfg['kernel_size']!r} does not "
+                                  f"match the file's tensors for layer {i} (their dimensions: {sorted(dims)})")
         if not dims:  # a layer without tensors (a BatchNorm with affine=False, track_running_stats=False) is
             dims = {d for shape in shapes.values() for d in shape}  # as wide as some neighbour's tensor
         for key in FEATURE_FIELDS:
