@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_samples, check_seed
 from .distributed import DataParallel, is_root
+from .engine import check_chain
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
@@ -138,6 +139,10 @@ def minibatches(n, batch_size, rng, drop_single=False):
 def _check_data(model, X, y, loss, owner):
     X = as_float_array(X, "X", owner, model.dtype)
     check_samples(X, "X", owner, model.input_shape)
+    try:  # the whole chain with this sample shape (an image of the wrong size stops at its Flatten -> Linear)
+        check_chain(model.layers, X.shape[1:], error=InputError)
+    except InputError as e:
+        raise InputError(f"{owner}: X of shape {X.shape} does not fit the model: {e}") from None
     check_finite(X, "X", owner)
     n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
     y = loss.check_targets(y, n_out)
