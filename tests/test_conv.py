@@ -344,7 +344,7 @@ def test_shapes_that_do_not_fit_are_refused_before_anything_runs():
         Conv2d(1, 2, (3, 3, 3))
     with pytest.raises(bnnet.InputError, match=r"fit: X must be \(N, 1, \?, \?\), got shape \(4, 64\)"):
         bnnet.fit(model, np.zeros((4, 64)), np.zeros(4, int), epochs=1)
-    with pytest.raises(bnnet.InputError, match=r"fit: X of shape \(4, 1, 9, 9\) does not fit the model: .*Linear"):
+    with pytest.raises(bnnet.InputError, match=r"fit: X of shape \(4, 1, 10, 10\) does not fit the model: .*Linear"):
         bnnet.fit(model, np.zeros((4, 1, 10, 10)), np.zeros(4, int), epochs=1)
 
 
