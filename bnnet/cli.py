@@ -30,7 +30,7 @@ from . import datasets, distributed, experiments, optim, threads
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
-from .model import mlp
+from .model import convnet, mlp
 from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -108,8 +108,11 @@ def _write_history(folder, history):
 
 
 # The options that define a training run: stored in its checkpoints, and taken from there by --resume.
-TRAIN_SETTINGS = ("hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay", "epochs",
-                  "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn", "checkpoint_every")
+TRAIN_SETTINGS = ("model", "channels", "hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay",
+                  "epochs", "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn", "checkpoint_every")
+# What --hidden and --activation mean when not given, per --model.
+MODEL_DEFAULTS = {"mlp": {"hidden": [100, 100, 100], "activation": "sigmoid"},
+                  "cnn": {"hidden": [128], "activation": "relu"}}
 
 
 def _resume_settings(args, parser):
@@ -179,10 +182,7 @@ def _train(args, comm):
     root = distributed.is_root(comm)  # only rank 0 prints and writes files
     resume = getattr(args, "resume_path", None)
     X, y, Xt, yt = datasets.load(args.data)
-    init = args.init or ("he" if args.activation in ("relu", "leaky_relu") else "xavier")
-    sizes = [X.shape[1], *args.hidden, int(max(y.max(), yt.max())) + 1]
-    model = mlp(sizes, activation=args.activation, batchnorm=not args.no_batchnorm, init=init,
-                seed=args.seed, dtype=args.dtype)
+    model, X, Xt, described = _build_model(args, X, Xt, int(max(y.max(), yt.max())) + 1)
     if comm is not None and not args.local_bn:
         model = distributed.sync_batchnorm(model, comm)
     lr = args.lr if args.lr is not None else TRAIN_LR[args.optimizer]
@@ -197,7 +197,7 @@ def _train(args, comm):
         os.makedirs(out, exist_ok=True)
     if not args.quiet and root:
         where = "" if comm is None else f" on {comm.size} ranks ({'local' if args.local_bn else 'synchronized'} BN)"
-        print(f"bnnet: {'resuming' if resume else 'training'} {'-'.join(map(str, sizes))} {args.activation}"
+        print(f"bnnet: {'resuming' if resume else 'training'} {described}"
               f"{'' if args.no_batchnorm else ' + BatchNorm'} with {opt!r} on {args.data} "
               f"({len(X)} train / {len(Xt)} test rows){where}", file=sys.stderr)
     start = time.perf_counter()
@@ -221,11 +221,58 @@ def _train(args, comm):
           f"in {seconds:.1f} s; run saved to {out}")
 
 
+def _build_model(args, X, Xt, classes):
+    """The network --model asks for -> (model, X, Xt, its one-line description).
+
+    cnn: the rows of X are square single-channel images (MNIST's 784 = 28 x 28 pixels),
+    reshaped to (N, 1, side, side) for bnnet.convnet.
+    """
+    defaults = MODEL_DEFAULTS[args.model]
+    # (resolved here, so that the run's saved settings say what was trained)
+    hidden = args.hidden = defaults["hidden"] if args.hidden is None else args.hidden
+    activation = args.activation = args.activation or defaults["activation"]
+    init = args.init or ("he" if activation in ("relu", "leaky_relu") else "xavier")
+    norm = "none" if args.no_batchnorm else "batch"
+    if args.model == "mlp":
+        if args.channels is not None:
+            raise BnnetError("--channels applies to --model cnn only")
+        sizes = [X.shape[1], *hidden, classes]
+        model = mlp(sizes, activation=activation, norm=norm, init=init, seed=args.seed, dtype=args.dtype)
+        return model, X, Xt, f"{'-'.join(map(str, sizes))} {activation}"
+    side = math.isqrt(X.shape[1])
+    if side * side != X.shape[1]:
+        raise BnnetError(f"--model cnn takes square single-channel images (side x side features), but {args.data} "
+                         f"has {X.shape[1]} features per row")
+    channels = args.channels = [32, 64] if args.channels is None else args.channels
+    model = convnet((1, side, side), channels=channels, hidden=hidden, classes=classes, activation=activation,
+                    norm=norm, init=init, seed=args.seed, dtype=args.dtype)
+    return (model, as_model_input(model, X), as_model_input(model, Xt),
+            f"convnet 1x{side}x{side} conv {'-'.join(map(str, channels))} fc {'-'.join(map(str, [*hidden, classes]))} "
+            f"{activation}")
+
+
+def as_model_input(model, X):
+    """Rows of features as a model for images takes them: (N, C*side*side) -> (N, C, side, side).
+
+    The data files hold one flat row per image (as MNIST's loaders give them); anything
+    else is returned as is, for the model's own shape check to judge.
+    """
+    shape = model.input_shape
+    if shape is None or len(shape) != 3 or X.ndim != 2:
+        return X
+    side = math.isqrt(X.shape[1] // shape[0])
+    if shape[0] * side * side != X.shape[1]:
+        raise BnnetError(f"the model takes images of {shape[0]} channel(s); rows of {X.shape[1]} features are not "
+                         f"{shape[0]} square image(s)")
+    return X.reshape(len(X), shape[0], side, side)
+
+
 def cmd_evaluate(args):
     ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
     loss = ckpt.metadata.get("loss", "softmax_cross_entropy")
     X, y, Xt, yt = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
     Xs, ys = (X, y) if args.split == "train" else (Xt, yt)
+    Xs = as_model_input(ckpt.model, Xs)
     result = evaluate(ckpt.model, Xs, ys, loss)
     acc = "" if result["accuracy"] is None else f"accuracy {result['accuracy']:.4f} "
     print(f"{args.split}: {acc}loss {result['loss']:.4f} ({len(Xs)} rows)")
@@ -237,7 +284,7 @@ def cmd_predict(args):
     X = datasets.load_npy(args.input)
     if X.ndim == 1:
         X = X[None, :]
-    outputs = model.predict(X)
+    outputs = model.predict(as_model_input(model, X))
     result = outputs if args.outputs else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
     if args.out:
         np.save(args.out, result, allow_pickle=False)
@@ -251,7 +298,7 @@ def cmd_export(args):
 
     model = load(_checkpoint_path(args.checkpoint))
     export_onnx(model, args.onnx, fold=args.fold)
-    print(f"wrote {args.onnx} ({'folded Gemm' if args.fold else 'Gemm/MatMul + BatchNormalization'} nodes)")
+    print(f"wrote {args.onnx} ({'folded, no BatchNormalization' if args.fold else 'with BatchNormalization'} nodes)")
 
 
 def cmd_recompute_stats(args):
@@ -262,7 +309,7 @@ def cmd_recompute_stats(args):
     X, _, _, _ = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
     if args.in_place and args.out:
         raise BnnetError("give --out FILE or --in-place, not both")
-    recompute_bn_stats(ckpt.model, X, batch_size=args.batch_size, mode=args.mode)
+    recompute_bn_stats(ckpt.model, as_model_input(ckpt.model, X), batch_size=args.batch_size, mode=args.mode)
     out = path if args.in_place else args.out or _beside(path, "recomputed")
     save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
     print(f"recomputed BatchNorm statistics ({args.mode} mode, {len(X)} rows); wrote {out}")
@@ -305,8 +352,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an MLP with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
-    t.add_argument("--hidden", type=_sizes, default=[100, 100, 100], help="hidden sizes (default 100,100,100)")
-    t.add_argument("--activation", choices=["sigmoid", "relu", "leaky_relu", "tanh"], default="sigmoid")
+    t.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                   help="mlp: Linear -> BatchNorm -> activation layers (default); cnn: bnnet.convnet, "
+                        "Conv -> BatchNorm -> ReLU -> MaxPool blocks on the images reshaped to 1 x side x side")
+    t.add_argument("--channels", type=_sizes, default=None, help="cnn: channels of each conv block (default 32,64)")
+    t.add_argument("--hidden", type=_sizes, default=None,
+                   help="hidden sizes of the fully connected layers (default 100,100,100 for mlp, 128 for cnn)")
+    t.add_argument("--activation", choices=["sigmoid", "relu", "leaky_relu", "tanh"], default=None,
+                   help="default sigmoid for mlp (the paper's), relu for cnn")
     t.add_argument("--no-batchnorm", action="store_true", help="plain Linear(bias) -> activation layers")
     t.add_argument("--init", choices=["he", "xavier", "normal"], default=None,
                    help="weight init (default: xavier for sigmoid/tanh, he for relu)")

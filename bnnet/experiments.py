@@ -4,6 +4,7 @@
     bnnet experiment lr-sweep      which learning rates train stably, with and without BN
     bnnet experiment optimizers    GD, Momentum, RMSprop, Adam, each with and without BN
     bnnet experiment batch-size    BatchNorm vs Batch Renorm vs Ghost BN as the batch shrinks
+    bnnet experiment cnn           a convnet with and without BN, and BN vs Batch Renorm at batch 4
 
 Every experiment trains with the lecture's loop (`_train`) for a fixed number of
 steps, is deterministic for a seed, and has a `quick` mode (used by the tests).
@@ -25,7 +26,7 @@ from ._checks import check_int, check_seed
 from .errors import HyperparameterError
 from .layers import BatchNormUntrainedWarning, Sigmoid
 from .losses import SoftmaxCrossEntropy
-from .model import mlp
+from .model import convnet, mlp
 from .train import minibatches
 
 PAPER_NET = [784, 100, 100, 100, 10]
@@ -291,7 +292,60 @@ def batch_size(out, data="mnist5k", epochs=None, sizes=None, lr=1e-3, seed=0, qu
     return _finish(out, "batch-size", rows, summary, lines, plots.batch_size)
 
 
-EXPERIMENTS = {"fig1": fig1, "lr-sweep": lr_sweep, "optimizers": optimizers, "batch-size": batch_size}
+# --------------------------------------------------------------------------
+# A convolutional network
+# --------------------------------------------------------------------------
+
+# (tag, norm, batch size): the builder's net at the paper's batch of 60 with and without BN,
+# and BN vs Batch Renorm at a batch of 4 rows
+CNN_RUNS = (("bn", "batch", 60), ("nobn", "none", 60), ("bn_b4", "batch", 4), ("renorm_b4", "renorm", 4))
+
+
+def cnn(out, data="mnist5k", steps=None, every=None, lr=0.05, seed=0, quick=False, progress=True):
+    """Learning curves (training loss, test accuracy) of bnnet.convnet on the images reshaped to
+    1 x side x side, trained with SGD at lr for the same number of steps in each run (CNN_RUNS),
+    and the first step at which each reaches 95% test accuracy."""
+    from . import plots
+
+    steps = steps or (30 if quick else 1500)
+    every = every or max(1, steps // (3 if quick else 30))
+    X, y, Xt, yt = _data(data, quick)
+    side = int(np.sqrt(X.shape[1]))
+    if side * side != X.shape[1]:
+        raise HyperparameterError(f"experiment cnn takes square single-channel images, but {data} has "
+                                  f"{X.shape[1]} features per row")
+    X, Xt = X.reshape(-1, 1, side, side), Xt.reshape(-1, 1, side, side)
+    shape = dict(channels=(4, 8), hidden=(32,)) if quick else dict(channels=(32, 64), hidden=(128,))
+    rows, first, final = [], {}, {}
+    with tqdm(total=len(CNN_RUNS) * steps, desc="cnn", disable=not progress, unit="step") as bar:
+        for tag, norm, b in CNN_RUNS:
+            opts = NORM_OPTIONS["renorm"] if norm == "renorm" else None
+            model = convnet((1, side, side), classes=int(y.max()) + 1, norm=norm, norm_options=opts, seed=seed,
+                            **shape)
+
+            def record(step, loss, model=model, tag=tag, b=b):
+                rows.append({"run": tag, "batch_size": b, "step": step, "train_loss": loss,
+                             "test_accuracy": _accuracy(model, Xt, yt)})
+
+            _train(model, X, y, optim.SGD(lr), steps, b, seed, every, record, bar)
+            curve = [r for r in rows if r["run"] == tag]
+            first[tag] = next((r["step"] for r in curve if r["test_accuracy"] >= 0.95), None)
+            final[tag] = curve[-1]["test_accuracy"]
+    net = f"convnet conv {'-'.join(map(str, shape['channels']))} fc {'-'.join(map(str, shape['hidden']))}"
+    lines = [f"# A convolutional network with and without BatchNorm on {data}", "",
+             f"{net} (Conv -> BN (or nothing) -> ReLU -> MaxPool blocks), SGD lr {lr:g}, {steps} steps per run, seed {seed}; "
+             "test accuracy measured every "
+             f"{every} steps. Batch Renorm: r_max 3, d_max 5 after a 100-step warm-up, renorm_momentum 0.9.", "",
+             "| run | batch | first step at 95% test accuracy | final test accuracy |", "|---|---|---|---|"]
+    lines += [f"| {tag} | {b} | {first[tag] if first[tag] is not None else 'not reached'} | {final[tag]:.4f} |"
+              for tag, _, b in CNN_RUNS]
+    lines += ["", "![cnn](cnn.png)"]
+    summary = {"steps": steps, "every": every, "lr": lr, "seed": seed, "data": data, "net": net,
+               "first_step_95": first, "final_accuracy": final}
+    return _finish(out, "cnn", rows, summary, lines, plots.cnn)
+
+
+EXPERIMENTS = {"fig1": fig1, "lr-sweep": lr_sweep, "optimizers": optimizers, "batch-size": batch_size, "cnn": cnn}
 
 
 def run(name, out, **kwargs):

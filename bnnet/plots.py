@@ -86,3 +86,18 @@ def batch_size(rows, path):
     b.set(xscale="log", yscale="log", title="Train-mode vs eval-mode outputs (relative gap)", xlabel="batch size")
     a.legend()
     _save(fig, path)
+
+
+def cnn(rows, path):
+    """Training loss and test accuracy vs steps, one line per run of the cnn experiment."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+        sel = [r for r in rows if r["run"] == run and r["step"] > 0]
+        style = dict(color=f"C{i}", label=f"{run} (batch {sel[0]['batch_size']})" if sel else run)
+        a.plot([r["step"] for r in sel], [r["train_loss"] for r in sel], **style)
+        b.plot([r["step"] for r in sel], [r["test_accuracy"] for r in sel], **style)
+    b.axhline(0.95, color="0.6", linewidth=0.8, linestyle=":")
+    a.set(title="Training loss", xlabel="training steps", yscale="log")
+    b.set(title="Test accuracy", xlabel="training steps")
+    b.legend(fontsize=8)
+    _save(fig, path)
