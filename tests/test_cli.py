@@ -121,3 +121,34 @@ def test_export_recompute_and_fold(trained_run, tmp_path):
     assert folded.eval_only and not any(type(l).__name__ == "BatchNorm" for l in folded.layers)
     np.testing.assert_allclose(folded.predict(Xt[:50]), bnnet.load(out / "model.safetensors").predict(Xt[:50]),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_train_a_convnet_then_evaluate_predict_export_and_resume_it(tmp_path):
+    out = tmp_path / "cnn"
+    res = run("train", "--model", "cnn", "--channels", "4,8", "--hidden", "16", "--epochs", "2", "--quiet",
+              "--out", str(out), "--checkpoint-every", "30")
+    assert res.returncode == 0, res.stderr
+    acc = float(res.stdout.split("test accuracy ")[1].split()[0])
+    assert acc > 0.8  # two epochs of a small convnet on the bundled data
+    model = bnnet.load(out / "model.safetensors")
+    assert [type(l).__name__ for l in model.layers][:4] == ["Conv2d", "BatchNorm", "ReLU", "MaxPool2d"]
+    assert model.input_shape == (1, None, None)
+    settings = json.loads((out / "summary.json").read_text())["args"]
+    assert settings["model"] == "cnn" and settings["channels"] == [4, 8] and settings["activation"] == "relu"
+    ev = run("evaluate", str(out))
+    assert ev.returncode == 0 and ev.stdout.startswith(f"test: accuracy {acc:.4f}"), ev.stderr
+    _, _, Xt, yt = bnnet.datasets.load_mnist5k()
+    np.save(tmp_path / "x.npy", Xt[:20])  # flat rows, as the data files hold them
+    pr = run("predict", str(out), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy"))
+    assert pr.returncode == 0, pr.stderr
+    X = Xt[:20].reshape(20, 1, 28, 28)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(X).argmax(1))
+    ex = run("export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--fold")
+    assert ex.returncode == 0, ex.stderr
+    np.save(tmp_path / "bad.npy", Xt[:3, :700])
+    bad = run("predict", str(out), str(tmp_path / "bad.npy"))
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not 1 square image" in bad.stderr
+    wrong = run("train", "--channels", "4", "--epochs", "1", "--quiet", "--out", str(tmp_path / "x"))
+    assert wrong.returncode == 1 and "--channels applies to --model cnn only" in wrong.stderr
+    again = run("train", "--resume", str(out), "--quiet")
+    assert again.returncode == 0 and "test accuracy" in again.stdout, again.stderr

@@ -21,7 +21,7 @@ def _finite(rows, columns):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
-    for name in ("fig1", "lr-sweep", "optimizers", "batch-size"):
+    for name in ("fig1", "lr-sweep", "optimizers", "batch-size", "cnn"):
         assert main(["experiment", name, "--quick", "--quiet", "--out", str(root / name)]) == 0
     return root
 
@@ -104,3 +104,16 @@ def test_experiment_argument_errors(tmp_path, capsys):
     assert main(["experiment", "fig1", "--epochs", "2", "--out", str(tmp_path)]) == 1
     assert "--epochs applies to experiment batch-size only" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_cnn(runs):
+    summary = _check_files(runs / "cnn", "cnn")
+    rows = _rows(runs / "cnn" / "cnn.csv")
+    assert [r["run"] for r in rows[::4]] == ["bn", "nobn", "bn_b4", "renorm_b4"]  # steps 0, 10, 20, 30 of each
+    assert [int(r["step"]) for r in rows[:4]] == [0, 10, 20, 30]
+    assert _finite([r for r in rows if r["step"] != "0"], ["train_loss", "test_accuracy"])
+    assert set(summary["first_step_95"]) == set(summary["final_accuracy"]) == {"bn", "nobn", "bn_b4", "renorm_b4"}
+    final = {r["run"]: float(r["test_accuracy"]) for r in rows if r["step"] == "30"}
+    assert final == summary["final_accuracy"]
+    assert final["bn"] > 0.3  # 30 steps of a small convnet learn something (chance is 0.1)
+    assert "first step at 95% test accuracy" in (runs / "cnn" / "summary.md").read_text()

@@ -18,6 +18,7 @@ import pytest
 import bnnet
 from bnnet import backend, ops
 from bnnet.distributed import SingleProcess, SyncBatchNorm
+from bnnet.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from bnnet.layers import BatchNorm, Linear, ReLU, Sigmoid, Tanh
 from bnnet.normalization import BatchRenorm, GhostBatchNorm, LayerNorm
 
@@ -31,14 +32,23 @@ NORMS = {
 }
 
 
+CONV = "Conv2d+BatchNorm (N, C, H, W)"  # a conv net: the spatial kernels and the conv/pool layers
+
+
 def _model(norm):
     rng = np.random.default_rng(0)
+    if norm == CONV:
+        return bnnet.Sequential(Conv2d(2, 3, 3, padding=1, bias=False, rng=rng), BatchNorm(3), ReLU(), MaxPool2d(2),
+                                Conv2d(3, 2, 1, rng=rng), AvgPool2d(2, padding=1), Flatten(), Linear(8, 3, rng=rng))
     return bnnet.Sequential(Linear(5, 6, bias=False, rng=rng), NORMS[norm](6), Tanh(), Linear(6, 3, rng=rng))
+
+
+_DATA = {}
 
 
 def _data():
     rng = np.random.default_rng(1)
-    return rng.standard_normal((8, 5)).astype("float32"), rng.integers(0, 3, 8)
+    return rng.standard_normal(_DATA.get("shape", (8, 5))).astype("float32"), rng.integers(0, 3, 8)
 
 
 def _run(model, opt, warm=True):
@@ -116,8 +126,9 @@ def _check_canaries(big, inside):
 
 
 @pytest.mark.parametrize("backend_name", ["numba", "numpy"])
-@pytest.mark.parametrize("norm", list(NORMS))
-def test_fuzz_assignments_are_refused_or_used_correctly(backend_name, norm):
+@pytest.mark.parametrize("norm", [*NORMS, CONV])
+def test_fuzz_assignments_are_refused_or_used_correctly(backend_name, norm, monkeypatch):
+    monkeypatch.setitem(_DATA, "shape", (8, 2, 6, 6) if norm == CONV else (8, 5))
     with backend.using(backend_name):
         reference = None
         # a correct run: the result every accepted case must reproduce
@@ -171,6 +182,27 @@ def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
         with pytest.raises(bnnet.InputError, match="dx"):
             ops.bn_backward(x, x, x, good["st"][0], good["st"][2], good["gamma"], 0, 0.0, True, np.empty((6, 3), "float32"),
                             np.empty(d, "float32"), np.empty(d, "float32"))
+        # (N, C, S): the per-channel arrays must have C entries, and out/dx x's three dimensions
+        x3 = rng.standard_normal((3, d, 5)).astype("float32")
+        ops.bn_forward(x3, good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
+                       np.empty_like(x3), *good["st"])
+        big = np.full(d + 2, CANARY, "float32")
+        with pytest.raises(bnnet.InputError, match="gamma"):
+            ops.bn_forward(x3, big[1:d], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
+                           np.empty_like(x3), *good["st"])
+        with pytest.raises(bnnet.InputError, match="out"):
+            ops.bn_forward(x3, good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
+                           np.empty((3, d, 4), "float32"), *good["st"])
+        with pytest.raises(bnnet.InputError, match="dx"):
+            ops.bn_backward(x3, x3, x3, good["st"][0], good["st"][2], good["gamma"], 0, 0.0, True,
+                            np.empty((3, d, 6), "float32"), np.empty(d, "float32"), np.empty(d, "float32"))
+        with pytest.raises(bnnet.InputError, match="2-D or 3-D"):
+            ops.bn_forward(x3[..., None], good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"],
+                           0.9, 1.0, np.empty_like(x3[..., None]), *good["st"])
+        with pytest.raises(bnnet.InputError, match="at least 2 values per feature"):
+            ops.bn_forward(x3[:1, :, :1], good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"],
+                           0.9, 1.0, np.empty_like(x3[:1, :, :1]), *good["st"])
+        assert (big[[0, d, d + 1]] == CANARY).all()
         with pytest.raises(bnnet.InputError, match="labels"):
             ops.softmax_cross_entropy(x, np.array([0, 1, 2, 3, 4, 5]), np.empty_like(x))
         with pytest.raises(bnnet.InputError, match="state"):
