@@ -14,7 +14,11 @@ What it measures (see the README's "Performance" section for the latest table):
   5. start-up: a first training step with a cold and with a warm numba cache;
   6. data-parallel training under MPI (benchmarks/mpi_step.py): step time of both
      nets on 1, 2 and 4 ranks with synchronized and local BatchNorm, time in
-     collectives and bytes communicated per step.
+     collectives and bytes communicated per step;
+  7. convolutional nets (sections bn2d, cnnstep, cnntrain; `--only bn2d,cnnstep,cnntrain
+     --name conv` writes them to conv.json/conv.md on their own): BatchNorm over (N, C, H, W),
+     a training step of bnnet.convnet vs the same net in torch and JAX, and
+     `bnnet train --model cnn` with its defaults.
 Every library runs in its own worker process (benchmarks/workers.py), one at a
 time, alternating round by round, at 1 and 2 threads; each is reported at its
 best thread count. Timing never goes into the unit tests: this is the place.
@@ -37,6 +41,23 @@ NETS = {
 }
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 BYTES_PER_ELEMENT = 32  # BN fwd+bwd: read x twice, write y, read dy/x twice, write dx (4-byte floats)
+BN2D_SHAPES = [(64, 64, 32, 32), (256, 32, 28, 28)]
+CNN = {"channels": [32, 64], "hidden": [128], "batch": 64, "lr": 0.05}  # bnnet.convnet's defaults, batch 64
+
+
+def cnn_flops(channels, hidden, batch, side=28):
+    """Multiply-adds x 2 of the convnet's convolutions (3x3, padding 1, 2x2 pools) and Linears, forward and
+    backward (3 GEMMs each: y, dW, dx; none for dx of the first layer)."""
+    flops, c, s, first = 0, 1, side, True
+    for out in channels:
+        one = 2 * batch * s * s * out * c * 9
+        flops += one * (2 if first else 3)
+        c, s, first = out, s // 2, False
+    width = c * s * s
+    for h in [*hidden, 10]:
+        flops += 3 * 2 * batch * width * h
+        width = h
+    return flops
 
 
 class Worker:
@@ -134,13 +155,14 @@ def _train_seconds(env):
             return json.load(f)["train_seconds"]
 
 
-def train_section():
-    """`bnnet train --seed s` for s = 0, 1, 2 (kernels already compiled): accuracy and times."""
+def train_section(options=(), seeds=(0, 1, 2)):
+    """`bnnet train --seed s [options]` for each seed (kernels already compiled): accuracy and times."""
     rows = []
-    for seed in range(3):
+    for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
             wall = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "bnnet", "train", "--seed", str(seed), "--quiet", "--out", out],
+            subprocess.run([sys.executable, "-m", "bnnet", "train", *options, "--seed", str(seed), "--quiet",
+                            "--out", out],
                            capture_output=True, text=True, check=True)
             wall = time.perf_counter() - wall
             with open(os.path.join(out, "summary.json")) as f:
@@ -222,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
-    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,train,busy,mpi",
+    ap.add_argument("--name", default="latest", help="results file name: <name>.json and <name>.md (default latest)")
+    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,train,busy,mpi,bn2d,cnnstep,cnntrain",
                     help="sections to run after the machine measurements (default: all)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -387,6 +410,60 @@ def main(argv=None):
             md.append(fmt_table(["net", "backend", "unfolded", "folded (bnnet.fold_batchnorm)", "speed-up"], rows))
             log(md[-1])
 
+        # 7. convolutional nets: BatchNorm over (N, C, H, W), and a training step of bnnet.convnet
+        bn2d_rows, report["bn2d"] = [], {}
+        peers = [l for l in libs if l in ("bnnet", "torch", "jax")]
+        for shape in BN2D_SHAPES if "bn2d" in only else []:
+            res = alternate({k: w for k, w in workers.items() if k[0] in peers}, rounds,
+                            dict(task="bn2d", shape=list(shape), reps=reps, min_seconds=0.2 if args.quick else 0.5))
+            size, entry = 1, {}
+            for d in shape:
+                size *= d
+            for lib in peers:
+                th, r = best_threads(res, lib)
+                entry[lib] = {**r, "threads": th, "GBps": BYTES_PER_ELEMENT * size / r["median"] / 1e9}
+                entry[lib]["pct_bandwidth"] = 100 * entry[lib]["GBps"] / bandwidth
+            report["bn2d"]["x".join(map(str, shape))] = entry
+            o = entry["bnnet"]
+            row = ["x".join(map(str, shape)), f"{o['median']*1e3:.2f} ms ({o['threads']} thr)",
+                   f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)"]
+            row += [f"{entry[p]['median']*1e3:.2f} ms = **{entry[p]['median'] / o['median']:.2f}x**"
+                    for p in peers if p != "bnnet"]
+            bn2d_rows.append(row)
+            log(row)
+        if bn2d_rows:
+            md.append("\n## BatchNorm over (N, C, H, W), forward + backward (train mode, float32)\n\nbnnet's public "
+                      "layer; each peer's median and its time divided by bnnet's (> 1: bnnet is faster); GB/s at "
+                      f"{BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth).\n\n")
+            md.append(fmt_table(["shape", "bnnet", "GB/s"] + [p for p in peers if p != "bnnet"], bn2d_rows))
+        if "cnnstep" in only:
+            res = alternate({k: w for k, w in workers.items() if k[0] in peers}, rounds,
+                            dict(task="cnnstep", reps=reps * 2, min_seconds=0.5 if args.quick else 2.0, **CNN))
+            entry = {}
+            for lib in peers:
+                th, r = best_threads(res, lib)
+                entry[lib] = {**r, "threads": th, "samples_per_s": CNN["batch"] / r["median"]}
+            flops = cnn_flops(CNN["channels"], CNN["hidden"], CNN["batch"])
+            roof = flops / (gemm["2048x2048x2048"] * 1e9)
+            prof = workers[("bnnet", entry["bnnet"]["threads"])].ask(task="cnnstep", reps=reps, min_seconds=0.5,
+                                                                     profile=True, **CNN)
+            entry["roofline"] = {"flops": flops, "seconds": roof, "bnnet_fraction": roof / entry["bnnet"]["median"]}
+            entry["conv_share"] = prof["conv_seconds"] / statistics.median(prof["times"])
+            report["cnnstep"] = entry
+            o = entry["bnnet"]
+            row = [f"conv {'-'.join(map(str, CNN['channels']))} fc {'-'.join(map(str, CNN['hidden']))}, batch "
+                   f"{CNN['batch']}", f"{o['samples_per_s']:,.0f} ({o['threads']} thr)"]
+            row += [f"{entry[p]['samples_per_s']:,.0f} ({entry[p]['threads']} thr) = "
+                    f"**{o['samples_per_s'] / entry[p]['samples_per_s']:.2f}x**" for p in peers if p != "bnnet"]
+            row += [f"{CNN['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%",
+                    f"{100 * entry['conv_share']:.0f}%"]
+            md.append("\n## Convnet training step (bnnet.convnet, 28x28, SGD), samples/s\n\nbnnet vs each peer: "
+                      "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's convolution and "
+                      "matmul FLOPs at the measured 2048^3 sgemm rate.\n\n")
+            md.append(fmt_table(["net", "bnnet"] + [p for p in peers if p != "bnnet"]
+                                + ["roofline", "Conv2d layers' share of bnnet's step"], [row]))
+            log(row)
+
         # 4. memory
         if "bnnet" in libs and "memory" in only:
             mem = ours.ask(task="memory", **dict(NETS["wide"], batch=4096))
@@ -422,6 +499,15 @@ def main(argv=None):
              for r in report["train"]]))
         log(md[-1])
 
+    # 7b. `bnnet train --model cnn` with its defaults
+    if "bnnet" in libs and "cnntrain" in only:
+        report["cnntrain"] = train_section(["--model", "cnn"], seeds=(0,))
+        md.append("\n## `bnnet train --model cnn` (defaults: conv 32-64, fc 128, 20 epochs)\n\n" + fmt_table(
+            ["seed", "test accuracy", "training s", "wall s"],
+            [[r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
+             for r in report["cnntrain"]]))
+        log(md[-1])
+
     # 5b. a busy machine: `bnnet train` for 2 epochs alone and next to busy-loop processes
     if "bnnet" in libs and "busy" in only:
         report["busy"] = busy_section(cores, rounds, log)
@@ -442,13 +528,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = "".join(md)
-    for name in (f"bench-{stamp}", "latest"):
+    for name in (f"{'bench' if args.name == 'latest' else args.name}-{stamp}", args.name):
         with open(os.path.join(args.out, name + ".json"), "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.join(args.out, name + ".md"), "w") as f:
             f.write(text)
     print("\n" + text)
-    print(f"saved {os.path.join(args.out, 'latest.json')} and latest.md")
+    print(f"saved {os.path.join(args.out, args.name + '.json')} and {args.name}.md")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,58 @@ class Bnnet:
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
 
+    def bn2d(self, task):
+        """BatchNorm over (N, C, H, W) through the public layer, as bn."""
+        from bnnet.layers import BatchNorm
+
+        shape = task["shape"]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        layer = BatchNorm(shape[1])
+
+        def step():
+            layer.forward(x, True)
+            layer.backward(dy)
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def cnnstep(self, task):
+        """One SGD step of bnnet.convnet(in_shape=(1, 28, 28), channels, hidden) at `batch`; with
+        task["profile"], also the seconds spent inside the Conv2d layers (forward + backward)."""
+        bnnet = self.bnnet
+        from bnnet.conv import Conv2d
+
+        model = bnnet.convnet((1, 28, 28), channels=task["channels"], hidden=task["hidden"], classes=10, seed=0)
+        opt = bnnet.optim.SGD(task["lr"])
+        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+        X, y = make_batches([784, 10], task["batch"])
+        X = X.reshape(-1, 1, 28, 28)
+        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0, "conv": 0.0}
+        if task.get("profile"):
+            for layer in model.layers:
+                if isinstance(layer, Conv2d):
+                    for name in ("_forward", "_backward"):
+                        inner = getattr(layer, name)
+
+                        def wrapped(*a, _inner=inner, **kw):
+                            t = time.perf_counter()
+                            try:
+                                return _inner(*a, **kw)
+                            finally:
+                                state["conv"] += time.perf_counter() - t
+                        setattr(layer, name, wrapped)
+
+        def step():
+            j = (state["i"] % k) * batch
+            state["i"] += 1
+            loss_fn.forward(model.forward(X[j:j + batch], train=True), y[j:j + batch])
+            model.backward(loss_fn.backward())
+            opt.step(model)
+
+        times = timed(step, task["reps"], task.get("min_seconds", 1.0))
+        return {"times": times, "conv_seconds": state["conv"] / (len(times) + 1)}
+
     def step(self, task):
         bnnet = self.bnnet
         sizes, act, batch = task["sizes"], task["activation"], task["batch"]
@@ -255,6 +307,51 @@ class Torch:
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
 
+    def bn2d(self, task):
+        torch = self.torch
+        shape = task["shape"]
+        x = torch.randn(*shape, requires_grad=True)
+        w = torch.ones(shape[1], requires_grad=True)
+        b = torch.zeros(shape[1], requires_grad=True)
+        dy = torch.randn(*shape)
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+
+        def step():
+            y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+            x.grad = w.grad = b.grad = None
+            y.backward(dy)
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def cnnstep(self, task):
+        torch = self.torch
+        mods, c, side = [], 1, 28
+        for out in task["channels"]:
+            mods += [torch.nn.Conv2d(c, out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
+                     torch.nn.MaxPool2d(2)]
+            c, side = out, side // 2
+        mods.append(torch.nn.Flatten())
+        width = c * side * side
+        for h in task["hidden"]:
+            mods += [torch.nn.Linear(width, h, bias=False), torch.nn.BatchNorm1d(h), torch.nn.ReLU()]
+            width = h
+        mods.append(torch.nn.Linear(width, 10))
+        model = torch.nn.Sequential(*mods)
+        opt = torch.optim.SGD(model.parameters(), lr=task["lr"])
+        X, y = make_batches([784, 10], task["batch"])
+        X, y = torch.from_numpy(X.reshape(-1, 1, 28, 28)), torch.from_numpy(y)
+        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0}
+
+        def step():
+            j = (state["i"] % k) * batch
+            state["i"] += 1
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(X[j:j + batch]), y[j:j + batch])
+            loss.backward()
+            opt.step()
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+
     def step(self, task):
         torch = self.torch
         sizes, act, batch = task["sizes"], task["activation"], task["batch"]
@@ -321,6 +418,89 @@ class Jax:
             jax.block_until_ready(fwd_bwd(x, g, b, dy))
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def bn2d(self, task):
+        jax, jnp = self.jax, self.jnp
+        shape = task["shape"]
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        dy = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        g, b = jnp.ones((1, shape[1], 1, 1), jnp.float32), jnp.zeros((1, shape[1], 1, 1), jnp.float32)
+
+        def bn(x, g, b, eps=1e-5):
+            mean = x.mean(axis=(0, 2, 3), keepdims=True)
+            var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+            return (x - mean) / jnp.sqrt(var + eps) * g + b, mean, var
+
+        @jax.jit
+        def fwd_bwd(x, g, b, dy):
+            (y, mean, var), vjp = jax.vjp(bn, x, g, b)
+            dx, dg, db = vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
+            return y, mean, var, dx, dg, db
+
+        def step():
+            jax.block_until_ready(fwd_bwd(x, g, b, dy))
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
+
+    def cnnstep(self, task):
+        jax, jnp = self.jax, self.jnp
+        lax = jax.lax
+        lr = task["lr"]
+        rng = np.random.default_rng(0)
+        convs, fcs, c, side = [], [], 1, 28
+        for out in task["channels"]:
+            convs.append({"W": jnp.asarray(rng.standard_normal((out, c, 3, 3), dtype=np.float32) * np.sqrt(2 / (9 * c))),
+                          "gamma": jnp.ones((1, out, 1, 1)), "beta": jnp.zeros((1, out, 1, 1))})
+            c, side = out, side // 2
+        width = c * side * side
+        for h in task["hidden"]:
+            fcs.append({"W": jnp.asarray(rng.standard_normal((width, h), dtype=np.float32) * np.sqrt(2 / width)),
+                        "gamma": jnp.ones(h), "beta": jnp.zeros(h)})
+            width = h
+        last = {"W": jnp.asarray(rng.standard_normal((width, 10), dtype=np.float32) * 0.1), "b": jnp.zeros(10)}
+        params = {"convs": convs, "fcs": fcs, "last": last}
+
+        def bn(x, g, b, axes, eps=1e-5):
+            mean = x.mean(axis=axes, keepdims=True)
+            var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+            return (x - mean) / jnp.sqrt(var + eps) * g + b, (mean, var)
+
+        def loss_fn(params, x, y):
+            stats = []
+            for p in params["convs"]:
+                z = lax.conv_general_dilated(x, p["W"], (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                z, st = bn(z, p["gamma"], p["beta"], (0, 2, 3))
+                stats.append(st)
+                x = lax.reduce_window(jax.nn.relu(z), -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+            x = x.reshape(x.shape[0], -1)
+            for p in params["fcs"]:
+                z, st = bn(x @ p["W"], p["gamma"], p["beta"], (0,))
+                stats.append(st)
+                x = jax.nn.relu(z)
+            logits = x @ params["last"]["W"] + params["last"]["b"]
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.take_along_axis(logp, y[:, None], axis=1).mean(), stats
+
+        @jax.jit
+        def train_step(params, x, y):
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+            return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), stats, loss
+
+        X, y = make_batches([784, 10], task["batch"])
+        X = X.reshape(-1, 1, 28, 28)
+        batch = task["batch"]
+        batches = [(jnp.asarray(X[j:j + batch]), jnp.asarray(y[j:j + batch])) for j in range(0, len(X), batch)]
+        state = {"i": 0, "params": params}
+
+        def step():
+            xb, yb = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            state["params"], _, loss = train_step(state["params"], xb, yb)
+            loss.block_until_ready()
+
+        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
 
     def step(self, task):
         jax, jnp = self.jax, self.jnp

@@ -119,11 +119,15 @@ class Conv2d(_Windowed):
     def _forward(self, x, train, out=None):
         threads.for_gemm(self._flops((x.shape[0], self.out_channels, *self.out_shape(x.shape[1:])[1:])))
         y, cols = S.conv2d(x, self.params["W"], self.params.get("b"), self.stride, self.padding, out=out)
-        self._cache = (y, x, cols)  # cols (C*kh*kw, N*Ho*Wo) for dW and x's shape for dx
+        # cols (C*kh*kw, N*Ho*Wo) for dW, kept in train mode; an eval-mode forward (predict) keeps only
+        # x, and a backward after it (rare: input gradients, frozen fine-tuning) rebuilds cols from x
+        self._cache = (y, x, cols if train else None)
         return y
 
     def _backward(self, dy, input_grad, dx_out=None):
         _, x, cols = self._cached()
+        if cols is None:
+            cols = S.im2col(x, self.kernel_size, self.stride, self.padding)
         threads.for_gemm(self._flops(dy.shape))
         dx, dw, db = S.conv2d_backward(dy, cols, x.shape, self.params["W"], self.stride, self.padding, input_grad)
         self._grad("W")[...] = dw

@@ -30,13 +30,14 @@ TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=1e-4, atol=
 @pytest.mark.parametrize("kernel,stride,padding,hw", [
     (3, 1, 0, (5, 6)), (3, 2, 1, (7, 5)), (2, 2, 0, (5, 5)), (1, 1, 0, (3, 4)), ((3, 1), (1, 2), (1, 0), (5, 7)),
 ])
-@pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_gradients_by_finite_differences(kernel, stride, padding, hw, bias):
+@pytest.mark.parametrize("bias,train", [(True, True), (False, True), (True, False)])
+def test_conv2d_gradients_by_finite_differences(kernel, stride, padding, hw, bias, train):
+    # (eval mode keeps only x for backward and rebuilds the im2col matrix from it)
     rng = np.random.default_rng(1)
     layer = Conv2d(3, 4, kernel, stride=stride, padding=padding, bias=bias, rng=2, dtype="float64")
     if bias:
         layer.params["b"][...] = rng.standard_normal(4)
-    check_layer_gradients(layer, rng.standard_normal((2, 3, *hw)), True, rng)
+    check_layer_gradients(layer, rng.standard_normal((2, 3, *hw)), train, rng)
 
 
 @pytest.mark.parametrize("cls", [MaxPool2d, AvgPool2d])
