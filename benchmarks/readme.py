@@ -6,7 +6,12 @@ Replaces the text between <!-- perf:begin --> and <!-- perf:end --> in the
 README with tables generated from the results (date and machine included), and
 a table of the performance targets with the measured figure and whether it is
 met; and the accuracy and time of `bnnet train` between <!-- train:begin -->
-and <!-- train:end -->. No number in those parts of the README is typed by hand.
+and <!-- train:end -->. With --conv (a results file of `run.py --only
+bn2d,cnnstep,cnntrain --name conv`), the convolutional tables between <!--
+conv:begin --> and <!-- conv:end --> and `bnnet train --model cnn` between <!--
+cnntrain:begin --> and <!-- cnntrain:end -->; with --cnn (the summary.json of
+`bnnet experiment cnn`), its findings between <!-- cnn:begin --> and <!--
+cnn:end -->. No number in those parts of the README is typed by hand.
 """
 import argparse
 import json
@@ -162,10 +167,91 @@ def render_train(r):
             f"(measured {r['date'][:10]}; seeds 0-{len(rows) - 1} give {min(acc):.3f}-{max(acc):.3f})")
 
 
+def _machine(r):
+    m = r["machine"]
+    return f"{m['cpu_count']}-core machine ({m['platform']}, Python {m['python']})"
+
+
+def render_conv(r):
+    """Spatial BatchNorm and the convnet step against PyTorch and JAX, with their targets."""
+    parts = [f"Measured {r['date']} with `python benchmarks/run.py --only bn2d,cnnstep,cnntrain --name conv` on a "
+             f"{_machine(r)}; {r['rounds']} alternating round(s), each library in its own process at its best of 1 "
+             f"and 2 threads. Copy bandwidth {r['bandwidth']['copy_GBps']:.1f} GB/s; numpy sgemm 2048^3 "
+             f"{r['sgemm_GFLOPs']['2048x2048x2048']:.0f} GFLOP/s.\n"]
+    out, peers = [], ("torch", "jax")
+
+    def add(what, value, goal, fmt="{:.2f}x"):
+        out.append([what, fmt.format(value), "met" if value >= goal else "**missed**"])
+
+    if r.get("bn2d"):
+        rows = []
+        for shape, e in r["bn2d"].items():
+            b = e["bnnet"]
+            rows.append([shape, _us(b["median"]), f"{b['GBps']:.1f} ({b['pct_bandwidth']:.0f}%)"]
+                        + [f"{e[p]['median'] / b['median']:.2f}x" for p in peers if p in e])
+            if "torch" in e:
+                add(f"BatchNorm (N, C, H, W) {shape} >= 2x PyTorch", e["torch"]["median"] / b["median"], 2.0)
+            add(f"BatchNorm (N, C, H, W) {shape} >= 70% of copy bandwidth", b["pct_bandwidth"], 70, "{:.0f}%")
+        parts.append("BatchNorm over `(N, C, H, W)` through the public layer, forward + backward (train mode, "
+                     "float32): bnnet's median, and each peer's median divided by bnnet's (> 1: bnnet is faster):\n\n"
+                     + table(["shape", "bnnet", "GB/s at 32 B/elem"] + [p for p in ("PyTorch", "JAX")], rows))
+    e = r.get("cnnstep")
+    if e:
+        b = e["bnnet"]
+        row = [f"{b['samples_per_s']:,.0f} ({b['threads']} thr)"]
+        for p in peers:
+            if p in e:
+                row.append(f"{e[p]['samples_per_s']:,.0f} ({e[p]['threads']} thr): bnnet "
+                           f"**{b['samples_per_s'] / e[p]['samples_per_s']:.2f}x**")
+                add(f"convnet step >= 1.0x {'PyTorch' if p == 'torch' else 'JAX'}",
+                    b["samples_per_s"] / e[p]["samples_per_s"], 1.0)
+        row += [f"{100 * e['roofline']['bnnet_fraction']:.0f}%", f"{100 * e['conv_share']:.0f}%"]
+        parts.append("Training step of `bnnet.convnet()` (conv 32-64, fc 128, 28x28 input, batch 64, SGD) through "
+                     "the public API, samples/s:\n\n" + table(
+                         ["bnnet", "PyTorch", "JAX (step under jax.jit)", "bnnet at % of GEMM roofline",
+                          "time in Conv2d layers (im2col, GEMMs, col2im)"], [row]))
+    if out:
+        parts.append("Targets:\n\n" + table(["target", "measured", ""], out))
+    return "\n".join(parts)
+
+
+def render_cnntrain(r):
+    row = r["cnntrain"][0]
+    return (f"**{row['test_accuracy']:.3f} test accuracy after 20 epochs, in {row['train_seconds']:.0f} s of training "
+            f"({row['wall_seconds']:.0f} s wall) on a {r['machine']['cpu_count']}-core machine** (seed "
+            f"{row['seed']}, measured {r['date'][:10]})")
+
+
+def render_cnn(e):
+    """The cnn experiment's findings from its summary.json."""
+    first, final = e["first_step_95"], e["final_accuracy"]
+
+    def step(tag):
+        return f"step {first[tag]:,}" if first[tag] is not None else f"never in {e['steps']:,} steps"
+
+    return (f"({e['net']}, SGD lr {e['lr']:g}, {e['steps']:,} steps per run, seed {e['seed']}, measured "
+            f"{e['date'][:10]} on a {e['machine']['cpu_count']}-core machine in {e['seconds'] / 60:.0f} min): with BN "
+            f"at batch 60 the net first reaches 95% test accuracy at {step('bn')}, without BN at {step('nobn')}; "
+            f"final test accuracy {final['bn']:.3f} vs {final['nobn']:.3f}. At batch 4, BatchNorm reaches 95% at "
+            f"{step('bn_b4')} and ends at {final['bn_b4']:.3f}; Batch Renorm at {step('renorm_b4')}, ending at "
+            f"{final['renorm_b4']:.3f}.")
+
+
+def _fill(text, begin, end, body):
+    if begin not in text or end not in text:
+        sys.exit(f"README: no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + body + end + tail
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", default=os.path.join(HERE, "results", "latest.json"))
     ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"))
+    ap.add_argument("--conv", default=None, help="results of run.py --name conv (default results/conv.json if any)")
+    ap.add_argument("--cnn", default=None, help="summary.json of `bnnet experiment cnn` "
+                                                "(default results/cnn-experiment.json if any)")
     args = ap.parse_args(argv)
     with open(args.results) as f:
         r = json.load(f)
@@ -180,6 +266,17 @@ def main(argv=None):
         head, rest = text.split(TRAIN_BEGIN, 1)
         _, tail = rest.split(TRAIN_END, 1)
         text = head + TRAIN_BEGIN + render_train(r) + TRAIN_END + tail
+    conv = args.conv or os.path.join(HERE, "results", "conv.json")
+    if os.path.exists(conv):
+        with open(conv) as f:
+            c = json.load(f)
+        text = _fill(text, "<!-- conv:begin -->", "<!-- conv:end -->", "\n" + render_conv(c))
+        if c.get("cnntrain"):
+            text = _fill(text, "<!-- cnntrain:begin -->", "<!-- cnntrain:end -->", render_cnntrain(c))
+    cnn = args.cnn or os.path.join(HERE, "results", "cnn-experiment.json")
+    if os.path.exists(cnn):
+        with open(cnn) as f:
+            text = _fill(text, "<!-- cnn:begin -->", "<!-- cnn:end -->", render_cnn(json.load(f)))
     with open(args.readme, "w") as f:
         f.write(text)
     print(f"updated {args.readme} from {args.results}")

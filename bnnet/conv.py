@@ -10,7 +10,7 @@ import numbers
 import numpy as np
 
 from . import spatial as S
-from . import threads
+from . import ops, threads
 from ._checks import check_bool, check_choice, check_dtype, check_int, check_number
 from .errors import HyperparameterError, InputError
 from .layers import LAYER_TYPES, Layer, _as_rng, _per_sample
@@ -117,8 +117,13 @@ class Conv2d(_Windowed):
         return int(np.prod(y_shape)) * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     def _forward(self, x, train, out=None):
-        threads.for_gemm(self._flops((x.shape[0], self.out_channels, *self.out_shape(x.shape[1:])[1:])))
-        y, cols = S.conv2d(x, self.params["W"], self.params.get("b"), self.stride, self.padding, out=out)
+        n, shape = x.shape[0], self.out_shape(x.shape[1:])  # (O, Ho, Wo)
+        threads.for_gemm(self._flops((n, *shape)))
+        cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1], n * shape[1] * shape[2]),
+                        self.dtype)
+        ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)  # (C*kh*kw, N*Ho*Wo)
+        y = out if out is not None else np.empty((n, *shape), self.dtype)
+        S.conv2d_from_cols(cols, self.params["W"], self.params.get("b"), n, y)
         # cols (C*kh*kw, N*Ho*Wo) for dW, kept in train mode; an eval-mode forward (predict) keeps only
         # x, and a backward after it (rare: input gradients, frozen fine-tuning) rebuilds cols from x
         self._cache = (y, x, cols if train else None)
@@ -127,15 +132,18 @@ class Conv2d(_Windowed):
     def _backward(self, dy, input_grad, dx_out=None):
         _, x, cols = self._cached()
         if cols is None:
-            cols = S.im2col(x, self.kernel_size, self.stride, self.padding)
+            cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1],
+                             dy.shape[0] * dy.shape[2] * dy.shape[3]), self.dtype)
+            ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)
         threads.for_gemm(self._flops(dy.shape))
-        dx, dw, db = S.conv2d_backward(dy, cols, x.shape, self.params["W"], self.stride, self.padding, input_grad)
+        dcols, dw, db = S.conv2d_grads(dy, cols, self.params["W"], input_grad)
         self._grad("W")[...] = dw
         if self.bias:
             self._grad("b")[...] = db
-        if dx is not None and dx_out is not None:
-            dx_out[...] = dx
-            return dx_out
+        if dcols is None:
+            return None
+        dx = dx_out if dx_out is not None else np.empty(x.shape, self.dtype)
+        ops.col2im(dcols, self.kernel_size, self.stride, self.padding, dx)
         return dx
 
     def config(self):
@@ -168,8 +176,13 @@ class MaxPool2d(_Pool2d):
     window (row by row), as in PyTorch.
     """
 
+    writes_out = True
+
     def _forward(self, x, train, out=None):
-        y, arg = S.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        shape = (x.shape[0], *self.out_shape(x.shape[1:]))
+        y = out if out is not None else np.empty(shape, x.dtype)
+        arg = np.empty(shape, np.int64)  # where each max is in its input plane
+        ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, y, arg)
         self._cache = (y, x.shape, arg)
         return y
 
@@ -178,7 +191,9 @@ class MaxPool2d(_Pool2d):
 
     def _backward(self, dy, input_grad, dx_out=None):
         _, x_shape, arg = self._cached()
-        return S.max_pool2d_backward(dy, arg, x_shape, self.kernel_size, self.stride, self.padding)
+        dx = dx_out if dx_out is not None else np.empty(x_shape, dy.dtype)
+        ops.max_pool2d_backward(np.ascontiguousarray(dy), arg, dx)
+        return dx
 
 
 class AvgPool2d(_Pool2d):

@@ -16,6 +16,8 @@ import contextlib
 import csv
 import json
 import os
+import platform
+import time
 import warnings
 
 import numpy as np
@@ -83,11 +85,13 @@ def _write_csv(path, rows):
 
 
 def _finish(out, name, rows, summary, lines, plot):
-    """Write <name>.csv, summary.json, summary.md and <name>.png into out."""
+    """Write <name>.csv, summary.json (with the date and the machine), summary.md and <name>.png into out."""
     os.makedirs(out, exist_ok=True)
     _write_csv(os.path.join(out, f"{name}.csv"), rows)
+    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"experiment": name, **summary}, f, indent=1)
+        json.dump({"experiment": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, **summary},
+                  f, indent=1)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, os.path.join(out, f"{name}.png"))
@@ -315,6 +319,7 @@ def cnn(out, data="mnist5k", steps=None, every=None, lr=0.05, seed=0, quick=Fals
         raise HyperparameterError(f"experiment cnn takes square single-channel images, but {data} has "
                                   f"{X.shape[1]} features per row")
     X, Xt = X.reshape(-1, 1, side, side), Xt.reshape(-1, 1, side, side)
+    start = time.perf_counter()
     shape = dict(channels=(4, 8), hidden=(32,)) if quick else dict(channels=(32, 64), hidden=(128,))
     rows, first, final = [], {}, {}
     with tqdm(total=len(CNN_RUNS) * steps, desc="cnn", disable=not progress, unit="step") as bar:
@@ -341,7 +346,8 @@ def cnn(out, data="mnist5k", steps=None, every=None, lr=0.05, seed=0, quick=Fals
               for tag, _, b in CNN_RUNS]
     lines += ["", "![cnn](cnn.png)"]
     summary = {"steps": steps, "every": every, "lr": lr, "seed": seed, "data": data, "net": net,
-               "first_step_95": first, "final_accuracy": final}
+               "runs": [list(r) for r in CNN_RUNS], "first_step_95": first, "final_accuracy": final,
+               "seconds": time.perf_counter() - start}
     return _finish(out, "cnn", rows, summary, lines, plots.cnn)
 
 

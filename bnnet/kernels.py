@@ -771,3 +771,116 @@ def all_finite(x):
         v = x[i]
         bad |= (v - v) != 0.0
     return bad == 0
+
+
+# --------------------------------------------------------------------------
+# Images (N, C, H, W): im2col and its adjoint col2im (one thread per row of the
+# im2col matrix, or per channel, so that no two threads write one element), and
+# max pooling (one thread per (sample, channel) plane)
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_OPTS)
+def _im2col(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
+    n, c, h, w = x.shape
+    zero = x.dtype.type(0)
+    for r in prange(c * kh * kw):
+        ch, i, j = r // (kh * kw), (r // kw) % kh, r % kw
+        row = cols[r]
+        for s in range(n):
+            for p in range(ho):
+                y = p * sh + i - ph
+                base = (s * ho + p) * wo
+                if y < 0 or y >= h:
+                    for q in range(wo):
+                        row[base + q] = zero
+                    continue
+                xr = x[s, ch, y]
+                for q in range(wo):
+                    xx = q * sw + j - pw
+                    row[base + q] = xr[xx] if 0 <= xx < w else zero
+
+
+def im2col(x, kernel, stride, padding, cols):
+    ho = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    _im2col(x, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
+
+
+@njit(parallel=True, **_OPTS)
+def _col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx):
+    n, c, h, w = dx.shape
+    for ch in prange(c):
+        for s in range(n):
+            dx[s, ch] = 0
+        for i in range(kh):
+            for j in range(kw):
+                row = cols[(ch * kh + i) * kw + j]
+                for s in range(n):
+                    for p in range(ho):
+                        y = p * sh + i - ph
+                        if y < 0 or y >= h:
+                            continue
+                        dr = dx[s, ch, y]
+                        base = (s * ho + p) * wo
+                        for q in range(wo):
+                            xx = q * sw + j - pw
+                            if 0 <= xx < w:
+                                dr[xx] += row[base + q]
+
+
+def col2im(cols, kernel, stride, padding, dx):
+    ho = (dx.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    wo = (dx.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    _col2im(cols, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], ho, wo, dx)
+
+
+@njit(parallel=True, **_OPTS)
+def _max_pool2d(x, kh, kw, sh, sw, ph, pw, out, arg):
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for t in prange(n * c):
+        s, ch = t // c, t % c
+        plane = x[s, ch]
+        for p in range(ho):
+            for q in range(wo):
+                best = -np.inf
+                where = -1
+                for i in range(kh):
+                    y = p * sh + i - ph
+                    if y < 0 or y >= h:
+                        continue
+                    for j in range(kw):
+                        xx = q * sw + j - pw
+                        if xx < 0 or xx >= w:
+                            continue
+                        v = plane[y, xx]
+                        # the first maximum; a NaN wins and stays (numpy's argmax; NaN propagates as in PyTorch)
+                        if where < 0 or (not np.isnan(best) and (v > best or np.isnan(v))):
+                            best = v
+                            where = y * w + xx
+                out[s, ch, p, q] = best
+                arg[s, ch, p, q] = where
+
+
+def max_pool2d(x, kernel, stride, padding, out, arg):
+    _max_pool2d(x, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], out, arg)
+
+
+@njit(parallel=True, **_OPTS)
+def _max_pool2d_backward(dy, arg, dx):
+    n, c, h, w = dx.shape
+    for t in prange(n * c):
+        s, ch = t // c, t % c
+        flat = dx[s, ch].reshape(h * w)
+        flat[:] = 0
+        g, a = dy[s, ch], arg[s, ch]
+        for p in range(g.shape[0]):
+            for q in range(g.shape[1]):
+                k = a[p, q]
+                if 0 <= k < h * w:  # (arg comes from the forward; never trusted to be in range)
+                    flat[k] += g[p, q]
+
+
+def max_pool2d_backward(dy, arg, dx):
+    _max_pool2d_backward(dy, arg, dx)

@@ -251,3 +251,80 @@ def all_finite(x):
     if not x.flags.c_contiguous:
         return bool(np.isfinite(x).all())
     return bool(backend.impl().all_finite(x.reshape(-1)))
+
+
+# --------------------------------------------------------------------------
+# Images (N, C, H, W): the im2col matrix of a convolution and its adjoint, max pooling
+# --------------------------------------------------------------------------
+
+
+def _window_sizes(op, x_shape, kernel, stride, padding):
+    """(Ho, Wo) of a kernel sliding over (H, W); every size checked to be a positive int."""
+    for name, pair, low in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if (not isinstance(pair, tuple) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair)):
+            _fail(op, f"{name} must be a pair of ints >= {low}, got {pair!r}")
+    sizes = []
+    for size, k, s, p in zip(x_shape[2:], kernel, stride, padding):
+        if size + 2 * p < k or p >= k:
+            _fail(op, f"a {kernel} kernel with padding {padding} does not fit an image of {x_shape[2:]}")
+        sizes.append((size + 2 * p - k) // s + 1)
+    return tuple(sizes)
+
+
+def _image(op, name, x):
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype.char not in "fd":
+        _fail(op, f"{name} must be a 4-D (N, C, H, W) float32/float64 array, got {describe(x)}")
+
+
+def im2col(x, kernel, stride, padding, cols):
+    """cols[(c, i, j), (n, p, q)] = x[n, c, p*sh + i - ph, q*sw + j - pw], 0 outside x (bnnet.spatial.im2col).
+
+    x: (N, C, H, W); cols: (C*kh*kw, N*Ho*Wo) in x's dtype, written.
+    """
+    _image("im2col", "x", x)
+    n, c = x.shape[:2]
+    ho, wo = _window_sizes("im2col", x.shape, kernel, stride, padding)
+    _check("im2col", "cols", (cols,), (c * kernel[0] * kernel[1], n * ho * wo), x.dtype, True)
+    backend.impl().im2col(x, kernel, stride, padding, cols)
+
+
+def col2im(cols, kernel, stride, padding, dx):
+    """dx = the adjoint of im2col: each column's values added to the pixels they were read from.
+
+    dx: (N, C, H, W), overwritten; cols: (C*kh*kw, N*Ho*Wo) in dx's dtype.
+    """
+    _image("col2im", "dx", dx)
+    n, c = dx.shape[:2]
+    ho, wo = _window_sizes("col2im", dx.shape, kernel, stride, padding)
+    _check("col2im", "cols", (cols,), (c * kernel[0] * kernel[1], n * ho * wo), dx.dtype, False)
+    if not dx.flags.writeable or not dx.flags.c_contiguous:
+        _fail("col2im", f"dx must be writable and C-contiguous; it receives the result, got {describe(dx)}")
+    backend.impl().col2im(cols, kernel, stride, padding, dx)
+
+
+def max_pool2d(x, kernel, stride, padding, out, arg):
+    """out = the max of each window of x (padding never wins); arg = where it is, as h * W + w in x's plane
+    (the first maximum, row by row, on ties). x: (N, C, H, W); out: (N, C, Ho, Wo) like x; arg: int64."""
+    _image("max_pool2d", "x", x)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        _fail("max_pool2d", f"padding {padding} must be at most half the kernel {kernel}")
+    ho, wo = _window_sizes("max_pool2d", x.shape, kernel, stride, padding)
+    shape = (*x.shape[:2], ho, wo)
+    _check("max_pool2d", "out", (out,), shape, x.dtype, True)
+    _check("max_pool2d", "arg", (arg,), shape, np.dtype(np.int64), True)
+    backend.impl().max_pool2d(x, kernel, stride, padding, out, arg)
+
+
+def max_pool2d_backward(dy, arg, dx):
+    """dx = 0, then dx[n, c].flat[arg[n, c, p, q]] += dy[n, c, p, q] (indices outside the plane are skipped).
+
+    dy, arg: (N, C, Ho, Wo); dx: (N, C, H, W) in dy's dtype, overwritten.
+    """
+    _image("max_pool2d_backward", "dy", dy)
+    _image("max_pool2d_backward", "dx", dx)
+    _check("max_pool2d_backward", "arg", (arg,), dy.shape, np.dtype(np.int64), False)
+    if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not dx.flags.writeable or not dx.flags.c_contiguous:
+        _fail("max_pool2d_backward", f"dx must be a writable C-contiguous {dy.dtype} array of shape "
+                                     f"{dy.shape[:2]} + (H, W), got {describe(dx)}")
+    backend.impl().max_pool2d_backward(dy, arg, dx)

@@ -8,6 +8,7 @@ tested against; bnnet.ops checks the arguments before either runs.
 import numpy as np
 
 from . import functional as F
+from . import spatial as S
 from . import optim_rules
 from .ops import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
 
@@ -141,3 +142,32 @@ def copy_finite(src, dst):
 
 def all_finite(x):
     return bool(np.isfinite(x).all())
+
+
+def im2col(x, kernel, stride, padding, cols):
+    cols[...] = S.im2col(x, kernel, stride, padding)
+
+
+def col2im(cols, kernel, stride, padding, dx):
+    n, c = dx.shape[:2]
+    ho, wo = (S.out_size(size, k, st, p) for size, k, st, p in zip(dx.shape[2:], kernel, stride, padding))
+    dwin = cols.reshape(c, *kernel, n, ho, wo).transpose(3, 0, 4, 5, 1, 2)  # (N, C, Ho, Wo, kh, kw)
+    dx[...] = S.add_windows(dwin, dx.shape, stride, padding)
+
+
+def max_pool2d(x, kernel, stride, padding, out, arg):
+    out[...], window_arg = S.max_pool2d(x, kernel, stride, padding)
+    i, j = np.divmod(window_arg, kernel[1])  # the max's offset inside its window
+    p = np.arange(out.shape[2])[:, None] * stride[0] - padding[0]  # each window's top-left corner in x
+    q = np.arange(out.shape[3])[None, :] * stride[1] - padding[1]
+    arg[...] = (p + i) * x.shape[3] + (q + j)
+
+
+def max_pool2d_backward(dy, arg, dx):
+    n, c, h, w = dx.shape
+    flat = np.zeros((n, c, h * w), dx.dtype)
+    inside = (arg >= 0) & (arg < h * w)
+    nn, cc = np.indices(arg.shape[:2])
+    np.add.at(flat, (np.broadcast_to(nn[..., None, None], arg.shape)[inside],
+                     np.broadcast_to(cc[..., None, None], arg.shape)[inside], arg[inside]), dy[inside])
+    dx[...] = flat.reshape(dx.shape)

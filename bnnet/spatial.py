@@ -62,33 +62,41 @@ def im2col(x, kernel, stride, padding):
     return np.ascontiguousarray(win.transpose(1, 4, 5, 0, 2, 3)).reshape(c * kh * kw, n * ho * wo)
 
 
-def conv2d(x, w, b, stride, padding, out=None):
-    """y = W * x + b. x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (y (N, O, Ho, Wo), cols).
-
-    out: an (N, O, Ho, Wo) array to write y into (default: a new one).
-    """
-    n, _, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    ho, wo = out_size(h, kh, stride[0], padding[0]), out_size(wd, kw, stride[1], padding[1])
-    cols = im2col(x, (kh, kw), stride, padding)  # (C*kh*kw, N*Ho*Wo)
+def conv2d_from_cols(cols, w, b, n, out):
+    """y (N, O, Ho, Wo) = W2 @ cols (+ b), written into out: the convolution once x is laid out as cols."""
+    o = w.shape[0]
     y2 = w.reshape(o, -1) @ cols  # (O, N*Ho*Wo)
-    y = out if out is not None else np.empty((n, o, ho, wo), x.dtype)
-    np.copyto(y, y2.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
+    np.copyto(out, y2.reshape(o, n, *out.shape[2:]).transpose(1, 0, 2, 3))
     if b is not None:
-        y += b[:, None, None]
-    return y, cols
+        out += b[:, None, None]
+    return out
 
 
-def conv2d_backward(dy, cols, x_shape, w, stride, padding, input_grad=True):
-    """(dx (N, C, H, W) or None, dW (O, C, kh, kw), db (O,)) from dy (N, O, Ho, Wo) and forward's cols."""
+def conv2d_grads(dy, cols, w, input_grad=True):
+    """(dcols (C*kh*kw, N*Ho*Wo) or None, dW (O, C, kh, kw), db (O,)) from dy (N, O, Ho, Wo) and forward's cols.
+
+    dx is col2im(dcols): each column's gradient added back to the pixels it was read from.
+    """
     n, o, ho, wo = dy.shape
     dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)  # (O, N*Ho*Wo)
     dw = (dy2 @ cols.T).reshape(w.shape)
     db = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dy.dtype)
-    if not input_grad:
-        return None, dw, db
+    return (w.reshape(o, -1).T @ dy2 if input_grad else None), dw, db
+
+
+def conv2d(x, w, b, stride, padding):
+    """y = W * x + b in array code. x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (y (N, O, Ho, Wo), cols)."""
+    n, _, h, wd = x.shape
+    ho, wo = out_size(h, w.shape[2], stride[0], padding[0]), out_size(wd, w.shape[3], stride[1], padding[1])
+    cols = im2col(x, w.shape[2:], stride, padding)
+    return conv2d_from_cols(cols, w, b, n, np.empty((n, w.shape[0], ho, wo), x.dtype)), cols
+
+
+def conv2d_backward(dy, cols, x_shape, w, stride, padding):
+    """(dx (N, C, H, W), dW, db) in array code."""
+    dcols, dw, db = conv2d_grads(dy, cols, w)
+    n, _, ho, wo = dy.shape
     c, kh, kw = w.shape[1:]
-    dcols = w.reshape(o, -1).T @ dy2  # (C*kh*kw, N*Ho*Wo)
     dwin = dcols.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 4, 5, 1, 2)  # (N, C, Ho, Wo, kh, kw), a view
     return add_windows(dwin, x_shape, stride, padding), dw, db
 

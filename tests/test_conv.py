@@ -308,6 +308,35 @@ def test_spatial_kernels_equal_the_numpy_reference(dtype, atol, act):
         np.testing.assert_allclose(b1[k], b2[k], rtol=0, atol=atol, err_msg=k)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (2, 2, 0), ((3, 2), (1, 2), (1, 1))])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_image_kernels_equal_the_numpy_reference(kernel, stride, padding, dtype):
+    rng = np.random.default_rng(16)
+    x = rng.permutation(3 * 4 * 7 * 6).reshape(3, 4, 7, 6).astype(dtype) - 30  # distinct values: one max each
+    results = []
+    for name in ("numba", "numpy"):
+        with backend.using(name):
+            conv = Conv2d(4, 5, kernel, stride=stride, padding=padding, rng=0, dtype=dtype)
+            pool = MaxPool2d(kernel, stride=stride, padding=padding)
+            y = conv.forward(x, True)
+            dx = conv.backward(np.ones_like(y) + np.arange(y.size, dtype=dtype).reshape(y.shape) / y.size)
+            p = pool.forward(x, True)
+            dp = pool.backward(np.arange(p.size, dtype=dtype).reshape(p.shape))
+            results.append((y, dx, conv.grads["W"], p, dp, pool._cache[2]))
+    for a, b, what in zip(*results, ("y", "dx", "dW", "pool", "pool dx", "pool argmax")):
+        np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == "float32" else 1e-12, atol=0, err_msg=what)
+
+
+def test_max_pool_kernels_skip_argmax_entries_outside_the_plane():
+    # the cached positions come from the forward; the backward kernel still never trusts them
+    for name in ("numba", "numpy"):
+        with backend.using(name):
+            dy = np.ones((1, 1, 2, 2))
+            dx = np.full((1, 1, 3, 3), 7.0)
+            bnnet.ops.max_pool2d_backward(dy, np.array([[[[0, 9], [-1, 8]]]]), dx)
+            np.testing.assert_array_equal(dx.reshape(-1), [1, 0, 0, 0, 0, 0, 0, 0, 1])
+
+
 def test_fold_batchnorm_folds_conv_into_one_conv():
     rng = np.random.default_rng(12)
     model = bnnet.convnet(in_shape=(1, 8, 8), channels=(3,), hidden=(), classes=2, seed=0, dtype="float64")

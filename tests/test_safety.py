@@ -203,6 +203,31 @@ def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
             ops.bn_forward(x3[:1, :, :1], good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"],
                            0.9, 1.0, np.empty_like(x3[:1, :, :1]), *good["st"])
         assert (big[[0, d, d + 1]] == CANARY).all()
+        # images: the im2col matrix, its adjoint and max pooling against the sizes x implies
+        img = rng.standard_normal((2, 3, 5, 5)).astype("float32")
+        k, st, pd = (3, 3), (1, 1), (1, 1)
+        ops.im2col(img, k, st, pd, np.empty((27, 50), "float32"))
+        for bad_cols in (np.empty((27, 49), "float32"), np.empty((26, 50), "float32"), np.empty((27, 50))):
+            with pytest.raises(bnnet.InputError, match="cols"):
+                ops.im2col(img, k, st, pd, bad_cols)
+            with pytest.raises(bnnet.InputError, match="cols"):
+                ops.col2im(bad_cols, k, st, pd, np.empty_like(img))
+        with pytest.raises(bnnet.InputError, match="does not fit"):
+            ops.im2col(img, (7, 7), st, (0, 0), np.empty((147, 0), "float32"))
+        with pytest.raises(bnnet.InputError, match="kernel must be a pair"):
+            ops.im2col(img, (3, 0), st, pd, np.empty((27, 50), "float32"))
+        with pytest.raises(bnnet.InputError, match="C-contiguous"):
+            ops.col2im(np.empty((27, 50), "float32"), k, st, pd, np.empty((2, 3, 5, 10), "float32")[..., ::2])
+        out, arg = np.empty((2, 3, 2, 2), "float32"), np.empty((2, 3, 2, 2), np.int64)
+        ops.max_pool2d(img, (2, 2), (2, 2), (0, 0), out, arg)
+        with pytest.raises(bnnet.InputError, match="arg"):
+            ops.max_pool2d(img, (2, 2), (2, 2), (0, 0), out, np.empty((2, 3, 2, 2), np.int32))
+        with pytest.raises(bnnet.InputError, match="out"):
+            ops.max_pool2d(img, (2, 2), (2, 2), (0, 0), np.empty((2, 3, 3, 3), "float32"), arg)
+        with pytest.raises(bnnet.InputError, match="dx"):
+            ops.max_pool2d_backward(out, arg, np.empty((2, 4, 5, 5), "float32"))
+        with pytest.raises(bnnet.InputError, match="arg"):
+            ops.max_pool2d_backward(out, arg[:, :2], np.empty_like(img))
         with pytest.raises(bnnet.InputError, match="labels"):
             ops.softmax_cross_entropy(x, np.array([0, 1, 2, 3, 4, 5]), np.empty_like(x))
         with pytest.raises(bnnet.InputError, match="state"):
