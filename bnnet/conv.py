@@ -9,8 +9,8 @@ import numbers
 
 import numpy as np
 
-from . import spatial as S
 from . import ops, threads
+from . import spatial as S
 from ._checks import check_bool, check_choice, check_dtype, check_int, check_number
 from .errors import HyperparameterError, InputError
 from .layers import LAYER_TYPES, Layer, _as_rng, _per_sample

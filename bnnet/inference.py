@@ -15,9 +15,15 @@ import math
 import numpy as np
 
 from . import functional as F
-from ._checks import as_float_array, check_choice, check_samples, check_finite, check_int
-from .errors import HyperparameterError, InputError, NonFiniteError
+from ._checks import (
+    as_float_array,
+    check_choice,
+    check_finite,
+    check_int,
+    check_samples,
+)
 from .conv import Conv2d
+from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear
 from .model import Sequential
 

@@ -338,8 +338,8 @@ class BatchNorm(Layer):
     writes_out = True
     affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
     axis = 1
-    spatial = True  # accepts (N, C, L), (N, C, H, W), (N, C, D, H, W) (GhostBatchNorm: (N, D) only)
     _constants = _stat_sinks = _layout = _last_shape = None
+    _sample_rows = 1
 
     def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
                  affine=True, track_running_stats=True, axis=1):
@@ -491,12 +491,12 @@ class BatchNorm(Layer):
     # -- N-D input ----------------------------------------------------------------------
 
     def in_shape(self):
-        return (self.num_features,) if self.axis == 1 or not self.spatial else None
+        return (self.num_features,) if self.axis == 1 else None
 
     def out_shape(self, shape):
-        if not (len(shape) == 1 or (self.spatial and 2 <= len(shape) <= 4)):
-            raise InputError(f"{self.name}: x must be " + ("(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)"
-                             if self.spatial else "(N, D)") + f", got {_per_sample(shape)}")
+        if not 1 <= len(shape) <= 4:
+            raise InputError(f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+                             f"got {_per_sample(shape)}")
         channels = shape[0] if self.axis == 1 else shape[-1]
         if channels is not None and channels != self.num_features:
             where = "axis 1" if self.axis == 1 else "the last axis"
@@ -540,6 +540,7 @@ def on_rows(method):
     if method.__name__ == "_forward":
         @functools.wraps(method)
         def forward(self, x, train, out=None, activation=None):
+            self._sample_rows = x[0].size // self.num_features if len(x) else 1  # rows per sample
             if x.ndim == 2:
                 y = method(self, x, train, out, activation)
             else:

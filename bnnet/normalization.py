@@ -123,10 +123,11 @@ class GhostBatchNorm(BatchNorm):
     is merged into the one before it (one row has no variance). Eval mode is
     BatchNorm's.
 
+    Images (N, C, H, W) are cut into virtual batches of `virtual_batch_size` samples, each
+    normalized per channel over its samples' H x W values.
+
     Args (besides BatchNorm's): virtual_batch_size >= 2.
     """
-
-    spatial = False  # virtual batches cut the rows of (N, D) input; N-D input is refused
 
     fusable = False
     writes_out = False
@@ -137,7 +138,9 @@ class GhostBatchNorm(BatchNorm):
         self.virtual_batch_size = check_int("GhostBatchNorm", "virtual_batch_size", virtual_batch_size, low=2)
 
     def _chunks(self, n):
-        bounds = list(range(0, n, self.virtual_batch_size)) + [n]
+        # the rows of N-D input are each sample's positions in turn (BatchNorm._rows): a virtual batch of
+        # v samples is v * (positions per sample) consecutive rows
+        bounds = list(range(0, n, self.virtual_batch_size * self._sample_rows)) + [n]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             del bounds[-2]  # merge a last single row into the previous virtual batch
         return list(zip(bounds[:-1], bounds[1:]))

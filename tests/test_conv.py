@@ -8,14 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import check_layer_gradients, numerical_grad, rel_error
 
 import bnnet
 from bnnet import backend, interop, optim
 from bnnet.conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
 from bnnet.layers import BatchNorm, ReLU
 from bnnet.normalization import BatchRenorm
-
-from helpers import check_layer_gradients, numerical_grad, rel_error
 
 torch.set_num_threads(1)
 TORCH = {"float64": torch.float64, "float32": torch.float32}
@@ -417,6 +416,21 @@ def test_renorm_and_sync_variants_take_images_as_rows_of_channels():
     G = rng.standard_normal(x.shape)
     np.testing.assert_allclose(renorm.forward(x, True), bn.forward(x, True), rtol=0, atol=1e-12)
     np.testing.assert_allclose(renorm.backward(G), bn.backward(G), rtol=0, atol=1e-12)
+
+
+def test_ghost_batchnorm_on_images_normalizes_each_virtual_batch_of_samples():
+    from bnnet.normalization import GhostBatchNorm
+
+    rng = np.random.default_rng(17)
+    x, G = rng.standard_normal((7, 3, 4, 5)), rng.standard_normal((7, 3, 4, 5))
+    ghost = GhostBatchNorm(3, virtual_batch_size=3, dtype="float64")
+    y, dx = ghost.forward(x, True), ghost.backward(G)
+    alone = BatchNorm(3, dtype="float64")
+    for lo, hi in ((0, 3), (3, 6), (6, 7)):  # the last sample alone still has 20 values per channel
+        np.testing.assert_allclose(y[lo:hi], alone.forward(x[lo:hi], True), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(dx[lo:hi], alone.backward(G[lo:hi]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ghost.buffers["running_var"], alone.buffers["running_var"], rtol=0, atol=1e-12)
+    assert int(ghost.buffers["count"]) == 3
 
 
 def test_a_convnet_checkpoint_round_trips_and_bad_conv_metadata_is_refused(tmp_path):
