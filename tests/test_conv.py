@@ -416,6 +416,12 @@ def test_renorm_and_sync_variants_take_images_as_rows_of_channels():
     G = rng.standard_normal(x.shape)
     np.testing.assert_allclose(renorm.forward(x, True), bn.forward(x, True), rtol=0, atol=1e-12)
     np.testing.assert_allclose(renorm.backward(G), bn.backward(G), rtol=0, atol=1e-12)
+    from bnnet.distributed import SingleProcess, SyncBatchNorm
+
+    sync, bn = SyncBatchNorm(3, SingleProcess(), dtype="float64"), BatchNorm(3, dtype="float64")
+    np.testing.assert_allclose(sync.forward(x, True), bn.forward(x, True), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sync.backward(G), bn.backward(G), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sync.buffers["running_var"], bn.buffers["running_var"], rtol=0, atol=1e-12)
 
 
 def test_ghost_batchnorm_on_images_normalizes_each_virtual_batch_of_samples():
