@@ -179,12 +179,16 @@ def _check_meta(path, meta, shapes):
         # A layer's sizes are dimensions of its own tensors: refuse sizes the file's tensors do not
         # have, before building the layer allocates them.
         dims = {d for key, shape in shapes.items() if key.split("/")[1].partition(".")[0] == str(i) for d in shape}
-        if dims and isinstance(cfg.get("kernel_size"), list) and not set(cfg["kernel_size"]) <= dims:
+        kernel = cfg.get("kernel_size")
+        kernel = kernel if isinstance(kernel, list) else [kernel]  # an int, or (height, width)
+        if dims and "kernel_size" in cfg and not all(isinstance(k, int) and k in dims for k in kernel):
             raise CheckpointError(f"{path}: metadata field {field}.kernel_size = {cfg['kernel_size']!r} does not "
                                   f"match the file's tensors for layer {i} (their dimensions: {sorted(dims)})")
         if not dims:  # a layer without tensors (a BatchNorm with affine=False, track_running_stats=False) is
             dims = {d for shape in shapes.values() for d in shape}  # as wide as some neighbour's tensor
         for key in FEATURE_FIELDS:
+            if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int)):
+                bad(f"{field}.{key}", "an integer", cfg[key])
             if key in cfg and not dims and isinstance(cfg[key], int) and 1 <= cfg[key] <= 1 << 16:
                 continue  # no tensor in the whole file to compare with: a small size builds nothing large
             if key in cfg and cfg[key] not in dims:

@@ -465,3 +465,35 @@ def test_a_convnet_checkpoint_round_trips_and_bad_conv_metadata_is_refused(tmp_p
         (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
         with pytest.raises(bnnet.CheckpointError, match=match):
             bnnet.load(tmp_path / "bad.safetensors")
+
+
+def test_every_metadata_field_of_a_convnet_checkpoint_with_every_odd_value(tmp_path):
+    """The checkpoint fuzz's exhaustive pass on a conv net: each edited file loads a model that
+    predicts (or refuses with a bnnet error), or is refused with CheckpointError; nothing else."""
+    import fuzz_checkpoints as fc
+
+    rng = np.random.default_rng(18)
+    model = bnnet.Sequential(Conv2d(1, 2, 3, padding=1, bias=False, rng=0), BatchNorm(2), ReLU(), MaxPool2d(2),
+                             AvgPool2d(2, stride=1), GlobalAvgPool2d(), Flatten(), bnnet.layers.Linear(2, 3, rng=0))
+    X = rng.standard_normal((4, 1, 6, 6)).astype("float32")
+    model.forward(X, True)
+    valid = tmp_path / "valid.safetensors"
+    bnnet.save(valid, model)
+    data, path = valid.read_bytes(), tmp_path / "m.safetensors"
+    outcomes = {"refused": 0, "loaded": 0}
+    for p in fc.meta_paths(data):
+        for blob in [fc.mutate_meta(data, p, v) for v in fc.ODD_VALUES] + [fc.mutate_meta(data, p, None, True)]:
+            path.write_bytes(blob)
+            try:
+                loaded = bnnet.load(path)
+            except bnnet.CheckpointError:
+                outcomes["refused"] += 1
+                continue
+            outcomes["loaded"] += 1
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                try:
+                    assert loaded.predict(X).shape == (4, 3)
+                except bnnet.BnnetError:
+                    pass  # e.g. a pool edited to a kernel larger than the image: refused when it runs
+    assert outcomes["refused"] > 50 and outcomes["loaded"] > 10, outcomes
