@@ -415,7 +415,7 @@ def main(argv=None):
         peers = [l for l in libs if l in ("bnnet", "torch", "jax")]
         for shape in BN2D_SHAPES if "bn2d" in only else []:
             res = alternate({k: w for k, w in workers.items() if k[0] in peers}, rounds,
-                            dict(task="bn2d", shape=list(shape), reps=reps, min_seconds=0.2 if args.quick else 0.5))
+                            dict(task="bn", shape=list(shape), reps=reps, min_seconds=0.2 if args.quick else 0.5))
             size, entry = 1, {}
             for d in shape:
                 size *= d

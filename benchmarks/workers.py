@@ -118,13 +118,14 @@ class Bnnet:
         return out
 
     def bn(self, task):
+        """BatchNorm forward + backward through the public layer; shape (N, D) or (N, C, H, W)."""
         from bnnet.layers import BatchNorm
 
-        n, d = task["shape"]
+        shape = task["shape"]
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((n, d), dtype=np.float32)
-        dy = rng.standard_normal((n, d), dtype=np.float32)
-        layer = BatchNorm(d)
+        x = rng.standard_normal(shape, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        layer = BatchNorm(shape[1])
         # The public API: forward/backward return new arrays, or write into `out` when given
         # (task "out": the caller's own buffers, as PyTorch's out= variants).
         y_buf, dx_buf = (np.empty_like(x), np.empty_like(x)) if task.get("out") else (None, None)
@@ -135,22 +136,6 @@ class Bnnet:
 
         return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
 
-    def bn2d(self, task):
-        """BatchNorm over (N, C, H, W) through the public layer, as bn."""
-        from bnnet.layers import BatchNorm
-
-        shape = task["shape"]
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal(shape, dtype=np.float32)
-        dy = rng.standard_normal(shape, dtype=np.float32)
-        layer = BatchNorm(shape[1])
-
-        def step():
-            layer.forward(x, True)
-            layer.backward(dy)
-
-        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
-
     def cnnstep(self, task):
         """One SGD step of bnnet.convnet(in_shape=(1, 28, 28), channels, hidden) at `batch`; with
         task["profile"], also the seconds spent inside the Conv2d layers (forward + backward)."""
@@ -158,11 +143,8 @@ class Bnnet:
         from bnnet.conv import Conv2d
 
         model = bnnet.convnet((1, 28, 28), channels=task["channels"], hidden=task["hidden"], classes=10, seed=0)
-        opt = bnnet.optim.SGD(task["lr"])
-        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
         X, y = make_batches([784, 10], task["batch"])
-        X = X.reshape(-1, 1, 28, 28)
-        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0, "conv": 0.0}
+        state = {"conv": 0.0}
         if task.get("profile"):
             for layer in model.layers:
                 if isinstance(layer, Conv2d):
@@ -176,26 +158,18 @@ class Bnnet:
                             finally:
                                 state["conv"] += time.perf_counter() - t
                         setattr(layer, name, wrapped)
-
-        def step():
-            j = (state["i"] % k) * batch
-            state["i"] += 1
-            loss_fn.forward(model.forward(X[j:j + batch], train=True), y[j:j + batch])
-            model.backward(loss_fn.backward())
-            opt.step(model)
-
-        times = timed(step, task["reps"], task.get("min_seconds", 1.0))
+        times = self._sgd_steps(model, X.reshape(-1, 1, 28, 28), y, task)["times"]
         return {"times": times, "conv_seconds": state["conv"] / (len(times) + 1)}
 
     def step(self, task):
-        bnnet = self.bnnet
-        sizes, act, batch = task["sizes"], task["activation"], task["batch"]
-        model = bnnet.mlp(sizes, activation=act, seed=0)
-        opt = bnnet.optim.SGD(task["lr"])
-        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
-        X, y = make_batches(sizes, batch)
-        k = len(X) // batch
-        state = {"i": 0}
+        model = self.bnnet.mlp(task["sizes"], activation=task["activation"], seed=0)
+        return self._sgd_steps(model, *make_batches(task["sizes"], task["batch"]), task)
+
+    def _sgd_steps(self, model, X, y, task):
+        """Time SGD steps through the public API on consecutive mini-batches of X, y."""
+        opt = self.bnnet.optim.SGD(task["lr"])
+        loss_fn = self.bnnet.losses.SoftmaxCrossEntropy()
+        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0}
 
         def step():
             j = (state["i"] % k) * batch
@@ -292,22 +266,7 @@ class Torch:
                 "config": self.torch.__config__.show().splitlines()[1:6]}
 
     def bn(self, task):
-        torch = self.torch
-        n, d = task["shape"]
-        x = torch.randn(n, d, requires_grad=True)
-        w = torch.ones(d, requires_grad=True)
-        b = torch.zeros(d, requires_grad=True)
-        dy = torch.randn(n, d)
-        rm, rv = torch.zeros(d), torch.ones(d)
-
-        def step():
-            y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
-            x.grad = w.grad = b.grad = None
-            y.backward(dy)
-
-        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
-
-    def bn2d(self, task):
+        """F.batch_norm + autograd; shape (N, D) or (N, C, H, W)."""
         torch = self.torch
         shape = task["shape"]
         x = torch.randn(*shape, requires_grad=True)
@@ -337,20 +296,8 @@ class Torch:
             width = h
         mods.append(torch.nn.Linear(width, 10))
         model = torch.nn.Sequential(*mods)
-        opt = torch.optim.SGD(model.parameters(), lr=task["lr"])
         X, y = make_batches([784, 10], task["batch"])
-        X, y = torch.from_numpy(X.reshape(-1, 1, 28, 28)), torch.from_numpy(y)
-        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0}
-
-        def step():
-            j = (state["i"] % k) * batch
-            state["i"] += 1
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(X[j:j + batch]), y[j:j + batch])
-            loss.backward()
-            opt.step()
-
-        return {"times": timed(step, task["reps"], task.get("min_seconds", 1.0))}
+        return self._sgd_steps(model, X.reshape(-1, 1, 28, 28), y, task)
 
     def step(self, task):
         torch = self.torch
@@ -361,11 +308,14 @@ class Torch:
             mods += [torch.nn.Linear(i, o, bias=False), torch.nn.BatchNorm1d(o), acts[act]()]
         mods.append(torch.nn.Linear(sizes[-2], sizes[-1]))
         model = torch.nn.Sequential(*mods)
+        return self._sgd_steps(model, *make_batches(sizes, batch), task)
+
+    def _sgd_steps(self, model, X, y, task):
+        """Time SGD steps of `model` on consecutive mini-batches of X, y (numpy arrays)."""
+        torch = self.torch
         opt = torch.optim.SGD(model.parameters(), lr=task["lr"])
-        X, y = make_batches(sizes, batch)
         X, y = torch.from_numpy(X), torch.from_numpy(y)
-        k = len(X) // batch
-        state = {"i": 0}
+        batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0}
 
         def step():
             j = (state["i"] % k) * batch
@@ -396,45 +346,25 @@ class Jax:
 
     @staticmethod
     def _bn(jnp, x, gamma, beta, eps=1e-5):
-        mean = x.mean(axis=0)
-        var = ((x - mean) ** 2).mean(axis=0)
+        """Batch norm over every axis but 1; gamma, beta shaped to broadcast ((C,) or (1, C, 1, 1))."""
+        axes = (0, *range(2, x.ndim))
+        mean = x.mean(axis=axes, keepdims=x.ndim > 2)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=x.ndim > 2)
         return (x - mean) / jnp.sqrt(var + eps) * gamma + beta, mean, var
 
     def bn(self, task):
-        jax, jnp = self.jax, self.jnp
-        n, d = task["shape"]
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
-        dy = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
-        g, b = jnp.ones(d, jnp.float32), jnp.zeros(d, jnp.float32)
-
-        @jax.jit
-        def fwd_bwd(x, g, b, dy):
-            (y, mean, var), vjp = jax.vjp(lambda x, g, b: self._bn(jnp, x, g, b), x, g, b)
-            dx, dg, db = vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
-            return y, mean, var, dx, dg, db
-
-        def step():
-            jax.block_until_ready(fwd_bwd(x, g, b, dy))
-
-        return {"times": timed(step, task["reps"], task.get("min_seconds", 0.5))}
-
-    def bn2d(self, task):
+        """jit of BN and its vjp; shape (N, D) or (N, C, H, W)."""
         jax, jnp = self.jax, self.jnp
         shape = task["shape"]
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
         dy = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-        g, b = jnp.ones((1, shape[1], 1, 1), jnp.float32), jnp.zeros((1, shape[1], 1, 1), jnp.float32)
-
-        def bn(x, g, b, eps=1e-5):
-            mean = x.mean(axis=(0, 2, 3), keepdims=True)
-            var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
-            return (x - mean) / jnp.sqrt(var + eps) * g + b, mean, var
+        per_channel = (shape[1],) if len(shape) == 2 else (1, shape[1], *[1] * (len(shape) - 2))
+        g, b = jnp.ones(per_channel, jnp.float32), jnp.zeros(per_channel, jnp.float32)
 
         @jax.jit
         def fwd_bwd(x, g, b, dy):
-            (y, mean, var), vjp = jax.vjp(bn, x, g, b)
+            (y, mean, var), vjp = jax.vjp(lambda x, g, b: self._bn(jnp, x, g, b), x, g, b)
             dx, dg, db = vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
             return y, mean, var, dx, dg, db
 
@@ -461,22 +391,17 @@ class Jax:
         last = {"W": jnp.asarray(rng.standard_normal((width, 10), dtype=np.float32) * 0.1), "b": jnp.zeros(10)}
         params = {"convs": convs, "fcs": fcs, "last": last}
 
-        def bn(x, g, b, axes, eps=1e-5):
-            mean = x.mean(axis=axes, keepdims=True)
-            var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-            return (x - mean) / jnp.sqrt(var + eps) * g + b, (mean, var)
-
         def loss_fn(params, x, y):
             stats = []
             for p in params["convs"]:
                 z = lax.conv_general_dilated(x, p["W"], (1, 1), ((1, 1), (1, 1)),
                                              dimension_numbers=("NCHW", "OIHW", "NCHW"))
-                z, st = bn(z, p["gamma"], p["beta"], (0, 2, 3))
+                z, *st = self._bn(jnp, z, p["gamma"], p["beta"])
                 stats.append(st)
                 x = lax.reduce_window(jax.nn.relu(z), -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
             x = x.reshape(x.shape[0], -1)
             for p in params["fcs"]:
-                z, st = bn(x @ p["W"], p["gamma"], p["beta"], (0,))
+                z, *st = self._bn(jnp, x @ p["W"], p["gamma"], p["beta"])
                 stats.append(st)
                 x = jax.nn.relu(z)
             logits = x @ params["last"]["W"] + params["last"]["b"]

@@ -57,3 +57,42 @@ def check_layer_gradients(layer, x, train, rng, tol=1e-7):
     worst = max(errors.values())
     assert worst <= tol, errors
     return worst
+
+
+def train_both(model, tmodel, opt, topt, batches, rel=1e-12):
+    """One training step per (X, y) of `batches` in bnnet (softmax cross-entropy, `opt`) and in torch
+    (`tmodel`, `topt`); asserts that each step's loss agrees to `rel`."""
+    import pytest
+    import torch
+
+    import bnnet
+
+    loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+    for X, y in batches:
+        loss = loss_fn.forward(model.forward(X, train=True), y)
+        model.backward(loss_fn.backward())
+        opt.step(model)
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(X)), torch.from_numpy(y))
+        tloss.backward()
+        topt.step()
+        assert loss == pytest.approx(tloss.item(), rel=rel)
+
+
+def torch_named(tmodel):
+    """A torch nn.Sequential's parameters and running statistics under bnnet's dotted names (the
+    modules line up one to one with bnnet's layers; torch's Linear.weight is bnnet's W transposed)."""
+    import torch
+
+    out = {}
+    for i, m in enumerate(tmodel):
+        if isinstance(m, torch.nn.Linear):
+            out[f"{i}.W"] = m.weight.detach().numpy().T
+        elif isinstance(m, torch.nn.Conv2d):
+            out[f"{i}.W"] = m.weight.detach().numpy()
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            out[f"{i}.gamma"], out[f"{i}.beta"] = m.weight.detach().numpy(), m.bias.detach().numpy()
+            out[f"{i}.running_mean"], out[f"{i}.running_var"] = m.running_mean.numpy(), m.running_var.numpy()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
+            out[f"{i}.b"] = m.bias.detach().numpy()
+    return out

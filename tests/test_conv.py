@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import check_layer_gradients, numerical_grad, rel_error
+from helpers import check_layer_gradients, numerical_grad, rel_error, torch_named, train_both
 
 import bnnet
 from bnnet import backend, interop, optim
@@ -189,22 +189,6 @@ CASES = {
 }
 
 
-def _torch_named(tmodel):
-    """Torch parameters and running statistics under bnnet's dotted names (the modules line up one to one)."""
-    out = {}
-    for i, m in enumerate(tmodel):
-        if isinstance(m, torch.nn.Linear):
-            out[f"{i}.W"] = m.weight.detach().numpy().T
-            if m.bias is not None:
-                out[f"{i}.b"] = m.bias.detach().numpy()
-        elif isinstance(m, torch.nn.Conv2d):
-            out[f"{i}.W"] = m.weight.detach().numpy()
-        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            out[f"{i}.gamma"], out[f"{i}.beta"] = m.weight.detach().numpy(), m.bias.detach().numpy()
-            out[f"{i}.running_mean"], out[f"{i}.running_var"] = m.running_mean.numpy(), m.running_var.numpy()
-    return out
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_convnet_training_steps_match_torch(case):
     rng = np.random.default_rng(8)
@@ -212,22 +196,13 @@ def test_convnet_training_steps_match_torch(case):
     tmodel = interop.to_torch(model)
     assert isinstance(tmodel[1], torch.nn.BatchNorm2d) and isinstance(tmodel[10], torch.nn.BatchNorm1d)
     make_ours, make_theirs = CASES[case]
-    opt, topt = make_ours(), None
+    opt = make_ours()
     decay = [m.weight for m in tmodel if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     rest = [p for p in tmodel.parameters() if all(p is not q for q in decay)]
     topt = make_theirs([{"params": decay}, {"params": rest}])
-    loss_fn = bnnet.losses.SoftmaxCrossEntropy()
-    for _ in range(3):
-        X, y = rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 4, 6)
-        loss = loss_fn.forward(model.forward(X, train=True), y)
-        model.backward(loss_fn.backward())
-        opt.step(model)
-        topt.zero_grad()
-        tloss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(X)), torch.from_numpy(y))
-        tloss.backward()
-        topt.step()
-        assert loss == pytest.approx(tloss.item(), rel=1e-10)
-    expected = _torch_named(tmodel)
+    train_both(model, tmodel, opt, topt, [(rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 4, 6))
+                                          for _ in range(3)], rel=1e-10)
+    expected = torch_named(tmodel)
     ours = {**dict(model.params), **{k: v for k, v in model.buffers.items() if not k.endswith("count")}}
     assert set(ours) == set(expected)
     for name in expected:

@@ -6,6 +6,7 @@ import torch
 import bnnet
 from bnnet import optim
 from bnnet.layers import BatchNorm, Linear
+from helpers import torch_named, train_both
 
 torch.set_num_threads(1)
 
@@ -82,22 +83,6 @@ def _to_torch(model, dtype=torch.float64):
     return torch.nn.Sequential(*mods)
 
 
-def _torch_params(tmodel):
-    """Torch parameters and buffers under bnnet's dotted names."""
-    out = {}
-    for i, m in enumerate(tmodel):
-        if isinstance(m, torch.nn.Linear):
-            out[f"{i}.W"] = m.weight.detach().numpy().T
-            if m.bias is not None:
-                out[f"{i}.b"] = m.bias.detach().numpy()
-        elif isinstance(m, torch.nn.BatchNorm1d):
-            out[f"{i}.gamma"] = m.weight.detach().numpy()
-            out[f"{i}.beta"] = m.bias.detach().numpy()
-            out[f"{i}.running_mean"] = m.running_mean.numpy()
-            out[f"{i}.running_var"] = m.running_var.numpy()
-    return out
-
-
 def _torch_decay_groups(tmodel, wd):
     """Weight decay on W only (bnnet's default), none on b, gamma, beta."""
     decay = [m.weight for m in tmodel if isinstance(m, torch.nn.Linear)]
@@ -128,20 +113,8 @@ def test_training_steps_match_torch(case, activation):
     opt = make_ours()
     groups = _torch_decay_groups(tmodel, opt.weight_decay)
     topt = make_theirs(groups)
-    loss_fn = bnnet.losses.SoftmaxCrossEntropy()
-    for _ in range(4):
-        X = rng.standard_normal((16, 12))
-        y = rng.integers(0, 4, 16)
-        loss = loss_fn.forward(model.forward(X, train=True), y)
-        model.backward(loss_fn.backward())
-        opt.step(model)
-
-        topt.zero_grad()
-        tloss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(X)), torch.from_numpy(y))
-        tloss.backward()
-        topt.step()
-        assert loss == pytest.approx(tloss.item(), rel=1e-12)
-    expected = _torch_params(tmodel)
+    train_both(model, tmodel, opt, topt, [(rng.standard_normal((16, 12)), rng.integers(0, 4, 16)) for _ in range(4)])
+    expected = torch_named(tmodel)
     ours = {**dict(model.params), **{k: v for k, v in model.buffers.items() if not k.endswith("count")}}
     assert set(ours) == set(expected)
     for name in expected:
