@@ -8,7 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import check_layer_gradients, numerical_grad, rel_error, torch_named, train_both
+from helpers import (
+    check_layer_gradients,
+    numerical_grad,
+    rel_error,
+    torch_named,
+    train_both,
+)
 
 import bnnet
 from bnnet import backend, interop, optim

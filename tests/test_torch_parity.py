@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import torch_named, train_both
 
 import bnnet
 from bnnet import optim
 from bnnet.layers import BatchNorm, Linear
-from helpers import torch_named, train_both
 
 torch.set_num_threads(1)
 
