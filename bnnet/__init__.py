@@ -19,6 +19,20 @@ from .model import BiasBeforeBatchNormWarning, Sequential, convnet, mlp
 from .threads import get_num_threads, set_num_threads
 from .train import evaluate, fit
 
+# Submodules with optional dependencies (torch, scikit-learn, mpi4py, matplotlib) or heavier imports:
+# attributes of bnnet that import on first use (PEP 562), so `import bnnet` stays light.
+_LAZY = ("interop", "sklearn", "distributed", "experiments", "plots", "cli", "backend", "kernels", "reference",
+         "spatial", "threads")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__", "conventions", "datasets", "engine", "functional", "layers", "losses", "normalization", "ops",
     "optim",
