@@ -26,11 +26,11 @@ import traceback
 
 import numpy as np
 
-from . import datasets, distributed, experiments, optim, threads
+from . import __version__, datasets, distributed, experiments, optim, threads
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
-from .model import convnet, mlp
+from .model import convnet, has_batchnorm, mlp
 from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -198,7 +198,8 @@ def _train(args, comm):
     if not args.quiet and root:
         where = "" if comm is None else f" on {comm.size} ranks ({'local' if args.local_bn else 'synchronized'} BN)"
         print(f"bnnet: {'resuming' if resume else 'training'} {described}"
-              f"{'' if args.no_batchnorm else ' + BatchNorm'} with {opt!r} on {args.data} "
+              f"{'' if args.no_batchnorm else ' + BatchNorm'}; {_describe_optimizer(args.optimizer, lr, args.lr_decay)}, "
+              f"batch {args.batch_size}, {_epochs(args.epochs)}; {args.data} "
               f"({len(X)} train / {len(Xt)} test rows){where}", file=sys.stderr)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
@@ -207,7 +208,9 @@ def _train(args, comm):
                   batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet,
                   clip_grad_norm=args.clip_grad_norm, checkpoint=os.path.join(out, CHECKPOINT_NAME),
                   checkpoint_every=args.checkpoint_every, resume=resume,
-                  checkpoint_metadata={"cli": settings, "data": args.data}, comm=comm)
+                  checkpoint_metadata={"cli": settings, "data": args.data,
+                                       "input_range": [float(X.min()), float(X.max())]},
+                  comm=comm, validation_name="test")
     seconds = time.perf_counter() - start
     if not root:
         return
@@ -217,8 +220,18 @@ def _train(args, comm):
                "args": settings}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {args.epochs} epochs "
+    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {_epochs(args.epochs)} "
           f"in {seconds:.1f} s; run saved to {out}")
+
+
+def _epochs(n):
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def _describe_optimizer(name, lr, decay):
+    """'Adam lr 3e-3 -> 3e-4' (or 'SGD lr 0.5' without decay): what the run's first line says."""
+    label = {"sgd": "SGD", "momentum": "Momentum", "rmsprop": "RMSprop", "adam": "Adam"}[name]
+    return f"{label} lr {lr:g}" + (f" -> {lr * decay:g}" if decay != 1 else "")
 
 
 def _build_model(args, X, Xt, classes):
@@ -284,6 +297,7 @@ def cmd_predict(args):
     X = datasets.load_npy(args.input)
     if X.ndim == 1:
         X = X[None, :]
+    _warn_outside_training_range(model.metadata.get("input_range"), X)
     outputs = model.predict(as_model_input(model, X))
     result = outputs if args.outputs else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
     if args.out:
@@ -293,12 +307,34 @@ def cmd_predict(args):
         np.savetxt(sys.stdout, result if result.ndim > 1 else result[:, None], fmt="%.6g" if args.outputs else "%d")
 
 
+def _warn_outside_training_range(trained, X):
+    """One warning line when X ranges well beyond the training data (e.g. 0-255 pixels for a model
+    trained on 0-1): the model would still answer, wrongly."""
+    if (not isinstance(trained, list) or len(trained) != 2
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in trained)
+            or X.size == 0 or X.dtype.kind not in "biuf"):  # (anything else is refused by predict itself)
+        return
+    lo, hi = trained
+    width = max(hi - lo, 1e-12)
+    x_lo, x_hi = float(np.min(X)), float(np.max(X))
+    if x_lo < lo - width or x_hi > hi + width:
+        hint = " (for 8-bit images: X / 255)" if hi <= 1.0 and x_hi > 1.0 else ""
+        print(f"bnnet predict: warning: the inputs range over [{x_lo:g}, {x_hi:g}] but the model was trained on "
+              f"[{lo:g}, {hi:g}]; scale them as the training data was{hint}", file=sys.stderr)
+
+
 def cmd_export(args):
     from .export import export_onnx
 
     model = load(_checkpoint_path(args.checkpoint))
     export_onnx(model, args.onnx, fold=args.fold)
-    print(f"wrote {args.onnx} ({'folded, no BatchNormalization' if args.fold else 'with BatchNormalization'} nodes)")
+    if not has_batchnorm(model):
+        what = "no BatchNorm layers"
+    elif args.fold:
+        what = "BatchNorm folded into the layers before it"
+    else:
+        what = "BatchNormalization nodes with the running statistics"
+    print(f"wrote {args.onnx} ({len(model.layers)} layers, {what})")
 
 
 def cmd_recompute_stats(args):
@@ -309,6 +345,9 @@ def cmd_recompute_stats(args):
     X, _, _, _ = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
     if args.in_place and args.out:
         raise BnnetError("give --out FILE or --in-place, not both")
+    if not has_batchnorm(ckpt.model):
+        raise BnnetError(f"{path}: the model has no BatchNorm layers (folded or trained without), so it has no "
+                         "statistics to recompute")
     recompute_bn_stats(ckpt.model, as_model_input(ckpt.model, X), batch_size=args.batch_size, mode=args.mode)
     out = path if args.in_place else args.out or _beside(path, "recomputed")
     save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
@@ -319,6 +358,9 @@ def cmd_fold(args):
     from .inference import fold_batchnorm
 
     ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
+    if not has_batchnorm(ckpt.model):
+        raise BnnetError(f"{args.checkpoint}: the model has no BatchNorm layers to fold (already folded, or "
+                         "trained without)")
     folded = fold_batchnorm(ckpt.model)
     meta = {k: v for k, v in ckpt.metadata.items() if k not in ("fit", "cli")}
     save(args.out, folded, **meta)
@@ -346,12 +388,45 @@ def cmd_report(args):
     print(f"wrote {experiments.report(args.runs, args.out)}")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.")
-    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help pages that show each option's default (unless its text already says it) and keep the
+    examples' line breaks."""
 
-    t = sub.add_parser("train", help="train an MLP with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is not None and default is not False and default is not argparse.SUPPRESS
+                and "default" not in text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+EXAMPLES = {
+    "train": ["bnnet train", "bnnet train --model cnn --epochs 5 --out runs/cnn",
+              "bnnet train --activation relu --optimizer sgd --lr 0.5 --checkpoint-every 100"],
+    "evaluate": ["bnnet evaluate runs/cnn", "bnnet evaluate runs/cnn/model.safetensors --split train"],
+    "predict": ["bnnet predict runs/cnn images.npy", "bnnet predict runs/cnn images.npy --outputs --out logits.npy"],
+    "export": ["bnnet export runs/cnn --onnx model.onnx", "bnnet export runs/cnn --onnx model.onnx --fold"],
+    "recompute-stats": ["bnnet recompute-stats runs/cnn", "bnnet recompute-stats runs/cnn --mode exact --in-place"],
+    "fold": ["bnnet fold runs/cnn folded.safetensors", "bnnet evaluate folded.safetensors"],
+    "experiment": ["bnnet experiment fig1", "bnnet experiment cnn --quick --out runs/cnn-quick"],
+    "report": ["bnnet report runs/fig1/* --out report.md", "bnnet report runs/cnn"],
+}
+
+
+def _command(sub, name, help):
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+    return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_Help)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.",
+                                epilog="Run `bnnet COMMAND --help` for a command's options and examples.")
+    p.add_argument("--version", action="version", version=f"bnnet {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = _command(sub, "train", "train an MLP or a convnet with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
     t.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
                    help="mlp: Linear -> BatchNorm -> activation layers (default); cnn: bnnet.convnet, "
                         "Conv -> BatchNorm -> ReLU -> MaxPool blocks on the images reshaped to 1 x side x side")
@@ -363,15 +438,15 @@ def build_parser():
     t.add_argument("--no-batchnorm", action="store_true", help="plain Linear(bias) -> activation layers")
     t.add_argument("--init", choices=["he", "xavier", "normal"], default=None,
                    help="weight init (default: xavier for sigmoid/tanh, he for relu)")
-    t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam")
+    t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam", help="the update rule")
     t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
     t.add_argument("--lr-decay", type=_fraction, default=0.1,
                    help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)")
-    t.add_argument("--epochs", type=_positive, default=20)
+    t.add_argument("--epochs", type=_positive, default=20, help="passes over the training data")
     t.add_argument("--batch-size", type=_positive, default=60, help="rows per mini-batch (default 60, as in the paper)")
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--seed", type=_seed, default=0, help="seeds the weights and the shuffling")
     t.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
     t.add_argument("--threads", type=_threads, default=None, metavar="N",
@@ -393,26 +468,27 @@ def build_parser():
     t.set_defaults(func=cmd_train)
     p.train_parser = t  # --resume checks saved settings by these options' rules
 
-    e = sub.add_parser("evaluate", help="loss and accuracy of a saved model")
+    e = _command(sub, "evaluate", "loss and accuracy of a saved model")
     e.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     e.add_argument("--data", default=None, help="default: the data the model was trained on")
-    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.add_argument("--split", choices=["test", "train"], default="test", help="which split of the data")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="predictions of a saved model for inputs in a .npy file")
+    r = _command(sub, "predict", "predictions of a saved model for inputs in a .npy file")
     r.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     r.add_argument("input", help=".npy array of shape (N, features)")
     r.add_argument("--out", default=None, help="write predictions to this .npy (default: print them)")
     r.add_argument("--outputs", action="store_true", help="raw model outputs (logits) instead of labels")
     r.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("export", help="export a saved model to ONNX")
+    x = _command(sub, "export", "export a saved model to ONNX")
     x.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     x.add_argument("--onnx", required=True, metavar="OUT.onnx")
-    x.add_argument("--fold", action="store_true", help="fold each Linear -> BatchNorm pair into one Gemm")
+    x.add_argument("--fold", action="store_true",
+                   help="fold each Linear -> BatchNorm (Conv2d -> BatchNorm) pair into one Gemm (Conv)")
     x.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("recompute-stats", help="replace running statistics by population statistics of the data")
+    c = _command(sub, "recompute-stats", "replace running statistics by population statistics of the data")
     c.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     c.add_argument("--data", default=None, help="default: the data the model was trained on (its training split)")
     c.add_argument("--mode", choices=["batch", "exact"], default="batch",
@@ -423,24 +499,24 @@ def build_parser():
     c.add_argument("--in-place", action="store_true", help="replace the checkpoint itself (atomically)")
     c.set_defaults(func=cmd_recompute_stats)
 
-    f = sub.add_parser("fold", help="write an eval-only copy with BatchNorm folded into the Linear layers")
+    f = _command(sub, "fold", "write an eval-only copy with BatchNorm folded into the Linear/Conv2d layers")
     f.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     f.add_argument("out", help="the folded checkpoint to write")
     f.set_defaults(func=cmd_fold)
-    ex = sub.add_parser("experiment", help="run an experiment and write its CSV, PNG and summary (needs bnnet[plot])")
+    ex = _command(sub, "experiment", "run an experiment and write its CSV, PNG and summary (needs the [plot] extra)")
     ex.add_argument("name", choices=list(experiments.EXPERIMENTS))
     ex.add_argument("--quick", action="store_true", help="a small version in seconds (what the tests run)")
     ex.add_argument("--steps", type=_positive, default=None, help="training steps per run (fig1 default 10000)")
     ex.add_argument("--epochs", type=_positive, default=None, help="batch-size only: epochs per run (default 2)")
     ex.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
-    ex.add_argument("--seed", type=_seed, default=0)
+    ex.add_argument("--seed", type=_seed, default=0, help="seeds every run of the experiment")
     ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     ex.add_argument("--threads", type=_threads, default=None, metavar="N",
                     help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     ex.set_defaults(func=cmd_experiment)
 
-    rp = sub.add_parser("report", help="one markdown page from experiment folders")
+    rp = _command(sub, "report", "one markdown page from experiment folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", default="report.md", help="the page to write (default report.md)")
     rp.set_defaults(func=cmd_report)
@@ -452,6 +528,9 @@ def main(argv=None):
     only with --debug): 1 for errors, 2 for a bad command line (argparse), 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `bnnet`: what it can do
+        parser.print_help()
+        return 0
     args.parser = parser
     try:
         if getattr(args, "threads", None) is not None:
@@ -473,7 +552,8 @@ def error_message(e):
     if isinstance(e, BnnetError):
         text = str(e)
     elif isinstance(e, ImportError) and e.name in OPTIONAL_EXTRAS:
-        text = f"needs the optional package {e.name}: pip install 'bnnet[{OPTIONAL_EXTRAS[e.name]}]'"
+        text = (f"needs the optional package {e.name}: in bnnet's checkout, "
+                f"pip install \".[{OPTIONAL_EXTRAS[e.name]}]\"")
     elif isinstance(e, OSError):
         text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
     elif isinstance(e, MemoryError):

@@ -18,6 +18,7 @@ resume; `evaluate` runs the model in eval mode. Read top to bottom:
     Progress        the tqdm bar
 """
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -39,7 +40,8 @@ from .optim import get_optimizer
 
 def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
         validation_data=None, progress=True, clip_grad_norm=None, check_activations=False,
-        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None, comm=None):
+        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None, comm=None,
+        validation_name="val"):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
     Args:
@@ -51,6 +53,8 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         epochs: passes over the data (default 10). batch_size: rows per update (default 64).
         seed: seeds the shuffling; the same seed and model give the same run.
         validation_data: optional (X_val, y_val), evaluated in eval mode after every epoch.
+        validation_name: what the progress display calls it (default "val": val_loss, val_acc; e.g. "test"
+            when validation_data is the test split). The history's keys stay val_loss, val_accuracy.
         progress: show a tqdm progress bar with the running loss and accuracy.
         clip_grad_norm: if set, scale the gradients to this global L2 norm at most before each update.
         check_activations: also check every layer's output for NaN/Inf at every step (slower).
@@ -98,7 +102,7 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     if resume is not None:
         run = checkpoints.resume(resume, run, len(batch_sizes))
     last_good = LastGood(model, opt)
-    bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step)
+    bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step, validation_name)
     try:
         for epoch in range(run.epoch, epochs + 1):
             bar.epoch(epoch, epochs)
@@ -408,12 +412,13 @@ def _end_epoch(run, model, loss_fn, val, bar):
     run.history["epoch"].append(run.epoch)
     run.history["loss"].append(total_loss / seen)
     run.history["accuracy"].append(total_correct / seen if loss_fn.has_accuracy else None)
+    postfix = _postfix(run.history["loss"][-1], run.history["accuracy"][-1])
     if val is not None:
         result = evaluate(model, *val, loss_fn)
         run.history["val_loss"].append(result["loss"])
         run.history["val_accuracy"].append(result["accuracy"])
-        bar.show({**_postfix(run.history["loss"][-1], run.history["accuracy"][-1]),
-                  **_postfix(result["loss"], result["accuracy"], "val_")})
+        postfix.update(_postfix(result["loss"], result["accuracy"], f"{bar.validation_name}_"))
+    bar.show(postfix)
     run.epoch, run.batch, run.partial = run.epoch + 1, 0, [0.0, 0.0, 0]
     run.rng_state = run.rng.bit_generator.state
 
@@ -536,13 +541,19 @@ def _is_number(v):
 
 
 class Progress:
-    """A tqdm bar over all steps, showing the epoch and the running loss/accuracy."""
+    """A tqdm bar over all steps, showing the epoch and the running loss/accuracy; on a stderr that
+    is not a terminal (a log file, CI), one plain line per epoch instead of carriage-return updates."""
 
-    def __init__(self, enabled, total, initial):
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    def __init__(self, enabled, total, initial, validation_name="val"):
+        self.lines = enabled and not sys.stderr.isatty()
+        self.validation_name = validation_name
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled or self.lines, unit="step",
+                        dynamic_ncols=True)
+        self.description = ""
 
     def epoch(self, epoch, epochs):
-        self.bar.set_description(f"epoch {epoch}/{epochs}")
+        self.description = f"epoch {epoch}/{epochs}"
+        self.bar.set_description(self.description)
 
     def update(self, loss, acc):
         self.bar.update(1)
@@ -550,7 +561,11 @@ class Progress:
             self.bar.set_postfix(_postfix(loss, acc), refresh=False)
 
     def show(self, postfix):
+        """The epoch's results (at its end)."""
         self.bar.set_postfix(postfix)
+        if self.lines:
+            print(f"{self.description}: " + " ".join(f"{k} {v}" for k, v in postfix.items()), file=sys.stderr,
+                  flush=True)
 
     def close(self):
         self.bar.close()

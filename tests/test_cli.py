@@ -152,3 +152,38 @@ def test_train_a_convnet_then_evaluate_predict_export_and_resume_it(tmp_path):
     assert wrong.returncode == 1 and "--channels applies to --model cnn only" in wrong.stderr
     again = run("train", "--resume", str(out), "--quiet")
     assert again.returncode == 0 and "test accuracy" in again.stdout, again.stderr
+
+
+def test_version_help_and_examples():
+    assert run("--version").stdout.strip() == f"bnnet {bnnet.__version__}"
+    bare = run()
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: bnnet") and "COMMAND --help" in bare.stdout
+    page = run("train", "--help").stdout
+    assert "(default: 20)" in page and "(default: 0)" in page and "(default: adam)" in page
+    assert page.count("default") >= 15 and "examples:\n  bnnet train\n" in page
+    for command in ("evaluate", "predict", "export", "recompute-stats", "fold", "experiment", "report"):
+        assert run(command, "--help").stdout.count("\n  bnnet ") >= 2, command
+
+
+def test_messages_about_folded_models_inputs_out_of_range_and_file_modes(trained_run, tmp_path):
+    out, res = trained_run
+    assert "Adam lr 0.003 -> 0.0003, batch 60, 2 epochs" in res.stderr  # the run's first line, readable
+    assert "epoch 2/2: loss " in res.stderr and " test_acc " in res.stderr  # a log line per epoch (not a tty)
+    old = os.umask(0o022)
+    try:
+        assert run("fold", str(out), str(tmp_path / "f.safetensors")).returncode == 0
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "f.safetensors").st_mode & 0o777 == 0o644  # as open() would make it
+    ex = run("export", str(tmp_path / "f.safetensors"), "--onnx", str(tmp_path / "f.onnx"))
+    assert ex.returncode == 0 and "no BatchNorm layers" in ex.stdout, ex.stdout + ex.stderr
+    rs = run("recompute-stats", str(tmp_path / "f.safetensors"))
+    assert rs.returncode == 1 and "has no BatchNorm layers" in rs.stderr
+    again = run("fold", str(tmp_path / "f.safetensors"), str(tmp_path / "g.safetensors"))
+    assert again.returncode == 1 and "no BatchNorm layers to fold" in again.stderr
+    _, _, Xt, _ = bnnet.datasets.load_mnist5k()
+    np.save(tmp_path / "raw.npy", (Xt[:5] * 255).astype(np.uint8))
+    pr = run("predict", str(out), str(tmp_path / "raw.npy"))
+    assert pr.returncode == 0 and "warning: the inputs range over [0, 255]" in pr.stderr and "X / 255" in pr.stderr
+    np.save(tmp_path / "ok.npy", Xt[:5])
+    assert "warning" not in run("predict", str(out), str(tmp_path / "ok.npy")).stderr

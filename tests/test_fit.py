@@ -1,4 +1,5 @@
 """Training: the lecture's loop with the public API, fit, evaluate."""
+import sys
 import warnings
 
 import numpy as np
@@ -87,8 +88,17 @@ def test_fit_other_losses(rng):
     assert bnnet.evaluate(reg, X, yr, "mse")["loss"] < 0.1 * np.var(yr)
 
 
-def test_fit_progress_bar_shows_loss_and_accuracy(rng, capsys):
+def test_fit_progress_bar_shows_loss_and_accuracy(rng, capsys, monkeypatch):
     X, y = _blobs(rng, n=64)
+    # stderr not a terminal (a log, CI): one plain line per epoch, no carriage returns
+    bnnet.fit(bnnet.mlp([5, 4, 3]), X, y, epochs=2, batch_size=16, seed=0, validation_data=(X, y), progress=True,
+              validation_name="test")
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 2 and "\r" not in err, err
+    assert lines[1].startswith("epoch 2/2: loss ") and " acc " in lines[1] and " test_acc " in lines[1]
+    # a terminal: the tqdm bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bnnet.fit(bnnet.mlp([5, 4, 3]), X, y, epochs=2, batch_size=16, seed=0, validation_data=(X, y), progress=True)
     err = capsys.readouterr().err
     assert "epoch 2/2" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
