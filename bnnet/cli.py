@@ -35,7 +35,8 @@ from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
 # Optional packages some commands import, and the extra that installs each.
-OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "plot", "mpi4py": "mpi", "sklearn": "sklearn"}
+OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "plot", "mpi4py": "mpi", "sklearn": "sklearn",
+                   "tensorboardX": "tensorboard"}
 # Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
 # well above the usual ones (tuned on the bundled data, see the README).
 TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
@@ -210,7 +211,7 @@ def _train(args, comm):
                   checkpoint_every=args.checkpoint_every, resume=resume,
                   checkpoint_metadata={"cli": settings, "data": args.data,
                                        "input_range": [float(X.min()), float(X.max())]},
-                  comm=comm, validation_name="test")
+                  comm=comm, validation_name="test", log_dir=args.log_dir)
     seconds = time.perf_counter() - start
     if not root:
         return
@@ -449,6 +450,9 @@ def build_parser():
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
+    t.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="also write TensorBoard event files here (needs the [tensorboard] extra; "
+                        "view with `tensorboard --logdir DIR`)")
     t.add_argument("--threads", type=_threads, default=None, metavar="N",
                    help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
     t.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this global L2 norm")

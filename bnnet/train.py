@@ -25,9 +25,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import backend
-from ._checks import as_float_array, check_finite, check_int, check_samples, check_seed
+from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
 from .distributed import DataParallel, is_root
 from .engine import check_chain
+from .tensorboard import TensorBoardLog
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
@@ -41,7 +42,7 @@ from .optim import get_optimizer
 def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
         validation_data=None, progress=True, clip_grad_norm=None, check_activations=False,
         checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None, comm=None,
-        validation_name="val"):
+        validation_name="val", validation_split=None, log_dir=None):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
     Args:
@@ -53,6 +54,8 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         epochs: passes over the data (default 10). batch_size: rows per update (default 64).
         seed: seeds the shuffling; the same seed and model give the same run.
         validation_data: optional (X_val, y_val), evaluated in eval mode after every epoch.
+        validation_split: a fraction in (0, 1): hold out that last part of X and y (before any
+            shuffling, as Keras does) as the validation data; not with validation_data.
         validation_name: what the progress display calls it (default "val": val_loss, val_acc; e.g. "test"
             when validation_data is the test split). The history's keys stay val_loss, val_accuracy.
         progress: show a tqdm progress bar with the running loss and accuracy.
@@ -69,6 +72,8 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
             step/epoch counters, and continues. The run then ends exactly (bitwise) where an
             uninterrupted run with the same arguments ends.
         checkpoint_metadata: extra JSON-serializable metadata stored in each checkpoint.
+        log_dir: a folder for TensorBoard event files (bnnet.tensorboard; needs tensorboardX): loss,
+            accuracy, validation, learning rate, gradient norms and running statistics per epoch.
         comm: a bnnet.distributed.Communicator for data-parallel training (run one process per
             rank under mpiexec, each calling fit with the same arguments and data). batch_size
             is then the global batch, split into one shard per rank; rank 0's parameters and
@@ -86,6 +91,8 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     seed = check_seed("fit", seed)
     checkpoints = Checkpoints(checkpoint, checkpoint_every, model, opt, loss_fn, checkpoint_metadata, comm)
     X, y = _check_data(model, X, y, loss_fn, "fit")
+    if validation_split is not None:
+        X, y, validation_data = _split_validation(X, y, validation_split, validation_data)
     val = None if validation_data is None else _check_data(model, *_pair(validation_data), loss_fn,
                                                            "fit(validation_data)")
     drop_single = _check_batches(model, len(X), batch_size)
@@ -103,14 +110,19 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
         run = checkpoints.resume(resume, run, len(batch_sizes))
     last_good = LastGood(model, opt)
     bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step, validation_name)
+    log = TensorBoardLog(log_dir) if log_dir is not None and is_root(comm) else None
     try:
         for epoch in range(run.epoch, epochs + 1):
             bar.epoch(epoch, epochs)
             _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good)
             _end_epoch(run, model, loss_fn, val, bar)
+            if log is not None:
+                log.epoch(run.history, model, opt)
         checkpoints.final(run)
     finally:
         bar.close()
+        if log is not None:
+            log.close()
     return run.history
 
 
@@ -153,6 +165,18 @@ def _check_data(model, X, y, loss, owner):
     if len(y) != len(X):
         raise InputError(f"{owner}: X has {len(X)} rows but y has {len(y)}; pass one target per row of X")
     return X, y
+
+
+def _split_validation(X, y, fraction, validation_data):
+    """(X_train, y_train, (X_val, y_val)): the last `fraction` of the rows held out."""
+    if validation_data is not None:
+        raise HyperparameterError("fit: give validation_data or validation_split, not both")
+    fraction = check_number("fit", "validation_split", fraction, low=0, high=1, low_open=True, high_open=True)
+    n_val = int(round(len(X) * fraction))
+    if not 1 <= n_val < len(X):
+        raise InputError(f"fit: validation_split={fraction} of {len(X)} rows leaves {n_val} for validation and "
+                         f"{len(X) - n_val} for training; both need at least one")
+    return X[:-n_val], y[:-n_val], (X[-n_val:], y[-n_val:])
 
 
 def _pair(validation_data):
