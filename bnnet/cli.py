@@ -464,7 +464,7 @@ def build_parser():
                         "checkpoint; giving one of them with a different value is an error. --out (default: "
                         "RUN_DIR), --quiet, --threads and --distributed may be given")
     t.add_argument("--distributed", action="store_true",
-                   help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs bnnet[mpi]): "
+                   help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs the [mpi] extra): "
                         "each rank takes batch-size/K rows of every mini-batch")
     t.add_argument("--local-bn", action="store_true",
                    help="with --distributed: each rank normalizes with its own shard's statistics "

@@ -59,7 +59,7 @@ class Communicator:
         try:
             from mpi4py import MPI
         except ImportError:
-            raise BnnetError("bnnet.distributed needs mpi4py and an MPI library: pip install 'bnnet[mpi]', "
+            raise BnnetError("bnnet.distributed needs mpi4py and an MPI library: in bnnet's checkout, pip install \".[mpi]\", "
                              "then launch with that environment's mpiexec") from None
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm

@@ -9,7 +9,7 @@
 Every experiment trains with the lecture's loop (`_train`) for a fixed number of
 steps, is deterministic for a seed, and has a `quick` mode (used by the tests).
 The numbers go to <name>.csv and summary.json, the picture to <name>.png
-(bnnet.plots, needs matplotlib: pip install 'bnnet[plot]'), the key numbers to
+(bnnet.plots, needs matplotlib: pip install ".[plot]"), the key numbers to
 summary.md.
 """
 import contextlib
@@ -366,14 +366,47 @@ def run(name, out, **kwargs):
     return EXPERIMENTS[name](out, **kwargs)
 
 
+def _train_run_summary(folder):
+    """Draw a `bnnet train` run's learning curves (learning_curves.png) and write its summary.md."""
+    from . import plots
+
+    try:
+        with open(os.path.join(folder, "history.json")) as f:
+            history = json.load(f)
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        epochs = history["epoch"]
+        assert isinstance(epochs, list) and all(len(history[k]) == len(epochs) for k in ("loss", "val_loss"))
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise HyperparameterError(f"report: {folder} is not a complete `bnnet train` run ({type(e).__name__}: "
+                                  f"{e})") from None
+    settings = summary.get("args", {})
+    title = (f"bnnet train on {settings.get('data', '?')}: {settings.get('model', 'mlp')}, "
+             f"{settings.get('optimizer', '?')}, batch {settings.get('batch_size', '?')}")
+    plots.train_run(history, os.path.join(folder, "learning_curves.png"), title)
+    lines = [f"# Training run {os.path.basename(os.path.normpath(folder))}", "", title + ".", "",
+             f"Test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) after "
+             f"{len(epochs)} epoch(s), {summary['train_seconds']:.1f} s of training.", "",
+             "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in settings.items() if v is not None]
+    lines += ["", "![learning curves](learning_curves.png)"]
+    path = os.path.join(folder, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def report(run_dirs, out):
     """One markdown page from experiment folders: each folder's summary.md, figures re-linked."""
     parts = ["# bnnet experiments report", ""]
     base = os.path.dirname(os.path.abspath(out))
     for d in run_dirs:
         path = os.path.join(d, "summary.md")
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(d, "history.json")):
+            path = _train_run_summary(d)  # a `bnnet train` run: its curves and numbers
         if not os.path.isfile(path):
-            raise HyperparameterError(f"report: {d} holds no summary.md; pass folders written by `bnnet experiment`")
+            raise HyperparameterError(f"report: {d} holds no summary.md or history.json; pass folders written by "
+                                      "`bnnet experiment` or `bnnet train`")
         rel = os.path.relpath(os.path.abspath(d), base)
         try:
             with open(path, encoding="utf-8") as f:

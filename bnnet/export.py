@@ -1,7 +1,7 @@
 """ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, Conv, BatchNormalization, pools,
 Flatten, activations).
 
-Needs the `onnx` package (pip install "bnnet[onnx]"); imported only here.
+Needs the `onnx` package (pip install ".[onnx]" in the checkout); imported only here.
 """
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Figures of bnnet.experiments (matplotlib, Agg backend: files only, no screen).
 
-matplotlib is an extra (pip install 'bnnet[plot]'); importing this module
+matplotlib is an extra (in bnnet's checkout: pip install ".[plot]"); importing this module
 without it raises a BnnetError that says so.
 """
 import numpy as np
@@ -12,9 +12,10 @@ try:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 except ImportError:
     raise BnnetError("bnnet experiment draws its figures with matplotlib, which is not installed: "
-                     "pip install 'bnnet[plot]'") from None
+                     "in bnnet's checkout, pip install \".[plot]\"") from None
 
 COLORS = {"bn": "tab:blue", "nobn": "tab:red"}
 
@@ -100,4 +101,23 @@ def cnn(rows, path):
     a.set(title="Training loss", xlabel="training steps", yscale="log")
     b.set(title="Test accuracy", xlabel="training steps")
     b.legend(fontsize=8)
+    _save(fig, path)
+
+
+def train_run(history, path, title):
+    """Loss and accuracy per epoch of a `bnnet train` run: training (train mode, mean over the epoch)
+    and the test split (eval mode)."""
+    epochs = history["epoch"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, history["loss"], "o-", label="training (train mode)")
+    a.plot(epochs, history["val_loss"], "o-", label="test split (eval mode)")
+    a.set(title="Loss", xlabel="epoch", ylabel="softmax cross-entropy")
+    if any(v is not None for v in history.get("accuracy", [])):
+        b.plot(epochs, history["accuracy"], "o-", label="training (train mode)")
+        b.plot(epochs, history["val_accuracy"], "o-", label="test split (eval mode)")
+    b.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    b.legend()
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(title)
     _save(fig, path)

@@ -7,7 +7,7 @@
 They follow scikit-learn's conventions (hyperparameters stored as given and
 validated in fit, fitted attributes ending in "_", input checked by sklearn's
 own validate_data) and pass its parametrize_with_checks suite. Needs
-scikit-learn (pip install "bnnet[sklearn]").
+scikit-learn (pip install ".[sklearn]" in the checkout).
 """
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin

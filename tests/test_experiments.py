@@ -117,3 +117,17 @@ def test_cnn(runs):
     assert final == summary["final_accuracy"]
     assert final["bn"] > 0.3  # 30 steps of a small convnet learn something (chance is 0.1)
     assert "first step at 95% test accuracy" in (runs / "cnn" / "summary.md").read_text()
+
+
+def test_report_on_a_train_run_draws_its_learning_curves(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--quiet", "--out", str(run)]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "report.md")]) == 0
+    with open(run / "learning_curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "report.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert f"Test accuracy {summary['test_accuracy']:.4f}" in page and "(run/learning_curves.png)" in page
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "history.json").write_text("{}")
+    assert main(["report", str(tmp_path / "broken")]) == 1
