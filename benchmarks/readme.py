@@ -1,9 +1,9 @@
-"""Write the README's performance numbers from a results file of benchmarks/run.py.
+"""Write the measured numbers of the README and docs/ from results files of benchmarks/run.py.
 
     python benchmarks/readme.py [benchmarks/results/latest.json] [--readme README.md]
 
-Replaces the text between <!-- perf:begin --> and <!-- perf:end --> in the
-README with tables generated from the results (date and machine included), and
+Replaces the text between <!-- perf:begin --> and <!-- perf:end --> (in the
+README or any page of docs/) with tables generated from the results (date and machine included), and
 a table of the performance targets with the measured figure and whether it is
 met; and the accuracy and time of `bnnet train` between <!-- train:begin -->
 and <!-- train:end -->. With --conv (a results file of `run.py --only
@@ -238,8 +238,6 @@ def render_cnn(e):
 
 
 def _fill(text, begin, end, body):
-    if begin not in text or end not in text:
-        sys.exit(f"README: no {begin} ... {end} block to fill")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return head + begin + body + end + tail
@@ -248,38 +246,45 @@ def _fill(text, begin, end, body):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", default=os.path.join(HERE, "results", "latest.json"))
-    ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"))
+    ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"),
+                    help="the README; the pages of docs/ beside it are filled too")
     ap.add_argument("--conv", default=None, help="results of run.py --name conv (default results/conv.json if any)")
     ap.add_argument("--cnn", default=None, help="summary.json of `bnnet experiment cnn` "
                                                 "(default results/cnn-experiment.json if any)")
     args = ap.parse_args(argv)
+    blocks = {}  # (begin, end) -> text
     with open(args.results) as f:
         r = json.load(f)
-    with open(args.readme) as f:
-        text = f.read()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"{args.readme}: no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    text = head + BEGIN + "\n" + render(r) + END + tail
-    if r.get("train") and TRAIN_BEGIN in text:
-        head, rest = text.split(TRAIN_BEGIN, 1)
-        _, tail = rest.split(TRAIN_END, 1)
-        text = head + TRAIN_BEGIN + render_train(r) + TRAIN_END + tail
+    blocks[BEGIN, END] = "\n" + render(r)
+    if r.get("train"):
+        blocks[TRAIN_BEGIN, TRAIN_END] = render_train(r)
     conv = args.conv or os.path.join(HERE, "results", "conv.json")
     if os.path.exists(conv):
         with open(conv) as f:
             c = json.load(f)
-        text = _fill(text, "<!-- conv:begin -->", "<!-- conv:end -->", "\n" + render_conv(c))
+        blocks["<!-- conv:begin -->", "<!-- conv:end -->"] = "\n" + render_conv(c)
         if c.get("cnntrain"):
-            text = _fill(text, "<!-- cnntrain:begin -->", "<!-- cnntrain:end -->", render_cnntrain(c))
+            blocks["<!-- cnntrain:begin -->", "<!-- cnntrain:end -->"] = render_cnntrain(c)
     cnn = args.cnn or os.path.join(HERE, "results", "cnn-experiment.json")
     if os.path.exists(cnn):
         with open(cnn) as f:
-            text = _fill(text, "<!-- cnn:begin -->", "<!-- cnn:end -->", render_cnn(json.load(f)))
-    with open(args.readme, "w") as f:
-        f.write(text)
-    print(f"updated {args.readme} from {args.results}")
+            blocks["<!-- cnn:begin -->", "<!-- cnn:end -->"] = render_cnn(json.load(f))
+    docs = os.path.join(os.path.dirname(os.path.abspath(args.readme)), "docs")
+    pages = [args.readme] + sorted(os.path.join(docs, p) for p in os.listdir(docs) if p.endswith(".md"))
+    filled = set()
+    for page in pages:
+        with open(page) as f:
+            text = f.read()
+        for (begin, end), body in blocks.items():
+            if begin in text and end in text:
+                text = _fill(text, begin, end, body)
+                filled.add(begin)
+        with open(page, "w") as f:
+            f.write(text)
+    missing = [begin for begin, _ in blocks if begin not in filled]
+    if missing:
+        sys.exit(f"no page holds the blocks {missing}")
+    print(f"updated {len(pages)} pages from {args.results}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     pip install ".[bench]" && python benchmarks/run.py [--quick] [--rounds 3] [--out benchmarks/results]
 
-What it measures (see the README's "Performance" section for the latest table):
+What it measures (see docs/performance.md for the latest tables):
   1. the machine: streaming bandwidth (read, copy) and numpy's sgemm GFLOP/s;
   2. BatchNorm forward+backward (train mode, float32) at five shapes: bnnet
      (numba kernels), bnnet (NumPy reference), PyTorch (F.batch_norm + autograd),

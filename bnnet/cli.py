@@ -38,7 +38,7 @@ CHECKPOINT_NAME = "model.safetensors"
 OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "plot", "mpi4py": "mpi", "sklearn": "sklearn",
                    "tensorboardX": "tensorboard"}
 # Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
-# well above the usual ones (tuned on the bundled data, see the README).
+# well above the usual ones (tuned on the bundled data; see docs/cli.md).
 TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
 
 

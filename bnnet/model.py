@@ -206,7 +206,7 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
     """A multilayer perceptron shaped like the lecture's network.
 
     Every hidden layer is   Linear(bias=False) -> BatchNorm -> activation   (the
-    seed's rule: beta replaces b), or Linear(bias=True) -> activation when
+    lecture's rule: beta replaces b), or Linear(bias=True) -> activation when
     batchnorm=False. The last layer is a Linear with bias and no activation
     (the loss takes logits).
 
