@@ -84,17 +84,20 @@ def _write_csv(path, rows):
         w.writerows(rows)
 
 
-def _finish(out, name, rows, summary, lines, plot):
-    """Write <name>.csv, summary.json (with the date and the machine), summary.md and <name>.png into out."""
+def _finish(out, name, rows, summary, lines, plot, quick):
+    """Write <name>.png, <name>.csv, summary.json (with the date, the machine and what the figure shows)
+    and summary.md into out."""
     os.makedirs(out, exist_ok=True)
+    length = f"{summary['steps']:,} steps" if "steps" in summary else f"{summary['epochs']} epoch(s) per run"
+    title = f"{name} on {summary['data']}: {length}, seed {summary['seed']}{' (quick run)' if quick else ''}"
+    figure = plot(rows, os.path.join(out, f"{name}.png"), title)
     _write_csv(os.path.join(out, f"{name}.csv"), rows)
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"experiment": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, **summary},
-                  f, indent=1)
+        json.dump({"experiment": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
+                   "quick": quick, **summary, "figure": figure}, f, indent=1)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(rows, os.path.join(out, f"{name}.png"))
     return summary
 
 
@@ -159,7 +162,7 @@ def fig1(out, data="mnist5k", steps=None, every=None, lr=0.5, std=0.1, seed=0, q
              f"| final 15/50/85th percentiles | {final['p15_bn']:.2f} / {final['p50_bn']:.2f} / {final['p85_bn']:.2f} "
              f"| {final['p15_nobn']:.2f} / {final['p50_nobn']:.2f} / {final['p85_nobn']:.2f} |", "",
              "![fig1](fig1.png)"]
-    return _finish(out, "fig1", rows, summary, lines, plots.fig1)
+    return _finish(out, "fig1", rows, summary, lines, plots.fig1, quick)
 
 
 # --------------------------------------------------------------------------
@@ -204,7 +207,7 @@ def lr_sweep(out, data="mnist5k", steps=None, lrs=None, seed=0, quick=False, pro
             lines.append(f"| {opt_name} | {'yes' if bn else 'no'} | {span} | {best['test_accuracy']:.4f} ({best['lr']:.3g}) |")
     lines += ["", "![lr-sweep](lr-sweep.png)"]
     summary = {"steps": steps, "lrs": lrs, "seed": seed, "data": data, "stable_ranges": ranges}
-    return _finish(out, "lr-sweep", rows, summary, lines, plots.lr_sweep)
+    return _finish(out, "lr-sweep", rows, summary, lines, plots.lr_sweep, quick)
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def optimizers(out, data="mnist5k", steps=None, every=None, seed=0, quick=False,
     lines += ["", "![optimizers](optimizers.png)"]
     summary = {"steps": steps, "every": every, "seed": seed, "data": data, "lrs": DEFAULT_LR,
                "final_accuracy": final}
-    return _finish(out, "optimizers", rows, summary, lines, plots.optimizers)
+    return _finish(out, "optimizers", rows, summary, lines, plots.optimizers, quick)
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def batch_size(out, data="mnist5k", epochs=None, sizes=None, lr=1e-3, seed=0, qu
               "", "![batch-size](batch-size.png)"]
     summary = {"epochs": epochs, "sizes": sizes, "lr": lr, "seed": seed, "data": data,
                "results": {f"{r['norm']}_{r['batch_size']}": [r["test_accuracy"], r["train_eval_gap"]] for r in rows}}
-    return _finish(out, "batch-size", rows, summary, lines, plots.batch_size)
+    return _finish(out, "batch-size", rows, summary, lines, plots.batch_size, quick)
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +351,7 @@ def cnn(out, data="mnist5k", steps=None, every=None, lr=0.05, seed=0, quick=Fals
     summary = {"steps": steps, "every": every, "lr": lr, "seed": seed, "data": data, "net": net,
                "runs": [list(r) for r in CNN_RUNS], "first_step_95": first, "final_accuracy": final,
                "seconds": time.perf_counter() - start}
-    return _finish(out, "cnn", rows, summary, lines, plots.cnn)
+    return _finish(out, "cnn", rows, summary, lines, plots.cnn, quick)
 
 
 EXPERIMENTS = {"fig1": fig1, "lr-sweep": lr_sweep, "optimizers": optimizers, "batch-size": batch_size, "cnn": cnn}

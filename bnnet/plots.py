@@ -18,34 +18,58 @@ except ImportError:
                      "in bnnet's checkout, pip install \".[plot]\"") from None
 
 COLORS = {"bn": "tab:blue", "nobn": "tab:red"}
+NORM_LABELS = {"batch": "BatchNorm", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batches of 8)"}
 
 
-def _save(fig, path):
+def _save(fig, path, title):
+    """Title, save and close the figure; return what it shows (its title and each panel's title,
+    axis labels and tick labels), for summary.json and the tests."""
+    fig.suptitle(title)
     fig.tight_layout()
+    fig.canvas.draw()  # (tick labels exist once drawn)
+    shown = {"title": title, "axes": [
+        {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+         "xticklabels": [t.get_text() for t in ax.get_xticklabels() if t.get_text()],
+         "ylim": [float(v) for v in ax.get_ylim()]} for ax in fig.axes]}
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return shown
 
 
-def fig1(rows, path):
-    """(a) test accuracy vs steps; (b) 15/50/85th percentiles of one sigmoid's input, with and without BN."""
+def _zoom(ax, values, low=None, margin=0.1):
+    """Limit the y-axis to where `values` are (their later part, where curves cross), with a margin."""
+    values = np.asarray([v for v in values if np.isfinite(v)])
+    if values.size:
+        lo, hi = np.percentile(values, 5), values.max()
+        pad = max(hi - lo, 1e-3) * margin
+        ax.set_ylim(lo - pad if low is None else max(low, lo - pad), hi + pad)
+
+
+def fig1(rows, path, title):
+    """(a) test accuracy vs steps, with a zoomed panel; (b) 15/50/85th percentiles of one sigmoid's input."""
     steps = np.array([r["step"] for r in rows])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, z, b) = plt.subplots(1, 3, figsize=(14, 4))
+    late = steps >= steps.max() * 0.2
     for tag, label in (("nobn", "Without BN"), ("bn", "With BN")):
-        a.plot(steps, [r[f"test_accuracy_{tag}"] for r in rows], color=COLORS[tag], label=label)
+        acc = np.array([r[f"test_accuracy_{tag}"] for r in rows])
+        a.plot(steps, acc, color=COLORS[tag], label=label)
+        z.plot(steps[late], acc[late], color=COLORS[tag], label=label)
         lo, mid, hi = (np.array([r[f"p{q}_{tag}"] for r in rows]) for q in (15, 50, 85))
         b.fill_between(steps, lo, hi, color=COLORS[tag], alpha=0.2)
         b.plot(steps, mid, color=COLORS[tag], label=f"{label}: median, 15-85th pct.")
-    a.set(title="(a) Test accuracy", xlabel="training steps", ylabel="accuracy")
+    _zoom(z, [r[f"test_accuracy_{t}"] for r, keep in zip(rows, late) if keep for t in ("bn", "nobn")])
+    a.set(title="(a) Test accuracy", xlabel="training steps", ylabel="test accuracy")
+    z.set(title="(a) zoomed: after the first 20% of steps", xlabel="training steps", ylabel="test accuracy")
     a.legend()
-    b.set(title="(b) Input to a last-hidden-layer sigmoid", xlabel="training steps")
+    b.set(title="(b) Input to a last-hidden-layer sigmoid", xlabel="training steps", ylabel="z~ (with BN), z (without)")
     b.legend()
-    _save(fig, path)
+    return _save(fig, path, title)
 
 
-def lr_sweep(rows, path):
+def lr_sweep(rows, path, title):
     """Final test accuracy vs learning rate per optimizer; crosses mark runs that did not train stably."""
     opts = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, axes = plt.subplots(1, len(opts), figsize=(4 * len(opts), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(opts), figsize=(4 * len(opts), 3.8), sharey=True)
     for ax, opt in zip(np.atleast_1d(axes), opts):
         for bn, tag in ((1, "bn"), (0, "nobn")):
             sel = [r for r in rows if r["optimizer"] == opt and r["batchnorm"] == bn]
@@ -55,53 +79,65 @@ def lr_sweep(rows, path):
             bad = np.array([not r["stable"] for r in sel])
             ax.plot(lr[bad], acc[bad], "x", color="k", markersize=9)
         ax.set(xscale="log", title=opt, xlabel="learning rate")
-    np.atleast_1d(axes)[0].set_ylabel("test accuracy (x: unstable, shown as 0)")
+    np.atleast_1d(axes)[0].set_ylabel("final test accuracy (x: unstable, shown as 0)")
     np.atleast_1d(axes)[0].legend()
-    _save(fig, path)
+    return _save(fig, path, title)
 
 
-def optimizers(rows, path):
-    """Training loss and test accuracy vs steps for each optimizer, solid with BN, dashed without."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+def optimizers(rows, path, title):
+    """Training loss and test accuracy vs steps for each optimizer, solid with BN, dashed without; the
+    accuracy axis zoomed to where the curves are after the first steps."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    last = max(r["step"] for r in rows)
     for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in rows)):
         for bn in (1, 0):
             sel = [r for r in rows if r["optimizer"] == opt and r["batchnorm"] == bn and r["step"] > 0]
             style = dict(color=f"C{i}", linestyle="-" if bn else "--", label=f"{opt}{' + BN' if bn else ''}")
             a.plot([r["step"] for r in sel], [r["train_loss"] for r in sel], **style)
             b.plot([r["step"] for r in sel], [r["test_accuracy"] for r in sel], **style)
-    a.set(title="Training loss", xlabel="training steps", yscale="log")
-    b.set(title="Test accuracy", xlabel="training steps")
-    b.legend(fontsize=8)
-    _save(fig, path)
+    _zoom(b, [r["test_accuracy"] for r in rows if r["step"] >= 0.2 * last])
+    a.set(title="Training loss", xlabel="training steps", ylabel="mean loss since the last point", yscale="log")
+    b.set(title="Test accuracy (zoomed)", xlabel="training steps", ylabel="test accuracy")
+    b.legend(fontsize=8, ncol=2)
+    return _save(fig, path, title)
 
 
-def batch_size(rows, path):
-    """Test accuracy and train/eval gap vs batch size, one line per normalization."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+def batch_size(rows, path, title):
+    """Test accuracy and train/eval gap vs batch size, one line per normalization, every size labelled."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = sorted({r["batch_size"] for r in rows})
     for i, norm in enumerate(dict.fromkeys(r["norm"] for r in rows)):
         sel = [r for r in rows if r["norm"] == norm]
-        sizes = [r["batch_size"] for r in sel]
-        a.plot(sizes, [r["test_accuracy"] for r in sel], "o-", color=f"C{i}", label=norm)
-        b.plot(sizes, [r["train_eval_gap"] for r in sel], "o-", color=f"C{i}", label=norm)
-    a.set(xscale="log", title="Test accuracy (eval mode)", xlabel="batch size")
-    b.set(xscale="log", yscale="log", title="Train-mode vs eval-mode outputs (relative gap)", xlabel="batch size")
+        label = NORM_LABELS.get(norm, norm)
+        a.plot([r["batch_size"] for r in sel], [r["test_accuracy"] for r in sel], "o-", color=f"C{i}", label=label)
+        b.plot([r["batch_size"] for r in sel], [r["train_eval_gap"] for r in sel], "o-", color=f"C{i}", label=label)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(v) for v in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("batch size (rows)")
+    a.set(title="Test accuracy (eval mode)", ylabel="test accuracy")
+    b.set(yscale="log", title="Train-mode vs eval-mode outputs",
+          ylabel="gap = mean |train - eval| / mean |eval| (logits)")
     a.legend()
-    _save(fig, path)
+    return _save(fig, path, title)
 
 
-def cnn(rows, path):
+def cnn(rows, path, title):
     """Training loss and test accuracy vs steps, one line per run of the cnn experiment."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    last = max(r["step"] for r in rows)
     for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
         sel = [r for r in rows if r["run"] == run and r["step"] > 0]
         style = dict(color=f"C{i}", label=f"{run} (batch {sel[0]['batch_size']})" if sel else run)
         a.plot([r["step"] for r in sel], [r["train_loss"] for r in sel], **style)
         b.plot([r["step"] for r in sel], [r["test_accuracy"] for r in sel], **style)
     b.axhline(0.95, color="0.6", linewidth=0.8, linestyle=":")
-    a.set(title="Training loss", xlabel="training steps", yscale="log")
-    b.set(title="Test accuracy", xlabel="training steps")
+    _zoom(b, [r["test_accuracy"] for r in rows if r["step"] >= 0.1 * last])
+    a.set(title="Training loss", xlabel="training steps", ylabel="mean loss since the last point", yscale="log")
+    b.set(title="Test accuracy (dotted: 95%)", xlabel="training steps", ylabel="test accuracy")
     b.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path, title)
 
 
 def train_run(history, path, title):
@@ -119,5 +155,4 @@ def train_run(history, path, title):
     b.legend()
     for ax in (a, b):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.suptitle(title)
-    _save(fig, path)
+    return _save(fig, path, title)

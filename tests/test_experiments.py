@@ -32,7 +32,13 @@ def _check_files(folder, name):
     with open(folder / f"{name}.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(folder / "summary.json") as f:
-        return json.load(f)
+        summary = json.load(f)
+    # what the figure shows, read back from it: a title with the dataset, length and mode; labelled axes
+    figure = summary["figure"]
+    assert figure["title"].startswith(f"{name} on mnist5k: ") and figure["title"].endswith("(quick run)")
+    assert figure["axes"] and all(ax["title"] and ax["xlabel"] for ax in figure["axes"])
+    assert figure["axes"][0]["ylabel"]
+    return summary
 
 
 def test_fig1(runs):
@@ -104,6 +110,19 @@ def test_experiment_argument_errors(tmp_path, capsys):
     assert main(["experiment", "fig1", "--epochs", "2", "--out", str(tmp_path)]) == 1
     assert "--epochs applies to experiment batch-size only" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_batch_size_figure_labels_every_size(runs):
+    figure = json.loads((runs / "batch-size" / "summary.json").read_text())["figure"]
+    assert [ax["xticklabels"] for ax in figure["axes"]] == [["4", "16", "64"]] * 2
+    assert "gap = mean |train - eval| / mean |eval|" in figure["axes"][1]["ylabel"]
+
+
+def test_accuracy_panels_are_zoomed_to_the_curves(runs):
+    rows = _rows(runs / "optimizers" / "optimizers.csv")
+    late = [float(r["test_accuracy"]) for r in rows if int(r["step"]) >= 12]
+    low, high = json.loads((runs / "optimizers" / "summary.json").read_text())["figure"]["axes"][1]["ylim"]
+    assert min(late) - 0.2 * (max(late) - min(late)) <= low and high <= max(late) + 0.2 * (max(late) - min(late)) + 1e-3
 
 
 def test_cnn(runs):
