@@ -9,9 +9,9 @@ met; and the accuracy and time of `bnnet train` between <!-- train:begin -->
 and <!-- train:end -->. With --conv (a results file of `run.py --only
 bn2d,cnnstep,cnntrain --name conv`), the convolutional tables between <!--
 conv:begin --> and <!-- conv:end --> and `bnnet train --model cnn` between <!--
-cnntrain:begin --> and <!-- cnntrain:end -->; with --cnn (the summary.json of
-`bnnet experiment cnn`), its findings between <!-- cnn:begin --> and <!--
-cnn:end -->. No number in those parts of the README is typed by hand.
+cnntrain:begin --> and <!-- cnntrain:end -->; for each experiment (the summary.json of
+`bnnet experiment NAME`, saved as results/experiments/NAME.json), its findings
+between <!-- exp-NAME:begin --> and <!-- exp-NAME:end -->. No number in those parts of the README is typed by hand.
 """
 import argparse
 import json
@@ -222,6 +222,53 @@ def render_cnntrain(r):
             f"{row['seed']}, measured {r['date'][:10]})")
 
 
+def render_fig1(e):
+    """Figure 1's findings: a table and the sentence that reads it."""
+    def step(tag):
+        v = e[f"steps_to_90_{tag}"]
+        return f"{v:,}" if v is not None else f"not in {e['steps']:,}"
+
+    table_ = table(["", "with BN", "without BN"], [
+        ["final test accuracy", f"{e['final_accuracy_bn']:.3f}", f"{e['final_accuracy_nobn']:.3f}"],
+        ["first step with test accuracy >= 0.9", step("bn"), step("nobn")],
+        ["range of the median sigmoid input after the first 10% of steps", f"{e['median_drift_bn']:.2f}",
+         f"{e['median_drift_nobn']:.2f}"]])
+    return (f"\n{_measured(e)}\n\n" + table_)
+
+
+def _measured(e):
+    return (f"{e['data']}, seed {e['seed']}, {e.get('steps', e.get('epochs')):,} "
+            f"{'steps' if 'steps' in e else 'epoch(s) per run'}; measured {e['date'][:10]} on a "
+            f"{e['machine']['cpu_count']}-core machine ({e['experiment']}.json in benchmarks/results/experiments)")
+
+
+def render_lr_sweep(e):
+    def span(key):
+        r = e["stable_ranges"][key]
+        return "none" if r is None else f"{r[0]:.3g} to {r[1]:.3g}"
+
+    rows = [[opt, span(f"{opt}_bn"), span(f"{opt}_nobn")] for opt in ("sgd", "momentum", "adam")]
+    return (f"\n{_measured(e)}; {len(e['lrs'])} learning rates from {min(e['lrs']):g} to {max(e['lrs']):g}:\n\n"
+            + table(["optimizer", "learning rates that train stably, with BN", "without BN"], rows))
+
+
+def render_optimizers(e):
+    f = e["final_accuracy"]
+    rows = [[opt, f"{f[opt + '_bn']:.3f}", f"{f[opt + '_nobn']:.3f}"] for opt in e["lrs"]]
+    return (f"\n{_measured(e)}; learning rates " + ", ".join(f"{k} {v:g}" for k, v in e["lrs"].items())
+            + ":\n\n" + table(["optimizer", "final test accuracy with BN", "without BN"], rows))
+
+
+def render_batch_size(e):
+    res = e["results"]
+    norms = [n for n in ("batch", "renorm", "ghost") if f"{n}_{e['sizes'][0]}" in res]
+    rows = [[b] + [f"{res[f'{n}_{b}'][0]:.3f} / {res[f'{n}_{b}'][1]:.3f}" for n in norms] for b in e["sizes"]]
+    labels = {"batch": "BatchNorm", "renorm": "Batch Renorm", "ghost": "Ghost BN"}
+    return (f"\n{_measured(e)}; Adam lr {e['lr']:g}. Each cell: eval-mode test accuracy / train-eval gap "
+            "(mean |train-mode - eval-mode logits| / mean |eval-mode logits|):\n\n"
+            + table(["batch"] + [labels[n] for n in norms], rows))
+
+
 def render_cnn(e):
     """The cnn experiment's findings from its summary.json."""
     first, final = e["first_step_95"], e["final_accuracy"]
@@ -237,10 +284,60 @@ def render_cnn(e):
             f"{final['renorm_b4']:.3f}.")
 
 
+EXPERIMENT_RENDERERS = {"fig1": render_fig1, "lr-sweep": render_lr_sweep, "optimizers": render_optimizers,
+                        "batch-size": render_batch_size, "cnn": render_cnn}
+
+
+def experiment_blocks(folder):
+    """{(begin, end): text} for each experiment whose summary.json is saved in `folder` as <name>.json:
+    the block <!-- exp-<name>:begin --> ... <!-- exp-<name>:end --> of the docs."""
+    blocks = {}
+    for name, render in EXPERIMENT_RENDERERS.items():
+        path = os.path.join(folder, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                blocks[f"<!-- exp-{name}:begin -->", f"<!-- exp-{name}:end -->"] = render(json.load(f))
+    return blocks
+
+
 def _fill(text, begin, end, body):
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return head + begin + body + end + tail
+
+
+def rendered_pages(readme, results, conv=None):
+    """{page path: its text with every measured block rendered from the results files}; SystemExit if a
+    block has no page."""
+    blocks = {}  # (begin, end) -> text
+    with open(results) as f:
+        r = json.load(f)
+    blocks[BEGIN, END] = "\n" + render(r)
+    if r.get("train"):
+        blocks[TRAIN_BEGIN, TRAIN_END] = render_train(r)
+    conv = conv or os.path.join(HERE, "results", "conv.json")
+    if os.path.exists(conv):
+        with open(conv) as f:
+            c = json.load(f)
+        blocks["<!-- conv:begin -->", "<!-- conv:end -->"] = "\n" + render_conv(c)
+        if c.get("cnntrain"):
+            blocks["<!-- cnntrain:begin -->", "<!-- cnntrain:end -->"] = render_cnntrain(c)
+    blocks.update(experiment_blocks(os.path.join(HERE, "results", "experiments")))
+    docs = os.path.join(os.path.dirname(os.path.abspath(readme)), "docs")
+    pages = [readme] + sorted(os.path.join(docs, p) for p in os.listdir(docs) if p.endswith(".md"))
+    out, filled = {}, set()
+    for page in pages:
+        with open(page) as f:
+            text = f.read()
+        for (begin, end), body in blocks.items():
+            if begin in text and end in text:
+                text = _fill(text, begin, end, body)
+                filled.add(begin)
+        out[page] = text
+    missing = [begin for begin, _ in blocks if begin not in filled]
+    if missing:
+        sys.exit(f"no page holds the blocks {missing}")
+    return out
 
 
 def main(argv=None):
@@ -249,41 +346,11 @@ def main(argv=None):
     ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"),
                     help="the README; the pages of docs/ beside it are filled too")
     ap.add_argument("--conv", default=None, help="results of run.py --name conv (default results/conv.json if any)")
-    ap.add_argument("--cnn", default=None, help="summary.json of `bnnet experiment cnn` "
-                                                "(default results/cnn-experiment.json if any)")
     args = ap.parse_args(argv)
-    blocks = {}  # (begin, end) -> text
-    with open(args.results) as f:
-        r = json.load(f)
-    blocks[BEGIN, END] = "\n" + render(r)
-    if r.get("train"):
-        blocks[TRAIN_BEGIN, TRAIN_END] = render_train(r)
-    conv = args.conv or os.path.join(HERE, "results", "conv.json")
-    if os.path.exists(conv):
-        with open(conv) as f:
-            c = json.load(f)
-        blocks["<!-- conv:begin -->", "<!-- conv:end -->"] = "\n" + render_conv(c)
-        if c.get("cnntrain"):
-            blocks["<!-- cnntrain:begin -->", "<!-- cnntrain:end -->"] = render_cnntrain(c)
-    cnn = args.cnn or os.path.join(HERE, "results", "cnn-experiment.json")
-    if os.path.exists(cnn):
-        with open(cnn) as f:
-            blocks["<!-- cnn:begin -->", "<!-- cnn:end -->"] = render_cnn(json.load(f))
-    docs = os.path.join(os.path.dirname(os.path.abspath(args.readme)), "docs")
-    pages = [args.readme] + sorted(os.path.join(docs, p) for p in os.listdir(docs) if p.endswith(".md"))
-    filled = set()
-    for page in pages:
-        with open(page) as f:
-            text = f.read()
-        for (begin, end), body in blocks.items():
-            if begin in text and end in text:
-                text = _fill(text, begin, end, body)
-                filled.add(begin)
+    pages = rendered_pages(args.readme, args.results, args.conv)
+    for page, text in pages.items():
         with open(page, "w") as f:
             f.write(text)
-    missing = [begin for begin, _ in blocks if begin not in filled]
-    if missing:
-        sys.exit(f"no page holds the blocks {missing}")
     print(f"updated {len(pages)} pages from {args.results}")
 
 

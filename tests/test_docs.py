@@ -41,3 +41,16 @@ def test_every_python_block_runs(page, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert res.returncode == 0, f"{page.name}:\n{res.stderr[-3000:]}"
+
+
+def test_measured_numbers_are_what_the_results_files_say():
+    """Every generated block of the README and docs/ equals what benchmarks/readme.py renders from
+    the committed results files (run it after a new measurement)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "benchmarks" / "readme.py")
+    readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    pages = readme.rendered_pages(str(ROOT / "README.md"), str(ROOT / "benchmarks" / "results" / "latest.json"))
+    stale = [Path(p).name for p, text in pages.items() if Path(p).read_text() != text]
+    assert not stale, f"run python benchmarks/readme.py: these pages differ from the results files: {stale}"

@@ -150,3 +150,36 @@ def test_report_on_a_train_run_draws_its_learning_curves(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "history.json").write_text("{}")
     assert main(["report", str(tmp_path / "broken")]) == 1
+
+
+QUICK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "experiments-quick")
+
+
+def _close(a, b, what, acc=0.05):
+    """Equal structure; numbers within `acc` absolute (accuracies, on a few hundred test images) or 10%
+    relative (other quantities): BLAS and thread counts may round differently on another machine."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _close(a[k], b[k], f"{what}.{k}", acc)
+    elif isinstance(a, list):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{what}[{i}]", acc)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= max(acc if abs(a) <= 1 else 0, 0.1 * abs(b)), (what, a, b)
+    else:
+        assert a == b, (what, a, b)
+
+
+@pytest.mark.parametrize("name", ["fig1", "lr-sweep", "optimizers", "batch-size", "cnn"])
+def test_quick_runs_still_give_the_committed_findings(runs, name):
+    """The code against benchmarks/results/experiments-quick (written by `bnnet experiment NAME --quick`):
+    a change that moves an experiment's findings fails here until the findings are measured again."""
+    with open(os.path.join(QUICK, f"{name}.json")) as f:
+        committed = json.load(f)
+    with open(runs / name / "summary.json") as f:
+        now = json.load(f)
+    skip = {"date", "machine", "figure", "seconds"}
+    _close({k: v for k, v in now.items() if k not in skip}, {k: v for k, v in committed.items() if k not in skip},
+           name)
