@@ -1,6 +1,7 @@
 """Data-parallel step time, run under mpiexec by benchmarks/run.py (section "mpi").
 
-    mpiexec -n K python benchmarks/mpi_step.py '{"sizes": [...], "activation": ..., "batch": B, "steps": S, "rounds": R}'
+    mpiexec -n K python benchmarks/mpi_step.py \
+        '{"sizes": [...], "activation": ..., "batch": B, "steps": S, "rounds": R}'
 
 Times bnnet.fit over S global mini-batches of B rows (split over the K ranks),
 alternating synchronized and local BatchNorm for R rounds, and prints one JSON
@@ -8,6 +9,7 @@ line from rank 0: per mode, the best per-step wall time, the time spent inside
 collectives (waiting for the slower rank included) and the bytes this rank
 handed to MPI per step. With K = 1 it trains without a communicator.
 """
+
 import json
 import sys
 import time
@@ -27,8 +29,17 @@ def run(cfg, comm, mode, steps):
     if use is not None and mode == "sync":
         model = distributed.sync_batchnorm(model, comm)
     opt = bnnet.optim.SGD(0.01)
-    bnnet.fit(model, X[:cfg["batch"] * 3], y[:cfg["batch"] * 3], optimizer=opt, epochs=1, batch_size=cfg["batch"],
-              seed=0, progress=False, comm=use)  # warm-up: buffers, caches
+    bnnet.fit(
+        model,
+        X[: cfg["batch"] * 3],
+        y[: cfg["batch"] * 3],
+        optimizer=opt,
+        epochs=1,
+        batch_size=cfg["batch"],
+        seed=0,
+        progress=False,
+        comm=use,
+    )  # warm-up: buffers, caches
     if use is not None:
         comm.comm.Barrier()
     comm.reset_stats()
@@ -38,10 +49,12 @@ def run(cfg, comm, mode, steps):
     stats = dict(comm.stats)
     n_bcast = len(model.params) + len(model.buffers)  # start-up broadcasts, not per step
     start_bytes = sum(a.nbytes for a in list(model.params.values()) + list(model.buffers.values()))
-    return {"step_ms": 1e3 * seconds / steps,
-            "comm_ms": 1e3 * stats["seconds"] / steps,
-            "bytes_per_step": (stats["bytes"] - (start_bytes if use else 0)) / steps,
-            "calls_per_step": (stats["calls"] - (n_bcast if use else 0)) / steps}
+    return {
+        "step_ms": 1e3 * seconds / steps,
+        "comm_ms": 1e3 * stats["seconds"] / steps,
+        "bytes_per_step": (stats["bytes"] - (start_bytes if use else 0)) / steps,
+        "calls_per_step": (stats["calls"] - (n_bcast if use else 0)) / steps,
+    }
 
 
 def main():

@@ -23,6 +23,7 @@ Every library runs in its own worker process (benchmarks/workers.py), one at a
 time, alternating round by round, at 1 and 2 threads; each is reported at its
 best thread count. Timing never goes into the unit tests: this is the place.
 """
+
 import argparse
 import json
 import os
@@ -72,8 +73,13 @@ class Worker:
         if lib == "jax" and threads == 1:
             env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         self.lib, self.threads = lib, threads
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "workers.py"), lib], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "workers.py"), lib],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         ready = self.proc.stdout.readline()
         if not ready:
             raise RuntimeError(f"worker {lib} failed to start (is it installed? pip install '.[bench]')")
@@ -129,7 +135,8 @@ def startup(cache_dir):
         "import numpy as np, bnnet\n"
         "t1 = time.perf_counter()\n"
         "m = bnnet.mlp([784, 100, 100, 100, 10], activation='sigmoid', seed=0); opt = bnnet.optim.Adam(1e-3)\n"
-        "L = bnnet.losses.SoftmaxCrossEntropy(); X = np.random.rand(60, 784).astype(np.float32); y = np.arange(60) % 10\n"
+        "L = bnnet.losses.SoftmaxCrossEntropy()\n"
+        "X = np.random.rand(60, 784).astype(np.float32); y = np.arange(60) % 10\n"
         "def step():\n"
         "    L.forward(m.forward(X, train=True), y); m.backward(L.backward()); opt.step(m); m.predict(X)\n"
         "t2 = time.perf_counter(); step(); t3 = time.perf_counter()\n"
@@ -142,15 +149,25 @@ def startup(cache_dir):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     wall = time.perf_counter() - wall
     imp, first, steady = map(float, out.split())
-    return {"process_seconds": wall, "import_seconds": imp, "first_step_seconds": first,
-            "steady_step_seconds": steady, "compile_or_load_seconds": first - steady}
+    return {
+        "process_seconds": wall,
+        "import_seconds": imp,
+        "first_step_seconds": first,
+        "steady_step_seconds": steady,
+        "compile_or_load_seconds": first - steady,
+    }
 
 
 def _train_seconds(env):
     """The training time of `bnnet train --epochs 2`, from the run's summary.json."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "bnnet", "train", "--epochs", "2", "--quiet", "--out", out],
-                       env=env, capture_output=True, text=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bnnet", "train", "--epochs", "2", "--quiet", "--out", out],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         with open(os.path.join(out, "summary.json")) as f:
             return json.load(f)["train_seconds"]
 
@@ -161,21 +178,33 @@ def train_section(options=(), seeds=(0, 1, 2)):
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
             wall = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "bnnet", "train", *options, "--seed", str(seed), "--quiet",
-                            "--out", out],
-                           capture_output=True, text=True, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "bnnet", "train", *options, "--seed", str(seed), "--quiet", "--out", out],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             wall = time.perf_counter() - wall
             with open(os.path.join(out, "summary.json")) as f:
                 summary = json.load(f)
-        rows.append({"seed": seed, "test_accuracy": summary["test_accuracy"],
-                     "train_seconds": summary["train_seconds"], "wall_seconds": wall})
+        rows.append(
+            {
+                "seed": seed,
+                "test_accuracy": summary["test_accuracy"],
+                "train_seconds": summary["train_seconds"],
+                "wall_seconds": wall,
+            }
+        )
     return rows
 
 
 def busy_section(cores, rounds, log):
     """2 epochs of bnnet train, idle and next to `cores` busy-loop processes, with the default
     threads and with OPENBLAS_NUM_THREADS=1; rounds alternate idle and busy."""
-    settings = {"default threads": dict(os.environ), "OPENBLAS_NUM_THREADS=1": dict(os.environ, OPENBLAS_NUM_THREADS="1")}
+    settings = {
+        "default threads": dict(os.environ),
+        "OPENBLAS_NUM_THREADS=1": dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    }
     times = {k: {"idle": [], "busy": []} for k in settings}
     for _ in range(max(rounds, 5)):  # runs next to busy loops are bimodal: take enough for a median
         for name, env in settings.items():
@@ -201,8 +230,13 @@ def mpi_section(quick, log):
     for net, steps in (("paper", 300), ("wide", 100)):
         cfg = dict(NETS[net], steps=steps // (3 if quick else 1), rounds=1 if quick else 3)
         for k in (1, 2, 4):
-            proc = subprocess.run([mpiexec, "-n", str(k), sys.executable, os.path.join(HERE, "mpi_step.py"),
-                                   json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(
+                [mpiexec, "-n", str(k), sys.executable, os.path.join(HERE, "mpi_step.py"), json.dumps(cfg)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if proc.returncode:
                 raise RuntimeError(f"mpi_step.py on {k} ranks failed:\n{proc.stderr[-2000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -221,15 +255,41 @@ def mpi_markdown(results):
             extra = ""
             if mode == "sync":
                 extra = f"{100 * (m['step_ms'] / r['local']['step_ms'] - 1):+.0f}%"
-            rows.append([r["net"], r["batch"], r["ranks"], mode, f"{m['step_ms']:.3f}",
-                         f"{r['batch'] / m['step_ms'] * 1e3:,.0f}", f"{m['comm_ms']:.3f}",
-                         f"{m['calls_per_step']:.0f}", f"{m['bytes_per_step'] / 1024:.1f}", extra])
-    return ("\n## Data-parallel training over MPI (one thread per rank, SGD, float32)\n\n"
-            "Global batch split over the ranks; comm = time inside collectives per step (waiting for the "
-            "slower rank included); KiB = bytes this rank hands to MPI per step; SyncBN cost = sync step time "
-            "over local-BN step time at the same rank count.\n\n"
-            + fmt_table(["net", "batch", "ranks", "BN", "step ms", "samples/s", "comm ms", "collectives",
-                         "KiB/step", "SyncBN cost"], rows))
+            rows.append(
+                [
+                    r["net"],
+                    r["batch"],
+                    r["ranks"],
+                    mode,
+                    f"{m['step_ms']:.3f}",
+                    f"{r['batch'] / m['step_ms'] * 1e3:,.0f}",
+                    f"{m['comm_ms']:.3f}",
+                    f"{m['calls_per_step']:.0f}",
+                    f"{m['bytes_per_step'] / 1024:.1f}",
+                    extra,
+                ]
+            )
+    return (
+        "\n## Data-parallel training over MPI (one thread per rank, SGD, float32)\n\n"
+        "Global batch split over the ranks; comm = time inside collectives per step (waiting for the "
+        "slower rank included); KiB = bytes this rank hands to MPI per step; SyncBN cost = sync step time "
+        "over local-BN step time at the same rank count.\n\n"
+        + fmt_table(
+            [
+                "net",
+                "batch",
+                "ranks",
+                "BN",
+                "step ms",
+                "samples/s",
+                "comm ms",
+                "collectives",
+                "KiB/step",
+                "SyncBN cost",
+            ],
+            rows,
+        )
+    )
 
 
 def fmt_table(header, rows):
@@ -245,8 +305,11 @@ def main(argv=None):
     ap.add_argument("--libs", default="bnnet,bnnet-numpy,torch,jax")
     ap.add_argument("--threads", default=None, help="thread counts to try, e.g. 1,2 (default: 1 and all cores)")
     ap.add_argument("--name", default="latest", help="results file name: <name>.json and <name>.md (default latest)")
-    ap.add_argument("--only", default="bn,flat,step,fold,memory,startup,train,busy,mpi,bn2d,cnnstep,cnntrain",
-                    help="sections to run after the machine measurements (default: all)")
+    ap.add_argument(
+        "--only",
+        default="bn,flat,step,fold,memory,startup,train,busy,mpi,bn2d,cnnstep,cnntrain",
+        help="sections to run after the machine measurements (default: all)",
+    )
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     reps = 3 if args.quick else 10
@@ -255,11 +318,22 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     shapes = [(n, d) for n, d in BN_SHAPES if not args.quick or n * d <= 4_000_000]
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {"cpu_count": cores,
-              "platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
-              "blas_env": {v: os.environ.get(v) for v in BLAS_OVERRIDES}}, "rounds": rounds}
-    md = [f"# bnnet benchmarks, {report['date']}\n", f"Machine: {cores} cores, {platform.platform()}; "
-          f"BLAS environment: {report['machine']['blas_env']}; {rounds} alternating round(s).\n"]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "cpu_count": cores,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": sys.version.split()[0],
+            "blas_env": {v: os.environ.get(v) for v in BLAS_OVERRIDES},
+        },
+        "rounds": rounds,
+    }
+    md = [
+        f"# bnnet benchmarks, {report['date']}\n",
+        f"Machine: {cores} cores, {platform.platform()}; "
+        f"BLAS environment: {report['machine']['blas_env']}; {rounds} alternating round(s).\n",
+    ]
 
     def log(*a):
         print(*a, flush=True)
@@ -280,95 +354,159 @@ def main(argv=None):
         gemm = ours.ask(task="sgemm", shapes=sgemm_shapes, reps=reps)
         bandwidth = max(bw["read_GBps"], bw["copy_GBps"])
         report["bandwidth"], report["sgemm_GFLOPs"] = bw, gemm
-        md.append(f"\n## Machine\n\nStreaming bandwidth ({cores} threads): read {bw['read_GBps']:.1f} GB/s, "
-                  f"copy {bw['copy_GBps']:.1f} GB/s (numpy copy, 1 thread: {bw['numpy_copy_GBps']:.1f} GB/s). "
-                  "numpy sgemm: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()) + ".\n")
+        md.append(
+            f"\n## Machine\n\nStreaming bandwidth ({cores} threads): read {bw['read_GBps']:.1f} GB/s, "
+            f"copy {bw['copy_GBps']:.1f} GB/s (numpy copy, 1 thread: {bw['numpy_copy_GBps']:.1f} GB/s). "
+            "numpy sgemm: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()) + ".\n"
+        )
         log(md[-1])
 
         # 2. BatchNorm forward + backward
         bn_rows, report["bn"] = [], {}
         for n, d in shapes if "bn" in only else []:
-            res = alternate(workers, rounds, dict(task="bn", shape=[n, d], reps=reps,
-                                                  min_seconds=0.2 if args.quick else 0.5))
+            res = alternate(
+                workers, rounds, dict(task="bn", shape=[n, d], reps=reps, min_seconds=0.2 if args.quick else 0.5)
+            )
             entry = {}
             for lib in libs:
                 th, r = best_threads(res, lib)
-                entry[lib] = {**r, "threads": th, "ns_per_element": r["median"] / (n * d) * 1e9,
-                              "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9}
+                entry[lib] = {
+                    **r,
+                    "threads": th,
+                    "ns_per_element": r["median"] / (n * d) * 1e9,
+                    "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9,
+                }
                 entry[lib]["pct_bandwidth"] = 100 * entry[lib]["GBps"] / bandwidth
             if "bnnet" in libs:  # the public layer writing into the caller's buffers (out=)
-                r = summarize(sum((ours.ask(task="bn", shape=[n, d], reps=reps, out=True,
-                                            min_seconds=0.2 if args.quick else 0.5)["times"]
-                                   for _ in range(rounds)), []))
+                r = summarize(
+                    sum(
+                        (
+                            ours.ask(
+                                task="bn", shape=[n, d], reps=reps, out=True, min_seconds=0.2 if args.quick else 0.5
+                            )["times"]
+                            for _ in range(rounds)
+                        ),
+                        [],
+                    )
+                )
                 entry["bnnet-out"] = {**r, "GBps": BYTES_PER_ELEMENT * n * d / r["median"] / 1e9}
                 entry["bnnet-out"]["pct_bandwidth"] = 100 * entry["bnnet-out"]["GBps"] / bandwidth
             report["bn"][f"{n}x{d}"] = entry
             o = entry["bnnet"]
-            row = [f"{n}x{d}", f"{o['min']*1e6:.0f} / {o['median']*1e6:.0f}", f"{o['ns_per_element']:.2f}",
-                   f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)"]
+            row = [
+                f"{n}x{d}",
+                f"{o['min'] * 1e6:.0f} / {o['median'] * 1e6:.0f}",
+                f"{o['ns_per_element']:.2f}",
+                f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)",
+            ]
             for peer in [l for l in libs if l != "bnnet"]:
-                row.append(f"{entry[peer]['median']*1e6:.0f} us = **{entry[peer]['median'] / o['median']:.2f}x**")
+                row.append(f"{entry[peer]['median'] * 1e6:.0f} us = **{entry[peer]['median'] / o['median']:.2f}x**")
             if "bnnet-out" in entry:
                 q = entry["bnnet-out"]
-                torch_ratio = f", torch/this **{entry['torch']['median'] / q['median']:.2f}x**" if "torch" in entry else ""
-                row.append(f"{q['median']*1e6:.0f} us, {q['pct_bandwidth']:.0f}% bw{torch_ratio}")
+                torch_ratio = (
+                    f", torch/this **{entry['torch']['median'] / q['median']:.2f}x**" if "torch" in entry else ""
+                )
+                row.append(f"{q['median'] * 1e6:.0f} us, {q['pct_bandwidth']:.0f}% bw{torch_ratio}")
             bn_rows.append(row)
             log(row)
-        md.append("" if not bn_rows else "\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
-                  f"GB/s at {BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth); each peer: median and "
-                  "its time divided by bnnet's (> 1: bnnet is faster).\n\n")
+        md.append(
+            ""
+            if not bn_rows
+            else "\n## BatchNorm forward + backward (train mode, float32)\n\nbnnet: min / median us, ns per element, "
+            f"GB/s at {BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth); each peer: median and "
+            "its time divided by bnnet's (> 1: bnnet is faster).\n\n"
+        )
         if bn_rows:
-            md.append(fmt_table(["shape", "bnnet us", "ns/elem", "GB/s"] + [l for l in libs if l != "bnnet"]
-                                + (["bnnet with out="] if "bnnet" in libs else []), bn_rows))
+            md.append(
+                fmt_table(
+                    ["shape", "bnnet us", "ns/elem", "GB/s"]
+                    + [l for l in libs if l != "bnnet"]
+                    + (["bnnet with out="] if "bnnet" in libs else []),
+                    bn_rows,
+                )
+            )
         # flatness: bnnet's ns/element as the batch grows at D = 100
         if "bnnet" in libs and "flat" in only:
             rows = [10_000, 30_000, 100_000, 300_000] + ([] if args.quick else [1_000_000])
             flat = {}
             for n in rows:
-                t = summarize(sum((ours.ask(task="bn", shape=[n, 100], reps=reps, min_seconds=0.3)["times"]
-                                   for _ in range(rounds)), []))
+                t = summarize(
+                    sum(
+                        (
+                            ours.ask(task="bn", shape=[n, 100], reps=reps, min_seconds=0.3)["times"]
+                            for _ in range(rounds)
+                        ),
+                        [],
+                    )
+                )
                 flat[n] = t["median"] / (n * 100) * 1e9
             report["bn_flatness_D100"] = flat
             spread = 100 * (max(flat.values()) / min(flat.values()) - 1)
-            md.append(f"\nbnnet ns/element at D=100 as rows grow: " + ", ".join(f"{n:,}: {v:.2f}" for n, v in flat.items())
-                      + f" (spread {spread:.0f}%).\n")
+            md.append(
+                "\nbnnet ns/element at D=100 as rows grow: "
+                + ", ".join(f"{n:,}: {v:.2f}" for n, v in flat.items())
+                + f" (spread {spread:.0f}%).\n"
+            )
             log(md[-1])
 
         # 3. training steps
         step_libs = [l for l in libs if l != "bnnet-numpy"]
         report["step"], step_rows = {}, []
         for name, net in NETS.items() if "step" in only else []:
-            res = alternate({k: w for k, w in workers.items() if k[0] in step_libs}, rounds,
-                            dict(task="step", reps=reps * 5, min_seconds=0.5 if args.quick else 2.0, **net))
+            res = alternate(
+                {k: w for k, w in workers.items() if k[0] in step_libs},
+                rounds,
+                dict(task="step", reps=reps * 5, min_seconds=0.5 if args.quick else 2.0, **net),
+            )
             entry = {}
             for lib in step_libs:
                 th, r = best_threads(res, lib)
                 entry[lib] = {**r, "threads": th, "samples_per_s": net["batch"] / r["median"]}
             flops, nbytes = gemm_flops(net["sizes"], net["batch"]), bn_bytes(net["sizes"], net["batch"])
             roof = flops / (gemm["2048x2048x2048"] * 1e9) + nbytes / (bandwidth * 1e9)
-            entry["roofline"] = {"gemm_flops": flops, "bn_bytes": nbytes, "seconds": roof,
-                                 "bnnet_fraction": roof / entry["bnnet"]["median"]}
+            entry["roofline"] = {
+                "gemm_flops": flops,
+                "bn_bytes": nbytes,
+                "seconds": roof,
+                "bnnet_fraction": roof / entry["bnnet"]["median"],
+            }
             bw_ = workers[("bnnet", entry["bnnet"]["threads"])]
-            g = summarize(sum((bw_.ask(task="gemms", reps=reps * 5, min_seconds=0.5, **net)["times"]
-                               for _ in range(rounds)), []))
+            g = summarize(
+                sum((bw_.ask(task="gemms", reps=reps * 5, min_seconds=0.5, **net)["times"] for _ in range(rounds)), [])
+            )
             entry["gemm_share"] = g["median"] / entry["bnnet"]["median"]
             report["step"][name] = entry
             o = entry["bnnet"]
-            row = [name, f"{'-'.join(map(str, net['sizes']))} {net['activation']}, batch {net['batch']}",
-                   f"{o['samples_per_s']:,.0f} ({o['threads']} thr)"]
+            row = [
+                name,
+                f"{'-'.join(map(str, net['sizes']))} {net['activation']}, batch {net['batch']}",
+                f"{o['samples_per_s']:,.0f} ({o['threads']} thr)",
+            ]
             for peer in [l for l in step_libs if l != "bnnet"]:
-                row.append(f"{entry[peer]['samples_per_s']:,.0f} ({entry[peer]['threads']} thr) = "
-                           f"**{o['samples_per_s'] / entry[peer]['samples_per_s']:.2f}x**")
+                row.append(
+                    f"{entry[peer]['samples_per_s']:,.0f} ({entry[peer]['threads']} thr) = "
+                    f"**{o['samples_per_s'] / entry[peer]['samples_per_s']:.2f}x**"
+                )
             row.append(f"{net['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%")
             row.append(f"{100 * entry['gemm_share']:.0f}%")
             step_rows.append(row)
             log(row)
-        md.append("" if not step_rows else "\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
-                  "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's matmul FLOPs at "
-                  "the measured 2048^3 sgemm rate plus its BN bytes at the measured bandwidth.\n\n")
+        md.append(
+            ""
+            if not step_rows
+            else "\n## Training step (forward, loss, backward, SGD update), samples/s\n\nbnnet vs each peer: "
+            "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's matmul FLOPs at "
+            "the measured 2048^3 sgemm rate plus its BN bytes at the measured bandwidth.\n\n"
+        )
         if step_rows:
-            md.append(fmt_table(["net", "shape", "bnnet"] + [l for l in step_libs if l != "bnnet"]
-                                + ["roofline", "GEMMs' share of bnnet's step"], step_rows))
+            md.append(
+                fmt_table(
+                    ["net", "shape", "bnnet"]
+                    + [l for l in step_libs if l != "bnnet"]
+                    + ["roofline", "GEMMs' share of bnnet's step"],
+                    step_rows,
+                )
+            )
 
         # same with the BLAS overrides unset, if this environment sets them
         if any(os.environ.get(v) for v in BLAS_OVERRIDES) and "bnnet" in libs and "step" in only:
@@ -378,14 +516,23 @@ def main(argv=None):
                 rows = []
                 report["blas_overrides_unset"] = {"sgemm_GFLOPs": g2, "step": {}}
                 for name, net in NETS.items():
-                    r = summarize(sum((unset.ask(task="step", reps=reps * 5, min_seconds=1.0, **net)["times"]
-                                       for _ in range(rounds)), []))
+                    r = summarize(
+                        sum(
+                            (
+                                unset.ask(task="step", reps=reps * 5, min_seconds=1.0, **net)["times"]
+                                for _ in range(rounds)
+                            ),
+                            [],
+                        )
+                    )
                     sps = net["batch"] / r["median"]
                     report["blas_overrides_unset"]["step"][name] = {**r, "samples_per_s": sps}
                     peer = report["step"][name].get("jax", {}).get("samples_per_s")
                     rows.append([name, f"{sps:,.0f}", f"{sps / peer:.2f}x JAX" if peer else "-"])
-                md.append(f"\n### With {' and '.join(BLAS_OVERRIDES)} unset (what users' machines look like)\n\n"
-                          f"numpy sgemm 2048^3: {g2['2048x2048x2048']:.0f} GFLOP/s.\n\n")
+                md.append(
+                    f"\n### With {' and '.join(BLAS_OVERRIDES)} unset (what users' machines look like)\n\n"
+                    f"numpy sgemm 2048^3: {g2['2048x2048x2048']:.0f} GFLOP/s.\n\n"
+                )
                 md.append(fmt_table(["net", "bnnet samples/s", "vs JAX"], rows))
             finally:
                 unset.close()
@@ -402,11 +549,20 @@ def main(argv=None):
                     r = w.ask(task="predict", rows=10000, reps=reps, **net)
                     u, f = summarize(r["unfolded"]), summarize(r["folded"])
                     report["fold"][f"{name}/{bk}"] = {"unfolded": u, "folded": f}
-                    rows.append([name, bk, f"{10000 / u['median']:,.0f}", f"{10000 / f['median']:,.0f}",
-                                 f"**{u['median'] / f['median']:.2f}x**"])
-            md.append("\n## Prediction (eval mode, 10,000 rows), samples/s: BatchNorm folded into the Linears\n\n"
-                      "With the numba backend eval-mode BN is already fused into the activation's pass, so folding "
-                      "saves little; with the NumPy backend it removes BN's passes.\n\n")
+                    rows.append(
+                        [
+                            name,
+                            bk,
+                            f"{10000 / u['median']:,.0f}",
+                            f"{10000 / f['median']:,.0f}",
+                            f"**{u['median'] / f['median']:.2f}x**",
+                        ]
+                    )
+            md.append(
+                "\n## Prediction (eval mode, 10,000 rows), samples/s: BatchNorm folded into the Linears\n\n"
+                "With the numba backend eval-mode BN is already fused into the activation's pass, so folding "
+                "saves little; with the NumPy backend it removes BN's passes.\n\n"
+            )
             md.append(fmt_table(["net", "backend", "unfolded", "folded (bnnet.fold_batchnorm)", "speed-up"], rows))
             log(md[-1])
 
@@ -414,8 +570,11 @@ def main(argv=None):
         bn2d_rows, report["bn2d"] = [], {}
         peers = [l for l in libs if l in ("bnnet", "torch", "jax")]
         for shape in BN2D_SHAPES if "bn2d" in only else []:
-            res = alternate({k: w for k, w in workers.items() if k[0] in peers}, rounds,
-                            dict(task="bn", shape=list(shape), reps=reps, min_seconds=0.2 if args.quick else 0.5))
+            res = alternate(
+                {k: w for k, w in workers.items() if k[0] in peers},
+                rounds,
+                dict(task="bn", shape=list(shape), reps=reps, min_seconds=0.2 if args.quick else 0.5),
+            )
             size, entry = 1, {}
             for d in shape:
                 size *= d
@@ -425,43 +584,72 @@ def main(argv=None):
                 entry[lib]["pct_bandwidth"] = 100 * entry[lib]["GBps"] / bandwidth
             report["bn2d"]["x".join(map(str, shape))] = entry
             o = entry["bnnet"]
-            row = ["x".join(map(str, shape)), f"{o['median']*1e3:.2f} ms ({o['threads']} thr)",
-                   f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)"]
-            row += [f"{entry[p]['median']*1e3:.2f} ms = **{entry[p]['median'] / o['median']:.2f}x**"
-                    for p in peers if p != "bnnet"]
+            row = [
+                "x".join(map(str, shape)),
+                f"{o['median'] * 1e3:.2f} ms ({o['threads']} thr)",
+                f"{o['GBps']:.1f} ({o['pct_bandwidth']:.0f}%)",
+            ]
+            row += [
+                f"{entry[p]['median'] * 1e3:.2f} ms = **{entry[p]['median'] / o['median']:.2f}x**"
+                for p in peers
+                if p != "bnnet"
+            ]
             bn2d_rows.append(row)
             log(row)
         if bn2d_rows:
-            md.append("\n## BatchNorm over (N, C, H, W), forward + backward (train mode, float32)\n\nbnnet's public "
-                      "layer; each peer's median and its time divided by bnnet's (> 1: bnnet is faster); GB/s at "
-                      f"{BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth).\n\n")
+            md.append(
+                "\n## BatchNorm over (N, C, H, W), forward + backward (train mode, float32)\n\nbnnet's public "
+                "layer; each peer's median and its time divided by bnnet's (> 1: bnnet is faster); GB/s at "
+                f"{BYTES_PER_ELEMENT} bytes/element (% of measured bandwidth).\n\n"
+            )
             md.append(fmt_table(["shape", "bnnet", "GB/s"] + [p for p in peers if p != "bnnet"], bn2d_rows))
         if "cnnstep" in only:
-            res = alternate({k: w for k, w in workers.items() if k[0] in peers}, rounds,
-                            dict(task="cnnstep", reps=reps * 2, min_seconds=0.5 if args.quick else 2.0, **CNN))
+            res = alternate(
+                {k: w for k, w in workers.items() if k[0] in peers},
+                rounds,
+                dict(task="cnnstep", reps=reps * 2, min_seconds=0.5 if args.quick else 2.0, **CNN),
+            )
             entry = {}
             for lib in peers:
                 th, r = best_threads(res, lib)
                 entry[lib] = {**r, "threads": th, "samples_per_s": CNN["batch"] / r["median"]}
             flops = cnn_flops(CNN["channels"], CNN["hidden"], CNN["batch"])
             roof = flops / (gemm["2048x2048x2048"] * 1e9)
-            prof = workers[("bnnet", entry["bnnet"]["threads"])].ask(task="cnnstep", reps=reps, min_seconds=0.5,
-                                                                     profile=True, **CNN)
+            prof = workers[("bnnet", entry["bnnet"]["threads"])].ask(
+                task="cnnstep", reps=reps, min_seconds=0.5, profile=True, **CNN
+            )
             entry["roofline"] = {"flops": flops, "seconds": roof, "bnnet_fraction": roof / entry["bnnet"]["median"]}
             entry["conv_share"] = prof["conv_seconds"] / statistics.median(prof["times"])
             report["cnnstep"] = entry
             o = entry["bnnet"]
-            row = [f"conv {'-'.join(map(str, CNN['channels']))} fc {'-'.join(map(str, CNN['hidden']))}, batch "
-                   f"{CNN['batch']}", f"{o['samples_per_s']:,.0f} ({o['threads']} thr)"]
-            row += [f"{entry[p]['samples_per_s']:,.0f} ({entry[p]['threads']} thr) = "
-                    f"**{o['samples_per_s'] / entry[p]['samples_per_s']:.2f}x**" for p in peers if p != "bnnet"]
-            row += [f"{CNN['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%",
-                    f"{100 * entry['conv_share']:.0f}%"]
-            md.append("\n## Convnet training step (bnnet.convnet, 28x28, SGD), samples/s\n\nbnnet vs each peer: "
-                      "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's convolution and "
-                      "matmul FLOPs at the measured 2048^3 sgemm rate.\n\n")
-            md.append(fmt_table(["net", "bnnet"] + [p for p in peers if p != "bnnet"]
-                                + ["roofline", "Conv2d layers' share of bnnet's step"], [row]))
+            row = [
+                f"conv {'-'.join(map(str, CNN['channels']))} fc {'-'.join(map(str, CNN['hidden']))}, batch "
+                f"{CNN['batch']}",
+                f"{o['samples_per_s']:,.0f} ({o['threads']} thr)",
+            ]
+            row += [
+                f"{entry[p]['samples_per_s']:,.0f} ({entry[p]['threads']} thr) = "
+                f"**{o['samples_per_s'] / entry[p]['samples_per_s']:.2f}x**"
+                for p in peers
+                if p != "bnnet"
+            ]
+            row += [
+                f"{CNN['batch'] / roof:,.0f}: bnnet at {100 * entry['roofline']['bnnet_fraction']:.0f}%",
+                f"{100 * entry['conv_share']:.0f}%",
+            ]
+            md.append(
+                "\n## Convnet training step (bnnet.convnet, 28x28, SGD), samples/s\n\nbnnet vs each peer: "
+                "bnnet's rate divided by the peer's (> 1: bnnet is faster). Roofline: the net's convolution and "
+                "matmul FLOPs at the measured 2048^3 sgemm rate.\n\n"
+            )
+            md.append(
+                fmt_table(
+                    ["net", "bnnet"]
+                    + [p for p in peers if p != "bnnet"]
+                    + ["roofline", "Conv2d layers' share of bnnet's step"],
+                    [row],
+                )
+            )
             log(row)
 
         # 4. memory
@@ -470,10 +658,14 @@ def main(argv=None):
             need = mem["params"] + mem["grads"] + mem["optimizer_state"] + mem["activations"] + mem["input_batch"]
             mem["needed_bytes"], mem["ratio"] = need, mem["peak_bytes"] / need
             report["memory"] = mem
-            md.append(f"\n## Memory of a wide-net step at batch 4096 (SGD)\n\nPeak traced memory {mem['peak_bytes']/2**20:.1f} MiB "
-                      f"vs {need/2**20:.1f} MiB needed (params {mem['params']/2**20:.1f} + grads {mem['grads']/2**20:.1f} + "
-                      f"optimizer state {mem['optimizer_state']/2**20:.1f} + cached activations {mem['activations']/2**20:.1f} "
-                      f"+ input batch {mem['input_batch']/2**20:.1f}): **{mem['ratio']:.2f}x**.\n")
+            md.append(
+                f"\n## Memory of a wide-net step at batch 4096 (SGD)\n\n"
+                f"Peak traced memory {mem['peak_bytes'] / 2**20:.1f} MiB "
+                f"vs {need / 2**20:.1f} MiB needed (params {mem['params'] / 2**20:.1f} + "
+                f"grads {mem['grads'] / 2**20:.1f} + optimizer state {mem['optimizer_state'] / 2**20:.1f} + "
+                f"cached activations {mem['activations'] / 2**20:.1f} "
+                f"+ input batch {mem['input_batch'] / 2**20:.1f}): **{mem['ratio']:.2f}x**.\n"
+            )
             log(md[-1])
     finally:
         for w in workers.values():
@@ -485,38 +677,70 @@ def main(argv=None):
             cold, warm = startup(cache), startup(cache)
         report["startup"] = {"cold": cold, "warm": warm}
         md.append("\n## Start-up (import + first training step of the paper's net with Adam and a predict)\n\n")
-        md.append(fmt_table(["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
-                            [[k, f"{v['process_seconds']:.2f}", f"{v['import_seconds']:.2f}", f"{v['first_step_seconds']:.2f}",
-                              f"{v['compile_or_load_seconds']:.2f}"] for k, v in report["startup"].items()]))
+        md.append(
+            fmt_table(
+                ["numba cache", "process s", "import s", "first step s", "compile or cache load s"],
+                [
+                    [
+                        k,
+                        f"{v['process_seconds']:.2f}",
+                        f"{v['import_seconds']:.2f}",
+                        f"{v['first_step_seconds']:.2f}",
+                        f"{v['compile_or_load_seconds']:.2f}",
+                    ]
+                    for k, v in report["startup"].items()
+                ],
+            )
+        )
         log(md[-1])
 
     # 5a. the README's first command: `bnnet train` with its defaults, seeds 0-2
     if "bnnet" in libs and "train" in only:
         report["train"] = train_section()
-        md.append("\n## `bnnet train` (defaults: the paper's net, 20 epochs)\n\n" + fmt_table(
-            ["seed", "test accuracy", "training s", "wall s"],
-            [[r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
-             for r in report["train"]]))
+        md.append(
+            "\n## `bnnet train` (defaults: the paper's net, 20 epochs)\n\n"
+            + fmt_table(
+                ["seed", "test accuracy", "training s", "wall s"],
+                [
+                    [r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
+                    for r in report["train"]
+                ],
+            )
+        )
         log(md[-1])
 
     # 7b. `bnnet train --model cnn` with its defaults
     if "bnnet" in libs and "cnntrain" in only:
         report["cnntrain"] = train_section(["--model", "cnn"], seeds=(0,))
-        md.append("\n## `bnnet train --model cnn` (defaults: conv 32-64, fc 128, 20 epochs)\n\n" + fmt_table(
-            ["seed", "test accuracy", "training s", "wall s"],
-            [[r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
-             for r in report["cnntrain"]]))
+        md.append(
+            "\n## `bnnet train --model cnn` (defaults: conv 32-64, fc 128, 20 epochs)\n\n"
+            + fmt_table(
+                ["seed", "test accuracy", "training s", "wall s"],
+                [
+                    [r["seed"], f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.2f}", f"{r['wall_seconds']:.2f}"]
+                    for r in report["cnntrain"]
+                ],
+            )
+        )
         log(md[-1])
 
     # 5b. a busy machine: `bnnet train` for 2 epochs alone and next to busy-loop processes
     if "bnnet" in libs and "busy" in only:
         report["busy"] = busy_section(cores, rounds, log)
         b = report["busy"]
-        md.append("\n## `bnnet train --epochs 2` on a busy machine (training seconds, median of "
-                  f"{max(rounds, 5)} runs each)\n\n")
-        md.append(fmt_table(["setting", "idle", f"next to {cores} busy loops", "slowdown"],
-                            [[k, f"{v['idle']:.2f}", f"{v['busy']:.2f}", f"**{v['busy'] / v['idle']:.2f}x**"]
-                             for k, v in b.items()]))
+        md.append(
+            "\n## `bnnet train --epochs 2` on a busy machine (training seconds, median of "
+            f"{max(rounds, 5)} runs each)\n\n"
+        )
+        md.append(
+            fmt_table(
+                ["setting", "idle", f"next to {cores} busy loops", "slowdown"],
+                [
+                    [k, f"{v['idle']:.2f}", f"{v['busy']:.2f}", f"**{v['busy'] / v['idle']:.2f}x**"]
+                    for k, v in b.items()
+                ],
+            )
+        )
         log(md[-1])
 
     # 6. data-parallel training over MPI: 1, 2, 4 ranks, synchronized vs local BatchNorm

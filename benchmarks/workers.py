@@ -7,6 +7,7 @@ library reads them at import), sends one JSON task per line on stdin and reads
 one JSON result per line on stdout. Only one worker runs at a time: the others
 wait on stdin, so two libraries' thread pools never compete for the cores.
 """
+
 import json
 import os
 import sys
@@ -56,13 +57,20 @@ class Bnnet:
 
         from bnnet import backend
 
-        out = {"library": f"bnnet {self.bnnet.__version__} ({backend.get_backend()})", "numpy": np.__version__,
-               "numba": numba.__version__, "numba_threads": numba.get_num_threads()}
+        out = {
+            "library": f"bnnet {self.bnnet.__version__} ({backend.get_backend()})",
+            "numpy": np.__version__,
+            "numba": numba.__version__,
+            "numba_threads": numba.get_num_threads(),
+        }
         try:
             from threadpoolctl import threadpool_info
 
-            out["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                           for d in threadpool_info() if d.get("user_api") == "blas"]
+            out["blas"] = [
+                {k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                for d in threadpool_info()
+                if d.get("user_api") == "blas"
+            ]
         except ImportError:
             out["blas"] = "threadpoolctl not installed"
         return out
@@ -87,14 +95,14 @@ class Bnnet:
             rows = (x.size + chunks - 1) // chunks
             part = np.zeros(chunks)
             for c in prange(chunks):
-                part[c] = _sum(x[c * rows:min(x.size, (c + 1) * rows)])
+                part[c] = _sum(x[c * rows : min(x.size, (c + 1) * rows)])
             return part.sum()
 
         @njit(parallel=True)
         def copy(x, y, chunks):
             rows = (x.size + chunks - 1) // chunks
             for c in prange(chunks):
-                _copy(x[c * rows:min(x.size, (c + 1) * rows)], y[c * rows:min(x.size, (c + 1) * rows)])
+                _copy(x[c * rows : min(x.size, (c + 1) * rows)], y[c * rows : min(x.size, (c + 1) * rows)])
 
         import numba
 
@@ -104,8 +112,11 @@ class Bnnet:
         t_read = min(timed(lambda: read(x, chunks), 5))
         t_copy = min(timed(lambda: copy(x, y, chunks), 5))
         t_np = min(timed(lambda: np.copyto(y, x), 5))
-        return {"read_GBps": x.nbytes / t_read / 1e9, "copy_GBps": 2 * x.nbytes / t_copy / 1e9,
-                "numpy_copy_GBps": 2 * x.nbytes / t_np / 1e9}
+        return {
+            "read_GBps": x.nbytes / t_read / 1e9,
+            "copy_GBps": 2 * x.nbytes / t_copy / 1e9,
+            "numpy_copy_GBps": 2 * x.nbytes / t_np / 1e9,
+        }
 
     def sgemm(self, task):
         out = {}
@@ -113,7 +124,7 @@ class Bnnet:
             a = np.random.default_rng(0).random((m, k), dtype=np.float32)
             b = np.random.default_rng(1).random((k, n), dtype=np.float32)
             c = np.empty((m, n), np.float32)
-            t = min(timed(lambda: np.matmul(a, b, out=c), task["reps"], 0.3))
+            t = min(timed(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), task["reps"], 0.3))
             out[f"{m}x{k}x{n}"] = 2 * m * k * n / t / 1e9
         return out
 
@@ -157,6 +168,7 @@ class Bnnet:
                                 return _inner(*a, **kw)
                             finally:
                                 state["conv"] += time.perf_counter() - t
+
                         setattr(layer, name, wrapped)
         times = self._sgd_steps(model, X.reshape(-1, 1, 28, 28), y, task)["times"]
         return {"times": times, "conv_seconds": state["conv"] / (len(times) + 1)}
@@ -174,7 +186,7 @@ class Bnnet:
         def step():
             j = (state["i"] % k) * batch
             state["i"] += 1
-            loss_fn.forward(model.forward(X[j:j + batch], train=True), y[j:j + batch])
+            loss_fn.forward(model.forward(X[j : j + batch], train=True), y[j : j + batch])
             model.backward(loss_fn.backward())
             opt.step(model)
 
@@ -212,8 +224,10 @@ class Bnnet:
         bnnet.fit(model, X, y, epochs=1, batch_size=256, seed=0, progress=False)
         folded = bnnet.fold_batchnorm(model)
         Xp = np.random.default_rng(1).random((task["rows"], sizes[0]), dtype=np.float32)
-        return {"unfolded": timed(lambda: model.predict(Xp), task["reps"], 0.5),
-                "folded": timed(lambda: folded.predict(Xp), task["reps"], 0.5)}
+        return {
+            "unfolded": timed(lambda: model.predict(Xp), task["reps"], 0.5),
+            "folded": timed(lambda: folded.predict(Xp), task["reps"], 0.5),
+        }
 
     def memory(self, task):
         """Peak traced memory of one training step vs what the step must hold."""
@@ -245,8 +259,15 @@ class Bnnet:
         # what backward needs besides the input batch: per hidden layer z = x @ W (BN's input)
         # and a = g(BN(z)) (the next Linear's input), and the logits
         acts = sum(2 * batch * d * 4 for d in sizes[1:-1]) + batch * sizes[-1] * 4
-        return {"peak_bytes": peak, "live_bytes_between_steps": base, "params": params, "grads": grads,
-                "optimizer_state": state, "activations": acts, "input_batch": X.nbytes}
+        return {
+            "peak_bytes": peak,
+            "live_bytes_between_steps": base,
+            "params": params,
+            "grads": grads,
+            "optimizer_state": state,
+            "activations": acts,
+            "input_batch": X.nbytes,
+        }
 
 
 # --------------------------------------------------------------------------
@@ -262,8 +283,11 @@ class Torch:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     def info(self, task):
-        return {"library": f"torch {self.torch.__version__}", "threads": self.torch.get_num_threads(),
-                "config": self.torch.__config__.show().splitlines()[1:6]}
+        return {
+            "library": f"torch {self.torch.__version__}",
+            "threads": self.torch.get_num_threads(),
+            "config": self.torch.__config__.show().splitlines()[1:6],
+        }
 
     def bn(self, task):
         """F.batch_norm + autograd; shape (N, D) or (N, C, H, W)."""
@@ -286,8 +310,12 @@ class Torch:
         torch = self.torch
         mods, c, side = [], 1, 28
         for out in task["channels"]:
-            mods += [torch.nn.Conv2d(c, out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
-                     torch.nn.MaxPool2d(2)]
+            mods += [
+                torch.nn.Conv2d(c, out, 3, padding=1, bias=False),
+                torch.nn.BatchNorm2d(out),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            ]
             c, side = out, side // 2
         mods.append(torch.nn.Flatten())
         width = c * side * side
@@ -321,7 +349,7 @@ class Torch:
             j = (state["i"] % k) * batch
             state["i"] += 1
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(X[j:j + batch]), y[j:j + batch])
+            loss = torch.nn.functional.cross_entropy(model(X[j : j + batch]), y[j : j + batch])
             loss.backward()
             opt.step()
 
@@ -341,8 +369,11 @@ class Jax:
         self.jax, self.jnp = jax, jnp
 
     def info(self, task):
-        return {"library": f"jax {self.jax.__version__}", "devices": [str(d) for d in self.jax.devices()],
-                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        return {
+            "library": f"jax {self.jax.__version__}",
+            "devices": [str(d) for d in self.jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
 
     @staticmethod
     def _bn(jnp, x, gamma, beta, eps=1e-5):
@@ -380,13 +411,23 @@ class Jax:
         rng = np.random.default_rng(0)
         convs, fcs, c, side = [], [], 1, 28
         for out in task["channels"]:
-            convs.append({"W": jnp.asarray(rng.standard_normal((out, c, 3, 3), dtype=np.float32) * np.sqrt(2 / (9 * c))),
-                          "gamma": jnp.ones((1, out, 1, 1)), "beta": jnp.zeros((1, out, 1, 1))})
+            convs.append(
+                {
+                    "W": jnp.asarray(rng.standard_normal((out, c, 3, 3), dtype=np.float32) * np.sqrt(2 / (9 * c))),
+                    "gamma": jnp.ones((1, out, 1, 1)),
+                    "beta": jnp.zeros((1, out, 1, 1)),
+                }
+            )
             c, side = out, side // 2
         width = c * side * side
         for h in task["hidden"]:
-            fcs.append({"W": jnp.asarray(rng.standard_normal((width, h), dtype=np.float32) * np.sqrt(2 / width)),
-                        "gamma": jnp.ones(h), "beta": jnp.zeros(h)})
+            fcs.append(
+                {
+                    "W": jnp.asarray(rng.standard_normal((width, h), dtype=np.float32) * np.sqrt(2 / width)),
+                    "gamma": jnp.ones(h),
+                    "beta": jnp.zeros(h),
+                }
+            )
             width = h
         last = {"W": jnp.asarray(rng.standard_normal((width, 10), dtype=np.float32) * 0.1), "b": jnp.zeros(10)}
         params = {"convs": convs, "fcs": fcs, "last": last}
@@ -394,8 +435,9 @@ class Jax:
         def loss_fn(params, x, y):
             stats = []
             for p in params["convs"]:
-                z = lax.conv_general_dilated(x, p["W"], (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                z = lax.conv_general_dilated(
+                    x, p["W"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+                )
                 z, *st = self._bn(jnp, z, p["gamma"], p["beta"])
                 stats.append(st)
                 x = lax.reduce_window(jax.nn.relu(z), -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
@@ -416,7 +458,7 @@ class Jax:
         X, y = make_batches([784, 10], task["batch"])
         X = X.reshape(-1, 1, 28, 28)
         batch = task["batch"]
-        batches = [(jnp.asarray(X[j:j + batch]), jnp.asarray(y[j:j + batch])) for j in range(0, len(X), batch)]
+        batches = [(jnp.asarray(X[j : j + batch]), jnp.asarray(y[j : j + batch])) for j in range(0, len(X), batch)]
         state = {"i": 0, "params": params}
 
         def step():
@@ -435,11 +477,20 @@ class Jax:
         rng = np.random.default_rng(0)
         params, stats = [], []
         for i, o in zip(sizes[:-2], sizes[1:-1]):
-            params.append({"W": jnp.asarray(rng.standard_normal((i, o), dtype=np.float32) * np.sqrt(2 / i)),
-                           "gamma": jnp.ones(o), "beta": jnp.zeros(o)})
+            params.append(
+                {
+                    "W": jnp.asarray(rng.standard_normal((i, o), dtype=np.float32) * np.sqrt(2 / i)),
+                    "gamma": jnp.ones(o),
+                    "beta": jnp.zeros(o),
+                }
+            )
             stats.append({"mean": jnp.zeros(o), "var": jnp.ones(o)})
-        params.append({"W": jnp.asarray(rng.standard_normal((sizes[-2], sizes[-1]), dtype=np.float32) * 0.1),
-                       "b": jnp.zeros(sizes[-1])})
+        params.append(
+            {
+                "W": jnp.asarray(rng.standard_normal((sizes[-2], sizes[-1]), dtype=np.float32) * 0.1),
+                "b": jnp.zeros(sizes[-1]),
+            }
+        )
 
         def loss_fn(params, x, y):
             new_stats = []
@@ -457,12 +508,14 @@ class Jax:
             (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
             params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
             m = x.shape[0]
-            stats = [{"mean": 0.9 * s["mean"] + 0.1 * mu, "var": 0.9 * s["var"] + 0.1 * v * m / (m - 1)}
-                     for s, (mu, v) in zip(stats, batch_stats)]
+            stats = [
+                {"mean": 0.9 * s["mean"] + 0.1 * mu, "var": 0.9 * s["var"] + 0.1 * v * m / (m - 1)}
+                for s, (mu, v) in zip(stats, batch_stats)
+            ]
             return params, stats, loss
 
         X, y = make_batches(sizes, batch)
-        batches = [(jnp.asarray(X[j:j + batch]), jnp.asarray(y[j:j + batch])) for j in range(0, len(X), batch)]
+        batches = [(jnp.asarray(X[j : j + batch]), jnp.asarray(y[j : j + batch])) for j in range(0, len(X), batch)]
         state = {"i": 0, "params": params, "stats": stats}
 
         def step():

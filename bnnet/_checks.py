@@ -4,6 +4,7 @@ Hyperparameters are checked once, in the constructor that receives them, with
 these helpers, so that every message has the same shape:
 "<owner>: <argument> must be <expected>, got <value>".
 """
+
 import numbers
 
 import numpy as np
@@ -131,7 +132,7 @@ def check_seed(owner, seed):
     """None, or an integer in [0, 2**63): what np.random.default_rng takes as a seed."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise HyperparameterError(f"{owner}: seed must be None or an integer in [0, 2**63), got {seed!r}")
     return int(seed)
 
@@ -141,6 +142,7 @@ def check_finite(x, name, owner):
     if x.dtype.kind != "f":
         return
     from . import ops  # (ops imports this module)
+
     # one compiled read pass for float32/float64, no boolean temporary
     if ops.all_finite(x) if x.dtype.char in "fd" else np.isfinite(x).all():
         return

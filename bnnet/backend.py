@@ -7,6 +7,7 @@ Both give the same numbers (float64 to 1e-12, float32 to 1e-5; tests check it).
 Choose with the environment variable BNNET_BACKEND=numba|numpy (read at import),
 or in code with bnnet.backend.set_backend(name) or `with bnnet.backend.using(name):`.
 """
+
 import contextlib
 import os
 
@@ -24,14 +25,18 @@ def _resolve(name):
             return "numpy"
         return "numba"
     if name not in BACKENDS:
-        raise HyperparameterError(f"backend must be one of 'numba', 'numpy' or 'auto', got {name!r} "
-                                  "(check the BNNET_BACKEND environment variable)")
+        raise HyperparameterError(
+            f"backend must be one of 'numba', 'numpy' or 'auto', got {name!r} "
+            "(check the BNNET_BACKEND environment variable)"
+        )
     if name == "numba":
         try:
             import numba  # noqa: F401
         except ImportError:
-            raise HyperparameterError("backend 'numba' was requested but numba is not installed; "
-                                      "pip install numba, or use BNNET_BACKEND=numpy") from None
+            raise HyperparameterError(
+                "backend 'numba' was requested but numba is not installed; "
+                "pip install numba, or use BNNET_BACKEND=numpy"
+            ) from None
     return name
 
 

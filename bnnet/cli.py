@@ -15,6 +15,7 @@ BatchNorm._forward/_backward (layers.py) -> bnnet.ops.bn_forward/bn_backward
 both built on the equations of functional.py -> optimizer.step (optim.py ->
 ops -> optim_rules.py).
 """
+
 import argparse
 import csv
 import json
@@ -35,8 +36,14 @@ from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
 # Optional packages some commands import, and the extra that installs each.
-OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "plot", "mpi4py": "mpi", "sklearn": "sklearn",
-                   "tensorboardX": "tensorboard"}
+OPTIONAL_EXTRAS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "matplotlib": "plot",
+    "mpi4py": "mpi",
+    "sklearn": "sklearn",
+    "tensorboardX": "tensorboard",
+}
 # Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
 # well above the usual ones (tuned on the bundled data; see docs/cli.md).
 TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
@@ -47,6 +54,7 @@ TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
 
 def _option(convert, ok, expected):
     """An argparse type: convert(text), refused as "<expected>, got <text>" unless ok(value)."""
+
     def parse(text):
         try:
             value = convert(text)
@@ -55,6 +63,7 @@ def _option(convert, ok, expected):
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
         return value
+
     return parse
 
 
@@ -64,7 +73,7 @@ def _int_at_least(low):
 
 _threads = _positive = _int_at_least(1)
 _count = _int_at_least(2)
-_seed = _option(int, lambda n: 0 <= n < 2 ** 63, "must be an integer in [0, 2**63)")
+_seed = _option(int, lambda n: 0 <= n < 2**63, "must be an integer in [0, 2**63)")
 _positive_float = _option(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
 _fraction = _option(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]")
 
@@ -109,11 +118,30 @@ def _write_history(folder, history):
 
 
 # The options that define a training run: stored in its checkpoints, and taken from there by --resume.
-TRAIN_SETTINGS = ("model", "channels", "hidden", "activation", "no_batchnorm", "init", "optimizer", "lr", "lr_decay",
-                  "epochs", "batch_size", "seed", "data", "dtype", "clip_grad_norm", "local_bn", "checkpoint_every")
+TRAIN_SETTINGS = (
+    "model",
+    "channels",
+    "hidden",
+    "activation",
+    "no_batchnorm",
+    "init",
+    "optimizer",
+    "lr",
+    "lr_decay",
+    "epochs",
+    "batch_size",
+    "seed",
+    "data",
+    "dtype",
+    "clip_grad_norm",
+    "local_bn",
+    "checkpoint_every",
+)
 # What --hidden and --activation mean when not given, per --model.
-MODEL_DEFAULTS = {"mlp": {"hidden": [100, 100, 100], "activation": "sigmoid"},
-                  "cnn": {"hidden": [128], "activation": "relu"}}
+MODEL_DEFAULTS = {
+    "mlp": {"hidden": [100, 100, 100], "activation": "sigmoid"},
+    "cnn": {"hidden": [128], "activation": "relu"},
+}
 
 
 def _resume_settings(args, parser):
@@ -125,8 +153,10 @@ def _resume_settings(args, parser):
     ckpt_path = _checkpoint_path(args.resume)
     saved = load_checkpoint(ckpt_path).metadata.get("cli")
     if not isinstance(saved, dict):
-        raise BnnetError(f"{ckpt_path}: not written by `bnnet train` (no 'cli' settings), so it cannot be resumed "
-                         "by the CLI; use bnnet.fit(..., resume=PATH)")
+        raise BnnetError(
+            f"{ckpt_path}: not written by `bnnet train` (no 'cli' settings), so it cannot be resumed "
+            "by the CLI; use bnnet.fit(..., resume=PATH)"
+        )
     actions = {a.dest: a for a in parser.train_parser._actions}
     for key in TRAIN_SETTINGS:
         default = actions[key].default
@@ -134,8 +164,10 @@ def _resume_settings(args, parser):
         value = _saved_setting(ckpt_path, actions[key], saved[key]) if key in saved else default
         given = getattr(args, key)
         if given != default and given != value:
-            raise BnnetError(f"{actions[key].option_strings[0]} {given} conflicts with the resumed run's own "
-                             f"setting ({value}); a resume keeps the run's settings: drop the option")
+            raise BnnetError(
+                f"{actions[key].option_strings[0]} {given} conflicts with the resumed run's own "
+                f"setting ({value}); a resume keeps the run's settings: drop the option"
+            )
         setattr(args, key, value)
     args.out = args.out or (args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume))
     return ckpt_path
@@ -143,9 +175,13 @@ def _resume_settings(args, parser):
 
 def _saved_setting(path, action, value):
     """A setting read back from a checkpoint, checked by the same rules as its command-line option."""
+
     def refuse(why):
-        raise BnnetError(f"{path}: metadata field user.cli.{action.dest} = {value!r} is invalid ({why}); "
-                         "the checkpoint was edited or corrupted")
+        raise BnnetError(
+            f"{path}: metadata field user.cli.{action.dest} = {value!r} is invalid ({why}); "
+            "the checkpoint was edited or corrupted"
+        )
+
     if value is None:
         return None if action.default is None else refuse("it may not be null")
     if isinstance(action, argparse._StoreTrueAction):
@@ -198,31 +234,48 @@ def _train(args, comm):
         os.makedirs(out, exist_ok=True)
     if not args.quiet and root:
         where = "" if comm is None else f" on {comm.size} ranks ({'local' if args.local_bn else 'synchronized'} BN)"
-        print(f"bnnet: {'resuming' if resume else 'training'} {described}"
-              f"{'' if args.no_batchnorm else ' + BatchNorm'}; {_describe_optimizer(args.optimizer, lr, args.lr_decay)}, "
-              f"batch {args.batch_size}, {_epochs(args.epochs)}; {args.data} "
-              f"({len(X)} train / {len(Xt)} test rows){where}", file=sys.stderr)
+        print(
+            f"bnnet: {'resuming' if resume else 'training'} {described}"
+            f"{'' if args.no_batchnorm else ' + BatchNorm'}; {_describe_optimizer(args.optimizer, lr, args.lr_decay)}, "
+            f"batch {args.batch_size}, {_epochs(args.epochs)}; {args.data} "
+            f"({len(X)} train / {len(Xt)} test rows){where}",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
     # The checkpoint in the run folder is rewritten every --checkpoint-every steps and at the end.
-    history = fit(model, X, y, optimizer=opt, loss="softmax_cross_entropy", epochs=args.epochs,
-                  batch_size=args.batch_size, seed=args.seed, validation_data=(Xt, yt), progress=not args.quiet,
-                  clip_grad_norm=args.clip_grad_norm, checkpoint=os.path.join(out, CHECKPOINT_NAME),
-                  checkpoint_every=args.checkpoint_every, resume=resume,
-                  checkpoint_metadata={"cli": settings, "data": args.data,
-                                       "input_range": [float(X.min()), float(X.max())]},
-                  comm=comm, validation_name="test", log_dir=args.log_dir)
+    history = fit(
+        model,
+        X,
+        y,
+        optimizer=opt,
+        loss="softmax_cross_entropy",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        validation_data=(Xt, yt),
+        progress=not args.quiet,
+        clip_grad_norm=args.clip_grad_norm,
+        checkpoint=os.path.join(out, CHECKPOINT_NAME),
+        checkpoint_every=args.checkpoint_every,
+        resume=resume,
+        checkpoint_metadata={"cli": settings, "data": args.data, "input_range": [float(X.min()), float(X.max())]},
+        comm=comm,
+        validation_name="test",
+        log_dir=args.log_dir,
+    )
     seconds = time.perf_counter() - start
     if not root:
         return
     test = evaluate(model, Xt, yt, "softmax_cross_entropy")
     _write_history(out, history)
-    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds,
-               "args": settings}
+    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds, "args": settings}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {_epochs(args.epochs)} "
-          f"in {seconds:.1f} s; run saved to {out}")
+    print(
+        f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {_epochs(args.epochs)} "
+        f"in {seconds:.1f} s; run saved to {out}"
+    )
 
 
 def _epochs(n):
@@ -255,14 +308,29 @@ def _build_model(args, X, Xt, classes):
         return model, X, Xt, f"{'-'.join(map(str, sizes))} {activation}"
     side = math.isqrt(X.shape[1])
     if side * side != X.shape[1]:
-        raise BnnetError(f"--model cnn takes square single-channel images (side x side features), but {args.data} "
-                         f"has {X.shape[1]} features per row")
+        raise BnnetError(
+            f"--model cnn takes square single-channel images (side x side features), but {args.data} "
+            f"has {X.shape[1]} features per row"
+        )
     channels = args.channels = [32, 64] if args.channels is None else args.channels
-    model = convnet((1, side, side), channels=channels, hidden=hidden, classes=classes, activation=activation,
-                    norm=norm, init=init, seed=args.seed, dtype=args.dtype)
-    return (model, as_model_input(model, X), as_model_input(model, Xt),
-            f"convnet 1x{side}x{side} conv {'-'.join(map(str, channels))} fc {'-'.join(map(str, [*hidden, classes]))} "
-            f"{activation}")
+    model = convnet(
+        (1, side, side),
+        channels=channels,
+        hidden=hidden,
+        classes=classes,
+        activation=activation,
+        norm=norm,
+        init=init,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    return (
+        model,
+        as_model_input(model, X),
+        as_model_input(model, Xt),
+        f"convnet 1x{side}x{side} conv {'-'.join(map(str, channels))} fc {'-'.join(map(str, [*hidden, classes]))} "
+        f"{activation}",
+    )
 
 
 def as_model_input(model, X):
@@ -276,8 +344,10 @@ def as_model_input(model, X):
         return X
     side = math.isqrt(X.shape[1] // shape[0])
     if shape[0] * side * side != X.shape[1]:
-        raise BnnetError(f"the model takes images of {shape[0]} channel(s); rows of {X.shape[1]} features are not "
-                         f"{shape[0]} square image(s)")
+        raise BnnetError(
+            f"the model takes images of {shape[0]} channel(s); rows of {X.shape[1]} features are not "
+            f"{shape[0]} square image(s)"
+        )
     return X.reshape(len(X), shape[0], side, side)
 
 
@@ -300,7 +370,11 @@ def cmd_predict(args):
         X = X[None, :]
     _warn_outside_training_range(model.metadata.get("input_range"), X)
     outputs = model.predict(as_model_input(model, X))
-    result = outputs if args.outputs else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
+    result = (
+        outputs
+        if args.outputs
+        else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
+    )
     if args.out:
         np.save(args.out, result, allow_pickle=False)
         print(f"wrote {result.shape} {'outputs' if args.outputs else 'labels'} to {args.out}")
@@ -311,17 +385,24 @@ def cmd_predict(args):
 def _warn_outside_training_range(trained, X):
     """One warning line when X ranges well beyond the training data (e.g. 0-255 pixels for a model
     trained on 0-1): the model would still answer, wrongly."""
-    if (not isinstance(trained, list) or len(trained) != 2
-            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in trained)
-            or X.size == 0 or X.dtype.kind not in "biuf"):  # (anything else is refused by predict itself)
+    if (
+        not isinstance(trained, list)
+        or len(trained) != 2
+        or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in trained)
+        or X.size == 0
+        or X.dtype.kind not in "biuf"
+    ):  # (anything else is refused by predict itself)
         return
     lo, hi = trained
     width = max(hi - lo, 1e-12)
     x_lo, x_hi = float(np.min(X)), float(np.max(X))
     if x_lo < lo - width or x_hi > hi + width:
         hint = " (for 8-bit images: X / 255)" if hi <= 1.0 and x_hi > 1.0 else ""
-        print(f"bnnet predict: warning: the inputs range over [{x_lo:g}, {x_hi:g}] but the model was trained on "
-              f"[{lo:g}, {hi:g}]; scale them as the training data was{hint}", file=sys.stderr)
+        print(
+            f"bnnet predict: warning: the inputs range over [{x_lo:g}, {x_hi:g}] but the model was trained on "
+            f"[{lo:g}, {hi:g}]; scale them as the training data was{hint}",
+            file=sys.stderr,
+        )
 
 
 def cmd_export(args):
@@ -347,8 +428,10 @@ def cmd_recompute_stats(args):
     if args.in_place and args.out:
         raise BnnetError("give --out FILE or --in-place, not both")
     if not has_batchnorm(ckpt.model):
-        raise BnnetError(f"{path}: the model has no BatchNorm layers (folded or trained without), so it has no "
-                         "statistics to recompute")
+        raise BnnetError(
+            f"{path}: the model has no BatchNorm layers (folded or trained without), so it has no "
+            "statistics to recompute"
+        )
     recompute_bn_stats(ckpt.model, as_model_input(ckpt.model, X), batch_size=args.batch_size, mode=args.mode)
     out = path if args.in_place else args.out or _beside(path, "recomputed")
     save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
@@ -360,8 +443,9 @@ def cmd_fold(args):
 
     ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
     if not has_batchnorm(ckpt.model):
-        raise BnnetError(f"{args.checkpoint}: the model has no BatchNorm layers to fold (already folded, or "
-                         "trained without)")
+        raise BnnetError(
+            f"{args.checkpoint}: the model has no BatchNorm layers to fold (already folded, or trained without)"
+        )
     folded = fold_batchnorm(ckpt.model)
     meta = {k: v for k, v in ckpt.metadata.items() if k not in ("fit", "cli")}
     save(args.out, folded, **meta)
@@ -396,15 +480,23 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (default is not None and default is not False and default is not argparse.SUPPRESS
-                and "default" not in text and action.option_strings):
+        if (
+            default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+            and "default" not in text
+            and action.option_strings
+        ):
             text += " (default: %(default)s)"
         return text
 
 
 EXAMPLES = {
-    "train": ["bnnet train", "bnnet train --model cnn --epochs 5 --out runs/cnn",
-              "bnnet train --activation relu --optimizer sgd --lr 0.5 --checkpoint-every 100"],
+    "train": [
+        "bnnet train",
+        "bnnet train --model cnn --epochs 5 --out runs/cnn",
+        "bnnet train --activation relu --optimizer sgd --lr 0.5 --checkpoint-every 100",
+    ],
     "evaluate": ["bnnet evaluate runs/cnn", "bnnet evaluate runs/cnn/model.safetensors --split train"],
     "predict": ["bnnet predict runs/cnn images.npy", "bnnet predict runs/cnn images.npy --outputs --out logits.npy"],
     "export": ["bnnet export runs/cnn --onnx model.onnx", "bnnet export runs/cnn --onnx model.onnx --fold"],
@@ -421,28 +513,56 @@ def _command(sub, name, help):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bnnet", description="Batch-normalized neural networks in NumPy.",
-                                epilog="Run `bnnet COMMAND --help` for a command's options and examples.")
+    p = argparse.ArgumentParser(
+        prog="bnnet",
+        description="Batch-normalized neural networks in NumPy.",
+        epilog="Run `bnnet COMMAND --help` for a command's options and examples.",
+    )
     p.add_argument("--version", action="version", version=f"bnnet {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = _command(sub, "train", "train an MLP or a convnet with BatchNorm (default: Ioffe & Szegedy's MNIST net)")
-    t.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
-                   help="mlp: Linear -> BatchNorm -> activation layers (default); cnn: bnnet.convnet, "
-                        "Conv -> BatchNorm -> ReLU -> MaxPool blocks on the images reshaped to 1 x side x side")
+    t.add_argument(
+        "--model",
+        choices=["mlp", "cnn"],
+        default="mlp",
+        help="mlp: Linear -> BatchNorm -> activation layers (default); cnn: bnnet.convnet, "
+        "Conv -> BatchNorm -> ReLU -> MaxPool blocks on the images reshaped to 1 x side x side",
+    )
     t.add_argument("--channels", type=_sizes, default=None, help="cnn: channels of each conv block (default 32,64)")
-    t.add_argument("--hidden", type=_sizes, default=None,
-                   help="hidden sizes of the fully connected layers (default 100,100,100 for mlp, 128 for cnn)")
-    t.add_argument("--activation", choices=["sigmoid", "relu", "leaky_relu", "tanh"], default=None,
-                   help="default sigmoid for mlp (the paper's), relu for cnn")
+    t.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=None,
+        help="hidden sizes of the fully connected layers (default 100,100,100 for mlp, 128 for cnn)",
+    )
+    t.add_argument(
+        "--activation",
+        choices=["sigmoid", "relu", "leaky_relu", "tanh"],
+        default=None,
+        help="default sigmoid for mlp (the paper's), relu for cnn",
+    )
     t.add_argument("--no-batchnorm", action="store_true", help="plain Linear(bias) -> activation layers")
-    t.add_argument("--init", choices=["he", "xavier", "normal"], default=None,
-                   help="weight init (default: xavier for sigmoid/tanh, he for relu)")
+    t.add_argument(
+        "--init",
+        choices=["he", "xavier", "normal"],
+        default=None,
+        help="weight init (default: xavier for sigmoid/tanh, he for relu)",
+    )
     t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adam", help="the update rule")
-    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)")
-    t.add_argument("--lr-decay", type=_fraction, default=0.1,
-                   help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)")
+    t.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)",
+    )
+    t.add_argument(
+        "--lr-decay",
+        type=_fraction,
+        default=0.1,
+        help="decay the lr exponentially to lr * LR_DECAY at the last step (default 0.1; 1 = constant)",
+    )
     t.add_argument("--epochs", type=_positive, default=20, help="passes over the training data")
     t.add_argument("--batch-size", type=_positive, default=60, help="rows per mini-batch (default 60, as in the paper)")
     t.add_argument("--seed", type=_seed, default=0, help="seeds the weights and the shuffling")
@@ -450,25 +570,49 @@ def build_parser():
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
-    t.add_argument("--log-dir", default=None, metavar="DIR",
-                   help="also write TensorBoard event files here (needs the [tensorboard] extra; "
-                        "view with `tensorboard --logdir DIR`)")
-    t.add_argument("--threads", type=_threads, default=None, metavar="N",
-                   help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
+    t.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard event files here (needs the [tensorboard] extra; "
+        "view with `tensorboard --logdir DIR`)",
+    )
+    t.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)",
+    )
     t.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this global L2 norm")
-    t.add_argument("--checkpoint-every", type=_positive, default=None, metavar="N",
-                   help="also write the run's checkpoint every N steps (atomically), for --resume")
-    t.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its checkpoint. The run keeps its own settings "
-                        f"({', '.join('--' + k.replace('_', '-') for k in TRAIN_SETTINGS)}), read from the "
-                        "checkpoint; giving one of them with a different value is an error. --out (default: "
-                        "RUN_DIR), --quiet, --threads and --distributed may be given")
-    t.add_argument("--distributed", action="store_true",
-                   help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs the [mpi] extra): "
-                        "each rank takes batch-size/K rows of every mini-batch")
-    t.add_argument("--local-bn", action="store_true",
-                   help="with --distributed: each rank normalizes with its own shard's statistics "
-                        "(default: statistics synchronized over the whole mini-batch)")
+    t.add_argument(
+        "--checkpoint-every",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="also write the run's checkpoint every N steps (atomically), for --resume",
+    )
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its checkpoint. The run keeps its own settings "
+        f"({', '.join('--' + k.replace('_', '-') for k in TRAIN_SETTINGS)}), read from the "
+        "checkpoint; giving one of them with a different value is an error. --out (default: "
+        "RUN_DIR), --quiet, --threads and --distributed may be given",
+    )
+    t.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the MPI ranks (launch with mpiexec -n K; needs the [mpi] extra): "
+        "each rank takes batch-size/K rows of every mini-batch",
+    )
+    t.add_argument(
+        "--local-bn",
+        action="store_true",
+        help="with --distributed: each rank normalizes with its own shard's statistics "
+        "(default: statistics synchronized over the whole mini-batch)",
+    )
     t.set_defaults(func=cmd_train)
     p.train_parser = t  # --resume checks saved settings by these options' rules
 
@@ -488,18 +632,26 @@ def build_parser():
     x = _command(sub, "export", "export a saved model to ONNX")
     x.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     x.add_argument("--onnx", required=True, metavar="OUT.onnx")
-    x.add_argument("--fold", action="store_true",
-                   help="fold each Linear -> BatchNorm (Conv2d -> BatchNorm) pair into one Gemm (Conv)")
+    x.add_argument(
+        "--fold",
+        action="store_true",
+        help="fold each Linear -> BatchNorm (Conv2d -> BatchNorm) pair into one Gemm (Conv)",
+    )
     x.set_defaults(func=cmd_export)
 
     c = _command(sub, "recompute-stats", "replace running statistics by population statistics of the data")
     c.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     c.add_argument("--data", default=None, help="default: the data the model was trained on (its training split)")
-    c.add_argument("--mode", choices=["batch", "exact"], default="batch",
-                   help="batch: Alg. 2 of Ioffe & Szegedy (default); exact: full-data moments")
+    c.add_argument(
+        "--mode",
+        choices=["batch", "exact"],
+        default="batch",
+        help="batch: Alg. 2 of Ioffe & Szegedy (default); exact: full-data moments",
+    )
     c.add_argument("--batch-size", type=_count, default=256, help="rows per batch (default 256)")
-    c.add_argument("--out", default=None,
-                   help="write here (default: beside the checkpoint, as model.recomputed.safetensors)")
+    c.add_argument(
+        "--out", default=None, help="write here (default: beside the checkpoint, as model.recomputed.safetensors)"
+    )
     c.add_argument("--in-place", action="store_true", help="replace the checkpoint itself (atomically)")
     c.set_defaults(func=cmd_recompute_stats)
 
@@ -516,8 +668,13 @@ def build_parser():
     ex.add_argument("--seed", type=_seed, default=0, help="seeds every run of the experiment")
     ex.add_argument("--out", default=None, help="output folder (default: a new folder under runs/<name>/)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
-    ex.add_argument("--threads", type=_threads, default=None, metavar="N",
-                    help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)")
+    ex.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help="use at most N threads (default: OMP_NUM_THREADS if set, else every core)",
+    )
     ex.set_defaults(func=cmd_experiment)
 
     rp = _command(sub, "report", "one markdown page from experiment folders")
@@ -556,15 +713,16 @@ def error_message(e):
     if isinstance(e, BnnetError):
         text = str(e)
     elif isinstance(e, ImportError) and e.name in OPTIONAL_EXTRAS:
-        text = (f"needs the optional package {e.name}: in bnnet's checkout, "
-                f"pip install \".[{OPTIONAL_EXTRAS[e.name]}]\"")
+        text = f'needs the optional package {e.name}: in bnnet\'s checkout, pip install ".[{OPTIONAL_EXTRAS[e.name]}]"'
     elif isinstance(e, OSError):
         text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
     elif isinstance(e, MemoryError):
         text = "out of memory; use a smaller model, batch or dataset"
     else:
-        text = (f"internal error {type(e).__name__}: {e} -- this is a bug in bnnet; please report it with the "
-                "output of the same command run as `bnnet --debug ...` (which adds the traceback)")
+        text = (
+            f"internal error {type(e).__name__}: {e} -- this is a bug in bnnet; please report it with the "
+            "output of the same command run as `bnnet --debug ...` (which adds the traceback)"
+        )
     return " ".join(text.split())  # one line, whatever the message held
 
 

@@ -4,6 +4,7 @@ Same contract as bnnet.layers (forward(x, train), backward(dy), params, grads,
 buffers); the math is bnnet.spatial's. Shapes follow PyTorch: channels first,
 W of a convolution (out_channels, in_channels, kh, kw).
 """
+
 import math
 import numbers
 
@@ -46,8 +47,10 @@ class _Windowed(Layer):
                 sizes.append(None)
                 continue
             if size + 2 * p < k:
-                raise InputError(f"{self.name}: x of {shape[1]}x{shape[2]} pixels (padding {p}) is smaller than "
-                                 f"the {self.kernel_size[0]}x{self.kernel_size[1]} kernel, got {_per_sample(shape)}")
+                raise InputError(
+                    f"{self.name}: x of {shape[1]}x{shape[2]} pixels (padding {p}) is smaller than "
+                    f"the {self.kernel_size[0]}x{self.kernel_size[1]} kernel, got {_per_sample(shape)}"
+                )
             sizes.append(S.out_size(size, k, s, p))
         return (self._channels_out(shape[0]), *sizes)
 
@@ -75,8 +78,19 @@ class Conv2d(_Windowed):
 
     writes_out = True
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init="he", std=None,
-                 rng=None, dtype="float32"):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias=True,
+        init="he",
+        std=None,
+        rng=None,
+        dtype="float32",
+    ):
         super().__init__()
         self.in_channels = self.channels_in = check_int("Conv2d", "in_channels", in_channels, low=1)
         self.out_channels = check_int("Conv2d", "out_channels", out_channels, low=1)
@@ -85,14 +99,17 @@ class Conv2d(_Windowed):
         self.padding = _pair("Conv2d", "padding", padding, 0)
         if any(p >= k for p, k in zip(self.padding, self.kernel_size)):
             # (padding k - 1 already gives every output that sees at least one input pixel)
-            raise HyperparameterError(f"Conv2d: padding must be less than the kernel size {self.kernel_size}, "
-                                      f"got {self.padding}")
+            raise HyperparameterError(
+                f"Conv2d: padding must be less than the kernel size {self.kernel_size}, got {self.padding}"
+            )
         self.bias = check_bool("Conv2d", "bias", bias)
         self.init = check_choice("Conv2d", "init", init, ("he", "xavier", "normal"))
         self.dtype = check_dtype("Conv2d", dtype)
         area = self.kernel_size[0] * self.kernel_size[1]
         if std is not None and init != "normal":
-            raise HyperparameterError(f"Conv2d: std is used only with init='normal', got std={std!r} with init={init!r}")
+            raise HyperparameterError(
+                f"Conv2d: std is used only with init='normal', got std={std!r} with init={init!r}"
+            )
         if init == "normal":
             std = 0.01 if std is None else check_number("Conv2d", "std", std, low=0, low_open=True)
         else:
@@ -119,8 +136,9 @@ class Conv2d(_Windowed):
     def _forward(self, x, train, out=None):
         n, shape = x.shape[0], self.out_shape(x.shape[1:])  # (O, Ho, Wo)
         threads.for_gemm(self._flops((n, *shape)))
-        cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1], n * shape[1] * shape[2]),
-                        self.dtype)
+        cols = np.empty(
+            (self.in_channels * self.kernel_size[0] * self.kernel_size[1], n * shape[1] * shape[2]), self.dtype
+        )
         ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)  # (C*kh*kw, N*Ho*Wo)
         y = out if out is not None else np.empty((n, *shape), self.dtype)
         S.conv2d_from_cols(cols, self.params["W"], self.params.get("b"), n, y)
@@ -132,8 +150,10 @@ class Conv2d(_Windowed):
     def _backward(self, dy, input_grad, dx_out=None):
         _, x, cols = self._cached()
         if cols is None:
-            cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1],
-                             dy.shape[0] * dy.shape[2] * dy.shape[3]), self.dtype)
+            cols = np.empty(
+                (self.in_channels * self.kernel_size[0] * self.kernel_size[1], dy.shape[0] * dy.shape[2] * dy.shape[3]),
+                self.dtype,
+            )
             ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)
         threads.for_gemm(self._flops(dy.shape))
         dcols, dw, db = S.conv2d_grads(dy, cols, self.params["W"], input_grad)
@@ -147,10 +167,17 @@ class Conv2d(_Windowed):
         return dx
 
     def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
-                "bias": self.bias, "init": self.init, "std": self.std if self.init == "normal" else None,
-                "dtype": self.dtype}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "bias": self.bias,
+            "init": self.init,
+            "std": self.std if self.init == "normal" else None,
+            "dtype": self.dtype,
+        }
 
 
 class _Pool2d(_Windowed):
@@ -161,8 +188,9 @@ class _Pool2d(_Windowed):
         self.stride = self.kernel_size if stride is None else _pair(owner, "stride", stride, 1)
         self.padding = _pair(owner, "padding", padding, 0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
-            raise HyperparameterError(f"{owner}: padding must be at most half the kernel size "
-                                      f"{self.kernel_size}, got {self.padding}")
+            raise HyperparameterError(
+                f"{owner}: padding must be at most half the kernel size {self.kernel_size}, got {self.padding}"
+            )
 
     def config(self):
         return {"kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding)}

@@ -6,6 +6,7 @@ Keras' BatchNormalization(momentum=...) means the same thing, so they are equal;
 PyTorch's BatchNorm1d(momentum=...) is the weight of the NEW batch: 1 - decay.
 PyTorch's momentum=None (cumulative average) is bnnet's decay=None.
 """
+
 from ._checks import check_number
 
 

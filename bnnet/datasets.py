@@ -3,6 +3,7 @@
 Every loader returns (X_train, y_train, X_test, y_test): X float32 in [0, 1] of
 shape (N, 784), y int64 labels of shape (N,).
 """
+
 import gzip
 import os
 import zipfile
@@ -65,11 +66,13 @@ def read_idx(path):
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise DatasetError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DatasetError(f"{path}: header says shape {shape} ({expected} bytes of data), file has {len(raw) - header}")
+        raise DatasetError(
+            f"{path}: header says shape {shape} ({expected} bytes of data), file has {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -124,8 +127,10 @@ def _npy_header(f, source, available):
         raise DatasetError(f"{source}: holds Python objects (dtype {dtype}); bnnet reads numeric arrays only")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > available:
-        raise DatasetError(f"{source}: header says shape {shape} of {dtype} ({nbytes} bytes) but the file holds "
-                           f"{available} bytes of data; it is truncated or corrupt")
+        raise DatasetError(
+            f"{source}: header says shape {shape} of {dtype} ({nbytes} bytes) but the file holds "
+            f"{available} bytes of data; it is truncated or corrupt"
+        )
     return shape, dtype
 
 
@@ -153,8 +158,9 @@ def load_npz(path):
     """
     try:
         with zipfile.ZipFile(path) as z:
-            members = {name.removesuffix(".npy"): info for name, info in
-                       ((info.filename, info) for info in z.infolist())}
+            members = {
+                name.removesuffix(".npy"): info for name, info in ((info.filename, info) for info in z.infolist())
+            }
             missing = [k for k in NPZ_KEYS if k not in members]
             if missing:
                 raise DatasetError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)}")
@@ -180,8 +186,9 @@ def check_split(X, y, Xt, yt, source):
     out = []
     for split, (A, labels) in (("train", (X, y)), ("test", (Xt, yt))):
         if A.ndim < 2:
-            raise DatasetError(f"{source}: X_{split} must have one row per sample (2-D, or N images), "
-                               f"got shape {A.shape}")
+            raise DatasetError(
+                f"{source}: X_{split} must have one row per sample (2-D, or N images), got shape {A.shape}"
+            )
         if A.dtype.kind not in "biuf":
             raise DatasetError(f"{source}: X_{split} must hold real numbers, got dtype {A.dtype}")
         if A.size == 0:
@@ -190,16 +197,20 @@ def check_split(X, y, Xt, yt, source):
         if out and A.shape[1] != out[0].shape[1]:
             raise DatasetError(f"{source}: X_test has {A.shape[1]} features, X_train {out[0].shape[1]}")
         if labels.ndim != 1 or len(labels) != len(A):
-            raise DatasetError(f"{source}: y_{split} must be 1-D with one label per row of X_{split} "
-                               f"({len(A)}), got shape {labels.shape}")
+            raise DatasetError(
+                f"{source}: y_{split} must be 1-D with one label per row of X_{split} "
+                f"({len(A)}), got shape {labels.shape}"
+            )
         if labels.dtype.kind not in "biuf":
             raise DatasetError(f"{source}: y_{split} must hold integer class labels, got dtype {labels.dtype}")
         with np.errstate(invalid="ignore"):
             bad = ~((labels >= 0) & (labels < MAX_CLASSES) & (labels == np.floor(labels)))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DatasetError(f"{source}: y_{split} must hold integer class labels in [0, {MAX_CLASSES}), "
-                               f"got {labels[i].item()!r} at row {i}")
+            raise DatasetError(
+                f"{source}: y_{split} must hold integer class labels in [0, {MAX_CLASSES}), "
+                f"got {labels[i].item()!r} at row {i}"
+            )
         A = A.astype(np.float32, copy=False)
         if not np.isfinite(A).all():
             row = int(np.flatnonzero(~np.isfinite(A).all(axis=1))[0])

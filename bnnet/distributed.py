@@ -33,6 +33,7 @@ by shard size) at every step, in the same allreduce as the gradients.
 mpi4py is imported only when a Communicator is made: the rest of bnnet works
 without MPI installed. `SingleProcess` is the one-rank stand-in.
 """
+
 import contextlib
 import os
 import sys
@@ -59,8 +60,10 @@ class Communicator:
         try:
             from mpi4py import MPI
         except ImportError:
-            raise BnnetError("bnnet.distributed needs mpi4py and an MPI library: in bnnet's checkout, pip install \".[mpi]\", "
-                             "then launch with that environment's mpiexec") from None
+            raise BnnetError(
+                'bnnet.distributed needs mpi4py and an MPI library: in bnnet\'s checkout, pip install ".[mpi]", '
+                "then launch with that environment's mpiexec"
+            ) from None
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
@@ -135,6 +138,7 @@ def _moments_op(MPI):
     """The MPI reduction that merges packed [count, mean, M2] buffers (Chan's formula)."""
     global _MOMENTS_OP
     if _MOMENTS_OP is None:
+
         def merge(inbuf, inoutbuf, datatype):
             ops.merge_moments(np.frombuffer(inbuf, dtype=np.float64), np.frombuffer(inoutbuf, dtype=np.float64))
 
@@ -259,13 +263,15 @@ class SyncBatchNorm(BatchNorm):
         d = self.num_features
         buf = np.empty(2 * d + 1)  # packed [count, mean (D), M2 (D)]: one allreduce
         buf[0] = x.shape[0]
-        ops.bn_moments(x, buf[1:d + 1], buf[d + 1:])
+        ops.bn_moments(x, buf[1 : d + 1], buf[d + 1 :])
         self.comm.merge_moments(buf)
         n = int(buf[0])
         if n < 2:
-            raise InputError(f"{self.name}: the global batch over {self.comm.size} ranks has {n} row(s) in train "
-                             "mode; BatchNorm needs at least 2 (use a larger batch_size)")
-        return n, buf[1:d + 1], buf[d + 1:] / n
+            raise InputError(
+                f"{self.name}: the global batch over {self.comm.size} ranks has {n} row(s) in train "
+                "mode; BatchNorm needs at least 2 (use a larger batch_size)"
+            )
+        return n, buf[1 : d + 1], buf[d + 1 :] / n
 
     @on_rows
     def _forward(self, x, train, out=None, activation=None):
@@ -345,7 +351,7 @@ class DataParallel:
         self.views, offset = [], 0
         for name, p, _ in params:
             layer, key = model.layers[int(name.split(".")[0])], name.split(".", 1)[1]
-            view = self.flat[offset:offset + p.size].reshape(p.shape)
+            view = self.flat[offset : offset + p.size].reshape(p.shape)
             layer.grads[key] = view  # layers write their gradients here (Layer._grad keeps it)
             self.views.append((layer, key, view))
             offset += p.size
@@ -358,10 +364,14 @@ class DataParallel:
         every = self.comm.allgather_object(settings)
         differ = [k for k in settings if any(other.get(k) != every[0].get(k) for other in every)]
         if differ:
-            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {str(other.get(k))[:60]}" for r, other in enumerate(every))
-                               for k in differ)
-            error = InputError(f"fit: the {self.size} ranks were not given the same training run ({detail}); "
-                               "give every rank the same data, model and settings")
+            detail = "; ".join(
+                f"{k}: " + ", ".join(f"rank {r} {str(other.get(k))[:60]}" for r, other in enumerate(every))
+                for k in differ
+            )
+            error = InputError(
+                f"fit: the {self.size} ranks were not given the same training run ({detail}); "
+                "give every rank the same data, model and settings"
+            )
             error.collective = True  # raised on every rank: one of them reports it
             raise error
 
@@ -388,21 +398,20 @@ class DataParallel:
                 view[...] = layer.grads.get(key, 0)
                 layer.grads[key] = view
         e = self._extra
-        self.flat[e:e + 2] = loss_sum, correct_sum
+        self.flat[e : e + 2] = loss_sum, correct_sum
         o, w = e + 2, n_rank / n_global
         for bn in self.local_bn:
             for key in ("running_mean", "running_var"):
-                self.flat[o:o + bn.num_features] = bn.buffers[key] * w
+                self.flat[o : o + bn.num_features] = bn.buffers[key] * w
                 o += bn.num_features
         self.comm.allreduce_sum(self.flat)
         o = e + 2
         for bn in self.local_bn:
             for key in ("running_mean", "running_var"):
-                bn.buffers[key][...] = self.flat[o:o + bn.num_features]
+                bn.buffers[key][...] = self.flat[o : o + bn.num_features]
                 o += bn.num_features
         return float(self.flat[e]) / n_global, float(self.flat[e + 1]) / n_global
 
 
 def is_root(comm):
     return comm is None or comm.rank == 0
-

@@ -31,6 +31,7 @@ and shape otherwise. So an assignment into the dicts between steps is caught
 before a kernel runs. The kernels' own arguments are checked once more by
 bnnet.ops.
 """
+
 import numpy as np
 
 from . import backend
@@ -151,8 +152,11 @@ class Plan:
 
     def matches(self, model):
         """Still valid for `model`: the same layer objects, in order, and the same backend."""
-        return (self.backend == backend.get_backend() and len(model.layers) == len(self.layers)
-                and all(a is b for a, b in zip(model.layers, self.layers)))
+        return (
+            self.backend == backend.get_backend()
+            and len(model.layers) == len(self.layers)
+            and all(a is b for a, b in zip(model.layers, self.layers))
+        )
 
     def check(self, train):
         """Every layer's arrays against its configuration.
@@ -170,8 +174,11 @@ class Plan:
                 return
         for layer in self.layers:
             layer.check_state(train)
-        self._accepted = [(layer, kind, key, getattr(layer, kind)[key], getattr(layer, kind)[key].shape)
-                          for layer in self.layers for kind, key in layer.state_spec()]
+        self._accepted = [
+            (layer, kind, key, getattr(layer, kind)[key], getattr(layer, kind)[key].shape)
+            for layer in self.layers
+            for kind, key in layer.state_spec()
+        ]
         self._accepted_train = train  # (train mode also requires writable buffers)
 
     def _buffer(self, key, shape, dtype):
@@ -185,8 +192,10 @@ class Plan:
         if not isinstance(train, (bool, np.bool_)):
             raise HyperparameterError(f"Sequential.forward: train must be True or False, got {train!r}")
         if train and self.model.eval_only:
-            raise HyperparameterError("Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
-                                      "and has no batch statistics to train with; train the original model")
+            raise HyperparameterError(
+                "Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
+                "and has no batch statistics to train with; train the original model"
+            )
         if not isinstance(x, np.ndarray) or x.ndim < 2:
             raise InputError(f"Sequential.forward: x must be a batch (N, ...), got {getattr(x, 'shape', type(x))}")
         out_shapes = self._step_shapes.get(x.shape[1:])
@@ -215,11 +224,14 @@ class Plan:
         """
         dy = np.asarray(dy, dtype=self.model.dtype)
         if self._out_shape is None:
-            raise InputError("Sequential.backward: no forward to backpropagate through (backward was already "
-                             "called for the last forward, or forward never ran); call forward(x, train) first")
+            raise InputError(
+                "Sequential.backward: no forward to backpropagate through (backward was already "
+                "called for the last forward, or forward never ran); call forward(x, train) first"
+            )
         if dy.shape != self._out_shape:
-            raise InputError(f"Sequential.backward: dy must have the shape of the last output "
-                             f"{self._out_shape}, got {dy.shape}")
+            raise InputError(
+                f"Sequential.backward: dy must have the shape of the last output {self._out_shape}, got {dy.shape}"
+            )
         # (no re-check of the layers here: every array a kernel reads or writes in backward is
         # checked by bnnet.ops, matrix products check their own shapes, and grads are replaced
         # when they do not fit)

@@ -3,6 +3,7 @@ Flatten, activations).
 
 Needs the `onnx` package (pip install ".[onnx]" in the checkout); imported only here.
 """
+
 import numpy as np
 
 from .conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
@@ -35,40 +36,63 @@ def to_onnx(model, fold=False):
     for i, (layer, (shape, _)) in enumerate(zip(model.layers, shapes)):
         out = f"h{i}"
 
-        def const(name, array, layer=layer):
+        def const(name, array, i=i):
             inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=model.dtype), f"{i}.{name}"))
             return f"{i}.{name}"
 
         if isinstance(layer, Linear):
             if layer.bias:  # y = x @ W + b
-                nodes.append(helper.make_node("Gemm", [h, const("W", layer.params["W"]), const("b", layer.params["b"])], [out]))
+                nodes.append(
+                    helper.make_node("Gemm", [h, const("W", layer.params["W"]), const("b", layer.params["b"])], [out])
+                )
             else:
                 nodes.append(helper.make_node("MatMul", [h, const("W", layer.params["W"])], [out]))
         elif isinstance(layer, Conv2d):
             pads = [*layer.padding, *layer.padding]  # (top, left, bottom, right)
             inputs = [h, const("W", layer.params["W"])] + ([const("b", layer.params["b"])] if layer.bias else [])
-            nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(layer.kernel_size),
-                                          strides=list(layer.stride), pads=pads))
+            nodes.append(
+                helper.make_node(
+                    "Conv", inputs, [out], kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=pads
+                )
+            )
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             extra = {"count_include_pad": 1} if isinstance(layer, AvgPool2d) else {}
-            nodes.append(helper.make_node("MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool", [h], [out],
-                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                                          pads=[*layer.padding, *layer.padding], **extra))
+            nodes.append(
+                helper.make_node(
+                    "MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool",
+                    [h],
+                    [out],
+                    kernel_shape=list(layer.kernel_size),
+                    strides=list(layer.stride),
+                    pads=[*layer.padding, *layer.padding],
+                    **extra,
+                )
+            )
         elif isinstance(layer, GlobalAvgPool2d):
             nodes.append(helper.make_node("GlobalAveragePool", [h], [f"{out}.pooled"]))
             nodes.append(helper.make_node("Flatten", [f"{out}.pooled"], [out], axis=1))
         elif isinstance(layer, Flatten):
             nodes.append(helper.make_node("Flatten", [h], [out], axis=1))
         elif isinstance(layer, BatchNorm) and layer.axis != 1:
-            raise HyperparameterError("export_onnx: ONNX BatchNormalization takes channels on axis 1; this layer "
-                                      "has axis=-1 (channels last)")
+            raise HyperparameterError(
+                "export_onnx: ONNX BatchNormalization takes channels on axis 1; this layer has axis=-1 (channels last)"
+            )
         elif isinstance(layer, BatchNorm) and layer.track_running_stats:
             gamma, beta, _, _ = layer._affine()  # 1 and 0 when affine=False
-            nodes.append(helper.make_node(
-                "BatchNormalization",
-                [h, const("gamma", gamma), const("beta", beta),
-                 const("running_mean", layer.buffers["running_mean"]), const("running_var", layer.buffers["running_var"])],
-                [out], epsilon=float(layer.eps)))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [
+                        h,
+                        const("gamma", gamma),
+                        const("beta", beta),
+                        const("running_mean", layer.buffers["running_mean"]),
+                        const("running_var", layer.buffers["running_var"]),
+                    ],
+                    [out],
+                    epsilon=float(layer.eps),
+                )
+            )
         elif isinstance(layer, BatchNorm):  # track_running_stats=False: the batch's own statistics, in eval too
             nodes += _batch_statistics_nodes(helper, h, out, f"{i}.", layer, const, 1 + len(shape or (0,)))
         elif isinstance(layer, LeakyReLU):
@@ -80,8 +104,13 @@ def to_onnx(model, fold=False):
         h = out
     nodes[-1].output[0] = "y"
     dims = ["N", *(d if d is not None else name for d, name in zip(model.input_shape or (None,), "DHW"[-3:]))]
-    graph = helper.make_graph(nodes, "bnnet", [helper.make_tensor_value_info("x", elem, dims)],
-                              [helper.make_tensor_value_info("y", elem, ["N", None])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "bnnet",
+        [helper.make_tensor_value_info("x", elem, dims)],
+        [helper.make_tensor_value_info("y", elem, ["N", None])],
+        initializer=inits,
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnnet")
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)

@@ -6,6 +6,7 @@ these functions, so this file is the one to read to see the math run.
 
 Shapes: N = batch size (rows), D = features (columns), C = classes.
 """
+
 import numbers
 
 import numpy as np
@@ -49,8 +50,11 @@ def _check_axes(x, axes):
         items = list(items) if not isinstance(items, (str, bytes)) else None
     except TypeError:
         items = None
-    if (items is None or not items
-            or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items)):
+    if (
+        items is None
+        or not items
+        or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items)
+    ):
         raise HyperparameterError(f"moments: axes must be an int or a non-empty sequence of ints, got {axes!r}")
     if not all(-x.ndim <= a < x.ndim for a in items):
         raise HyperparameterError(f"moments: axes {axes!r} out of range for an input of shape {x.shape}")
@@ -147,8 +151,10 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
     try:
         np.broadcast_shapes(*shapes)
     except ValueError:
-        raise InputError(f"batch_normalization: x, mean, variance, offset and scale must broadcast together, "
-                         f"got shapes {', '.join(map(str, shapes))}") from None
+        raise InputError(
+            f"batch_normalization: x, mean, variance, offset and scale must broadcast together, "
+            f"got shapes {', '.join(map(str, shapes))}"
+        ) from None
     inv = 1.0 / np.sqrt(variance + variance_epsilon)
     if scale is not None:
         inv = inv * scale

@@ -2,13 +2,15 @@
 
 Three ways to get the statistics that eval mode normalizes with:
 
-| mode | how | set by |
-|---|---|---|
-| exponential moving average | running = decay * running + (1 - decay) * batch, per training step | BatchNorm(decay=0.9) (the lecture's method) |
-| cumulative average | running = mean over every batch seen so far | BatchNorm(decay=None) |
-| population (Alg. 2) | mean of batch means, m/(m-1) x mean of batch variances, after training | recompute_bn_stats(model, X, mode="batch") |
-| exact full data | the mean and variance of each BN's input over all of X, in eval mode | recompute_bn_stats(model, X, mode="exact") |
+    exponential moving average   running = decay * running + (1 - decay) * batch, per training step
+                                 BatchNorm(decay=0.9) (the lecture's method)
+    cumulative average           running = mean over every batch seen so far: BatchNorm(decay=None)
+    population (Alg. 2)          mean of batch means, m/(m-1) x mean of batch variances, after training:
+                                 recompute_bn_stats(model, X, mode="batch")
+    exact full data              the mean and variance of each BN's input over all of X, in eval mode:
+                                 recompute_bn_stats(model, X, mode="exact")
 """
+
 import copy
 import math
 
@@ -73,12 +75,14 @@ def recompute_bn_stats(model, X, batch_size=256, mode="batch"):
             _batch_stats(model, bns, X, batch_size, saved)
         else:
             _exact_stats(model, bns, X, batch_size)
-        for i, bn in bns:  # finite inputs can still overflow inside the network
+        for _, bn in bns:  # finite inputs can still overflow inside the network
             for key in ("running_mean", "running_var"):
                 if not np.isfinite(bn.buffers[key]).all():
-                    raise NonFiniteError(f"recompute_bn_stats: the new {key} of {bn.name} holds NaN or Inf "
-                                         f"(X is finite, largest |x| = {np.abs(X).max():.3g}); the statistics "
-                                         "were left as they were")
+                    raise NonFiniteError(
+                        f"recompute_bn_stats: the new {key} of {bn.name} holds NaN or Inf "
+                        f"(X is finite, largest |x| = {np.abs(X).max():.3g}); the statistics "
+                        "were left as they were"
+                    )
     except BaseException:
         for k, v in saved.items():  # all layers or none
             model.buffers[k] = v
@@ -96,7 +100,7 @@ def _batch_stats(model, bns, X, batch_size, saved):
     sums = {i: [np.zeros(bn.num_features), np.zeros(bn.num_features)] for i, bn in bns}
     try:
         for s in starts:
-            model.forward(X[s:s + batch_size], train=True)
+            model.forward(X[s : s + batch_size], train=True)
             for i, bn in bns:
                 mean, var = bn.batch_stats
                 sums[i][0] += mean
@@ -119,7 +123,7 @@ def _exact_stats(model, bns, X, batch_size):
     for i, bn in bns:
         count, mean, m2 = 0, np.zeros(bn.num_features), np.zeros(bn.num_features)
         for s in range(0, n, batch_size):
-            h = X[s:s + batch_size]
+            h = X[s : s + batch_size]
             for layer in model.layers[:i]:
                 h = layer.forward(h, train=False)
             axes = tuple(a for a in range(h.ndim) if a != bn.axis % h.ndim)  # all but the channel axis
@@ -148,9 +152,11 @@ def fold_batchnorm(model):
         nxt = model.layers[i + 1] if i + 1 < len(model.layers) else None
         if isinstance(layer, (Linear, Conv2d)) and isinstance(nxt, BatchNorm):
             if not nxt.track_running_stats:
-                raise HyperparameterError(f"fold_batchnorm: {nxt.name} keeps no running statistics "
-                                          "(track_running_stats=False): it normalizes every batch with the batch's "
-                                          "own statistics, which no fixed Linear can do")
+                raise HyperparameterError(
+                    f"fold_batchnorm: {nxt.name} keeps no running statistics "
+                    "(track_running_stats=False): it normalizes every batch with the batch's "
+                    "own statistics, which no fixed Linear can do"
+                )
             W = layer.params["W"].astype(np.float64)
             b = layer.params["b"].astype(np.float64) if layer.bias else 0.0
             gamma, beta, _, _ = nxt._affine()

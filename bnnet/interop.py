@@ -10,12 +10,13 @@ statistics, eps, the running-average weight (bnnet decay = 1 - torch momentum;
 momentum=None <-> decay=None) and num_batches_tracked <-> count. torch is imported
 only when these functions run; it is not a dependency of bnnet.
 """
+
 import re
 
 import numpy as np
 
-from .conventions import decay_from_torch_momentum, torch_momentum_from_decay
 from .conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
+from .conventions import decay_from_torch_momentum, torch_momentum_from_decay
 from .engine import check_chain
 from .errors import HyperparameterError
 from .layers import ACTIVATIONS, BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
@@ -39,13 +40,21 @@ def _linear(weight, bias):
 
 def _conv(child):
     """A Conv2d from torch's nn.Conv2d (zero padding given as ints, no dilation or groups)."""
-    if (isinstance(child.padding, str) or child.dilation != (1, 1) or child.groups != 1
-            or child.padding_mode != "zeros"):
-        raise HyperparameterError(f"from_torch: cannot convert {child}: bnnet's Conv2d has integer zero padding, "
-                                  "no dilation and no groups")
+    if isinstance(child.padding, str) or child.dilation != (1, 1) or child.groups != 1 or child.padding_mode != "zeros":
+        raise HyperparameterError(
+            f"from_torch: cannot convert {child}: bnnet's Conv2d has integer zero padding, no dilation and no groups"
+        )
     w = _numpy(child.weight)  # (O, C, kh, kw), bnnet's layout
-    layer = Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=child.stride, padding=child.padding,
-                   bias=child.bias is not None, rng=0, dtype=w.dtype.name)
+    layer = Conv2d(
+        w.shape[1],
+        w.shape[0],
+        w.shape[2:],
+        stride=child.stride,
+        padding=child.padding,
+        bias=child.bias is not None,
+        rng=0,
+        dtype=w.dtype.name,
+    )
     layer.params["W"][...] = w
     if child.bias is not None:
         layer.params["b"][...] = _numpy(child.bias)
@@ -60,21 +69,31 @@ def _pool(child):
         if child.output_size not in (1, (1, 1)):
             raise HyperparameterError(f"from_torch: cannot convert {child}: only output_size=1 (global average)")
         return GlobalAvgPool2d()
-    if child.ceil_mode or (isinstance(child, torch.nn.MaxPool2d) and (child.dilation not in (1, (1, 1))
-                                                                     or child.return_indices)):
-        raise HyperparameterError(f"from_torch: cannot convert {child}: ceil_mode, dilation and return_indices "
-                                  "are not supported")
+    if child.ceil_mode or (
+        isinstance(child, torch.nn.MaxPool2d) and (child.dilation not in (1, (1, 1)) or child.return_indices)
+    ):
+        raise HyperparameterError(
+            f"from_torch: cannot convert {child}: ceil_mode, dilation and return_indices are not supported"
+        )
     if isinstance(child, torch.nn.AvgPool2d) and (not child.count_include_pad or child.divisor_override):
-        raise HyperparameterError(f"from_torch: cannot convert {child}: bnnet's AvgPool2d divides by the kernel "
-                                  "area (count_include_pad=True, no divisor_override)")
+        raise HyperparameterError(
+            f"from_torch: cannot convert {child}: bnnet's AvgPool2d divides by the kernel "
+            "area (count_include_pad=True, no divisor_override)"
+        )
     cls = MaxPool2d if isinstance(child, torch.nn.MaxPool2d) else AvgPool2d
     return cls(child.kernel_size, stride=child.stride, padding=child.padding)
 
 
 def _batchnorm(num_features, weight, bias, mean, var, count, eps, momentum, dtype):
     """A BatchNorm from torch's tensors; weight/bias None: affine=False; mean/var None: no running statistics."""
-    bn = BatchNorm(num_features, eps=float(eps), decay=decay_from_torch_momentum(momentum), dtype=dtype,
-                   affine=weight is not None, track_running_stats=mean is not None)
+    bn = BatchNorm(
+        num_features,
+        eps=float(eps),
+        decay=decay_from_torch_momentum(momentum),
+        dtype=dtype,
+        affine=weight is not None,
+        track_running_stats=mean is not None,
+    )
     if weight is not None:
         bn.params["gamma"][...] = _numpy(weight)
         bn.params["beta"][...] = _numpy(bias)
@@ -109,19 +128,33 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
                     raise HyperparameterError(f"from_torch: cannot convert {child}: only Flatten(1, -1)")
                 layers.append(Flatten())
             elif isinstance(child, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-                dtype = next((str(t.dtype).removeprefix("torch.") for t in child.state_dict().values()
-                              if t.is_floating_point()), "float32")  # no tensors at all: torch's default
-                layers.append(_batchnorm(child.num_features, child.weight, child.bias, child.running_mean,
-                                         child.running_var, child.num_batches_tracked, child.eps, child.momentum,
-                                         dtype))
+                dtype = next(
+                    (str(t.dtype).removeprefix("torch.") for t in child.state_dict().values() if t.is_floating_point()),
+                    "float32",
+                )  # no tensors at all: torch's default
+                layers.append(
+                    _batchnorm(
+                        child.num_features,
+                        child.weight,
+                        child.bias,
+                        child.running_mean,
+                        child.running_var,
+                        child.num_batches_tracked,
+                        child.eps,
+                        child.momentum,
+                        dtype,
+                    )
+                )
             elif isinstance(child, torch.nn.LeakyReLU):
                 layers.append(LeakyReLU(child.negative_slope))
             elif name in _TORCH_ACTIVATIONS:
                 layers.append(_TORCH_ACTIVATIONS[name]())
             else:
-                raise HyperparameterError(f"from_torch: cannot convert {name}; supported: Linear, Conv2d, "
-                                          "BatchNorm1d/2d/3d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, "
-                                          "ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential")
+                raise HyperparameterError(
+                    f"from_torch: cannot convert {name}; supported: Linear, Conv2d, "
+                    "BatchNorm1d/2d/3d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, "
+                    "ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential"
+                )
         return Sequential(*layers)
     state = dict(module)
     if activation not in ACTIVATIONS:
@@ -131,16 +164,28 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
         raise HyperparameterError("from_torch: a state_dict must have keys like '0.weight' (an nn.Sequential's)")
     layers = []
     for i in range(indices[-1] + 1):
-        get = lambda key: state.get(f"{i}.{key}")  # noqa: E731
+        get = lambda key, i=i: state.get(f"{i}.{key}")  # noqa: E731
         if get("running_mean") is not None:
             mean = _numpy(get("running_mean"))
-            layers.append(_batchnorm(len(mean), get("weight"), get("bias"), mean, get("running_var"),
-                                     get("num_batches_tracked") if get("num_batches_tracked") is not None else 0,
-                                     eps, momentum, mean.dtype.name))
+            layers.append(
+                _batchnorm(
+                    len(mean),
+                    get("weight"),
+                    get("bias"),
+                    mean,
+                    get("running_var"),
+                    get("num_batches_tracked") if get("num_batches_tracked") is not None else 0,
+                    eps,
+                    momentum,
+                    mean.dtype.name,
+                )
+            )
         elif get("weight") is not None:
             if _numpy(get("weight")).ndim != 2:
-                raise HyperparameterError(f"from_torch: {i}.weight is a convolution's; its stride and padding are "
-                                          "not in a state_dict: convert the module itself")
+                raise HyperparameterError(
+                    f"from_torch: {i}.weight is a convolution's; its stride and padding are "
+                    "not in a state_dict: convert the module itself"
+                )
             layers.append(_linear(get("weight"), get("bias")))
         else:
             layers.append(ACTIVATIONS[activation]())
@@ -155,8 +200,15 @@ def to_torch(model):
     shapes = check_chain(model.layers)  # the per-sample input shape of each layer: BatchNorm1d, 2d or 3d
     for layer, (shape, _) in zip(model.layers, shapes):
         if isinstance(layer, Conv2d):
-            m = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                padding=layer.padding, bias=layer.bias, dtype=getattr(torch, layer.dtype))
+            m = torch.nn.Conv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                bias=layer.bias,
+                dtype=getattr(torch, layer.dtype),
+            )
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(layer.params["W"]))
                 if layer.bias:
@@ -169,19 +221,27 @@ def to_torch(model):
         elif isinstance(layer, Flatten):
             m = torch.nn.Flatten()
         elif isinstance(layer, Linear):
-            m = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias, dtype=getattr(torch, layer.dtype))
+            m = torch.nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias, dtype=getattr(torch, layer.dtype)
+            )
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.params["W"].T)))
                 if layer.bias:
                     m.bias.copy_(torch.from_numpy(layer.params["b"]))
         elif isinstance(layer, BatchNorm):
             if layer.axis != 1:
-                raise HyperparameterError("to_torch: torch's BatchNorm takes channels on axis 1; this layer has "
-                                          "axis=-1 (channels last)")
+                raise HyperparameterError(
+                    "to_torch: torch's BatchNorm takes channels on axis 1; this layer has axis=-1 (channels last)"
+                )
             kind = {3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}.get(len(shape or ()), torch.nn.BatchNorm1d)
-            m = kind(layer.num_features, eps=layer.eps, momentum=torch_momentum_from_decay(layer.decay),
-                                     affine=layer.affine, track_running_stats=layer.track_running_stats,
-                                     dtype=getattr(torch, layer.dtype))
+            m = kind(
+                layer.num_features,
+                eps=layer.eps,
+                momentum=torch_momentum_from_decay(layer.decay),
+                affine=layer.affine,
+                track_running_stats=layer.track_running_stats,
+                dtype=getattr(torch, layer.dtype),
+            )
             with torch.no_grad():
                 if layer.affine:
                     m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
@@ -191,8 +251,10 @@ def to_torch(model):
                     m.running_var.copy_(torch.from_numpy(layer.buffers["running_var"]))
                     m.num_batches_tracked.fill_(int(layer.buffers["count"]))
             if layer.running_var == "biased":
-                raise HyperparameterError("to_torch: torch's BatchNorm1d keeps the unbiased running variance; "
-                                          "this layer uses running_var='biased'")
+                raise HyperparameterError(
+                    "to_torch: torch's BatchNorm1d keeps the unbiased running variance; "
+                    "this layer uses running_var='biased'"
+                )
         elif isinstance(layer, LeakyReLU):
             m = torch.nn.LeakyReLU(layer.negative_slope)
         else:

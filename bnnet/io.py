@@ -9,6 +9,7 @@ Metadata (the safetensors header's "__metadata__", key "bnnet", a JSON string):
     carry the conventions eps/decay/running_var), optimizer (type, step,
     hyperparameters) and the user's own **metadata.
 """
+
 import json
 import os
 import tempfile
@@ -79,8 +80,15 @@ def save(path, model, optimizer=None, **metadata):
     if optimizer is not None:
         arrays, opt_info = optimizer.state_dict()
         tensors.update({f"optimizer/{k}": v for k, v in arrays.items()})
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "bnnet_version": __version__,
-            "architecture": model.config(), "eval_only": model.eval_only, "optimizer": opt_info, "user": metadata}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bnnet_version": __version__,
+        "architecture": model.config(),
+        "eval_only": model.eval_only,
+        "optimizer": opt_info,
+        "user": metadata,
+    }
     try:
         header = json.dumps(meta)
     except TypeError as e:
@@ -121,20 +129,24 @@ def _read(path):
         n = int.from_bytes(data[:8], "little")
         if len(data) < 8 or n > len(data) - 8 or n > MAX_HEADER_BYTES:
             raise ValueError("header length exceeds the file size (truncated or not safetensors)")
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         meta = json.loads(header["__metadata__"]["bnnet"])
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError("not a bnnet checkpoint")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not a valid bnnet checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                              "it may be truncated, corrupted or another program's file") from None
+        raise CheckpointError(
+            f"{path}: not a valid bnnet checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "it may be truncated, corrupted or another program's file"
+        ) from None
     shapes = {k: v.get("shape") if isinstance(v, dict) else None for k, v in header.items() if k != "__metadata__"}
     _check_meta(path, meta, shapes)
     try:
         arrays = _st_load(data)
     except (SafetensorError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid bnnet checkpoint, its tensors cannot be read ({e}); "
-                              "it may be truncated, corrupted or another program's file") from None
+        raise CheckpointError(
+            f"{path}: not a valid bnnet checkpoint, its tensors cannot be read ({e}); "
+            "it may be truncated, corrupted or another program's file"
+        ) from None
     return arrays, meta
 
 
@@ -142,12 +154,14 @@ def field_error(path, field, expected, value):
     """The CheckpointError for one metadata field: "<path>: metadata field <field> must be <expected>,
     got <value>" (the value's repr, cut at 80 characters)."""
     text = repr(value)
-    return CheckpointError(f"{path}: metadata field {field} must be {expected}, got "
-                           f"{text if len(text) <= 80 else text[:77] + '...'}")
+    return CheckpointError(
+        f"{path}: metadata field {field} must be {expected}, got {text if len(text) <= 80 else text[:77] + '...'}"
+    )
 
 
 def _check_meta(path, meta, shapes):
     """Check the metadata's schema, one field at a time, and the architecture against the tensor shapes."""
+
     def bad(field, expected, value):
         raise field_error(path, field, expected, value)
 
@@ -156,8 +170,11 @@ def _check_meta(path, meta, shapes):
         bad("format_version", "an integer >= 1", version)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer bnnet (format {version}); upgrade bnnet")
-    for key, kind, expected in (("bnnet_version", str, "a string"), ("eval_only", bool, "true or false"),
-                                ("user", dict, "an object")):
+    for key, kind, expected in (
+        ("bnnet_version", str, "a string"),
+        ("eval_only", bool, "true or false"),
+        ("user", dict, "an object"),
+    ):
         if key in meta and not isinstance(meta[key], kind):
             bad(key, expected, meta[key])
     architecture = meta.get("architecture")
@@ -171,8 +188,11 @@ def _check_meta(path, meta, shapes):
     for i, cfg in enumerate(architecture):
         field = f"architecture[{i}]"
         if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in LAYER_TYPES:
-            bad(f"{field}.type", f"one of {', '.join(sorted(LAYER_TYPES))}",
-                cfg.get("type") if isinstance(cfg, dict) else cfg)
+            bad(
+                f"{field}.type",
+                f"one of {', '.join(sorted(LAYER_TYPES))}",
+                cfg.get("type") if isinstance(cfg, dict) else cfg,
+            )
         for key, value in cfg.items():
             if isinstance(value, list):  # a kernel size, stride or padding: (height, width)
                 if not 1 <= len(value) <= 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -185,8 +205,10 @@ def _check_meta(path, meta, shapes):
         kernel = cfg.get("kernel_size")
         kernel = kernel if isinstance(kernel, list) else [kernel]  # an int, or (height, width)
         if dims and "kernel_size" in cfg and not all(isinstance(k, int) and k in dims for k in kernel):
-            raise CheckpointError(f"{path}: metadata field {field}.kernel_size = {cfg['kernel_size']!r} does not "
-                                  f"match the file's tensors for layer {i} (their dimensions: {sorted(dims)})")
+            raise CheckpointError(
+                f"{path}: metadata field {field}.kernel_size = {cfg['kernel_size']!r} does not "
+                f"match the file's tensors for layer {i} (their dimensions: {sorted(dims)})"
+            )
         if not dims:  # a layer without tensors (a BatchNorm with affine=False, track_running_stats=False) is
             dims = {d for shape in shapes.values() for d in shape}  # as wide as some neighbour's tensor
         for key in FEATURE_FIELDS:
@@ -195,8 +217,10 @@ def _check_meta(path, meta, shapes):
             if key in cfg and not dims and isinstance(cfg[key], int) and 1 <= cfg[key] <= 1 << 16:
                 continue  # no tensor in the whole file to compare with: a small size builds nothing large
             if key in cfg and cfg[key] not in dims:
-                raise CheckpointError(f"{path}: metadata field {field}.{key} = {cfg[key]!r} does not match the "
-                                      f"file's tensors for layer {i} (their dimensions: {sorted(dims)})")
+                raise CheckpointError(
+                    f"{path}: metadata field {field}.{key} = {cfg[key]!r} does not match the "
+                    f"file's tensors for layer {i} (their dimensions: {sorted(dims)})"
+                )
     opt = meta.get("optimizer")
     if opt is not None:
         from .optim import OPTIMIZERS, optimizer_from_info
@@ -275,16 +299,22 @@ def _check_optimizer_arrays(path, model, info, arrays):
     for key, value in arrays.items():
         name, _, state = key.rpartition("/")
         if name not in model.params or state not in cls.state_names + cls.counter_names:
-            raise CheckpointError(f"{path}: unexpected optimizer tensor {key!r} for {info['type']} (its states: "
-                                  f"{', '.join(cls.state_names + cls.counter_names) or 'none'})")
+            raise CheckpointError(
+                f"{path}: unexpected optimizer tensor {key!r} for {info['type']} (its states: "
+                f"{', '.join(cls.state_names + cls.counter_names) or 'none'})"
+            )
         p = model.params[name]
         if state in cls.counter_names:  # a per-parameter update count
             if value.shape != () or value.dtype.kind not in "iu" or value < 0:
-                raise CheckpointError(f"{path}: optimizer tensor {key!r} must be a non-negative integer scalar, "
-                                      f"got {value.dtype} {value.shape}")
+                raise CheckpointError(
+                    f"{path}: optimizer tensor {key!r} must be a non-negative integer scalar, "
+                    f"got {value.dtype} {value.shape}"
+                )
         elif value.shape != p.shape or value.dtype != p.dtype:
-            raise CheckpointError(f"{path}: optimizer tensor {key!r} is {value.dtype} {value.shape}; "
-                                  f"parameter {name} is {p.dtype} {p.shape}")
+            raise CheckpointError(
+                f"{path}: optimizer tensor {key!r} is {value.dtype} {value.shape}; "
+                f"parameter {name} is {p.dtype} {p.shape}"
+            )
 
 
 def load(path, optimizer=None):

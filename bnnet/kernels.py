@@ -22,6 +22,7 @@ and a parallel one (rows split across threads, contiguous inner loop over
 features), kept as distinct functions so that numba's on-disk caches of the two
 never collide. `bn_forward` / `bn_backward` pick one by size.
 """
+
 import os
 
 # numba runs its parallel kernels on OpenMP threads. By default those spin after
@@ -38,7 +39,6 @@ from numba.extending import intrinsic  # noqa: E402
 
 from . import functional as F  # noqa: E402
 from . import optim_rules  # noqa: E402
-
 from .ops import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
 from .threads import numba_threads  # noqa: E402
 
@@ -201,8 +201,24 @@ def _update_running_at(running_mean, running_var, j, mean_j, var_j, decay, var_c
 
 
 @njit(inline="always", **_OPTS)
-def _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, table):
+def _statistics(
+    n,
+    shift,
+    gamma,
+    beta,
+    eps,
+    train,
+    running_mean,
+    running_var,
+    decay,
+    var_correction,
+    s1,
+    s2,
+    mean,
+    var,
+    inv_std,
+    table,
+):
     """Batch statistics from the sums s1, s2 of n values per feature shifted by `shift`
     (train, then also the running update) or the running ones (eval); fills the forward
     coefficient table."""
@@ -253,8 +269,9 @@ def _apply_rows(x, t, act, c, out, lo, hi):
 
 
 @njit(**_OPTS)
-def _forward_serial(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-                    out, mean, var, inv_std):
+def _forward_serial(
+    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+):
     n, d = x.shape
     s1 = np.zeros(d)
     s2 = np.zeros(d)
@@ -263,14 +280,46 @@ def _forward_serial(x, gamma, beta, eps, act, slope, train, running_mean, runnin
         shift[:] = x[0]
         _accumulate(x, shift, 0, n, s1, s2)
     table = np.empty((4, d), x.dtype)
-    _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, table)
+    _statistics(
+        n,
+        shift,
+        gamma,
+        beta,
+        eps,
+        train,
+        running_mean,
+        running_var,
+        decay,
+        var_correction,
+        s1,
+        s2,
+        mean,
+        var,
+        inv_std,
+        table,
+    )
     _apply_rows(x, table, act, _constants(x, slope), out, 0, n)
 
 
 @njit(parallel=True, **_OPTS)
-def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-                      out, mean, var, inv_std, chunks):
+def _forward_parallel(
+    x,
+    gamma,
+    beta,
+    eps,
+    act,
+    slope,
+    train,
+    running_mean,
+    running_var,
+    decay,
+    var_correction,
+    out,
+    mean,
+    var,
+    inv_std,
+    chunks,
+):
     n, d = x.shape
     rows = (n + chunks - 1) // chunks
     s1 = np.zeros(d)
@@ -287,8 +336,24 @@ def _forward_parallel(x, gamma, beta, eps, act, slope, train, running_mean, runn
                 s1[j] += p1[c, j]
                 s2[j] += p2[c, j]
     table = np.empty((4, d), x.dtype)
-    _statistics(n, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, table)
+    _statistics(
+        n,
+        shift,
+        gamma,
+        beta,
+        eps,
+        train,
+        running_mean,
+        running_var,
+        decay,
+        var_correction,
+        s1,
+        s2,
+        mean,
+        var,
+        inv_std,
+        table,
+    )
     cst = _constants(x, slope)
     for c in prange(chunks):
         _apply_rows(x, table, act, cst, out, c * rows, min(n, (c + 1) * rows))
@@ -369,8 +434,9 @@ def _dx_coefficients(sg, sgx, gamma, inv_std, n, train, t):
     """k, c1, c2 of dx = k (g - c1 - x_hat c2) from the sums over all n rows of the batch."""
     for j in range(sg.shape[0]):
         # in eval mode the statistics are constants: c1 = c2 = 0, dx = k * g
-        t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(np.float64(gamma[j]), inv_std[j],
-                                                               sg[j] if train else 0.0, sgx[j] if train else 0.0, n)
+        t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(
+            np.float64(gamma[j]), inv_std[j], sg[j] if train else 0.0, sgx[j] if train else 0.0, n
+        )
 
 
 @njit(inline="always", **_OPTS)
@@ -462,8 +528,9 @@ def _apply_channel(x, t, act, c, out, j):
 
 
 @njit(parallel=True, **_OPTS)
-def _forward_spatial(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-                     out, mean, var, inv_std):
+def _forward_spatial(
+    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+):
     n, d, s = x.shape
     s1 = np.zeros(d)
     s2 = np.zeros(d)
@@ -473,8 +540,24 @@ def _forward_spatial(x, gamma, beta, eps, act, slope, train, running_mean, runni
             shift[j] = x[0, j, 0]
             s1[j], s2[j] = _channel_sums(x, j, shift[j], np.empty(s), np.empty(s))
     table = np.empty((4, d), x.dtype)
-    _statistics(n * s, shift, gamma, beta, eps, train, running_mean, running_var, decay, var_correction, s1, s2,
-                mean, var, inv_std, table)
+    _statistics(
+        n * s,
+        shift,
+        gamma,
+        beta,
+        eps,
+        train,
+        running_mean,
+        running_var,
+        decay,
+        var_correction,
+        s1,
+        s2,
+        mean,
+        var,
+        inv_std,
+        table,
+    )
     cst = _constants(x, slope)
     for j in prange(d):
         _apply_channel(x, table, act, cst, out, j)
@@ -517,8 +600,9 @@ def _backward_channel_as(da, a, x, mean, inv_std, gamma, act, c, train, dx, dgam
     dbeta[j] = sg
     dgamma[j] = sgx
     # in eval mode the statistics are constants: c1 = c2 = 0, dx = k * g
-    t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(np.float64(gamma[j]), inv_std[j], sg if train else 0.0,
-                                                           sgx if train else 0.0, x.shape[0] * x.shape[2])
+    t[K, j], t[C1, j], t[C2, j] = _input_grad_coefficients(
+        np.float64(gamma[j]), inv_std[j], sg if train else 0.0, sgx if train else 0.0, x.shape[0] * x.shape[2]
+    )
     _dx_channel_as(da, a, x, t, act, c, dx, j)
 
 
@@ -537,7 +621,6 @@ def _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dga
             _backward_channel_as(da, a, x, mean, inv_std, gamma, TANH, cst, train, dx, dgamma, dbeta, t, j)
         else:
             _backward_channel_as(da, a, x, mean, inv_std, gamma, IDENTITY, cst, train, dx, dgamma, dbeta, t, j)
-
 
 
 # --------------------------------------------------------------------------
@@ -627,8 +710,9 @@ def _chunks(x):
     return threads if threads > 1 else 0
 
 
-def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-               out, mean, var, inv_std):
+def bn_forward(
+    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+):
     """out = g((x - mean) * gamma * inv_std + beta), one statistics pass + one apply pass.
 
     x: (N, D) float32/float64; gamma, beta, running_*: (D,); out: (N, D) like x.
@@ -638,8 +722,23 @@ def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var
     The float64 (D,) arrays mean, var (biased) and inv_std = 1/sqrt(var + eps)
     receive the statistics used, for backward.
     """
-    args = (x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-            out, mean, var, inv_std)
+    args = (
+        x,
+        gamma,
+        beta,
+        eps,
+        act,
+        slope,
+        train,
+        running_mean,
+        running_var,
+        decay,
+        var_correction,
+        out,
+        mean,
+        var,
+        inv_std,
+    )
     if x.ndim == 3:  # (N, C, S)
         _forward_spatial(*args)
         return

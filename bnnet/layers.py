@@ -16,6 +16,7 @@ the layers of a model, after the same checks, passing arrays to write into.
 How a model runs (fusion, buffer reuse, in-place decisions) is the plan's
 business, never the layer's.
 """
+
 import functools
 import warnings
 
@@ -23,7 +24,18 @@ import numpy as np
 
 from . import functional as F
 from . import ops, threads
-from ._checks import as_array, as_float_array, check_batch, check_bool, check_choice, check_dtype, check_finite, check_int, check_number, describe
+from ._checks import (
+    as_array,
+    as_float_array,
+    check_batch,
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_finite,
+    check_int,
+    check_number,
+    describe,
+)
 from .errors import HyperparameterError, InputError
 
 
@@ -108,8 +120,9 @@ class Layer:
 
     def _require(self, shape, need):
         """InputError unless `shape` fits the template `need` (None entries match anything)."""
-        if need is None or (len(shape) == len(need) and all(a is None or b is None or a == b
-                                                            for a, b in zip(shape, need))):
+        if need is None or (
+            len(shape) == len(need) and all(a is None or b is None or a == b for a, b in zip(shape, need))
+        ):
             return
         raise InputError(f"{self.name}: x must be {_per_sample(need)}, got {_per_sample(shape)}")
 
@@ -128,10 +141,17 @@ class Layer:
         """
         for (kind, key), (shape, dtype) in self.state_spec().items():
             a = getattr(self, kind).get(key)
-            if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != _DTYPES[dtype]
-                    or not a.flags.c_contiguous or (train and kind == "buffers" and not a.flags.writeable)):
-                raise InputError(f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
-                                 f" {np.dtype(dtype).name} array of shape {shape}, got {describe(a)}")
+            if (
+                not isinstance(a, np.ndarray)
+                or a.shape != shape
+                or a.dtype != _DTYPES[dtype]
+                or not a.flags.c_contiguous
+                or (train and kind == "buffers" and not a.flags.writeable)
+            ):
+                raise InputError(
+                    f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
+                    f" {np.dtype(dtype).name} array of shape {shape}, got {describe(a)}"
+                )
 
     def _input(self, x):
         # Layers with a dtype cast their input to it (no copy when it already matches);
@@ -144,8 +164,10 @@ class Layer:
 
     def _cached(self):
         if self._cache is None:
-            raise InputError(f"{self.name}: backward() called before forward(), or after a backward that "
-                               "consumed the forward's input; run forward(x, train) first")
+            raise InputError(
+                f"{self.name}: backward() called before forward(), or after a backward that "
+                "consumed the forward's input; run forward(x, train) first"
+            )
         return self._cache
 
     def _cached_output_shape(self):
@@ -159,8 +181,13 @@ class Layer:
         array shaped like params[key], else replaced by a new one."""
         g = self.grads.get(key)
         p = self.params[key]
-        if (not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype
-                or not g.flags.c_contiguous or not g.flags.writeable):
+        if (
+            not isinstance(g, np.ndarray)
+            or g.shape != p.shape
+            or g.dtype != p.dtype
+            or not g.flags.c_contiguous
+            or not g.flags.writeable
+        ):
             g = self.grads[key] = np.empty_like(p)
         return g
 
@@ -194,8 +221,9 @@ def _per_sample(shape):
 
 def _check_out(owner, name, out, shape, dtype):
     if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.writeable):
-        raise InputError(f"{owner}: {name} must be a writable {np.dtype(dtype).name} array of shape {shape}, "
-                         f"got {describe(out)}")
+        raise InputError(
+            f"{owner}: {name} must be a writable {np.dtype(dtype).name} array of shape {shape}, got {describe(out)}"
+        )
     return out
 
 
@@ -204,12 +232,13 @@ class BatchNormUntrainedWarning(UserWarning):
 
 
 def _as_rng(rng):
-    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and 0 <= rng < 2 ** 63):
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and 0 <= rng < 2**63):
         return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
         return rng
-    raise HyperparameterError(f"Linear: rng must be None, an integer seed in [0, 2**63) or a numpy Generator, "
-                              f"got {rng!r}")
+    raise HyperparameterError(
+        f"Linear: rng must be None, an integer seed in [0, 2**63) or a numpy Generator, got {rng!r}"
+    )
 
 
 def _activation_code(activation):
@@ -240,7 +269,9 @@ class Linear(Layer):
         self.out_features = check_int("Linear", "out_features", out_features, low=1)
         self.init = check_choice("Linear", "init", init, ("he", "xavier", "normal"))
         if std is not None and init != "normal":
-            raise HyperparameterError(f"Linear: std is used only with init='normal', got std={std!r} with init={init!r}")
+            raise HyperparameterError(
+                f"Linear: std is used only with init='normal', got std={std!r} with init={init!r}"
+            )
         if init == "normal":
             std = 0.01 if std is None else check_number("Linear", "std", std, low=0, low_open=True)
         else:
@@ -285,13 +316,27 @@ class Linear(Layer):
         if activation is not None:
             dy = activation.grad_from_output(dy, a)  # dL/dz = dL/da * g'(z), g' written from a
         threads.for_gemm(x.shape[0] * self.in_features * self.out_features)
-        dx, _, _ = F.linear_backward(dy, x, self.params["W"], self.bias, input_grad, dx_out,
-                                     self._grad("W"), self._grad("b") if self.bias else None)
+        dx, _, _ = F.linear_backward(
+            dy,
+            x,
+            self.params["W"],
+            self.bias,
+            input_grad,
+            dx_out,
+            self._grad("W"),
+            self._grad("b") if self.bias else None,
+        )
         return dx
 
     def config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias,
-                "init": self.init, "std": self.std if self.init == "normal" else None, "dtype": self.dtype}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias,
+            "init": self.init,
+            "std": self.std if self.init == "normal" else None,
+            "dtype": self.dtype,
+        }
 
 
 class BatchNorm(Layer):
@@ -341,13 +386,25 @@ class BatchNorm(Layer):
     _constants = _stat_sinks = _layout = _last_shape = None
     _sample_rows = 1
 
-    def __init__(self, num_features, eps=1e-5, decay=0.9, running_var="unbiased", dtype="float32", frozen=False,
-                 affine=True, track_running_stats=True, axis=1):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        decay=0.9,
+        running_var="unbiased",
+        dtype="float32",
+        frozen=False,
+        affine=True,
+        track_running_stats=True,
+        axis=1,
+    ):
         super().__init__()
         self.axis = check_int(type(self).__name__, "axis", axis)
         if self.axis not in (1, -1):
-            raise HyperparameterError(f"{type(self).__name__}: axis must be 1 (channels first, as PyTorch) or -1 "
-                                      f"(channels last, as Keras), got {axis}")
+            raise HyperparameterError(
+                f"{type(self).__name__}: axis must be 1 (channels first, as PyTorch) or -1 "
+                f"(channels last, as Keras), got {axis}"
+            )
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
@@ -355,8 +412,10 @@ class BatchNorm(Layer):
         self.affine = check_bool(type(self).__name__, "affine", affine)
         self.track_running_stats = check_bool(type(self).__name__, "track_running_stats", track_running_stats)
         if self.frozen and not self.track_running_stats:
-            raise HyperparameterError(f"{type(self).__name__}: frozen=True normalizes with the running statistics, "
-                                      "which track_running_stats=False does not keep")
+            raise HyperparameterError(
+                f"{type(self).__name__}: frozen=True normalizes with the running statistics, "
+                "which track_running_stats=False does not keep"
+            )
         self.batch_stats = None  # (mean, biased var) of the last train-mode batch, float64 (D,)
         self.running_var = check_choice("BatchNorm", "running_var", running_var, ("unbiased", "biased"))
         self.dtype = check_dtype("BatchNorm", dtype)
@@ -396,8 +455,12 @@ class BatchNorm(Layer):
         if self._constants is None or self._constants[0].shape != (self.num_features,):
             ones, zeros = np.ones(self.num_features, self.dtype), np.zeros(self.num_features, self.dtype)
             ones.flags.writeable = zeros.flags.writeable = False
-            self._constants = (ones, zeros, np.empty(self.num_features, self.dtype),
-                               np.empty(self.num_features, self.dtype))
+            self._constants = (
+                ones,
+                zeros,
+                np.empty(self.num_features, self.dtype),
+                np.empty(self.num_features, self.dtype),
+            )
         return self._constants
 
     def _running(self):
@@ -414,9 +477,13 @@ class BatchNorm(Layer):
         train = (train and not self.frozen) or not self.track_running_stats
         if not train and int(self.buffers["count"]) == 0 and not getattr(self, "_warned_untrained", False):
             self._warned_untrained = True
-            warnings.warn(f"{self.name} normalizes with running statistics that never saw a training batch "
-                          "(mean 0, variance 1): train it first, load a checkpoint, or call "
-                          "bnnet.recompute_bn_stats(model, X)", BatchNormUntrainedWarning, stacklevel=5)
+            warnings.warn(
+                f"{self.name} normalizes with running statistics that never saw a training batch "
+                "(mean 0, variance 1): train it first, load a checkpoint, or call "
+                "bnnet.recompute_bn_stats(model, X)",
+                BatchNormUntrainedWarning,
+                stacklevel=5,
+            )
         if train and x.size // self.num_features < 2:
             rows = f"{x.shape[0]} row" if x.ndim == 2 else f"shape {x.shape} has 1 value per channel"
             raise InputError(
@@ -436,8 +503,9 @@ class BatchNorm(Layer):
         """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
         mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
         if self.track_running_stats:
-            ops.update_running(self.buffers["running_mean"], self.buffers["running_var"], mean, var,
-                               *self._running_update_args(m))
+            ops.update_running(
+                self.buffers["running_mean"], self.buffers["running_var"], mean, var, *self._running_update_args(m)
+            )
         self._count_batch(mean, var)
 
     def _count_batch(self, mean, var):
@@ -459,8 +527,7 @@ class BatchNorm(Layer):
         decay, correction = self._running_update_args(x.size // self.num_features)
         gamma, beta, _, _ = self._affine()
         # in train mode the op also updates running_mean/var, as _update_running would
-        ops.bn_forward(xk, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, outk,
-                       *stats)
+        ops.bn_forward(xk, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, outk, *stats)
         if train:
             self._count_batch(stats[0], stats[1])
         self._cache = (outk, xk, stats, train, act, slope, x)
@@ -473,15 +540,33 @@ class BatchNorm(Layer):
         out, xk, stats, train, act, slope, x = self._cached()
         dx = dx_out if dx_out is not None else np.empty(x.shape, self.dtype)
         gamma, _, dgamma, dbeta = self._affine()
-        ops.bn_backward(self._kernel_view(dy), out, xk, stats[0], stats[2], gamma, act, slope, train,
-                        self._kernel_view(dx), dgamma, dbeta)
+        ops.bn_backward(
+            self._kernel_view(dy),
+            out,
+            xk,
+            stats[0],
+            stats[2],
+            gamma,
+            act,
+            slope,
+            train,
+            self._kernel_view(dx),
+            dgamma,
+            dbeta,
+        )
         if dx is x:
             self._cache = None
         return dx
 
     def config(self):
-        cfg = {"num_features": self.num_features, "eps": self.eps, "decay": self.decay,
-               "running_var": self.running_var, "dtype": self.dtype, "frozen": self.frozen}
+        cfg = {
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "decay": self.decay,
+            "running_var": self.running_var,
+            "dtype": self.dtype,
+            "frozen": self.frozen,
+        }
         # only when not the default, so that variants without these options rebuild from it
         cfg.update({k: False for k in ("affine", "track_running_stats") if not getattr(self, k)})
         if self.axis != 1:
@@ -495,13 +580,15 @@ class BatchNorm(Layer):
 
     def out_shape(self, shape):
         if not 1 <= len(shape) <= 4:
-            raise InputError(f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
-                             f"got {_per_sample(shape)}")
+            raise InputError(
+                f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got {_per_sample(shape)}"
+            )
         channels = shape[0] if self.axis == 1 else shape[-1]
         if channels is not None and channels != self.num_features:
             where = "axis 1" if self.axis == 1 else "the last axis"
-            raise InputError(f"{self.name}: x must have {self.num_features} channels on {where}, "
-                             f"got shape {_per_sample(shape)}")
+            raise InputError(
+                f"{self.name}: x must have {self.num_features} channels on {where}, got shape {_per_sample(shape)}"
+            )
         return shape
 
     def _kernel_view(self, a):
@@ -538,6 +625,7 @@ def on_rows(method):
     """Decorator for the _forward/_backward of Batch Norm variants whose math is written for
     (N, D) rows: N-D input runs as the (rows, C) array of each channel's values (BatchNorm._rows)."""
     if method.__name__ == "_forward":
+
         @functools.wraps(method)
         def forward(self, x, train, out=None, activation=None):
             self._sample_rows = x[0].size // self.num_features if len(x) else 1  # rows per sample
@@ -550,6 +638,7 @@ def on_rows(method):
                     y = out
             self._last_shape = x.shape
             return y
+
         return forward
 
     @functools.wraps(method)
@@ -564,6 +653,7 @@ def on_rows(method):
             dx_out[...] = dx
             return dx_out
         return dx
+
     return backward
 
 

@@ -3,6 +3,7 @@
 Each loss also knows how to turn outputs into predictions (`predict_labels`)
 and how to score them (`accuracy`, None for regression).
 """
+
 import numpy as np
 
 from . import functional as F
@@ -49,7 +50,9 @@ class Loss:
     @staticmethod
     def _same_length(outputs, targets, owner):
         if len(targets) != len(outputs):
-            raise InputError(f"{owner}: outputs have {len(outputs)} rows but targets have {len(targets)}; pass one target per row")
+            raise InputError(
+                f"{owner}: outputs have {len(outputs)} rows but targets have {len(targets)}; pass one target per row"
+            )
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -64,7 +67,9 @@ class SoftmaxCrossEntropy(Loss):
     def check_targets(self, targets, n_outputs=None):
         y = np.asarray(targets)
         if y.ndim != 1:
-            raise InputError(f"{type(self).__name__}: targets must be 1-D integer class labels (N,), got shape {y.shape}")
+            raise InputError(
+                f"{type(self).__name__}: targets must be 1-D integer class labels (N,), got shape {y.shape}"
+            )
         if y.dtype.kind == "f":
             if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
                 raise InputError(f"{type(self).__name__}: targets must be integer class labels, got non-integer floats")
@@ -113,8 +118,9 @@ class BinaryCrossEntropy(Loss):
         y = as_float_array(y, "targets", "BinaryCrossEntropy", "float64")
         check_finite(y, "targets", "BinaryCrossEntropy")
         if len(y) and (y.min() < 0 or y.max() > 1):
-            raise InputError("BinaryCrossEntropy: targets must be in [0, 1] (0/1 labels), "
-                             f"got values in [{y.min()}, {y.max()}]")
+            raise InputError(
+                f"BinaryCrossEntropy: targets must be in [0, 1] (0/1 labels), got values in [{y.min()}, {y.max()}]"
+            )
         return y
 
     def forward(self, outputs, targets):
@@ -146,7 +152,9 @@ class MSE(Loss):
         if y.ndim == 1:
             y = y[:, None]
         if y.ndim != 2 or (n_outputs is not None and y.shape[1] != n_outputs):
-            raise InputError(f"MSE: targets must have shape (N, {n_outputs}) (or (N,) for one output), got {np.shape(targets)}")
+            raise InputError(
+                f"MSE: targets must have shape (N, {n_outputs}) (or (N,) for one output), got {np.shape(targets)}"
+            )
         y = as_float_array(y, "targets", "MSE", "float64")
         check_finite(y, "targets", "MSE")
         return y

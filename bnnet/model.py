@@ -1,10 +1,11 @@
 """A model is a sequence of layers; backward walks it in reverse.
 
-    model = bnnet.mlp([784, 100, 10], activation="sigmoid")
-    logits = model.forward(X_t, train=True)          # (N, 10)
-    dX = model.backward(dlogits)                     # fills model.grads
-    model.params["0.W"]                               # layer 0's W, by dotted name
+model = bnnet.mlp([784, 100, 10], activation="sigmoid")
+logits = model.forward(X_t, train=True)          # (N, 10)
+dX = model.backward(dlogits)                     # fills model.grads
+model.params["0.W"]                               # layer 0's W, by dotted name
 """
+
 import warnings
 from collections.abc import MutableMapping
 
@@ -38,7 +39,11 @@ class _DottedView(MutableMapping):
 
     def _split(self, key):
         index, _, name = key.partition(".")
-        if not index.isdigit() or int(index) >= len(self._layers) or name not in getattr(self._layers[int(index)], self._kind):
+        if (
+            not index.isdigit()
+            or int(index) >= len(self._layers)
+            or name not in getattr(self._layers[int(index)], self._kind)
+        ):
             raise KeyError(key)
         return getattr(self._layers[int(index)], self._kind), name
 
@@ -50,7 +55,9 @@ class _DottedView(MutableMapping):
         d, name = self._split(key)
         value = np.asarray(value)
         if value.shape != d[name].shape:
-            raise InputError(f"{self._kind}[{key!r}] has shape {d[name].shape}; cannot assign an array of shape {value.shape}")
+            raise InputError(
+                f"{self._kind}[{key!r}] has shape {d[name].shape}; cannot assign an array of shape {value.shape}"
+            )
         np.copyto(d[name], value, casting="same_kind")
 
     def __delitem__(self, key):
@@ -160,15 +167,18 @@ class Sequential:
         X = as_float_array(X, "X", "predict", self.dtype)
         check_samples(X, "X", "predict", self.input_shape)
         check_finite(X, "X", "predict")
-        out = np.concatenate([self.forward(X[i:i + batch_size], train=False, check_input=False)
-                              for i in range(0, len(X), batch_size)])
+        out = np.concatenate(
+            [self.forward(X[i : i + batch_size], train=False, check_input=False) for i in range(0, len(X), batch_size)]
+        )
         with np.errstate(over="ignore", invalid="ignore"):
             finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
-            raise NonFiniteError(f"predict: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
-                                 f"although X is finite: its values (largest |x| = {np.abs(X).max():.3g}) overflow "
-                                 f"{self.dtype} inside the model; scale the inputs as the training data was")
+            raise NonFiniteError(
+                f"predict: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
+                f"although X is finite: its values (largest |x| = {np.abs(X).max():.3g}) overflow "
+                f"{self.dtype} inside the model; scale the inputs as the training data was"
+            )
         return out
 
     def config(self):
@@ -201,8 +211,17 @@ class Sequential:
         return f"Sequential({body}\n)"
 
 
-def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None, dtype="float32", norm=None,
-        norm_options=None):
+def mlp(
+    sizes,
+    activation="relu",
+    batchnorm=True,
+    init="he",
+    std=None,
+    seed=None,
+    dtype="float32",
+    norm=None,
+    norm_options=None,
+):
     """A multilayer perceptron shaped like the lecture's network.
 
     Every hidden layer is   Linear(bias=False) -> BatchNorm -> activation   (the
@@ -245,8 +264,21 @@ def mlp(sizes, activation="relu", batchnorm=True, init="he", std=None, seed=None
     return Sequential(*layers)
 
 
-def convnet(in_shape=(1, 28, 28), channels=(32, 64), hidden=(128,), classes=10, kernel_size=3, pool=2,
-            activation="relu", batchnorm=True, norm=None, norm_options=None, init="he", seed=None, dtype="float32"):
+def convnet(
+    in_shape=(1, 28, 28),
+    channels=(32, 64),
+    hidden=(128,),
+    classes=10,
+    kernel_size=3,
+    pool=2,
+    activation="relu",
+    batchnorm=True,
+    norm=None,
+    norm_options=None,
+    init="he",
+    seed=None,
+    dtype="float32",
+):
     """A convolutional network with Batch Norm in every block, as in the Ioffe & Szegedy paper.
 
     Each entry of `channels` is a block
@@ -283,28 +315,36 @@ def convnet(in_shape=(1, 28, 28), channels=(32, 64), hidden=(128,), classes=10, 
     classes = check_int(owner, "classes", classes, low=1)
     kernel_size = check_int(owner, "kernel_size", kernel_size, low=1)
     if kernel_size % 2 == 0:
-        raise HyperparameterError(f"{owner}: kernel_size must be odd (the padding kernel_size // 2 then keeps "
-                                  f"the image size), got {kernel_size}")
+        raise HyperparameterError(
+            f"{owner}: kernel_size must be odd (the padding kernel_size // 2 then keeps "
+            f"the image size), got {kernel_size}"
+        )
     pool = check_int(owner, "pool", pool, low=1)
     act = ACTIVATIONS[check_choice(owner, "activation", activation, tuple(ACTIVATIONS))]
     if norm is None:
         norm = "batch" if batchnorm else "none"
     norm_cls = {"batch": BatchNorm, "renorm": NORMS["renorm"], "none": None}[
-        check_choice(owner, "norm", norm, ("batch", "renorm", "none"))]
+        check_choice(owner, "norm", norm, ("batch", "renorm", "none"))
+    ]
     rng = np.random.default_rng(check_seed(owner, seed))
     c, h, w = in_shape
     layers = []
     for out in channels:
-        layers.append(Conv2d(c, out, kernel_size, padding=kernel_size // 2, bias=norm_cls is None, init=init,
-                             rng=rng, dtype=dtype))
+        layers.append(
+            Conv2d(
+                c, out, kernel_size, padding=kernel_size // 2, bias=norm_cls is None, init=init, rng=rng, dtype=dtype
+            )
+        )
         if norm_cls is not None:
             layers.append(norm_cls(out, dtype=dtype, **(norm_options or {})))
         layers.append(act())
         if pool > 1:
             if h < pool or w < pool:
-                raise HyperparameterError(f"{owner}: {len(channels)} pools of {pool} shrink a {in_shape[1]}x"
-                                          f"{in_shape[2]} image below one pixel; use fewer channels entries or a "
-                                          "smaller pool")
+                raise HyperparameterError(
+                    f"{owner}: {len(channels)} pools of {pool} shrink a {in_shape[1]}x"
+                    f"{in_shape[2]} image below one pixel; use fewer channels entries or a "
+                    "smaller pool"
+                )
             layers.append(MaxPool2d(pool))
             h, w = h // pool, w // pool
         c = out

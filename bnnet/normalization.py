@@ -8,6 +8,7 @@ The first two keep BatchNorm's parameters, buffers and eval mode (running
 statistics) and change only train mode. All three call the batch-norm
 equations of `bnnet.functional`; LayerNorm runs them on the transposed input.
 """
+
 import numpy as np
 
 from . import functional as F
@@ -48,13 +49,26 @@ class BatchRenorm(BatchNorm):
     fusable = False
     writes_out = False
 
-    def __init__(self, num_features, r_max=3.0, d_max=5.0, warmup=0, eps=1e-5, decay=0.9, running_var="unbiased",
-                 dtype="float32", frozen=False, r_min=None, renorm_momentum=0.99):
+    def __init__(
+        self,
+        num_features,
+        r_max=3.0,
+        d_max=5.0,
+        warmup=0,
+        eps=1e-5,
+        decay=0.9,
+        running_var="unbiased",
+        dtype="float32",
+        frozen=False,
+        r_min=None,
+        renorm_momentum=0.99,
+    ):
         super().__init__(num_features, eps=eps, decay=decay, running_var=running_var, dtype=dtype, frozen=frozen)
         self.r_max = check_number("BatchRenorm", "r_max", r_max, low=1)
         self.d_max = check_number("BatchRenorm", "d_max", d_max, low=0)
-        self.r_min = None if r_min is None else check_number("BatchRenorm", "r_min", r_min, low=0, high=1,
-                                                             low_open=True)
+        self.r_min = (
+            None if r_min is None else check_number("BatchRenorm", "r_min", r_min, low=0, high=1, low_open=True)
+        )
         self.renorm_momentum = check_number("BatchRenorm", "renorm_momentum", renorm_momentum, low=0, high=1)
         self.warmup = check_int("BatchRenorm", "warmup", warmup, low=0)
         self.buffers["renorm_mean"] = np.zeros(num_features, self.dtype)  # mu
@@ -62,8 +76,11 @@ class BatchRenorm(BatchNorm):
 
     def state_spec(self):
         d = (self.num_features,)
-        return {**super().state_spec(), ("buffers", "renorm_mean"): (d, self.dtype),
-                ("buffers", "renorm_std"): (d, self.dtype)}
+        return {
+            **super().state_spec(),
+            ("buffers", "renorm_mean"): (d, self.dtype),
+            ("buffers", "renorm_std"): (d, self.dtype),
+        }
 
     def clipping(self):
         """(r_min, r_max, d_max) in effect for the next train-mode batch (the warm-up ramp)."""
@@ -107,8 +124,14 @@ class BatchRenorm(BatchNorm):
         return dx
 
     def config(self):
-        return {**super().config(), "r_max": self.r_max, "d_max": self.d_max, "warmup": self.warmup,
-                "r_min": self.r_min, "renorm_momentum": self.renorm_momentum}
+        return {
+            **super().config(),
+            "r_max": self.r_max,
+            "d_max": self.d_max,
+            "warmup": self.warmup,
+            "r_min": self.r_min,
+            "renorm_momentum": self.renorm_momentum,
+        }
 
 
 class GhostBatchNorm(BatchNorm):
@@ -132,8 +155,16 @@ class GhostBatchNorm(BatchNorm):
     fusable = False
     writes_out = False
 
-    def __init__(self, num_features, virtual_batch_size, eps=1e-5, decay=0.9, running_var="unbiased",
-                 dtype="float32", frozen=False):
+    def __init__(
+        self,
+        num_features,
+        virtual_batch_size,
+        eps=1e-5,
+        decay=0.9,
+        running_var="unbiased",
+        dtype="float32",
+        frozen=False,
+    ):
         super().__init__(num_features, eps=eps, decay=decay, running_var=running_var, dtype=dtype, frozen=frozen)
         self.virtual_batch_size = check_int("GhostBatchNorm", "virtual_batch_size", virtual_batch_size, low=2)
 
@@ -153,8 +184,9 @@ class GhostBatchNorm(BatchNorm):
         y = np.empty_like(x)
         caches = []
         for lo, hi in self._chunks(x.shape[0]):
-            y[lo:hi], mean, var, cache = F.batch_norm_forward(x[lo:hi], self.params["gamma"], self.params["beta"],
-                                                               self.eps)
+            y[lo:hi], mean, var, cache = F.batch_norm_forward(
+                x[lo:hi], self.params["gamma"], self.params["beta"], self.eps
+            )
             self._update_running(mean, var, hi - lo)
             caches.append((lo, hi, cache))
         self.batch_stats = None  # one per virtual batch: see the running statistics
@@ -207,8 +239,10 @@ class LayerNorm(Layer):
         return (self.num_features,)
 
     def state_spec(self):
-        return {("params", "gamma"): ((self.num_features,), self.dtype),
-                ("params", "beta"): ((self.num_features,), self.dtype)}
+        return {
+            ("params", "gamma"): ((self.num_features,), self.dtype),
+            ("params", "beta"): ((self.num_features,), self.dtype),
+        }
 
     def _forward(self, x, train, out=None):
         # (D, N): each column is a sample; normalizing over axis 0 is normalizing each sample

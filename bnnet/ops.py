@@ -20,6 +20,7 @@ seen with H*W = S), normalized per channel over N*S values; per-feature arrays (
 (gamma, beta, running statistics) or float64 (mean, var, inv_std, sums).
 Activation codes: IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH.
 """
+
 import numpy as np
 
 from . import backend
@@ -36,8 +37,9 @@ def _fail(op, what):
 
 def _input(op, x, spatial=False):
     """The number of features of x: (N, D), or (N, C, S) where the op takes each channel's S values."""
-    if (not isinstance(x, np.ndarray) or x.ndim not in ((2, 3) if spatial else (2,))
-            or x.dtype.char not in "fd"):  # float32, float64
+    if (
+        not isinstance(x, np.ndarray) or x.ndim not in ((2, 3) if spatial else (2,)) or x.dtype.char not in "fd"
+    ):  # float32, float64
         _fail(op, f"x must be a {'2-D or 3-D' if spatial else '2-D'} float32/float64 array, got {describe(x)}")
     return x.shape[1]
 
@@ -75,8 +77,9 @@ def _act(op, act):
 # --------------------------------------------------------------------------
 
 
-def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-               out, mean, var, inv_std):
+def bn_forward(
+    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+):
     """out = g((x - mean) * gamma * inv_std + beta): one statistics pass + one apply pass.
 
     x: (N, D) or (N, C, S); gamma, beta, running_*: (D,) in x's dtype; out: like x.
@@ -94,8 +97,23 @@ def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var
     _act("bn_forward", act)
     if train and x.size // max(d, 1) < 2:
         _fail("bn_forward", f"train mode needs at least 2 values per feature, got x of shape {x.shape}")
-    backend.impl().bn_forward(x, gamma, beta, float(eps), act, float(slope), bool(train), running_mean, running_var,
-                              float(decay), float(var_correction), out, mean, var, inv_std)
+    backend.impl().bn_forward(
+        x,
+        gamma,
+        beta,
+        float(eps),
+        act,
+        float(slope),
+        bool(train),
+        running_mean,
+        running_var,
+        float(decay),
+        float(var_correction),
+        out,
+        mean,
+        var,
+        inv_std,
+    )
 
 
 def bn_apply(x, gamma, beta, eps, act, slope, mean, var, out, inv_std):
@@ -108,8 +126,9 @@ def bn_apply(x, gamma, beta, eps, act, slope, mean, var, out, inv_std):
     _same("bn_apply", "out", (out,), x, write=True)
     _act("bn_apply", act)
     # the eval-mode forward, with these statistics in the place of the running ones
-    backend.impl().bn_forward(x, gamma, beta, float(eps), act, float(slope), False, mean, var, 1.0, 1.0, out,
-                              mean.copy(), var.copy(), inv_std)
+    backend.impl().bn_forward(
+        x, gamma, beta, float(eps), act, float(slope), False, mean, var, 1.0, 1.0, out, mean.copy(), var.copy(), inv_std
+    )
 
 
 def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
@@ -169,8 +188,15 @@ def update_running(running_mean, running_var, mean, var, decay, var_correction):
 
 def merge_moments(a, b):
     """b <- Chan's merge of two packed [count, mean (D), M2 (D)] float64 buffers (the SyncBN reduction)."""
-    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim == 1
-            and a.size % 2 == 1 and a.dtype == _F64 and b.dtype == _F64):
+    if not (
+        isinstance(a, np.ndarray)
+        and isinstance(b, np.ndarray)
+        and a.shape == b.shape
+        and a.ndim == 1
+        and a.size % 2 == 1
+        and a.dtype == _F64
+        and b.dtype == _F64
+    ):
         _fail("merge_moments", f"needs two float64 buffers of one odd length, got {describe(a)} and {describe(b)}")
     backend.impl().merge_moments(a, b)
 
@@ -229,8 +255,9 @@ def rmsprop(p, g, s, lr, beta, eps, wd):
 def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
     """bias1 = 1 - beta1^k, bias2 = 1 - beta2^k."""
     _update("adam", p, g, m, v)
-    backend.impl().adam(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(bias1), float(bias2),
-                        float(wd))
+    backend.impl().adam(
+        p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(bias1), float(bias2), float(wd)
+    )
 
 
 def copy_finite(src, dst):
@@ -261,8 +288,11 @@ def all_finite(x):
 def _window_sizes(op, x_shape, kernel, stride, padding):
     """(Ho, Wo) of a kernel sliding over (H, W); every size checked to be a positive int."""
     for name, pair, low in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
-        if (not isinstance(pair, tuple) or len(pair) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair)):
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair)
+        ):
             _fail(op, f"{name} must be a pair of ints >= {low}, got {pair!r}")
     sizes = []
     for size, k, s, p in zip(x_shape[2:], kernel, stride, padding):
@@ -325,6 +355,8 @@ def max_pool2d_backward(dy, arg, dx):
     _image("max_pool2d_backward", "dx", dx)
     _check("max_pool2d_backward", "arg", (arg,), dy.shape, np.dtype(np.int64), False)
     if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not dx.flags.writeable or not dx.flags.c_contiguous:
-        _fail("max_pool2d_backward", f"dx must be a writable C-contiguous {dy.dtype} array of shape "
-                                     f"{dy.shape[:2]} + (H, W), got {describe(dx)}")
+        _fail(
+            "max_pool2d_backward",
+            f"dx must be a writable C-contiguous {dy.dtype} array of shape {dy.shape[:2]} + (H, W), got {describe(dx)}",
+        )
     backend.impl().max_pool2d_backward(dy, arg, dx)

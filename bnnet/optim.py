@@ -7,6 +7,7 @@ The base class loops over parameters; each rule is a few lines. State (velocity,
 squared averages, ...) belongs to the optimizer, is created lazily the first
 time a parameter is updated, and is keyed by the parameter's dotted name.
 """
+
 import numpy as np
 
 from . import backend
@@ -67,8 +68,9 @@ def schedule_from_config(cfg):
     if cfg is None:
         return None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in SCHEDULES:
-        raise HyperparameterError(f"schedule config must be {{'type': one of {', '.join(SCHEDULES)}, ...}}, "
-                                  f"got {cfg!r}")
+        raise HyperparameterError(
+            f"schedule config must be {{'type': one of {', '.join(SCHEDULES)}, ...}}, got {cfg!r}"
+        )
     cfg = dict(cfg)
     return SCHEDULES[cfg.pop("type")](**cfg)
 
@@ -108,8 +110,9 @@ class Optimizer:
         self.lr = check_number(owner, "lr", lr, low=0, low_open=True)
         self.weight_decay = check_number(owner, "weight_decay", weight_decay, low=0)
         if not isinstance(decay_names, (list, tuple)) or not all(isinstance(n, str) for n in decay_names):
-            raise HyperparameterError(f"{owner}: decay_names must be a sequence of parameter names like ('W',), "
-                                      f"got {decay_names!r}")
+            raise HyperparameterError(
+                f"{owner}: decay_names must be a sequence of parameter names like ('W',), got {decay_names!r}"
+            )
         self.decay_names = tuple(decay_names)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise HyperparameterError(f"{owner}: schedule must be None or a bnnet.optim Schedule, got {schedule!r}")
@@ -142,10 +145,11 @@ class Optimizer:
         owner = type(self).__name__
         if g is None:
             raise InputError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
-        if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous
-                and p.flags.writeable):
-            raise InputError(f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
-                             f"array, got {describe(p)}")
+        if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous and p.flags.writeable):
+            raise InputError(
+                f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
+                f"array, got {describe(p)}"
+            )
         if not isinstance(g, np.ndarray) or g.shape != p.shape:
             raise InputError(f"{owner}.step: the gradient of {name!r} has shape {np.shape(g)}, the parameter {p.shape}")
         if g.dtype != p.dtype or not g.flags.c_contiguous:
@@ -155,15 +159,25 @@ class Optimizer:
             a = state.get(key)
             if a is None:
                 a = state[key] = np.zeros_like(p)
-            if not (isinstance(a, np.ndarray) and a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous
-                    and a.flags.writeable):
-                raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
-                                 f"{p.dtype} array of shape {p.shape} like its parameter, got {describe(a)}")
+            if not (
+                isinstance(a, np.ndarray)
+                and a.shape == p.shape
+                and a.dtype == p.dtype
+                and a.flags.c_contiguous
+                and a.flags.writeable
+            ):
+                raise InputError(
+                    f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
+                    f"{p.dtype} array of shape {p.shape} like its parameter, got {describe(a)}"
+                )
         for key in self.counter_names:
             k = state.get(key)
-            if k is not None and not (isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"):
-                raise InputError(f"{owner}.step: state[{name!r}][{key!r}] must be an integer scalar array, "
-                                 f"got {describe(k)}")
+            if k is not None and not (
+                isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"
+            ):
+                raise InputError(
+                    f"{owner}.step: state[{name!r}][{key!r}] must be an integer scalar array, got {describe(k)}"
+                )
         return name, p, g, state
 
     def _update(self, p, g, state, lr, wd):
@@ -178,8 +192,12 @@ class Optimizer:
     # -- saving and restoring ------------------------------------------------
 
     def hyperparameters(self):
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "decay_names": list(self.decay_names),
-                "schedule": self.schedule.config() if self.schedule is not None else None}
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "decay_names": list(self.decay_names),
+            "schedule": self.schedule.config() if self.schedule is not None else None,
+        }
 
     def state_dict(self):
         """(arrays, info): arrays keyed "<param>/<state>", info = {"type", "t", hyperparameters}."""
@@ -193,7 +211,9 @@ class Optimizer:
         Shapes are checked against the parameters at the next step().
         """
         if info.get("type") != type(self).__name__:
-            raise CheckpointError(f"optimizer state is for {info.get('type')}, cannot load it into {type(self).__name__}")
+            raise CheckpointError(
+                f"optimizer state is for {info.get('type')}, cannot load it into {type(self).__name__}"
+            )
         self.t = int(info["t"])
         self.state = {}
         for key, value in arrays.items():
@@ -277,8 +297,19 @@ class Adam(Optimizer):
 
     def _update(self, p, g, state, lr, wd):
         k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
-        backend.impl().adam(p, g, _flat(state["m"]), _flat(state["v"]), lr, self.beta1, self.beta2, self.eps,
-                            1 - self.beta1 ** int(k), 1 - self.beta2 ** int(k), wd)
+        backend.impl().adam(
+            p,
+            g,
+            _flat(state["m"]),
+            _flat(state["v"]),
+            lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            1 - self.beta1 ** int(k),
+            1 - self.beta2 ** int(k),
+            wd,
+        )
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}

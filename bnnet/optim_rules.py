@@ -5,6 +5,7 @@ and the rule's state, and returns the new values. They work on NumPy arrays
 (bnnet.optim applies them in place with the NumPy backend) and on scalars
 (bnnet.kernels compiles them with numba and runs them in one pass per parameter).
 """
+
 import numpy as np
 
 

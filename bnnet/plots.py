@@ -3,6 +3,7 @@
 matplotlib is an extra (in bnnet's checkout: pip install ".[plot]"); importing this module
 without it raises a BnnetError that says so.
 """
+
 import numpy as np
 
 from .errors import BnnetError
@@ -14,8 +15,10 @@ try:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 except ImportError:
-    raise BnnetError("bnnet experiment draws its figures with matplotlib, which is not installed: "
-                     "in bnnet's checkout, pip install \".[plot]\"") from None
+    raise BnnetError(
+        "bnnet experiment draws its figures with matplotlib, which is not installed: "
+        'in bnnet\'s checkout, pip install ".[plot]"'
+    ) from None
 
 COLORS = {"bn": "tab:blue", "nobn": "tab:red"}
 NORM_LABELS = {"batch": "BatchNorm", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batches of 8)"}
@@ -27,10 +30,19 @@ def _save(fig, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     fig.canvas.draw()  # (tick labels exist once drawn)
-    shown = {"title": title, "axes": [
-        {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-         "xticklabels": [t.get_text() for t in ax.get_xticklabels() if t.get_text()],
-         "ylim": [float(v) for v in ax.get_ylim()]} for ax in fig.axes]}
+    shown = {
+        "title": title,
+        "axes": [
+            {
+                "title": ax.get_title(),
+                "xlabel": ax.get_xlabel(),
+                "ylabel": ax.get_ylabel(),
+                "xticklabels": [t.get_text() for t in ax.get_xticklabels() if t.get_text()],
+                "ylim": [float(v) for v in ax.get_ylim()],
+            }
+            for ax in fig.axes
+        ],
+    }
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return shown
@@ -117,8 +129,9 @@ def batch_size(rows, path, title):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("batch size (rows)")
     a.set(title="Test accuracy (eval mode)", ylabel="test accuracy")
-    b.set(yscale="log", title="Train-mode vs eval-mode outputs",
-          ylabel="gap = mean |train - eval| / mean |eval| (logits)")
+    b.set(
+        yscale="log", title="Train-mode vs eval-mode outputs", ylabel="gap = mean |train - eval| / mean |eval| (logits)"
+    )
     a.legend()
     return _save(fig, path, title)
 

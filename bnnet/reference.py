@@ -5,11 +5,12 @@ Same signatures and same results as the numba kernels of bnnet.kernels
 into the arrays passed in. This is the readable reference the kernels are
 tested against; bnnet.ops checks the arguments before either runs.
 """
+
 import numpy as np
 
 from . import functional as F
-from . import spatial as S
 from . import optim_rules
+from . import spatial as S
 from .ops import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
 
 # code -> (g(z, slope), g'(z) written from a = g(z), slope); IDENTITY is absent: nothing to apply.
@@ -60,8 +61,9 @@ def _write(dst, rows):
         dst[...] = np.moveaxis(rows.reshape(dst.shape[0], dst.shape[2], dst.shape[1]), -1, 1)
 
 
-def bn_forward(x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction,
-               out, mean, var, inv_std):
+def bn_forward(
+    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+):
     x = _rows(x)
     if train:
         mean[...], var[...] = F._moments_wide(x, 0, False)
@@ -97,14 +99,13 @@ def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
 
 
 def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
-    dx[...] = F.batch_norm_input_grad(_upstream(da, a, act, slope), gamma, _x_hat(x, mean, inv_std), sg, sgx,
-                                      n_total)
+    dx[...] = F.batch_norm_input_grad(_upstream(da, a, act, slope), gamma, _x_hat(x, mean, inv_std), sg, sgx, n_total)
 
 
 def merge_moments(a, b):
     d = (a.size - 1) // 2
-    n, mean, m2 = F.merge_moments(a[0], a[1:d + 1], a[d + 1:], b[0], b[1:d + 1], b[d + 1:])
-    b[0], b[1:d + 1], b[d + 1:] = n, mean, m2
+    n, mean, m2 = F.merge_moments(a[0], a[1 : d + 1], a[d + 1 :], b[0], b[1 : d + 1], b[d + 1 :])
+    b[0], b[1 : d + 1], b[d + 1 :] = n, mean, m2
 
 
 def bias_activation(z, b, act, slope):
@@ -168,6 +169,13 @@ def max_pool2d_backward(dy, arg, dx):
     flat = np.zeros((n, c, h * w), dx.dtype)
     inside = (arg >= 0) & (arg < h * w)
     nn, cc = np.indices(arg.shape[:2])
-    np.add.at(flat, (np.broadcast_to(nn[..., None, None], arg.shape)[inside],
-                     np.broadcast_to(cc[..., None, None], arg.shape)[inside], arg[inside]), dy[inside])
+    np.add.at(
+        flat,
+        (
+            np.broadcast_to(nn[..., None, None], arg.shape)[inside],
+            np.broadcast_to(cc[..., None, None], arg.shape)[inside],
+            arg[inside],
+        ),
+        dy[inside],
+    )
     dx[...] = flat.reshape(dx.shape)

@@ -9,10 +9,11 @@ validated in fit, fitted attributes ending in "_", input checked by sklearn's
 own validate_data) and pass its parametrize_with_checks suite. Needs
 scikit-learn (pip install ".[sklearn]" in the checkout).
 """
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from . import functional as F
@@ -24,8 +25,19 @@ from .train import fit
 class _BNMLP(BaseEstimator):
     """Shared by both estimators: hyperparameters, network construction and training."""
 
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", batchnorm=True, optimizer="adam",
-                 learning_rate=1e-3, batch_size=64, max_epochs=50, random_state=None, dtype="float64", verbose=False):
+    def __init__(
+        self,
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        batchnorm=True,
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=64,
+        max_epochs=50,
+        random_state=None,
+        dtype="float64",
+        verbose=False,
+    ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.batchnorm = batchnorm
@@ -41,18 +53,38 @@ class _BNMLP(BaseEstimator):
         if len(X) < 2 and self.batchnorm:
             raise ValueError(f"{type(self).__name__}: got 1 sample; BatchNorm needs n_samples >= 2 to train")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{type(self).__name__}: optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ValueError(
+                f"{type(self).__name__}: optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         hidden = [self.hidden_layer_sizes] if np.isscalar(self.hidden_layer_sizes) else list(self.hidden_layer_sizes)
         # an int is used as the seed itself; None or a RandomState draws one (scikit-learn's convention)
-        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else \
-            check_random_state(self.random_state).randint(2**31 - 1)
+        seed = (
+            self.random_state
+            if isinstance(self.random_state, (int, np.integer))
+            else check_random_state(self.random_state).randint(2**31 - 1)
+        )
         init = "he" if self.activation in ("relu", "leaky_relu") else "xavier"
-        self.model_ = mlp([X.shape[1], *hidden, n_outputs], activation=self.activation, batchnorm=self.batchnorm,
-                          init=init, seed=int(seed), dtype=self.dtype)
+        self.model_ = mlp(
+            [X.shape[1], *hidden, n_outputs],
+            activation=self.activation,
+            batchnorm=self.batchnorm,
+            init=init,
+            seed=int(seed),
+            dtype=self.dtype,
+        )
         opt = OPTIMIZERS[self.optimizer](self.learning_rate)
         batch_size = min(self.batch_size, len(X)) if isinstance(self.batch_size, (int, np.integer)) else self.batch_size
-        self.history_ = fit(self.model_, X, targets, optimizer=opt, loss=loss, epochs=self.max_epochs,
-                            batch_size=batch_size, seed=int(seed), progress=self.verbose)
+        self.history_ = fit(
+            self.model_,
+            X,
+            targets,
+            optimizer=opt,
+            loss=loss,
+            epochs=self.max_epochs,
+            batch_size=batch_size,
+            seed=int(seed),
+            progress=self.verbose,
+        )
         self.n_iter_ = self.max_epochs
         return self
 
@@ -78,7 +110,9 @@ class BNMLPClassifier(ClassifierMixin, _BNMLP):
         check_classification_targets(y)
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"BNMLPClassifier: needs samples of at least 2 classes, got 1 class ({self.classes_[0]!r})")
+            raise ValueError(
+                f"BNMLPClassifier: needs samples of at least 2 classes, got 1 class ({self.classes_[0]!r})"
+            )
         return self._fit_network(X, encoded, len(self.classes_), "softmax_cross_entropy")
 
     def predict_proba(self, X):

@@ -18,6 +18,7 @@ cross-correlation, as in every deep-learning library: W is not flipped.)
 Output size of every sliding window: Ho = (H + 2 * ph - kh) // sh + 1 (the
 window never runs past the padded edge; no ceil mode).
 """
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -37,7 +38,7 @@ def _pad(x, padding, fill=0.0):
 def windows(x, kernel, stride, padding, fill=0.0):
     """(N, C, Ho, Wo, kh, kw): every window of x (N, C, H, W) padded with `fill` (a view of the padded x)."""
     xp = _pad(x, padding, fill)
-    return sliding_window_view(xp, kernel, axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
+    return sliding_window_view(xp, kernel, axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
 
 
 def add_windows(dwin, x_shape, stride, padding):
@@ -51,8 +52,8 @@ def add_windows(dwin, x_shape, stride, padding):
     dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dwin.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + stride[0] * ho:stride[0], j:j + stride[1] * wo:stride[1]] += dwin[:, :, :, :, i, j]
-    return dxp[:, :, ph:ph + h, pw:pw + w]
+            dxp[:, :, i : i + stride[0] * ho : stride[0], j : j + stride[1] * wo : stride[1]] += dwin[:, :, :, :, i, j]
+    return dxp[:, :, ph : ph + h, pw : pw + w]
 
 
 def im2col(x, kernel, stride, padding):

@@ -13,6 +13,7 @@ the step:
 
 Values equal the history `fit` returns (tests/test_tensorboard.py reads them back).
 """
+
 import numpy as np
 
 from .errors import BnnetError
@@ -26,8 +27,10 @@ class TensorBoardLog:
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            raise BnnetError("log_dir: TensorBoard files are written with tensorboardX, which is not installed: "
-                             "in bnnet's checkout, pip install \".[tensorboard]\"") from None
+            raise BnnetError(
+                "log_dir: TensorBoard files are written with tensorboardX, which is not installed: "
+                'in bnnet\'s checkout, pip install ".[tensorboard]"'
+            ) from None
         self.writer = SummaryWriter(str(log_dir))
 
     def epoch(self, history, model, optimizer):
@@ -43,8 +46,7 @@ class TensorBoardLog:
         for i, layer in enumerate(model.layers):
             if isinstance(layer, BatchNorm) and layer.track_running_stats:
                 for key in ("running_mean", "running_var"):
-                    self.writer.add_scalar(f"bn/{i}/{key}", float(layer.buffers[key].astype(np.float64).mean()),
-                                           epoch)
+                    self.writer.add_scalar(f"bn/{i}/{key}", float(layer.buffers[key].astype(np.float64).mean()), epoch)
         self.writer.flush()
 
     def close(self):

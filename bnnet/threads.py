@@ -23,6 +23,7 @@ thread never waits. Setting the count costs under a microsecond and happens
 only when it changes. OpenBLAS is driven through threadpoolctl, the standard tool for
 BLAS thread pools; the numba pool is told when a parallel kernel first runs.
 """
+
 import os
 
 from .errors import HyperparameterError

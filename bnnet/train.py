@@ -17,6 +17,7 @@ resume; `evaluate` runs the model in eval mode. Read top to bottom:
     Checkpoints     when and how checkpoints are written, and resuming from one
     Progress        the tqdm bar
 """
+
 import json
 import sys
 import warnings
@@ -28,7 +29,6 @@ from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
 from .distributed import DataParallel, is_root
 from .engine import check_chain
-from .tensorboard import TensorBoardLog
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
@@ -37,12 +37,32 @@ from .optim import (
     clip_grad_norm as clip_gradients,  # fit's own argument is named clip_grad_norm
 )
 from .optim import get_optimizer
+from .tensorboard import TensorBoardLog
 
 
-def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=10, batch_size=64, seed=None,
-        validation_data=None, progress=True, clip_grad_norm=None, check_activations=False,
-        checkpoint=None, checkpoint_every=None, resume=None, checkpoint_metadata=None, comm=None,
-        validation_name="val", validation_split=None, log_dir=None):
+def fit(
+    model,
+    X,
+    y,
+    *,
+    optimizer="adam",
+    loss="softmax_cross_entropy",
+    epochs=10,
+    batch_size=64,
+    seed=None,
+    validation_data=None,
+    progress=True,
+    clip_grad_norm=None,
+    check_activations=False,
+    checkpoint=None,
+    checkpoint_every=None,
+    resume=None,
+    checkpoint_metadata=None,
+    comm=None,
+    validation_name="val",
+    validation_split=None,
+    log_dir=None,
+):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
     Args:
@@ -93,17 +113,33 @@ def fit(model, X, y, *, optimizer="adam", loss="softmax_cross_entropy", epochs=1
     X, y = _check_data(model, X, y, loss_fn, "fit")
     if validation_split is not None:
         X, y, validation_data = _split_validation(X, y, validation_split, validation_data)
-    val = None if validation_data is None else _check_data(model, *_pair(validation_data), loss_fn,
-                                                           "fit(validation_data)")
+    val = (
+        None
+        if validation_data is None
+        else _check_data(model, *_pair(validation_data), loss_fn, "fit(validation_data)")
+    )
     drop_single = _check_batches(model, len(X), batch_size)
     # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
-    step = Step(model, loss_fn, check_activations) if comm is None or comm.size == 1 else \
-        DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
-    step.agree({"rows": len(X), "features": list(X.shape[1:]), "dtype": model.dtype, "architecture": model.config(),
-                "optimizer": {k: v for k, v in opt.state_dict()[1].items() if k != "t"}, "loss": loss_fn.name,
-                "batch_size": batch_size, "epochs": epochs, "validation_rows": None if val is None else len(val[0]),
-                "resume": resume is not None})
+    step = (
+        Step(model, loss_fn, check_activations)
+        if comm is None or comm.size == 1
+        else DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
+    )
+    step.agree(
+        {
+            "rows": len(X),
+            "features": list(X.shape[1:]),
+            "dtype": model.dtype,
+            "architecture": model.config(),
+            "optimizer": {k: v for k, v in opt.state_dict()[1].items() if k != "t"},
+            "loss": loss_fn.name,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "validation_rows": None if val is None else len(val[0]),
+            "resume": resume is not None,
+        }
+    )
     seed = step.start(seed)
     run = RunState(epochs, batch_size, seed, len(X), loss_fn.name)
     if resume is not None:
@@ -141,7 +177,7 @@ def minibatches(n, batch_size, rng, drop_single=False):
     train on it). Returns the batches as a list.
     """
     order = rng.permutation(n)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if drop_single and len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()
     return batches
@@ -174,15 +210,18 @@ def _split_validation(X, y, fraction, validation_data):
     fraction = check_number("fit", "validation_split", fraction, low=0, high=1, low_open=True, high_open=True)
     n_val = int(round(len(X) * fraction))
     if not 1 <= n_val < len(X):
-        raise InputError(f"fit: validation_split={fraction} of {len(X)} rows leaves {n_val} for validation and "
-                         f"{len(X) - n_val} for training; both need at least one")
+        raise InputError(
+            f"fit: validation_split={fraction} of {len(X)} rows leaves {n_val} for validation and "
+            f"{len(X) - n_val} for training; both need at least one"
+        )
     return X[:-n_val], y[:-n_val], (X[-n_val:], y[-n_val:])
 
 
 def _pair(validation_data):
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-        raise HyperparameterError(f"fit: validation_data must be a pair (X_val, y_val), got "
-                                  f"{type(validation_data).__name__}")
+        raise HyperparameterError(
+            f"fit: validation_data must be a pair (X_val, y_val), got {type(validation_data).__name__}"
+        )
     return validation_data
 
 
@@ -192,10 +231,15 @@ def _check_batches(model, n, batch_size):
     if bn and n < 2:
         raise InputError("fit: a model with BatchNorm needs at least 2 training rows")
     if bn and batch_size < 2:
-        raise InputError("fit: batch_size=1 cannot train BatchNorm (a batch of one has no variance); use batch_size >= 2")
+        raise InputError(
+            "fit: batch_size=1 cannot train BatchNorm (a batch of one has no variance); use batch_size >= 2"
+        )
     if bn and n % batch_size == 1:
-        warnings.warn(f"fit: {n} rows with batch_size={batch_size} leave a last mini-batch of one row, "
-                      "which BatchNorm cannot train on; it is dropped every epoch", stacklevel=3)
+        warnings.warn(
+            f"fit: {n} rows with batch_size={batch_size} leave a last mini-batch of one row, "
+            "which BatchNorm cannot train on; it is dropped every epoch",
+            stacklevel=3,
+        )
     return bn
 
 
@@ -257,10 +301,12 @@ class DataParallelStep(Step):
         # np.array_split gives the smallest shard of the smallest batch len // size rows
         size = self.dp.size
         if self.dp.local_bn and self.smallest_batch // size < 2:
-            error = InputError(f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
-                               f">= 2 rows; batches of {self.smallest_batch} over {size} ranks give shards of "
-                               f"{self.smallest_batch // size}. Use bnnet.distributed.sync_batchnorm(model, comm) "
-                               "or a larger batch_size")
+            error = InputError(
+                f"fit: with unsynchronized BatchNorm every rank normalizes its own shard, which needs "
+                f">= 2 rows; batches of {self.smallest_batch} over {size} ranks give shards of "
+                f"{self.smallest_batch // size}. Use bnnet.distributed.sync_batchnorm(model, comm) "
+                "or a larger batch_size"
+            )
             error.collective = True  # the same on every rank: one of them reports it
             raise error
 
@@ -296,8 +342,15 @@ class RunState:
         self.run = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": n, "loss": loss_name}
 
     def as_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "rng": self.rng_state,
-                "partial": self.partial, "history": self.history, "run": self.run}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "rng": self.rng_state,
+            "partial": self.partial,
+            "history": self.history,
+            "run": self.run,
+        }
 
     def restore(self, saved):
         self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
@@ -312,14 +365,16 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
     total_loss, total_correct, seen = run.partial
     for b in range(run.batch, len(batches)):
         idx = step.rows(batches[b])
-        X_t, y_t = np.take(X, idx, axis=0, out=X_buf[:len(idx)]), y[idx]
+        X_t, y_t = np.take(X, idx, axis=0, out=X_buf[: len(idx)]), y[idx]
         batch_loss, acc = step(X_t, y_t, len(batches[b]))
         when = f"at step {run.step + 1} (epoch {run.epoch})"
         if not np.isfinite(batch_loss):
             where = step.where_nonfinite(X_t) or "the loss"
             last_good.restore()
-            raise NonFiniteError(f"fit: the loss is {batch_loss} {when}; NaN/Inf first appears in {where}. "
-                                 f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}")
+            raise NonFiniteError(
+                f"fit: the loss is {batch_loss} {when}; NaN/Inf first appears in {where}. "
+                f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}"
+            )
         if clip_grad_norm is not None and not np.isfinite(clip_gradients(step.model, clip_grad_norm)):
             last_good.restore()
             raise NonFiniteError(f"fit: the gradients hold NaN or Inf {when}; {LastGood.RESTORED}")
@@ -327,8 +382,10 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
         if not last_good.commit():
             where = last_good.first_nonfinite()
             last_good.restore()
-            raise NonFiniteError(f"fit: the update {when} made {where} NaN or Inf (the loss was {batch_loss:.4g}). "
-                                 f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}")
+            raise NonFiniteError(
+                f"fit: the update {when} made {where} NaN or Inf (the loss was {batch_loss:.4g}). "
+                f"Lower the learning rate or set clip_grad_norm; {LastGood.RESTORED}"
+            )
         n_batch = len(batches[b])
         total_loss += batch_loss * n_batch
         total_correct += (acc or 0.0) * n_batch
@@ -362,8 +419,12 @@ class LastGood:
 
     def _live(self):
         """[((kind, where, name), value)] for every array a step changes, in a fixed order."""
-        live = [((kind, i, k), a) for i, layer in enumerate(self.model.layers)
-                for kind in ("params", "buffers") for k, a in getattr(layer, kind).items()]
+        live = [
+            ((kind, i, k), a)
+            for i, layer in enumerate(self.model.layers)
+            for kind in ("params", "buffers")
+            for k, a in getattr(layer, kind).items()
+        ]
         live += [(("optimizer", name, k), a) for name, st in self.opt.state.items() for k, a in st.items()]
         return live
 
@@ -373,14 +434,20 @@ class LastGood:
         live = self._live()
         slot = self.slots[spare]
         arrays = [a for _, a in live if isinstance(a, np.ndarray)]
-        if (slot is None or len(slot["arrays"]) != len(arrays)
-                or any(x is not y for x, y in zip(slot["arrays"], arrays))):
+        if (
+            slot is None
+            or len(slot["arrays"]) != len(arrays)
+            or any(x is not y for x, y in zip(slot["arrays"], arrays))
+        ):
             # New or replaced arrays (the first step creates the optimizer state): new copies, made
             # here with the same size and dtype, so the kernel below needs no other check.
             copies = [np.empty(a.shape, a.dtype) for a in arrays]
-            slot = {"keys": [key for key, a in live if isinstance(a, np.ndarray)], "arrays": arrays,
-                    "copies": copies, "pairs": [(np.ascontiguousarray(a).reshape(-1), c.reshape(-1))
-                                                for a, c in zip(arrays, copies)]}
+            slot = {
+                "keys": [key for key, a in live if isinstance(a, np.ndarray)],
+                "arrays": arrays,
+                "copies": copies,
+                "pairs": [(np.ascontiguousarray(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)],
+            }
         copy_finite, ok = backend.impl().copy_finite, True
         for src, dst in slot["pairs"]:
             if src.dtype.kind == "f":
@@ -490,17 +557,24 @@ class Checkpoints:
         if not isinstance(saved, dict):
             raise CheckpointError(f"{path}: holds no training state to resume (it was not written by fit)")
         if saved.get("run") != run.run:
-            raise CheckpointError(f"{path}: was written by a run with {saved.get('run')}, not {run.run}; "
-                                  "resume with the same epochs, batch_size, seed, data and loss")
+            raise CheckpointError(
+                f"{path}: was written by a run with {saved.get('run')}, not {run.run}; "
+                "resume with the same epochs, batch_size, seed, data and loss"
+            )
         _check_run_state(path, saved, run, batches_per_epoch)
         if ckpt.optimizer_info is None:
             raise CheckpointError(f"{path}: holds no optimizer state to resume")
         if ckpt.optimizer_info["type"] != type(self.opt).__name__:
-            raise CheckpointError(f"{path}: holds {ckpt.optimizer_info['type']} state; this run trains with "
-                                  f"{type(self.opt).__name__}")
+            raise CheckpointError(
+                f"{path}: holds {ckpt.optimizer_info['type']} state; this run trains with {type(self.opt).__name__}"
+            )
         _check_finite_state(path, ckpt)
-        fill_model(self.model, {f"params/{k}": v for k, v in ckpt.model.params.items()}
-                   | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()}, path)
+        fill_model(
+            self.model,
+            {f"params/{k}": v for k, v in ckpt.model.params.items()}
+            | {f"buffers/{k}": v for k, v in ckpt.model.buffers.items()},
+            path,
+        )
         self.opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
         run.restore(saved)
         return run
@@ -509,6 +583,7 @@ class Checkpoints:
 def _check_run_state(path, saved, run, batches_per_epoch):
     """The "fit" metadata of a checkpoint, field by field: counters that agree with each other, an RNG
     state numpy accepts, partial sums and a history of the right lengths."""
+
     def bad(field, expected):
         raise field_error(path, f"user.fit.{field}", expected, saved.get(field))
 
@@ -529,8 +604,13 @@ def _check_run_state(path, saved, run, batches_per_epoch):
     except (TypeError, ValueError, KeyError, OverflowError):
         bad("rng", "a numpy PCG64 state")
     partial = saved.get("partial")
-    if (not isinstance(partial, list) or len(partial) != 3 or not all(_is_number(v) for v in partial)
-            or not isinstance(partial[2], int) or partial[2] < 0):
+    if (
+        not isinstance(partial, list)
+        or len(partial) != 3
+        or not all(_is_number(v) for v in partial)
+        or not isinstance(partial[2], int)
+        or partial[2] < 0
+    ):
         bad("partial", "[loss sum, correct sum, rows] (two numbers and an integer >= 0)")
     history = saved.get("history")
     keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -539,8 +619,11 @@ def _check_run_state(path, saved, run, batches_per_epoch):
     for key in keys:
         values = history[key]
         lengths = (epoch - 1,) if key in ("epoch", "loss", "accuracy") else (0, epoch - 1)
-        if (not isinstance(values, list) or len(values) not in lengths
-                or not all(v is None or _is_number(v) for v in values)):
+        if (
+            not isinstance(values, list)
+            or len(values) not in lengths
+            or not all(v is None or _is_number(v) for v in values)
+        ):
             raise field_error(path, f"user.fit.history.{key}", f"a list of {epoch - 1} numbers", values)
 
 
@@ -551,8 +634,9 @@ def _check_finite_state(path, ckpt):
     arrays += [("optimizer", k, v) for k, v in ckpt.optimizer_arrays.items()]
     for kind, key, a in arrays:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise CheckpointError(f"{path}: {_KIND_NAMES[kind]} {key} holds NaN or Inf; resume from an earlier "
-                                  "checkpoint")
+            raise CheckpointError(
+                f"{path}: {_KIND_NAMES[kind]} {key} holds NaN or Inf; resume from an earlier checkpoint"
+            )
 
 
 def _is_number(v):
@@ -571,8 +655,9 @@ class Progress:
     def __init__(self, enabled, total, initial, validation_name="val"):
         self.lines = enabled and not sys.stderr.isatty()
         self.validation_name = validation_name
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled or self.lines, unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, disable=not enabled or self.lines, unit="step", dynamic_ncols=True
+        )
         self.description = ""
 
     def epoch(self, epoch, epochs):
@@ -588,8 +673,9 @@ class Progress:
         """The epoch's results (at its end)."""
         self.bar.set_postfix(postfix)
         if self.lines:
-            print(f"{self.description}: " + " ".join(f"{k} {v}" for k, v in postfix.items()), file=sys.stderr,
-                  flush=True)
+            print(
+                f"{self.description}: " + " ".join(f"{k} {v}" for k, v in postfix.items()), file=sys.stderr, flush=True
+            )
 
     def close(self):
         self.bar.close()

@@ -9,6 +9,7 @@ The CSV has 785 integer columns per row: 784 pixels (0-255, row-major 28x28)
 and the label, 500 rows per digit, sorted by label. We store it as two compact
 uint8 arrays; the train/test split is made at load time (bnnet.datasets).
 """
+
 import gzip
 import os
 import sys

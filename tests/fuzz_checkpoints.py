@@ -1,18 +1,42 @@
 """Mutations of a valid checkpoint, for the fuzz tests (test_fuzz.py) and their subprocess worker."""
+
 import json
 import struct
 
 import numpy as np
 
 # Values a metadata field is replaced by: wrong types, wrong ranges, deep nesting, huge sizes.
-ODD_VALUES = [None, True, False, -1, 0, 1, 2, 1.5, -0.0, 1e308, 10 ** 30, 20000, 10 ** 7, "abc", "", "2",
-              [], {}, [1, 2], {"a": 1}, [[[[[]]]]], "float16", "NaN"]
+ODD_VALUES = [
+    None,
+    True,
+    False,
+    -1,
+    0,
+    1,
+    2,
+    1.5,
+    -0.0,
+    1e308,
+    10**30,
+    20000,
+    10**7,
+    "abc",
+    "",
+    "2",
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    [[[[[]]]]],
+    "float16",
+    "NaN",
+]
 
 
 def split(data):
     """(header dict, tensor bytes) of a safetensors file."""
     n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def join(header, body, raw_header=None):
@@ -82,8 +106,18 @@ def valid_model_checkpoint(path, with_fit=True):
     model = bnnet.mlp([4, 5, 3], seed=0)
     if with_fit:
         steps = os.path.join(os.path.dirname(str(path)), "step-{step}.safetensors")
-        bnnet.fit(model, X, y, epochs=2, batch_size=8, seed=0, progress=False, checkpoint=steps, checkpoint_every=2,
-                  checkpoint_metadata={"note": "fuzz"})
+        bnnet.fit(
+            model,
+            X,
+            y,
+            epochs=2,
+            batch_size=8,
+            seed=0,
+            progress=False,
+            checkpoint=steps,
+            checkpoint_every=2,
+            checkpoint_metadata={"note": "fuzz"},
+        )
         shutil.copy(steps.format(step=4), path)
     else:
         bnnet.save(path, model, note="fuzz")

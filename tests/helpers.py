@@ -1,4 +1,5 @@
 """Shared test helpers: central finite differences and a norm-wise relative error."""
+
 import numpy as np
 
 

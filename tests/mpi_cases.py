@@ -1,4 +1,5 @@
 """Cases shared by tests/test_distributed.py (single-process references) and tests/mpi_worker.py (K ranks)."""
+
 import numpy as np
 
 import bnnet
@@ -7,14 +8,42 @@ import bnnet
 # last one is split 1 + 1, over 4 ranks 1 + 1 + 0 + 0 (two empty shards). batch_size 7
 # splits 4 + 3 over 2 ranks and 2 + 2 + 2 + 1 over 4.
 FIT_CASES = [
-    {"name": "fit-f64-numba", "dtype": "float64", "backend": "numba", "batch_size": 12, "optimizer": "adam",
-     "activation": "sigmoid", "sync": True},
-    {"name": "fit-f32-numba", "dtype": "float32", "backend": "numba", "batch_size": 7, "optimizer": "momentum",
-     "activation": "relu", "sync": True},
-    {"name": "fit-f64-numpy", "dtype": "float64", "backend": "numpy", "batch_size": 7, "optimizer": "rmsprop",
-     "activation": "tanh", "sync": True},
-    {"name": "fit-f64-local", "dtype": "float64", "backend": "numba", "batch_size": 10, "optimizer": "sgd",
-     "activation": "relu", "sync": False},
+    {
+        "name": "fit-f64-numba",
+        "dtype": "float64",
+        "backend": "numba",
+        "batch_size": 12,
+        "optimizer": "adam",
+        "activation": "sigmoid",
+        "sync": True,
+    },
+    {
+        "name": "fit-f32-numba",
+        "dtype": "float32",
+        "backend": "numba",
+        "batch_size": 7,
+        "optimizer": "momentum",
+        "activation": "relu",
+        "sync": True,
+    },
+    {
+        "name": "fit-f64-numpy",
+        "dtype": "float64",
+        "backend": "numpy",
+        "batch_size": 7,
+        "optimizer": "rmsprop",
+        "activation": "tanh",
+        "sync": True,
+    },
+    {
+        "name": "fit-f64-local",
+        "dtype": "float64",
+        "backend": "numba",
+        "batch_size": 10,
+        "optimizer": "sgd",
+        "activation": "relu",
+        "sync": False,
+    },
 ]
 N_ROWS, N_IN, N_OUT = 50, 12, 3
 
@@ -25,7 +54,9 @@ def fit_setup(case, seed_model=0):
     X = rng.normal(3.0, 2.0, (N_ROWS, N_IN))  # an offset, so that the statistics matter
     y = rng.integers(0, N_OUT, N_ROWS)
     model = bnnet.mlp([N_IN, 16, 16, N_OUT], activation=case["activation"], seed=seed_model, dtype=case["dtype"])
-    opt = bnnet.optim.OPTIMIZERS[case["optimizer"]]({"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-2}[case["optimizer"]])
+    opt = bnnet.optim.OPTIMIZERS[case["optimizer"]](
+        {"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-2}[case["optimizer"]]
+    )
     kwargs = dict(optimizer=opt, epochs=2, batch_size=case["batch_size"], seed=1, progress=False)
     return model, X, y, kwargs
 

@@ -8,6 +8,7 @@ The cases (data, models, shard sizes) are defined in mpi_cases.py, which the
 test imports too, so that it computes the single-process references from the
 same definitions.
 """
+
 import os
 import sys
 
@@ -33,10 +34,17 @@ def run_fit_cases(out, comm):
                 model = distributed.sync_batchnorm(model, comm)
             comm.reset_stats()
             hist = bnnet.fit(model, X, y, comm=comm, **kwargs)
-            save(out, case["name"], comm, loss=np.array(hist["loss"]), accuracy=np.array(hist["accuracy"]),
-                 **{f"params/{k}": v for k, v in model.params.items()},
-                 **{f"buffers/{k}": v for k, v in model.buffers.items()},
-                 comm_calls=comm.stats["calls"], comm_bytes=comm.stats["bytes"])
+            save(
+                out,
+                case["name"],
+                comm,
+                loss=np.array(hist["loss"]),
+                accuracy=np.array(hist["accuracy"]),
+                **{f"params/{k}": v for k, v in model.params.items()},
+                **{f"buffers/{k}": v for k, v in model.buffers.items()},
+                comm_calls=comm.stats["calls"],
+                comm_bytes=comm.stats["bytes"],
+            )
 
 
 def run_layer_cases(out, comm):
@@ -57,8 +65,16 @@ def run_layer_cases(out, comm):
                 dx = bn._backward(act._backward(dy[lo:hi], True), True)
             grads = np.stack([bn.grads["gamma"], bn.grads["beta"]]).astype(np.float64)
             comm.allreduce_sum(grads)  # what the step's gradient allreduce does
-            save(out, case["name"], comm, y=y, dx=dx, grads=grads, running_mean=bn.buffers["running_mean"],
-                 running_var=bn.buffers["running_var"])
+            save(
+                out,
+                case["name"],
+                comm,
+                y=y,
+                dx=dx,
+                grads=grads,
+                running_mean=bn.buffers["running_mean"],
+                running_var=bn.buffers["running_var"],
+            )
 
 
 def run_fault(comm):

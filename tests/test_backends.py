@@ -1,4 +1,5 @@
 """The numba kernels against the NumPy reference (bnnet.functional): same numbers, many shapes."""
+
 import numpy as np
 import pytest
 
@@ -101,11 +102,13 @@ def test_fused_optimizer_updates_match_reference(opt):
             o.weight_decay = 0.01
             loss = bnnet.losses.SoftmaxCrossEntropy()
             for t in range(4):
-                loss.forward(model.forward(X[t * 8:(t + 1) * 8], True), y[t * 8:(t + 1) * 8])
+                loss.forward(model.forward(X[t * 8 : (t + 1) * 8], True), y[t * 8 : (t + 1) * 8])
                 model.backward(loss.backward())
                 o.step(model)
-            finals[name] = ({k: v.copy() for k, v in model.params.items()},
-                            {(p, k): v.copy() for p, st in o.state.items() for k, v in st.items()})
+            finals[name] = (
+                {k: v.copy() for k, v in model.params.items()},
+                {(p, k): v.copy() for p, st in o.state.items() for k, v in st.items()},
+            )
     for k in finals["numpy"][0]:
         np.testing.assert_allclose(finals["numba"][0][k], finals["numpy"][0][k], rtol=1e-12, atol=1e-14)
     assert finals["numba"][1].keys() == finals["numpy"][1].keys()

@@ -4,6 +4,7 @@ Exit 2 is argparse's (a bad option value, named in the message); exit 1 is every
 printed as the single line "bnnet <command>: error: <message>". The commands run in this
 process (`bnnet.cli.main`), on files written by the fixture below.
 """
+
 import gzip
 import io
 import json
@@ -18,14 +19,15 @@ import pytest
 
 from bnnet.cli import main
 
-BIG = str(2 ** 63)
+BIG = str(2**63)
 
 
 def _npy_claiming(a, shape):
     """The bytes of an .npy file holding a's data under a header that claims `shape`."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(a.dtype),
-                                               "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue() + a.tobytes()
 
 
@@ -46,13 +48,20 @@ def files(tmp_path_factory):
     (d / "empty.npz").write_bytes(b"")
     f["empty"] = str(d / "empty.npz")
     for name, change in {
-        "x1d": {"X_train": np.zeros(40)}, "xscalar": {"X_train": np.float32(1)},
+        "x1d": {"X_train": np.zeros(40)},
+        "xscalar": {"X_train": np.float32(1)},
         "emptytrain": {"X_train": np.zeros((0, 6)), "y_train": np.zeros(0, int)},
         "emptytest": {"X_test": np.zeros((0, 6)), "y_test": np.zeros(0, int)},
-        "strlab": {"y_train": np.array(["a"] * 40)}, "biglab": {"y_train": np.where(y == 2, 1e9, y)},
-        "neglab": {"y_train": y - 1}, "fraclab": {"y_train": y + 0.5}, "nanx": {"X_train": np.where(X > 0.9, np.nan, X)},
-        "infx": {"X_test": np.full((10, 6), np.inf)}, "complexx": {"X_train": X + 1j},
-        "lenmismatch": {"y_train": y[:30]}, "featmismatch": {"X_test": X[:10, :4]}, "y2d": {"y_train": y[:, None]},
+        "strlab": {"y_train": np.array(["a"] * 40)},
+        "biglab": {"y_train": np.where(y == 2, 1e9, y)},
+        "neglab": {"y_train": y - 1},
+        "fraclab": {"y_train": y + 0.5},
+        "nanx": {"X_train": np.where(X > 0.9, np.nan, X)},
+        "infx": {"X_test": np.full((10, 6), np.inf)},
+        "complexx": {"X_train": X + 1j},
+        "lenmismatch": {"y_train": y[:30]},
+        "featmismatch": {"X_test": X[:10, :4]},
+        "y2d": {"y_train": y[:, None]},
     }.items():
         f[name] = _npz(d / f"{name}.npz", **{**ok, **change})
     f["missingkey"] = _npz(d / "missingkey.npz", X_train=X, y_train=y)
@@ -60,15 +69,22 @@ def files(tmp_path_factory):
     # an .npz whose X_train header claims 10^12 rows: refused from the header, nothing allocated
     with zipfile.ZipFile(d / "hugeheader.npz", "w") as z:
         for k, v in ok.items():
-            z.writestr(k + ".npy", _npy_claiming(v, (10 ** 12, 6)) if k == "X_train" else _npy_claiming(v, v.shape))
+            z.writestr(k + ".npy", _npy_claiming(v, (10**12, 6)) if k == "X_train" else _npy_claiming(v, v.shape))
     f["hugeheader"] = str(d / "hugeheader.npz")
     # IDX folders: corrupt gzip, bad magic number, truncated data
-    for name, content in {"idxgz": b"\x1f\x8b\x08\x00garbage" * 10, "idxmagic": b"\x01\x02\x03\x04" + bytes(100),
-                          "idxshort": b"\x00\x00\x08\x03" + struct.pack(">III", 10, 28, 28) + bytes(50)}.items():
+    for name, content in {
+        "idxgz": b"\x1f\x8b\x08\x00garbage" * 10,
+        "idxmagic": b"\x01\x02\x03\x04" + bytes(100),
+        "idxshort": b"\x00\x00\x08\x03" + struct.pack(">III", 10, 28, 28) + bytes(50),
+    }.items():
         folder = d / name
         folder.mkdir()
-        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                     "t10k-labels-idx1-ubyte"):
+        for stem in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
             target = folder / (stem + ".gz")
             target.write_bytes(content if name == "idxgz" else gzip.compress(content))
         f[name] = str(folder)
@@ -80,17 +96,36 @@ def files(tmp_path_factory):
     np.save(d / "objects.npy", np.array([object()], dtype=object), allow_pickle=True)
     (d / "empty.npy").write_bytes(b"")
     (d / "renamed.npy").write_bytes((d / "ok.npz").read_bytes())
-    (d / "hugeheader.npy").write_bytes(_npy_claiming(X, (10 ** 10, 6)))
+    (d / "hugeheader.npy").write_bytes(_npy_claiming(X, (10**10, 6)))
     for name in ("x", "wrongfeatures", "nan", "strings", "objects", "empty", "renamed", "hugeheader"):
         f["npy_" + name] = str(d / f"{name}.npy")
     # a trained run (with --checkpoint-every) and edited copies of its checkpoint
     run = d / "run"
-    assert main(["train", "--data", f["ok"], "--hidden", "8", "--epochs", "2", "--batch-size", "10", "--quiet",
-                 "--checkpoint-every", "3", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f["ok"],
+                "--hidden",
+                "8",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "10",
+                "--quiet",
+                "--checkpoint-every",
+                "3",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     f["run"] = str(run)
     ckpt = (run / "model.safetensors").read_bytes()
     n = struct.unpack("<Q", ckpt[:8])[0]
-    header = json.loads(ckpt[8:8 + n])
+    header = json.loads(ckpt[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["bnnet"])
 
     def edited(name, change, tensors=None):
@@ -100,7 +135,7 @@ def files(tmp_path_factory):
         text = json.dumps(h).encode()
         folder = d / name
         folder.mkdir()
-        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + ckpt[8 + n:])
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + ckpt[8 + n :])
         f[name] = str(folder)
 
     def setitem(*path, value):
@@ -108,13 +143,14 @@ def files(tmp_path_factory):
             for k in path[:-1]:
                 m = m[k]
             m[path[-1]] = value
+
         return change
 
     edited("version2", setitem("format_version", value="2"))
     edited("versionfuture", setitem("format_version", value=99))
     edited("userlist", setitem("user", value=[1, 2]))
     edited("hugelayer", setitem("architecture", 0, "in_features", value=20000))
-    edited("hugelayer7", setitem("architecture", 0, "out_features", value=10 ** 7))
+    edited("hugelayer7", setitem("architecture", 0, "out_features", value=10**7))
     edited("unknownlayer", setitem("architecture", 1, "type", value="Dropout"))
     edited("badeps", setitem("architecture", 1, "eps", value=-1))
     edited("badbias", setitem("architecture", 0, "bias", value="yes"))
@@ -290,7 +326,11 @@ def test_recompute_stats_with_bad_data_leaves_the_run_as_it_was(files, capsys):
 def test_export_without_the_onnx_extra_says_what_to_install(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     code, err = run_cli("export {run} --onnx {dir}/m.onnx", files, capsys)
-    assert code == 1 and err.strip() == "bnnet export: error: needs the optional package onnx: in bnnet's checkout, pip install \".[onnx]\""
+    assert (
+        code == 1
+        and err.strip()
+        == 'bnnet export: error: needs the optional package onnx: in bnnet\'s checkout, pip install ".[onnx]"'
+    )
 
 
 def test_an_unexpected_error_is_named_as_a_bug_with_the_traceback_only_under_debug(files, capsys, monkeypatch):
@@ -298,6 +338,7 @@ def test_an_unexpected_error_is_named_as_a_bug_with_the_traceback_only_under_deb
 
     def broken(args):
         raise ZeroDivisionError("division by zero")
+
     monkeypatch.setattr(bnnet.cli, "cmd_evaluate", broken)
     code, err = run_cli("evaluate {run}", files, capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
@@ -332,8 +373,22 @@ def test_resume_keeps_checkpoint_every(files, capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bnnet.train.Checkpoints, "write", spy)
     monkeypatch.setattr(bnnet.train.Checkpoints, "resumed", False, raising=False)
-    argv = ["train", "--data", files["ok"], "--hidden", "8", "--epochs", "2", "--batch-size", "10", "--quiet",
-            "--checkpoint-every", "3", "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--data",
+        files["ok"],
+        "--hidden",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--quiet",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 130
     assert written == [3]
     monkeypatch.setattr(bnnet.train.Checkpoints, "resumed", True, raising=False)

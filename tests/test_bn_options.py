@@ -1,17 +1,18 @@
 """BatchNorm's affine=False and track_running_stats=False (PyTorch's names), reset_running_stats()
 and reset_parameters(): finite differences, PyTorch, both backends, checkpoints, interop, ONNX,
 folding."""
+
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers import check_layer_gradients
 
 import bnnet
 from bnnet import backend
 from bnnet.interop import from_torch, to_torch
 from bnnet.layers import BatchNorm, Linear, ReLU
-from helpers import check_layer_gradients
 
 OPTIONS = [(False, True), (True, False), (False, False)]  # (affine, track_running_stats)
 
@@ -108,16 +109,21 @@ def test_models_with_the_options_train_save_load_export_and_convert(affine, trac
 
     rng = np.random.default_rng(5)
     X, y = rng.normal(size=(60, 6)).astype(np.float32), np.arange(60) % 3
-    model = bnnet.Sequential(Linear(6, 5, bias=False, rng=0), BatchNorm(5, affine=affine, track_running_stats=track),
-                             ReLU(), Linear(5, 3, rng=1))
+    model = bnnet.Sequential(
+        Linear(6, 5, bias=False, rng=0),
+        BatchNorm(5, affine=affine, track_running_stats=track),
+        ReLU(),
+        Linear(5, 3, rng=1),
+    )
     bnnet.fit(model, X, y, epochs=2, batch_size=10, seed=0, progress=False, checkpoint=str(tmp_path / "m.safetensors"))
     expected = model.predict(X)
     loaded = bnnet.load(tmp_path / "m.safetensors")
     assert loaded.layers[1].config() == model.layers[1].config()
     np.testing.assert_array_equal(loaded.predict(X), expected)
     # ONNX: onnxruntime gives the eval outputs (batch statistics of the whole input when not tracking)
-    session = ort.InferenceSession(str(bnnet.export_onnx(model, tmp_path / "m.onnx")),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(bnnet.export_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(session.run(None, {"x": X})[0], model.forward(X, False), rtol=1e-4, atol=1e-5)
     # PyTorch, both ways
     module = to_torch(model).eval()
@@ -139,14 +145,15 @@ def test_a_tensorless_layer_loads_and_a_huge_claim_does_not(tmp_path):
     assert bnnet.load(tmp_path / "m.safetensors").layers[0].num_features == 4
     import json
     import struct
+
     data = (tmp_path / "m.safetensors").read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["bnnet"])
-    meta["architecture"][0]["num_features"] = 10 ** 9
+    meta["architecture"][0]["num_features"] = 10**9
     header["__metadata__"]["bnnet"] = json.dumps(meta)
     text = json.dumps(header).encode()
-    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
     with pytest.raises(bnnet.CheckpointError, match="num_features = 1000000000"):
         bnnet.load(tmp_path / "huge.safetensors")
 
@@ -155,8 +162,11 @@ def test_a_tensorless_layer_loads_and_a_huge_claim_does_not(tmp_path):
 # N-D input: (N, C, L), (N, C, H, W), (N, C, D, H, W), and channels last
 # --------------------------------------------------------------------------
 
-LAYOUTS = [((5, 3, 4), torch.nn.BatchNorm1d), ((4, 3, 5, 2), torch.nn.BatchNorm2d),
-           ((2, 3, 4, 3, 2), torch.nn.BatchNorm3d)]
+LAYOUTS = [
+    ((5, 3, 4), torch.nn.BatchNorm1d),
+    ((4, 3, 5, 2), torch.nn.BatchNorm2d),
+    ((2, 3, 4, 3, 2), torch.nn.BatchNorm3d),
+]
 
 
 @pytest.mark.parametrize("shape,torch_cls", LAYOUTS, ids=["1d", "2d", "3d"])
@@ -199,10 +209,12 @@ def test_channels_last_equals_channels_first_transposed():
     x, dy = rng.normal(size=(4, 3, 5, 2)), rng.normal(size=(4, 3, 5, 2))
     first, last = BatchNorm(3, dtype="float64"), BatchNorm(3, dtype="float64", axis=-1)
     to_last = (0, 2, 3, 1)
-    np.testing.assert_allclose(last.forward(x.transpose(to_last), True), first.forward(x, True).transpose(to_last),
-                               rtol=0, atol=1e-12)
-    np.testing.assert_allclose(last.backward(dy.transpose(to_last)), first.backward(dy).transpose(to_last),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        last.forward(x.transpose(to_last), True), first.forward(x, True).transpose(to_last), rtol=0, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        last.backward(dy.transpose(to_last)), first.backward(dy).transpose(to_last), rtol=0, atol=1e-12
+    )
     np.testing.assert_allclose(last.grads["gamma"], first.grads["gamma"], rtol=0, atol=1e-12)
     out = np.empty((4, 5, 2, 3))
     assert last.forward(x.transpose(to_last), False, out=out) is out
@@ -210,7 +222,6 @@ def test_channels_last_equals_channels_first_transposed():
 
 
 def test_nd_shapes_that_do_not_fit_are_refused():
-    from bnnet.normalization import GhostBatchNorm
 
     bn = BatchNorm(3)
     with pytest.raises(bnnet.InputError, match="must have 3 channels on axis 1"):

@@ -1,4 +1,5 @@
 """The `bnnet` command end to end, in subprocesses, on a few epochs."""
+
 import json
 import os
 import subprocess
@@ -57,8 +58,25 @@ def test_evaluate_and_predict(trained_run, tmp_path):
 
 
 def test_options(tmp_path):
-    res = run("train", "--epochs", "1", "--hidden", "32", "--activation", "relu", "--no-batchnorm", "--optimizer",
-              "momentum", "--dtype", "float64", "--batch-size", "100", "--quiet", "--out", str(tmp_path / "r"))
+    res = run(
+        "train",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--activation",
+        "relu",
+        "--no-batchnorm",
+        "--optimizer",
+        "momentum",
+        "--dtype",
+        "float64",
+        "--batch-size",
+        "100",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""  # --quiet: no progress bar
     model = bnnet.load(tmp_path / "r" / "model.safetensors")
@@ -69,18 +87,33 @@ def test_train_on_an_npz_dataset(tmp_path, rng):
     X = rng.standard_normal((60, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
     np.savez(tmp_path / "d.npz", X_train=X[:40], y_train=y[:40], X_test=X[40:], y_test=y[40:])
-    res = run("train", "--data", str(tmp_path / "d.npz"), "--epochs", "2", "--batch-size", "8", "--hidden", "8",
-              "--quiet", "--out", str(tmp_path / "r"))
+    res = run(
+        "train",
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--hidden",
+        "8",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert res.returncode == 0, res.stderr
     assert "test accuracy" in res.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["evaluate", "missing.safetensors"], "no such checkpoint file"),
-    (["train", "--data", "nowhere.npz", "--quiet"], "cannot read as .npz"),
-    (["train", "--data", "mnist6k"], "--data must be 'mnist5k'"),
-    (["train", "--batch-size", "1", "--quiet"], "batch_size=1 cannot train BatchNorm"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["evaluate", "missing.safetensors"], "no such checkpoint file"),
+        (["train", "--data", "nowhere.npz", "--quiet"], "cannot read as .npz"),
+        (["train", "--data", "mnist6k"], "--data must be 'mnist5k'"),
+        (["train", "--batch-size", "1", "--quiet"], "batch_size=1 cannot train BatchNorm"),
+    ],
+)
 def test_errors_are_one_line_without_traceback(tmp_path, args, message):
     res = run(*args, cwd=tmp_path)
     assert res.returncode == 1
@@ -119,14 +152,29 @@ def test_export_recompute_and_fold(trained_run, tmp_path):
     assert res.returncode == 0, res.stderr
     folded = bnnet.load(tmp_path / "f.safetensors")
     assert folded.eval_only and not any(type(l).__name__ == "BatchNorm" for l in folded.layers)
-    np.testing.assert_allclose(folded.predict(Xt[:50]), bnnet.load(out / "model.safetensors").predict(Xt[:50]),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        folded.predict(Xt[:50]), bnnet.load(out / "model.safetensors").predict(Xt[:50]), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_train_a_convnet_then_evaluate_predict_export_and_resume_it(tmp_path):
     out = tmp_path / "cnn"
-    res = run("train", "--model", "cnn", "--channels", "4,8", "--hidden", "16", "--epochs", "2", "--quiet",
-              "--out", str(out), "--checkpoint-every", "30")
+    res = run(
+        "train",
+        "--model",
+        "cnn",
+        "--channels",
+        "4,8",
+        "--hidden",
+        "16",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+        "--checkpoint-every",
+        "30",
+    )
     assert res.returncode == 0, res.stderr
     acc = float(res.stdout.split("test accuracy ")[1].split()[0])
     assert acc > 0.8  # two epochs of a small convnet on the bundled data

@@ -3,6 +3,7 @@
 Every backward against central finite differences in float64 (random upstream
 gradient), and against PyTorch 2.13.0 where it has the same operation.
 """
+
 import warnings
 
 import numpy as np
@@ -32,9 +33,16 @@ TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=1e-4, atol=
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel,stride,padding,hw", [
-    (3, 1, 0, (5, 6)), (3, 2, 1, (7, 5)), (2, 2, 0, (5, 5)), (1, 1, 0, (3, 4)), ((3, 1), (1, 2), (1, 0), (5, 7)),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,hw",
+    [
+        (3, 1, 0, (5, 6)),
+        (3, 2, 1, (7, 5)),
+        (2, 2, 0, (5, 5)),
+        (1, 1, 0, (3, 4)),
+        ((3, 1), (1, 2), (1, 0), (5, 7)),
+    ],
+)
 @pytest.mark.parametrize("bias,train", [(True, True), (False, True), (True, False)])
 def test_conv2d_gradients_by_finite_differences(kernel, stride, padding, hw, bias, train):
     # (eval mode keeps only x for backward and rebuilds the im2col matrix from it)
@@ -79,8 +87,9 @@ def test_batchnorm_nd_gradients_by_finite_differences(shape, axis, train):
 
 def test_a_whole_convnet_in_train_mode_by_finite_differences():
     rng = np.random.default_rng(6)
-    model = bnnet.convnet(in_shape=(2, 6, 6), channels=(3, 4), hidden=(5,), classes=3, seed=0, dtype="float64",
-                          activation="tanh")  # smooth, so that h never straddles a kink
+    model = bnnet.convnet(
+        in_shape=(2, 6, 6), channels=(3, 4), hidden=(5,), classes=3, seed=0, dtype="float64", activation="tanh"
+    )  # smooth, so that h never straddles a kink
     for layer in model.layers:
         if isinstance(layer, BatchNorm):
             layer.params["gamma"][...] = rng.uniform(0.5, 2, layer.num_features)
@@ -107,8 +116,10 @@ def test_a_whole_convnet_in_train_mode_by_finite_differences():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("shape,module", [((6, 4, 7), torch.nn.BatchNorm1d), ((4, 4, 5, 6), torch.nn.BatchNorm2d),
-                                          ((3, 4, 2, 3, 4), torch.nn.BatchNorm3d)])
+@pytest.mark.parametrize(
+    "shape,module",
+    [((6, 4, 7), torch.nn.BatchNorm1d), ((4, 4, 5, 6), torch.nn.BatchNorm2d), ((3, 4, 2, 3, 4), torch.nn.BatchNorm3d)],
+)
 @pytest.mark.parametrize("axis", [1, -1])
 @pytest.mark.parametrize("options", [{}, {"affine": False}, {"track_running_stats": False}])
 def test_batchnorm_nd_matches_torch(dtype, shape, module, axis, options):
@@ -138,10 +149,12 @@ def test_batchnorm_nd_matches_torch(dtype, shape, module, axis, options):
         np.testing.assert_allclose(first(dx), xt.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * np.abs(dx).max())
         n = x.size // 4
         if ours.affine:
-            np.testing.assert_allclose(ours.grads["gamma"], theirs.weight.grad.numpy(), rtol=tol["rtol"],
-                                       atol=tol["atol"] * n)
-            np.testing.assert_allclose(ours.grads["beta"], theirs.bias.grad.numpy(), rtol=tol["rtol"],
-                                       atol=tol["atol"] * n)
+            np.testing.assert_allclose(
+                ours.grads["gamma"], theirs.weight.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * n
+            )
+            np.testing.assert_allclose(
+                ours.grads["beta"], theirs.bias.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * n
+            )
         if ours.track_running_stats:
             np.testing.assert_allclose(ours.buffers["running_mean"], theirs.running_mean.numpy(), **tol)
             np.testing.assert_allclose(ours.buffers["running_var"], theirs.running_var.numpy(), **tol)
@@ -156,7 +169,9 @@ def test_batchnorm_nd_matches_torch(dtype, shape, module, axis, options):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 0), (3, 2, 1), (5, 1, 2), (2, 2, 0), ((3, 2), (2, 1), (1, 0))])
+@pytest.mark.parametrize(
+    "kernel,stride,padding", [(3, 1, 0), (3, 2, 1), (5, 1, 2), (2, 2, 0), ((3, 2), (2, 1), (1, 0))]
+)
 def test_conv2d_and_pools_match_torch(dtype, kernel, stride, padding):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, 4, 9, 8)).astype(dtype)
@@ -165,8 +180,12 @@ def test_conv2d_and_pools_match_torch(dtype, kernel, stride, padding):
     layers = [(conv, interop.to_torch(bnnet.Sequential(conv))[0])]
     pool_ok = all(2 * p <= k for p, k in zip(conv.padding, conv.kernel_size))
     for cls in (MaxPool2d, AvgPool2d) if pool_ok else ():
-        layers.append((cls(kernel, stride=stride, padding=padding),
-                       getattr(torch.nn, cls.__name__)(kernel, stride=stride, padding=padding)))
+        layers.append(
+            (
+                cls(kernel, stride=stride, padding=padding),
+                getattr(torch.nn, cls.__name__)(kernel, stride=stride, padding=padding),
+            )
+        )
     tol = TOL[dtype]
     for ours, theirs in layers:
         inp = np.maximum(x, 0) if isinstance(ours, MaxPool2d) else x  # ties (zeros) go to the first max in both
@@ -179,18 +198,24 @@ def test_conv2d_and_pools_match_torch(dtype, kernel, stride, padding):
         np.testing.assert_allclose(y, yt.detach().numpy(), rtol=tol["rtol"], atol=tol["atol"] * 10)
         np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * 10)
         if isinstance(ours, Conv2d):
-            np.testing.assert_allclose(ours.grads["W"], theirs.weight.grad.numpy(), rtol=tol["rtol"],
-                                       atol=tol["atol"] * 100)
-            np.testing.assert_allclose(ours.grads["b"], theirs.bias.grad.numpy(), rtol=tol["rtol"],
-                                       atol=tol["atol"] * 100)
+            np.testing.assert_allclose(
+                ours.grads["W"], theirs.weight.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * 100
+            )
+            np.testing.assert_allclose(
+                ours.grads["b"], theirs.bias.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * 100
+            )
 
 
 CASES = {
     "sgd": (lambda: optim.SGD(0.1), lambda g: torch.optim.SGD(g, lr=0.1)),
-    "momentum": (lambda: optim.Momentum(0.1, beta=0.9),
-                 lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0)),
-    "rmsprop": (lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
-                lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8)),
+    "momentum": (
+        lambda: optim.Momentum(0.1, beta=0.9),
+        lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0),
+    ),
+    "rmsprop": (
+        lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
+        lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8),
+    ),
     "adam": (lambda: optim.Adam(0.01), lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
 }
 
@@ -206,8 +231,14 @@ def test_convnet_training_steps_match_torch(case):
     decay = [m.weight for m in tmodel if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     rest = [p for p in tmodel.parameters() if all(p is not q for q in decay)]
     topt = make_theirs([{"params": decay}, {"params": rest}])
-    train_both(model, tmodel, opt, topt, [(rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 4, 6))
-                                          for _ in range(3)], rel=1e-10)
+    train_both(
+        model,
+        tmodel,
+        opt,
+        topt,
+        [(rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 4, 6)) for _ in range(3)],
+        rel=1e-10,
+    )
     expected = torch_named(tmodel)
     ours = {**dict(model.params), **{k: v for k, v in model.buffers.items() if not k.endswith("count")}}
     assert set(ours) == set(expected)
@@ -222,16 +253,32 @@ def test_convnet_training_steps_match_torch(case):
 def test_from_torch_converts_a_torch_convnet():
     torch.manual_seed(0)
     tmodel = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.AvgPool2d(2), torch.nn.Conv2d(4, 3, 1), torch.nn.LeakyReLU(0.1), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(3, 2)).double()
+        torch.nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(4, 3, 1),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3, 2),
+    ).double()
     tmodel.train()
     X = np.random.default_rng(9).standard_normal((5, 2, 10, 10))
     tmodel(torch.from_numpy(X))  # moves the running statistics
     tmodel.eval()
     model = interop.from_torch(tmodel)
     assert [type(l).__name__ for l in model.layers] == [
-        "Conv2d", "BatchNorm", "ReLU", "AvgPool2d", "Conv2d", "LeakyReLU", "GlobalAvgPool2d", "Flatten", "Linear"]
+        "Conv2d",
+        "BatchNorm",
+        "ReLU",
+        "AvgPool2d",
+        "Conv2d",
+        "LeakyReLU",
+        "GlobalAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(X), tmodel(torch.from_numpy(X)).numpy(), rtol=1e-10, atol=1e-12)
     with pytest.raises(bnnet.HyperparameterError, match="dilation"):
@@ -283,7 +330,7 @@ def test_spatial_kernels_equal_the_numpy_reference(dtype, atol, act):
     np.testing.assert_allclose(y1, y2, rtol=0, atol=atol)
     np.testing.assert_allclose(dx1, dx2, rtol=0, atol=atol)
     for k in g1:
-        np.testing.assert_allclose(g1[k], g2[k], rtol=0, atol=atol * x.size ** 0.5, err_msg=k)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=0, atol=atol * x.size**0.5, err_msg=k)
     for k in b1:
         np.testing.assert_allclose(b1[k], b2[k], rtol=0, atol=atol, err_msg=k)
 
@@ -362,7 +409,15 @@ def test_convnet_builder_follows_the_bias_rule_and_its_arguments():
     model = bnnet.convnet(in_shape=(3, 16, 12), channels=(4, 6), hidden=(7, 5), classes=3, seed=0)
     kinds = [type(l).__name__ for l in model.layers]
     assert kinds == ["Conv2d", "BatchNorm", "ReLU", "MaxPool2d"] * 2 + [
-        "Flatten", "Linear", "BatchNorm", "ReLU", "Linear", "BatchNorm", "ReLU", "Linear"]
+        "Flatten",
+        "Linear",
+        "BatchNorm",
+        "ReLU",
+        "Linear",
+        "BatchNorm",
+        "ReLU",
+        "Linear",
+    ]
     assert not model.layers[0].bias and not model.layers[9].bias and model.layers[-1].bias
     assert model.layers[9].in_features == 6 * 4 * 3 and model.input_shape == (3, None, None)
     assert model.forward(np.zeros((2, 3, 16, 12), "float32"), True).shape == (2, 3)
@@ -434,16 +489,18 @@ def test_a_convnet_checkpoint_round_trips_and_bad_conv_metadata_is_refused(tmp_p
     np.testing.assert_array_equal(again.predict(X), model.predict(X))
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["bnnet"])
-    for field, value, match in (("kernel_size", [3000, 3], "kernel_size = .* does not match"),
-                                ("out_channels", 100000, "out_channels = 100000 does not match"),
-                                ("stride", [1, {"a": 1}], "a list of 1 or 2 integers")):
+    for field, value, match in (
+        ("kernel_size", [3000, 3], "kernel_size = .* does not match"),
+        ("out_channels", 100000, "out_channels = 100000 does not match"),
+        ("stride", [1, {"a": 1}], "a list of 1 or 2 integers"),
+    ):
         bad = json.loads(json.dumps(meta))
         bad["architecture"][0][field] = value
         header["__metadata__"]["bnnet"] = json.dumps(bad)
         text = json.dumps(header).encode()
-        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
         with pytest.raises(bnnet.CheckpointError, match=match):
             bnnet.load(tmp_path / "bad.safetensors")
 
@@ -454,8 +511,16 @@ def test_every_metadata_field_of_a_convnet_checkpoint_with_every_odd_value(tmp_p
     import fuzz_checkpoints as fc
 
     rng = np.random.default_rng(18)
-    model = bnnet.Sequential(Conv2d(1, 2, 3, padding=1, bias=False, rng=0), BatchNorm(2), ReLU(), MaxPool2d(2),
-                             AvgPool2d(2, stride=1), GlobalAvgPool2d(), Flatten(), bnnet.layers.Linear(2, 3, rng=0))
+    model = bnnet.Sequential(
+        Conv2d(1, 2, 3, padding=1, bias=False, rng=0),
+        BatchNorm(2),
+        ReLU(),
+        MaxPool2d(2),
+        AvgPool2d(2, stride=1),
+        GlobalAvgPool2d(),
+        Flatten(),
+        bnnet.layers.Linear(2, 3, rng=0),
+    )
     X = rng.standard_normal((4, 1, 6, 6)).astype("float32")
     model.forward(X, True)
     valid = tmp_path / "valid.safetensors"

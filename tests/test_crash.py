@@ -1,5 +1,6 @@
 """Crash safety: `bnnet train` killed with SIGKILL at 20 random moments never leaves a bad checkpoint,
 and `bnnet train --resume` then ends exactly where an uninterrupted run ends."""
+
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ ARGS = ["train", "--hidden", "16", "--epochs", "3", "--seed", "3", "--quiet", "-
 
 
 def _start(out):
-    return subprocess.Popen([sys.executable, "-m", "bnnet", *ARGS, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnnet", *ARGS, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def _check_consistent(path):
@@ -33,7 +35,9 @@ def _check_consistent(path):
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_at_20_random_moments_then_exact_resume(tmp_path):
     reference = tmp_path / "reference"
-    done = subprocess.run([sys.executable, "-m", "bnnet", *ARGS, "--out", str(reference)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnnet", *ARGS, "--out", str(reference)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     expected = load_checkpoint(reference / "model.safetensors").model
 
@@ -41,9 +45,15 @@ def test_sigkill_at_20_random_moments_then_exact_resume(tmp_path):
     rng = np.random.default_rng(2026)
     steps_seen = []
     for attempt in range(20):
-        proc = _start(run) if attempt == 0 or not (run / "model.safetensors").exists() else \
-            subprocess.Popen([sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet",
-                              "--checkpoint-every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = (
+            _start(run)
+            if attempt == 0 or not (run / "model.safetensors").exists()
+            else subprocess.Popen(
+                [sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet", "--checkpoint-every", "1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
         time.sleep(rng.uniform(0.3, 1.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -51,11 +61,14 @@ def test_sigkill_at_20_random_moments_then_exact_resume(tmp_path):
         if path.exists():
             steps_seen.append(_check_consistent(path))
         # anything else left behind is a temporary file that was never renamed into place
-        assert all(name == "model.safetensors" or name.startswith(".tmp-") or name.endswith((".csv", ".json"))
-                   for name in os.listdir(run)), os.listdir(run)
+        assert all(
+            name == "model.safetensors" or name.startswith(".tmp-") or name.endswith((".csv", ".json"))
+            for name in os.listdir(run)
+        ), os.listdir(run)
     assert steps_seen == sorted(steps_seen)  # each resume continued from the last checkpoint
-    finish = subprocess.run([sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet"],
-                            capture_output=True, text=True)
+    finish = subprocess.run(
+        [sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet"], capture_output=True, text=True
+    )
     assert finish.returncode == 0, finish.stderr
     final = load_checkpoint(run / "model.safetensors").model
     for k in expected.params:

@@ -1,4 +1,5 @@
 """Data: the bundled MNIST subset, and IDX files the tests build themselves."""
+
 import gzip
 
 import numpy as np
@@ -66,11 +67,14 @@ def test_load_mnist_errors(tmp_path):
         load_mnist(str(tmp_path))
 
 
-@pytest.mark.parametrize("raw,match", [
-    (b"\x08\x08\x08\x01", "bad magic number"),
-    (b"\x00\x00\x08\x02\x00\x00", "truncated IDX header"),
-    (_idx(np.zeros((3, 4), np.uint8))[:-1], r"header says shape \(3, 4\) \(12 bytes of data\), file has 11"),
-])
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"\x08\x08\x08\x01", "bad magic number"),
+        (b"\x00\x00\x08\x02\x00\x00", "truncated IDX header"),
+        (_idx(np.zeros((3, 4), np.uint8))[:-1], r"header says shape \(3, 4\) \(12 bytes of data\), file has 11"),
+    ],
+)
 def test_read_idx_malformed(tmp_path, raw, match):
     path = tmp_path / "f-idx"
     path.write_bytes(raw)

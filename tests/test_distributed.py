@@ -3,6 +3,7 @@
 The MPI runs launch tests/mpi_worker.py with this environment's own mpiexec
 (from the `mpich` wheel of the [mpi] extra), one thread per rank.
 """
+
 import functools
 import os
 import signal
@@ -10,26 +11,31 @@ import subprocess
 import sys
 import time
 
+import mpi_cases
 import numpy as np
 import pytest
+from helpers import assert_same_as, check_layer_gradients, rel_error
 
 import bnnet
 from bnnet import backend, distributed
 from bnnet import functional as F
 
-import mpi_cases
-from helpers import assert_same_as, check_layer_gradients, rel_error
-
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 WORKER = os.path.join(os.path.dirname(__file__), "mpi_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-       "NUMBA_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMBA_NUM_THREADS": "1",
+}
 TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
 def mpirun(k, *args, timeout=300):
-    return subprocess.run([MPIEXEC, "-n", str(k), sys.executable, WORKER, *args], env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [MPIEXEC, "-n", str(k), sys.executable, WORKER, *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _warm_kernels():
@@ -66,7 +72,7 @@ def _rank_files(folder, name, k):
     return [dict(np.load(os.path.join(folder, f"{name}-rank{r}.npz"))) for r in range(k)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_fit_cached(name):
     case = next(c for c in mpi_cases.FIT_CASES if c["name"] == name)
     with backend.using(case["backend"]):
@@ -184,17 +190,35 @@ def test_ranks_given_different_data_fail_together_with_one_message(tmp_path):
     proc = mpirun(4, str(tmp_path), "mismatch", timeout=60)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet:")]
-    assert len(lines) == 1 and "were not given the same training run (rows: rank 0" in lines[0], \
-        (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and "were not given the same training run (rows: rank 0" in lines[0], (
+        proc.returncode,
+        proc.stderr,
+    )
     assert "after the block" not in proc.stderr
     assert time.monotonic() - start < 25
 
 
 def test_cli_distributed_errors_are_the_single_process_line(tmp_path):
     """A distributed `bnnet train` that fails prints the CLI's own one line, with the rank."""
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "bnnet", "train", "--distributed", "--quiet",
-                           "--data", str(tmp_path / "missing.npz")], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            MPIEXEC,
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "bnnet",
+            "train",
+            "--distributed",
+            "--quiet",
+            "--data",
+            str(tmp_path / "missing.npz"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bnnet train:")]
     assert lines and all(line.startswith("bnnet train: error: rank ") and "missing.npz" in line for line in lines)
@@ -204,9 +228,27 @@ def test_cli_distributed_errors_are_the_single_process_line(tmp_path):
 def test_cli_distributed_ctrl_c_is_one_line(tmp_path):
     """Ctrl-C to mpiexec (forwarded to every rank, often inside an MPI reduction): the CLI's own
     line once, no traceback."""
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "bnnet", "train", "--distributed", "--quiet",
-                             "--epochs", "1000", "--out", str(tmp_path / "run")], env=ENV, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            MPIEXEC,
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "bnnet",
+            "train",
+            "--distributed",
+            "--quiet",
+            "--epochs",
+            "1000",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(8)  # past start-up, inside training
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -219,8 +261,13 @@ def test_cli_distributed_trains_the_same_model(tmp_path):
     bnnet_cmd = [sys.executable, "-m", "bnnet", "train", "--epochs", "1", "--quiet", "--hidden", "32,32"]
     single = subprocess.run(bnnet_cmd + ["--out", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([MPIEXEC, "-n", "2", *bnnet_cmd, "--distributed", "--out", str(tmp_path / "two")],
-                           env=ENV, capture_output=True, text=True, timeout=300)
+    multi = subprocess.run(
+        [MPIEXEC, "-n", "2", *bnnet_cmd, "--distributed", "--out", str(tmp_path / "two")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("test accuracy") == 1  # only rank 0 reports
     a, b = bnnet.load(tmp_path / "one" / "model.safetensors"), bnnet.load(tmp_path / "two" / "model.safetensors")
@@ -249,7 +296,7 @@ def test_merge_moments_equals_two_pass_moments(split):
     n, mean, m2 = 0.0, np.zeros(4), np.zeros(4)
     lo = 0
     for size in split:
-        part = x[lo:lo + size]
+        part = x[lo : lo + size]
         lo += size
         pm, pv = F.moments(part, 0) if size else (np.zeros(4), np.zeros(4))
         n, mean, m2 = F.merge_moments(n, mean, m2, float(size), pm, pv * size)

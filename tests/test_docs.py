@@ -1,6 +1,7 @@
 """The documentation: the site builds with `mkdocs build --strict`, and every ```python block of the
 README and of docs/ runs (each page's blocks in order, in one fresh process, in an empty folder).
 Blocks fenced as ```py are shown, not run (they need a terminal, TensorBoard or a long run)."""
+
 import os
 import re
 import subprocess
@@ -20,8 +21,14 @@ def python_blocks(text):
 
 def test_the_site_builds_strictly(tmp_path):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "site" / "batchnorm" / "index.html").exists()
     assert "bnnet.layers.BatchNorm" in (tmp_path / "site" / "api" / "index.html").read_text()
@@ -38,8 +45,14 @@ def test_every_page_has_what_the_readme_links_to():
 def test_every_python_block_runs(page, tmp_path):
     code = "\n\n".join(python_blocks(page.read_text()))
     assert code.strip()
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert res.returncode == 0, f"{page.name}:\n{res.stderr[-3000:]}"
 
 

@@ -1,4 +1,5 @@
 """The execution plan (bnnet.engine) and the thread policy (bnnet.threads)."""
+
 import numpy as np
 import pytest
 
@@ -12,9 +13,15 @@ def _models():
     rng = np.random.default_rng(0)
     yield bnnet.mlp([6, 8, 7, 3], activation="sigmoid", seed=0, dtype="float64")
     yield bnnet.mlp([6, 8, 3], activation="relu", batchnorm=False, seed=1, dtype="float64")
-    yield bnnet.Sequential(Linear(6, 8, bias=False, rng=rng, dtype="float64"), BatchNorm(8, dtype="float64"),
-                           BatchRenorm(8, dtype="float64"), Tanh(), LayerNorm(8, dtype="float64"), ReLU(),
-                           Linear(8, 3, rng=rng, dtype="float64"))
+    yield bnnet.Sequential(
+        Linear(6, 8, bias=False, rng=rng, dtype="float64"),
+        BatchNorm(8, dtype="float64"),
+        BatchRenorm(8, dtype="float64"),
+        Tanh(),
+        LayerNorm(8, dtype="float64"),
+        ReLU(),
+        Linear(8, 3, rng=rng, dtype="float64"),
+    )
     yield bnnet.Sequential(BatchNorm(6, dtype="float64"), Sigmoid(), Linear(6, 3, rng=rng, dtype="float64"))
 
 

@@ -1,4 +1,5 @@
 """`bnnet experiment ... --quick` and `bnnet report`: the files and what is in them."""
+
 import csv
 import json
 import math
@@ -71,20 +72,23 @@ def test_lr_sweep(runs):
 def test_optimizers(runs):
     summary = _check_files(runs / "optimizers", "optimizers")
     rows = _rows(runs / "optimizers" / "optimizers.csv")
-    assert {(r["optimizer"], r["batchnorm"]) for r in rows} == {(o, b) for o in ("sgd", "momentum", "rmsprop", "adam")
-                                                               for b in ("0", "1")}
+    assert {(r["optimizer"], r["batchnorm"]) for r in rows} == {
+        (o, b) for o in ("sgd", "momentum", "rmsprop", "adam") for b in ("0", "1")
+    }
     trained = [r for r in rows if r["step"] != "0"]
     assert _finite(trained, ["train_loss", "test_accuracy"])
     assert len(rows) == 8 * 7  # step 0 and every 10 of 60 steps, for each of the 8 runs
-    assert set(summary["final_accuracy"]) == {f"{o}_{t}" for o in ("sgd", "momentum", "rmsprop", "adam")
-                                              for t in ("bn", "nobn")}
+    assert set(summary["final_accuracy"]) == {
+        f"{o}_{t}" for o in ("sgd", "momentum", "rmsprop", "adam") for t in ("bn", "nobn")
+    }
 
 
 def test_batch_size(runs):
     _check_files(runs / "batch-size", "batch-size")
     rows = _rows(runs / "batch-size" / "batch-size.csv")
-    assert [(r["norm"], r["batch_size"]) for r in rows] == [(n, b) for n in ("batch", "renorm", "ghost")
-                                                            for b in ("4", "16", "64")]
+    assert [(r["norm"], r["batch_size"]) for r in rows] == [
+        (n, b) for n in ("batch", "renorm", "ghost") for b in ("4", "16", "64")
+    ]
     assert _finite(rows, ["test_accuracy", "train_mode_accuracy", "train_eval_gap"])
     assert all(float(r["train_eval_gap"]) > 0 for r in rows)
 
@@ -102,7 +106,10 @@ def test_report_embeds_every_figure(runs, tmp_path):
 
 def test_experiments_are_deterministic(tmp_path):
     for k in (1, 2):
-        assert main(["experiment", "optimizers", "--quick", "--quiet", "--steps", "12", "--out", str(tmp_path / str(k))]) == 0
+        assert (
+            main(["experiment", "optimizers", "--quick", "--quiet", "--steps", "12", "--out", str(tmp_path / str(k))])
+            == 0
+        )
     assert (tmp_path / "1" / "optimizers.csv").read_text() == (tmp_path / "2" / "optimizers.csv").read_text()
 
 
@@ -181,5 +188,4 @@ def test_quick_runs_still_give_the_committed_findings(runs, name):
     with open(runs / name / "summary.json") as f:
         now = json.load(f)
     skip = {"date", "machine", "figure", "seconds"}
-    _close({k: v for k, v in now.items() if k not in skip}, {k: v for k, v in committed.items() if k not in skip},
-           name)
+    _close({k: v for k, v in now.items() if k not in skip}, {k: v for k, v in committed.items() if k not in skip}, name)

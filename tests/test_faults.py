@@ -1,4 +1,5 @@
 """Faults in training: NaN/Inf stops fit with a message naming the step and the layer; clipping."""
+
 import numpy as np
 import pytest
 
@@ -16,7 +17,9 @@ def test_overflowing_input_names_the_first_layer(rng):
     X[5, :] = 3e38  # finite, but x @ W overflows float32
     model = bnnet.mlp([6, 8, 3], seed=0)
     before = {k: v.copy() for k, v in model.params.items()}
-    with pytest.raises(bnnet.NonFiniteError, match=r"at step \d+ \(epoch 1\); NaN/Inf first appears in Linear \(layer 0\)"):
+    with pytest.raises(
+        bnnet.NonFiniteError, match=r"at step \d+ \(epoch 1\); NaN/Inf first appears in Linear \(layer 0\)"
+    ):
         bnnet.fit(model, X, y, optimizer=optim.SGD(0.1), epochs=1, batch_size=96, seed=0, progress=False)
     for k, v in before.items():  # stopped before the update: parameters untouched
         np.testing.assert_array_equal(model.params[k], v)
@@ -28,8 +31,18 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(rng, tmp_path):
     model = bnnet.mlp([6, 8, 3], activation="relu", batchnorm=False, seed=0)
     ckpt = tmp_path / "ck.safetensors"
     with pytest.raises(bnnet.NonFiniteError, match=r"the loss is (nan|inf) at step (\d+).*first appears in") as info:
-        bnnet.fit(model, X, y, optimizer=optim.SGD(1e4), epochs=50, batch_size=16, seed=0, progress=False,
-                  checkpoint=ckpt, checkpoint_every=1)
+        bnnet.fit(
+            model,
+            X,
+            y,
+            optimizer=optim.SGD(1e4),
+            epochs=50,
+            batch_size=16,
+            seed=0,
+            progress=False,
+            checkpoint=ckpt,
+            checkpoint_every=1,
+        )
     step = int(info.value.args[0].split("at step ")[1].split()[0])
     good = bnnet.io.load_checkpoint(ckpt)
     assert good.metadata["fit"]["step"] == step - 1  # the last step that completed
@@ -58,7 +71,7 @@ def test_clip_grad_norm(rng):
     raw = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in model.grads.values()))
     norm = optim.clip_grad_norm(model, 0.5)
     assert norm == pytest.approx(raw, rel=1e-12) and raw > 0.5
-    after = np.sqrt(sum(np.sum(g ** 2) for g in model.grads.values()))
+    after = np.sqrt(sum(np.sum(g**2) for g in model.grads.values()))
     assert after == pytest.approx(0.5, rel=1e-12)
     assert optim.clip_grad_norm(model, 10.0) == pytest.approx(0.5, rel=1e-12)  # below the bound: unchanged
     with pytest.raises(bnnet.HyperparameterError, match="max_norm must be in"):
@@ -69,8 +82,12 @@ def test_clip_grad_norm(rng):
 
 def _state(model, opt):
     """Copies of everything a step changes: parameters, buffers, optimizer state and counter."""
-    return ({k: v.copy() for k, v in model.params.items()}, {k: v.copy() for k, v in model.buffers.items()},
-            {f"{n}/{k}": np.array(v, copy=True) for n, st in opt.state.items() for k, v in st.items()}, opt.t)
+    return (
+        {k: v.copy() for k, v in model.params.items()},
+        {k: v.copy() for k, v in model.buffers.items()},
+        {f"{n}/{k}": np.array(v, copy=True) for n, st in opt.state.items() for k, v in st.items()},
+        opt.t,
+    )
 
 
 def _assert_state_equal(a, b):
@@ -92,8 +109,17 @@ def _run_until_nonfinite(model, opt, X, y, path, monkeypatch):
 
     monkeypatch.setattr(bnnet.train.Checkpoints, "after_step", record)
     with np.errstate(all="ignore"), pytest.raises(bnnet.NonFiniteError) as info:
-        bnnet.fit(model, X, y, optimizer=opt, epochs=3, batch_size=20, progress=False, checkpoint=str(path),
-                  checkpoint_every=1)
+        bnnet.fit(
+            model,
+            X,
+            y,
+            optimizer=opt,
+            epochs=3,
+            batch_size=20,
+            progress=False,
+            checkpoint=str(path),
+            checkpoint_every=1,
+        )
     return str(info.value), good
 
 
@@ -103,8 +129,12 @@ def _assert_last_good_everywhere(model, opt, good, path):
         assert all(np.isfinite(v).all() for v in part.values() if v.dtype.kind == "f")
     if len(good) > 1:  # a checkpoint was written after the last good step: it holds that step
         ckpt = bnnet.io.load_checkpoint(str(path))
-        on_disk = (dict(ckpt.model.params.items()), dict(ckpt.model.buffers.items()), ckpt.optimizer_arrays,
-                   ckpt.optimizer_info["t"])
+        on_disk = (
+            dict(ckpt.model.params.items()),
+            dict(ckpt.model.buffers.items()),
+            ckpt.optimizer_arrays,
+            ckpt.optimizer_info["t"],
+        )
         _assert_state_equal(on_disk, good[-1])
     else:
         assert not path.exists()

@@ -1,4 +1,5 @@
 """bnnet.functional: moments, the tf.nn.batch_normalization formula, numerics of the losses."""
+
 import warnings
 
 import numpy as np
@@ -61,7 +62,9 @@ def test_batch_norm_forward_normalizes(rng):
     y, mean, var, (x_hat, inv_std) = F.batch_norm_forward(x, gamma, beta, 1e-8)
     np.testing.assert_allclose(x_hat.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(x_hat.var(axis=0), 1, rtol=1e-6)
-    np.testing.assert_allclose(y, tf_batch_normalization(x, x.mean(0), x.var(0), beta, gamma, 1e-8), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y, tf_batch_normalization(x, x.mean(0), x.var(0), beta, gamma, 1e-8), rtol=1e-12, atol=1e-12
+    )
     np.testing.assert_allclose(var, x.var(axis=0), rtol=1e-12)
 
 

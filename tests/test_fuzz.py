@@ -2,18 +2,19 @@
 field: wrong type, range, nesting, missing, extra) through `bnnet.load`, `fit(resume=...)` and the
 CLI. Each either loads a model that works like a valid one, or is refused with CheckpointError (CLI:
 one line, exit 1): never another exception, a traceback, a signal, or more than 200 MB of memory."""
+
 import json
 import os
 import subprocess
 import sys
 
+import fuzz_checkpoints as fc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnnet
-import fuzz_checkpoints as fc
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -29,10 +30,12 @@ def meta_mutation(data):
     """A strategy of (description, mutated bytes) that edits one metadata field."""
     paths = fc.meta_paths(data)
     edit = st.tuples(st.sampled_from(paths), st.sampled_from(fc.ODD_VALUES)).map(
-        lambda pv: (f"{pv[0]} = {pv[1]!r}", fc.mutate_meta(data, pv[0], pv[1])))
+        lambda pv: (f"{pv[0]} = {pv[1]!r}", fc.mutate_meta(data, pv[0], pv[1]))
+    )
     delete = st.sampled_from(paths).map(lambda p: (f"del {p}", fc.mutate_meta(data, p, None, delete=True)))
     extra = st.sampled_from([p for p in paths if isinstance(_at(data, p), dict)] or [()]).map(
-        lambda p: (f"extra key in {p}", fc.mutate_meta(data, p + ("unexpected",), 1)))
+        lambda p: (f"extra key in {p}", fc.mutate_meta(data, p + ("unexpected",), 1))
+    )
     return st.one_of(edit, delete, extra)
 
 
@@ -47,10 +50,10 @@ def _at(data, path):
 def tensor_mutation(data):
     header, _ = fc.split(data)
     keys = [k for k in header if k != "__metadata__"]
-    values = fc.ODD_VALUES + [[10 ** 9, 10 ** 9], [0, 10 ** 12], "F16", "I64", "BOOL", [1, 4], [-1]]
-    return st.tuples(st.sampled_from(keys), st.sampled_from(["shape", "dtype", "data_offsets"]),
-                     st.sampled_from(values)).map(
-        lambda t: (f"tensor {t[0]}.{t[1]} = {t[2]!r}", fc.mutate_tensor_header(data, *t)))
+    values = fc.ODD_VALUES + [[10**9, 10**9], [0, 10**12], "F16", "I64", "BOOL", [1, 4], [-1]]
+    return st.tuples(
+        st.sampled_from(keys), st.sampled_from(["shape", "dtype", "data_offsets"]), st.sampled_from(values)
+    ).map(lambda t: (f"tensor {t[0]}.{t[1]} = {t[2]!r}", fc.mutate_tensor_header(data, *t)))
 
 
 def byte_mutation(data):
@@ -105,6 +108,7 @@ def test_mutated_checkpoints_through_the_api(valid, tmp_path):
             f.write(blob)
         with np.errstate(all="ignore"):
             import warnings
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 seen[check_loads_or_refuses(path, X, y)] += 1
@@ -118,6 +122,7 @@ def test_every_metadata_field_with_every_odd_value(valid, tmp_path):
     data, X, y = valid
     path = str(tmp_path / "m.safetensors")
     import warnings
+
     for p in fc.meta_paths(data):
         for blob in [fc.mutate_meta(data, p, v) for v in fc.ODD_VALUES] + [fc.mutate_meta(data, p, None, True)]:
             with open(path, "wb") as f:
@@ -128,8 +133,10 @@ def test_every_metadata_field_with_every_odd_value(valid, tmp_path):
 
 
 def test_deeply_nested_json_is_refused(valid, tmp_path):
-    for raw in (b'{"__metadata__": {"bnnet": "' + fc.deep_json(200000).encode() + b'"}}',
-                fc.deep_json(200000).encode()):
+    for raw in (
+        b'{"__metadata__": {"bnnet": "' + fc.deep_json(200000).encode() + b'"}}',
+        fc.deep_json(200000).encode(),
+    ):
         path = tmp_path / "deep.safetensors"
         path.write_bytes(fc.join(None, b"", raw_header=raw))
         with pytest.raises(bnnet.CheckpointError, match="not a valid bnnet checkpoint"):
@@ -152,14 +159,19 @@ def test_mutated_checkpoints_through_the_cli(valid, tmp_path):
         blobs.append(mutation)
 
     collect()
-    blobs += [("huge layer claimed", fc.mutate_meta(data, ("architecture", 0, "out_features"), 10 ** 7)),
-              ("deep json", fc.join(None, b"", raw_header=fc.deep_json(200000).encode()))]
+    blobs += [
+        ("huge layer claimed", fc.mutate_meta(data, ("architecture", 0, "out_features"), 10**7)),
+        ("deep json", fc.join(None, b"", raw_header=fc.deep_json(200000).encode())),
+    ]
     results = []
     for i, (desc, blob) in enumerate(blobs):
         path = tmp_path / f"m{i}.safetensors"
         path.write_bytes(blob)
-        command = ["evaluate", str(path), "--data", str(tmp_path / "d.npz")] if i % 2 else \
-            ["fold", str(path), str(tmp_path / f"f{i}.safetensors")]
+        command = (
+            ["evaluate", str(path), "--data", str(tmp_path / "d.npz")]
+            if i % 2
+            else ["fold", str(path), str(tmp_path / f"f{i}.safetensors")]
+        )
         code, err, peak_kib = _run_measured([sys.executable, "-m", "bnnet", *command], tmp_path / "err.txt")
         results.append(code)
         assert code in (0, 1), (desc, code, err[-2000:])  # negative: killed by a signal
@@ -187,8 +199,9 @@ def _run_measured(argv, err_path):
     """(exit code, stderr, peak resident memory in KiB) of one process running argv."""
     rss_path = str(err_path) + ".rss"
     with open(err_path, "w") as err:
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, rss_path, *argv], stdout=subprocess.DEVNULL,
-                              stderr=err, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, rss_path, *argv], stdout=subprocess.DEVNULL, stderr=err, timeout=120
+        )
     code = proc.returncode if proc.returncode < 128 else proc.returncode - 256  # a signal: negative
     return code, open(err_path).read(), int(open(rss_path).read())
 
@@ -197,6 +210,7 @@ def test_a_checkpoint_with_nan_is_not_resumed(valid, tmp_path):
     data, X, y = valid
     from safetensors.numpy import load as st_load
     from safetensors.numpy import save as st_save
+
     header, _ = fc.split(data)
     arrays = st_load(data)
     arrays["params/0.W"] = arrays["params/0.W"].copy()

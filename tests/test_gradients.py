@@ -1,4 +1,5 @@
 """Every backward against central finite differences in float64, with random upstream gradients."""
+
 import numpy as np
 import pytest
 from helpers import away_from_zero, check_layer_gradients, numerical_grad, rel_error

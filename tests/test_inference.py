@@ -1,4 +1,5 @@
 """Test-time statistics: cumulative average, frozen statistics, Alg. 2 / exact recomputation, BN folding."""
+
 import warnings
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_recompute_exact_mode(name, rng):
 def test_fold_batchnorm(dtype, tol, name, rng, tmp_path):
     with backend.using(name):
         model = bnnet.mlp([6, 8, 7, 3], activation="relu", seed=0, dtype=dtype)
-        model.layers[0].bias  # hidden Linear layers have no bias; folding adds one
+        assert not model.layers[0].bias  # hidden Linear layers have no bias; folding adds one
         X, y = rng.standard_normal((64, 6)), rng.integers(0, 3, 64)
         bnnet.fit(model, X, y, epochs=3, batch_size=16, progress=False)
         folded = bnnet.fold_batchnorm(model)

@@ -1,4 +1,5 @@
 """PyTorch interop: round trips, eval outputs and a training step against torch."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +11,14 @@ from bnnet.interop import from_torch, to_torch
 def _torch_mlp(dtype=torch.float64, momentum=0.1):
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 8, bias=False, dtype=dtype), torch.nn.BatchNorm1d(8, eps=1e-3, momentum=momentum, dtype=dtype),
-        torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 5, bias=False, dtype=dtype),
-        torch.nn.BatchNorm1d(5, dtype=dtype), torch.nn.Tanh(), torch.nn.Linear(5, 3, dtype=dtype))
+        torch.nn.Linear(6, 8, bias=False, dtype=dtype),
+        torch.nn.BatchNorm1d(8, eps=1e-3, momentum=momentum, dtype=dtype),
+        torch.nn.LeakyReLU(0.2),
+        torch.nn.Linear(8, 5, bias=False, dtype=dtype),
+        torch.nn.BatchNorm1d(5, dtype=dtype),
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 3, dtype=dtype),
+    )
 
 
 def _train_torch(tm, steps=3):
@@ -26,8 +32,15 @@ def test_module_round_trip_and_eval_outputs(momentum):
     tm = _torch_mlp(momentum=momentum)
     _train_torch(tm)
     model = from_torch(tm)
-    assert [type(l).__name__ for l in model.layers] == ["Linear", "BatchNorm", "LeakyReLU", "Linear", "BatchNorm",
-                                                         "Tanh", "Linear"]
+    assert [type(l).__name__ for l in model.layers] == [
+        "Linear",
+        "BatchNorm",
+        "LeakyReLU",
+        "Linear",
+        "BatchNorm",
+        "Tanh",
+        "Linear",
+    ]
     bn = model.layers[1]
     assert bn.eps == 1e-3 and (bn.decay == pytest.approx(0.9) if momentum else bn.decay is None)
     assert int(bn.buffers["count"]) == 3 and model.dtype == "float64"

@@ -1,4 +1,5 @@
 """Checkpoints: round trip, optimizer state, atomic writes, and clear errors for bad files."""
+
 import json
 import os
 import pickle
@@ -64,17 +65,27 @@ def test_checkpoint_is_safetensors_with_json_metadata(rng, tmp_path):
         meta = json.loads(f.metadata()["bnnet"])
         keys = set(f.keys())
     assert meta["format"] == "bnnet-checkpoint" and meta["bnnet_version"] == bnnet.__version__
-    assert meta["architecture"][1] == {"type": "BatchNorm", "num_features": 5, "eps": 1e-5, "decay": 0.9,
-                                       "running_var": "unbiased", "dtype": "float32", "frozen": False}
+    assert meta["architecture"][1] == {
+        "type": "BatchNorm",
+        "num_features": 5,
+        "eps": 1e-5,
+        "decay": 0.9,
+        "running_var": "unbiased",
+        "dtype": "float32",
+        "frozen": False,
+    }
     assert {"params/0.W", "buffers/1.running_var", "buffers/1.count", "optimizer/0.W/m"} <= keys
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "not a valid bnnet checkpoint"),
-    (b"\x00" * 3, "not a valid bnnet checkpoint"),
-    (b"hello world, not a checkpoint at all", "not a valid bnnet checkpoint"),
-    (pickle.dumps({"W": np.ones(3)}), "not a valid bnnet checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "not a valid bnnet checkpoint"),
+        (b"\x00" * 3, "not a valid bnnet checkpoint"),
+        (b"hello world, not a checkpoint at all", "not a valid bnnet checkpoint"),
+        (pickle.dumps({"W": np.ones(3)}), "not a valid bnnet checkpoint"),
+    ],
+)
 def test_foreign_files_are_refused(tmp_path, content, match):
     path = tmp_path / "x.safetensors"
     path.write_bytes(content)
@@ -111,12 +122,15 @@ def test_mismatched_arrays_are_listed(rng, tmp_path):
     bnnet.save(path, model)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + n])["__metadata__"]
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
     arrays = st_load(data)
     arrays["params/0.W"] = np.ones((5, 6), np.float32)  # wrong shape (transposed)
     del arrays["buffers/1.running_var"]  # missing
     path.write_bytes(st_save(arrays, metadata=meta))
-    with pytest.raises(bnnet.CheckpointError, match=r"params 0.W: checkpoint \(5, 6\), model \(6, 5\); missing buffers 1.running_var \(5,\)"):
+    with pytest.raises(
+        bnnet.CheckpointError,
+        match=r"params 0.W: checkpoint \(5, 6\), model \(6, 5\); missing buffers 1.running_var \(5,\)",
+    ):
         bnnet.load(path)
 
 

@@ -1,4 +1,5 @@
 """Layers and Sequential: the bias rule, train vs eval, dotted names, errors at the boundary."""
+
 import warnings
 
 import numpy as np
@@ -7,15 +8,22 @@ import pytest
 import bnnet
 from bnnet.layers import BatchNorm, Linear, ReLU, Sigmoid
 
-
 # -- the seed's bias rule ---------------------------------------------------
+
 
 def test_mlp_drops_bias_before_batchnorm():
     model = bnnet.mlp([8, 6, 5, 3], activation="relu")
     linears = [l for l in model.layers if isinstance(l, Linear)]
     assert [l.bias for l in linears] == [False, False, True]  # hidden: no b (beta's role); output: b
     assert [type(l).__name__ for l in model.layers] == [
-        "Linear", "BatchNorm", "ReLU", "Linear", "BatchNorm", "ReLU", "Linear"]
+        "Linear",
+        "BatchNorm",
+        "ReLU",
+        "Linear",
+        "BatchNorm",
+        "ReLU",
+        "Linear",
+    ]
     assert "0.b" not in model.params and "1.beta" in model.params and "6.b" in model.params
     plain = bnnet.mlp([8, 6, 3], batchnorm=False)
     assert [type(l).__name__ for l in plain.layers] == ["Linear", "ReLU", "Linear"] and plain.layers[0].bias
@@ -23,8 +31,12 @@ def test_mlp_drops_bias_before_batchnorm():
 
 def test_bias_before_batchnorm_warns_and_is_useless(rng):
     with pytest.warns(bnnet.BiasBeforeBatchNormWarning, match="beta takes its role"):
-        model = bnnet.Sequential(Linear(5, 4, bias=True, rng=1, dtype="float64"), BatchNorm(4, dtype="float64"),
-                                 ReLU(), Linear(4, 3, rng=2, dtype="float64"))
+        model = bnnet.Sequential(
+            Linear(5, 4, bias=True, rng=1, dtype="float64"),
+            BatchNorm(4, dtype="float64"),
+            ReLU(),
+            Linear(4, 3, rng=2, dtype="float64"),
+        )
     X = rng.standard_normal((10, 5))
     G = rng.standard_normal((10, 3))
     out = model.forward(X, train=True)
@@ -42,6 +54,7 @@ def test_no_warning_for_mlp():
 
 
 # -- BatchNorm train vs eval ------------------------------------------------
+
 
 def test_batchnorm_running_statistics_update(rng):
     bn = BatchNorm(3, decay=0.8, dtype="float64")
@@ -85,11 +98,14 @@ def test_batch_of_one_in_train_mode_is_a_clear_error():
     assert model.forward(np.ones((1, 3)), train=False).shape == (1, 2)  # eval mode is fine
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.ones((4, 5)), r"Linear \(layer 0\): x must be \(N, 3\), got \(N, 5\)"),
-    (np.ones(3), r"must be a batch of shape \(N, features\) or \(N, channels, ...\), got shape \(3,\)"),
-    (np.ones((0, 3)), r"x is empty"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.ones((4, 5)), r"Linear \(layer 0\): x must be \(N, 3\), got \(N, 5\)"),
+        (np.ones(3), r"must be a batch of shape \(N, features\) or \(N, channels, ...\), got shape \(3,\)"),
+        (np.ones((0, 3)), r"x is empty"),
+    ],
+)
 def test_bad_shapes_name_the_layer(bad, match):
     with pytest.raises(bnnet.InputError, match=match):
         bnnet.mlp([3, 4, 2]).forward(bad, train=True)
@@ -114,24 +130,28 @@ def test_bad_dtypes():
     assert model.forward(strided, train=True).shape == (4, 2)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: BatchNorm(3, eps=0), r"BatchNorm: eps must be in \(0"),
-    (lambda: BatchNorm(3, decay=1.5), r"BatchNorm: decay must be in \[0, 1\], got 1.5"),
-    (lambda: BatchNorm(3, running_var="sample"), "running_var must be one of 'unbiased', 'biased'"),
-    (lambda: BatchNorm(0), "num_features must be an integer >= 1"),
-    (lambda: Linear(3, 2, init="glorot"), "init must be one of"),
-    (lambda: Linear(3, 2, std=0.1), "std is used only with init='normal'"),
-    (lambda: Linear(3, 2, dtype="int32"), "dtype must be 'float32' or 'float64'"),
-    (lambda: bnnet.mlp([3, 2], activation="gelu"), "activation must be one of"),
-    (lambda: bnnet.mlp([3]), "sizes must be a list"),
-    (lambda: bnnet.Sequential(Linear(2, 2), "relu"), "argument 1 must be a bnnet layer"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: BatchNorm(3, eps=0), r"BatchNorm: eps must be in \(0"),
+        (lambda: BatchNorm(3, decay=1.5), r"BatchNorm: decay must be in \[0, 1\], got 1.5"),
+        (lambda: BatchNorm(3, running_var="sample"), "running_var must be one of 'unbiased', 'biased'"),
+        (lambda: BatchNorm(0), "num_features must be an integer >= 1"),
+        (lambda: Linear(3, 2, init="glorot"), "init must be one of"),
+        (lambda: Linear(3, 2, std=0.1), "std is used only with init='normal'"),
+        (lambda: Linear(3, 2, dtype="int32"), "dtype must be 'float32' or 'float64'"),
+        (lambda: bnnet.mlp([3, 2], activation="gelu"), "activation must be one of"),
+        (lambda: bnnet.mlp([3]), "sizes must be a list"),
+        (lambda: bnnet.Sequential(Linear(2, 2), "relu"), "argument 1 must be a bnnet layer"),
+    ],
+)
 def test_hyperparameter_errors(make, match):
     with pytest.raises(bnnet.HyperparameterError, match=match):
         make()
 
 
 # -- Sequential's dotted views ----------------------------------------------
+
 
 def test_dotted_names_are_live_and_writable(rng):
     model = bnnet.mlp([4, 3, 2], activation="sigmoid", seed=0)

@@ -1,14 +1,14 @@
 """BatchRenorm, GhostBatchNorm, LayerNorm: finite differences, PyTorch, and their defining properties."""
+
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_as, check_layer_gradients, numerical_grad, rel_error
 
 import bnnet
 from bnnet import backend
 from bnnet.layers import BatchNorm
 from bnnet.normalization import BatchRenorm, GhostBatchNorm, LayerNorm
-
-from helpers import assert_same_as, check_layer_gradients, numerical_grad, rel_error
 
 
 def _data(n=10, d=4, seed=0):
@@ -90,8 +90,10 @@ def test_renorm_train_equals_eval_when_batch_matches_running_statistics():
     # ...while the running statistics differ from the batch's, train mode moves towards eval mode
     layer.buffers["running_mean"][...] += 0.3
     layer.buffers["renorm_mean"][...] += 0.3
-    assert np.abs(layer.forward(x, True) - layer.forward(x, False)).max() < np.abs(
-        plain.forward(x, True) - layer.forward(x, False)).max()
+    assert (
+        np.abs(layer.forward(x, True) - layer.forward(x, False)).max()
+        < np.abs(plain.forward(x, True) - layer.forward(x, False)).max()
+    )
 
 
 def test_renorm_warmup_ramps_the_clipping():
@@ -135,8 +137,17 @@ def test_renorm_follows_algorithm_1_over_several_steps():
     rng = np.random.default_rng(7)
     d = 5
     batches = [rng.normal(loc=0.4 * t, scale=1 + 0.3 * t, size=(16, d)) * rng.uniform(0.5, 2, d) for t in range(12)]
-    layer = BatchRenorm(d, r_max=1.5, r_min=0.8, d_max=0.5, renorm_momentum=0.9, decay=0.8, eps=1e-3,
-                        running_var="biased", dtype="float64")
+    layer = BatchRenorm(
+        d,
+        r_max=1.5,
+        r_min=0.8,
+        d_max=0.5,
+        renorm_momentum=0.9,
+        decay=0.8,
+        eps=1e-3,
+        running_var="biased",
+        dtype="float64",
+    )
     _set_gamma_beta(layer, seed=3)
     gamma, beta = layer.params["gamma"].copy(), layer.params["beta"].copy()
     reference = _algorithm_1(batches, gamma, beta, 1e-3, 0.8, 1.5, 0.5, alpha=0.1, decay=0.8)
@@ -157,8 +168,9 @@ def test_renorm_follows_algorithm_1_over_several_steps():
 
 
 def test_renorm_options_survive_a_checkpoint(tmp_path):
-    model = bnnet.Sequential(bnnet.layers.Linear(4, 3, bias=False),
-                             BatchRenorm(3, r_max=2.0, r_min=0.7, d_max=1.0, renorm_momentum=0.95))
+    model = bnnet.Sequential(
+        bnnet.layers.Linear(4, 3, bias=False), BatchRenorm(3, r_max=2.0, r_min=0.7, d_max=1.0, renorm_momentum=0.95)
+    )
     model.forward(np.random.default_rng(0).normal(size=(8, 4)), True)
     bnnet.save(tmp_path / "m.safetensors", model)
     loaded = bnnet.load(tmp_path / "m.safetensors")
@@ -172,8 +184,9 @@ def test_renorm_options_survive_a_checkpoint(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, vbs, expected", [(10, 4, [(0, 4), (4, 8), (8, 10)]), (9, 4, [(0, 4), (4, 9)]),
-                                              (6, 8, [(0, 6)])])
+@pytest.mark.parametrize(
+    "n, vbs, expected", [(10, 4, [(0, 4), (4, 8), (8, 10)]), (9, 4, [(0, 4), (4, 9)]), (6, 8, [(0, 6)])]
+)
 def test_ghost_equals_batchnorm_on_each_virtual_batch_in_sequence(n, vbs, expected):
     x, dy = _data(n=n)
     ghost = GhostBatchNorm(4, virtual_batch_size=vbs, dtype="float64")
@@ -249,9 +262,16 @@ def test_layernorm_is_per_sample():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm, cls, bias", [("batch", BatchNorm, False), ("renorm", BatchRenorm, False),
-                                             ("ghost", GhostBatchNorm, False), ("layer", LayerNorm, True),
-                                             ("none", None, True)])
+@pytest.mark.parametrize(
+    "norm, cls, bias",
+    [
+        ("batch", BatchNorm, False),
+        ("renorm", BatchRenorm, False),
+        ("ghost", GhostBatchNorm, False),
+        ("layer", LayerNorm, True),
+        ("none", None, True),
+    ],
+)
 def test_mlp_norm_option(norm, cls, bias, tmp_path):
     opts = {"virtual_batch_size": 4} if norm == "ghost" else None
     model = bnnet.mlp([6, 5, 5, 3], norm=norm, norm_options=opts, seed=0, dtype="float64")

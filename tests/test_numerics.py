@@ -1,4 +1,5 @@
 """float32 BatchNorm against a float64 reference on hard inputs, in both backends."""
+
 import numpy as np
 import pytest
 
@@ -22,10 +23,12 @@ def test_float32_matches_float64(name, case):
     rng = np.random.default_rng(7)
     n, d = 512, 6
     base = rng.standard_normal((n, d))
-    x = {"offset_1e4": 1e4 + base,  # mean = 1e4 std
-         "offset_1e6": 1e6 + 10 * base,  # mean = 1e5 std
-         "tiny_variance": 1.0 + 1e-3 * base,
-         "mixed": np.concatenate([1e4 + base[:, :3], 1e-2 * base[:, 3:]], axis=1)}[case].astype(np.float32)
+    x = {
+        "offset_1e4": 1e4 + base,  # mean = 1e4 std
+        "offset_1e6": 1e6 + 10 * base,  # mean = 1e5 std
+        "tiny_variance": 1.0 + 1e-3 * base,
+        "mixed": np.concatenate([1e4 + base[:, :3], 1e-2 * base[:, 3:]], axis=1),
+    }[case].astype(np.float32)
     dy = rng.standard_normal((n, d)).astype(np.float32)
     with backend.using(name):
         bn = BatchNorm(d)

@@ -1,4 +1,5 @@
 """ONNX export: the checker passes and onnxruntime reproduces bnnet's eval outputs."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -32,11 +33,19 @@ def test_onnxruntime_matches_bnnet(trained, tmp_path, fold):
 
 
 def test_float64_and_other_activations(tmp_path, rng):
-    model = bnnet.Sequential(bnnet.layers.Linear(5, 4, dtype="float64", rng=0), bnnet.layers.ReLU(),
-                             bnnet.layers.Linear(4, 4, bias=False, dtype="float64", rng=1), bnnet.layers.BatchNorm(4, dtype="float64"),
-                             bnnet.layers.LeakyReLU(0.3), bnnet.layers.Linear(4, 3, dtype="float64", rng=2), bnnet.layers.Tanh())
+    model = bnnet.Sequential(
+        bnnet.layers.Linear(5, 4, dtype="float64", rng=0),
+        bnnet.layers.ReLU(),
+        bnnet.layers.Linear(4, 4, bias=False, dtype="float64", rng=1),
+        bnnet.layers.BatchNorm(4, dtype="float64"),
+        bnnet.layers.LeakyReLU(0.3),
+        bnnet.layers.Linear(4, 3, dtype="float64", rng=2),
+        bnnet.layers.Tanh(),
+    )
     model.forward(rng.standard_normal((16, 5)), train=True)
     X = rng.standard_normal((7, 5))
-    session = ort.InferenceSession(str(bnnet.export_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(bnnet.export_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
+    )
     # onnxruntime's double-precision Tanh is a fast approximation (~1e-9); the spec asks for 1e-5
     np.testing.assert_allclose(session.run(["y"], {"x": X})[0], model.predict(X), rtol=1e-7, atol=1e-8)

@@ -1,4 +1,5 @@
 """Optimizers: update rules, lazy state, weight decay, schedules, state round trip, errors."""
+
 import numpy as np
 import pytest
 
@@ -15,8 +16,12 @@ def _model_with_grads(rng):
 
 def test_rules_by_hand(rng):
     """Two updates of each rule against the formulas written out here."""
-    for opt in [optim.SGD(0.1), optim.Momentum(0.1, beta=0.8), optim.RMSprop(0.01, beta=0.9, eps=1e-6),
-                optim.Adam(0.01, beta1=0.8, beta2=0.95, eps=1e-6)]:
+    for opt in [
+        optim.SGD(0.1),
+        optim.Momentum(0.1, beta=0.8),
+        optim.RMSprop(0.01, beta=0.9, eps=1e-6),
+        optim.Adam(0.01, beta1=0.8, beta2=0.95, eps=1e-6),
+    ]:
         model = _model_with_grads(rng)
         p0 = {k: v.copy() for k, v in model.params.items()}
         g = {k: v.copy() for k, v in model.grads.items()}
@@ -37,7 +42,7 @@ def test_rules_by_hand(rng):
                 m1, v1 = 0.2 * g[k], 0.05 * g[k] ** 2
                 m2, v2 = 0.8 * m1 + 0.2 * g[k], 0.95 * v1 + 0.05 * g[k] ** 2
                 step1 = (m1 / 0.2) / (np.sqrt(v1 / 0.05) + 1e-6)
-                step2 = (m2 / (1 - 0.8 ** 2)) / (np.sqrt(v2 / (1 - 0.95 ** 2)) + 1e-6)
+                step2 = (m2 / (1 - 0.8**2)) / (np.sqrt(v2 / (1 - 0.95**2)) + 1e-6)
                 expected = p0[k] - 0.01 * (step1 + step2)
             np.testing.assert_allclose(model.params[k], expected, rtol=1e-12, atol=1e-14, err_msg=f"{opt} {k}")
         assert opt.t == 2
@@ -86,7 +91,7 @@ def test_state_round_trip_continues_identically(rng):
 
     def steps(model, opt, n):
         for i in range(n):
-            loss.forward(model.forward(X[i * 8:(i + 1) * 8], True), y[i * 8:(i + 1) * 8])
+            loss.forward(model.forward(X[i * 8 : (i + 1) * 8], True), y[i * 8 : (i + 1) * 8])
             model.backward(loss.backward())
             opt.step(model)
 
@@ -110,19 +115,22 @@ def test_state_round_trip_continues_identically(rng):
         np.testing.assert_array_equal(a.params[k], b.params[k])
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: optim.SGD(0), r"SGD: lr must be in \(0"),
-    (lambda: optim.SGD(-1e-3), r"lr must be in \(0"),
-    (lambda: optim.Adam(1e-3, beta1=1.0), r"Adam: beta1 must be in \[0, 1\)"),
-    (lambda: optim.Adam(1e-3, beta2=-0.1), r"beta2 must be in \[0, 1\)"),
-    (lambda: optim.RMSprop(1e-3, eps=0), r"RMSprop: eps must be in \(0"),
-    (lambda: optim.Momentum(0.1, beta=1.2), r"Momentum: beta must be in \[0, 1\)"),
-    (lambda: optim.SGD(0.1, weight_decay=-1), "weight_decay must be in"),
-    (lambda: optim.SGD(float("nan")), "lr must be a finite real number"),
-    (lambda: optim.SGD("0.1"), "lr must be a finite real number"),
-    (lambda: optim.get_optimizer("adamw"), "optimizer must be an Optimizer or one of"),
-    (lambda: optim.SGD(0.1, schedule=lambda t: 1.0), "schedule must be None or a bnnet.optim Schedule"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: optim.SGD(0), r"SGD: lr must be in \(0"),
+        (lambda: optim.SGD(-1e-3), r"lr must be in \(0"),
+        (lambda: optim.Adam(1e-3, beta1=1.0), r"Adam: beta1 must be in \[0, 1\)"),
+        (lambda: optim.Adam(1e-3, beta2=-0.1), r"beta2 must be in \[0, 1\)"),
+        (lambda: optim.RMSprop(1e-3, eps=0), r"RMSprop: eps must be in \(0"),
+        (lambda: optim.Momentum(0.1, beta=1.2), r"Momentum: beta must be in \[0, 1\)"),
+        (lambda: optim.SGD(0.1, weight_decay=-1), "weight_decay must be in"),
+        (lambda: optim.SGD(float("nan")), "lr must be a finite real number"),
+        (lambda: optim.SGD("0.1"), "lr must be a finite real number"),
+        (lambda: optim.get_optimizer("adamw"), "optimizer must be an Optimizer or one of"),
+        (lambda: optim.SGD(0.1, schedule=lambda t: 1.0), "schedule must be None or a bnnet.optim Schedule"),
+    ],
+)
 def test_hyperparameter_errors(make, match):
     with pytest.raises(bnnet.HyperparameterError, match=match):
         make()

@@ -1,4 +1,5 @@
 """The package as users import it: light at import, every submodule reachable as an attribute."""
+
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ def test_optional_submodules_are_attributes_that_import_on_first_use():
         "assert bnnet.sklearn.BNMLPClassifier and bnnet.distributed.SyncBatchNorm\n"
         "assert 'cnn' in bnnet.experiments.EXPERIMENTS and 'matplotlib' not in sys.modules\n"
         "assert bnnet.conv.Conv2d and bnnet.spatial.im2col and bnnet.backend.get_backend()\n"
-        "try:\n    bnnet.no_such_thing\nexcept AttributeError as e:\n    print(e)\n")
+        "try:\n    bnnet.no_such_thing\nexcept AttributeError as e:\n    print(e)\n"
+    )
     assert res.returncode == 0, res.stderr
     assert "module 'bnnet' has no attribute 'no_such_thing'" in res.stdout

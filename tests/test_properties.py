@@ -1,4 +1,5 @@
 """Property-based checks of batch norm over shapes, scales and offsets (hypothesis)."""
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,9 @@ def test_batchnorm_forward_backward_properties(x):
     # dx is orthogonal to constant shifts: adding c to a feature does not change BN's output
     # (rounding: each term of dx is of size inv_std * |G| times the condition, summed n times)
     scale = np.max(1 / np.sqrt(var + 1e-5)) * np.abs(G).max()
-    np.testing.assert_allclose(dx.sum(axis=0, dtype=np.float64), 0, atol=8 * n * np.finfo(x.dtype).eps * scale * (1 + cond))
+    np.testing.assert_allclose(
+        dx.sum(axis=0, dtype=np.float64), 0, atol=8 * n * np.finfo(x.dtype).eps * scale * (1 + cond)
+    )
     # float32 agrees with the float64 computation on the same input
     y64 = F.batch_norm_forward(x64, np.ones(d), np.zeros(d), 1e-5)[0]
     np.testing.assert_allclose(y, y64, atol=tol)

@@ -1,4 +1,5 @@
 """Exact resume: a run continued from any checkpoint ends bitwise equal to an uninterrupted run."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,9 @@ def data():
 
 def _fit(model, opt, data, **kw):
     X, y, Xv, yv = data
-    return bnnet.fit(model, X, y, optimizer=opt, epochs=4, batch_size=16, seed=7, validation_data=(Xv, yv),
-                     progress=False, **kw)
+    return bnnet.fit(
+        model, X, y, optimizer=opt, epochs=4, batch_size=16, seed=7, validation_data=(Xv, yv), progress=False, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,17 @@ def test_resume_with_other_settings_is_refused(data, uninterrupted):
     model, opt = _setup()
     X, y, _, _ = data
     with pytest.raises(bnnet.CheckpointError, match="resume with the same epochs, batch_size, seed"):
-        bnnet.fit(model, X, y, optimizer=opt, epochs=5, batch_size=16, seed=7, progress=False,
-                  resume=str(folder / "ck-5.safetensors"))
+        bnnet.fit(
+            model,
+            X,
+            y,
+            optimizer=opt,
+            epochs=5,
+            batch_size=16,
+            seed=7,
+            progress=False,
+            resume=str(folder / "ck-5.safetensors"),
+        )
     other = bnnet.mlp([10, 12, 4], seed=0)
     with pytest.raises(bnnet.CheckpointError, match="does not match the model"):
         _fit(other, optim.Adam(0.01), data, resume=str(folder / "ck-5.safetensors"))

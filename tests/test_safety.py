@@ -6,6 +6,7 @@ out of larger arrays filled with canary values; a train step and an eval step
 then run on both backends. Each case must raise an error from bnnet.errors or
 give exactly the result of a correct assignment, and no canary may change.
 """
+
 import json
 import os
 import struct
@@ -17,8 +18,8 @@ import pytest
 
 import bnnet
 from bnnet import backend, ops
-from bnnet.distributed import SingleProcess, SyncBatchNorm
 from bnnet.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
+from bnnet.distributed import SingleProcess, SyncBatchNorm
 from bnnet.layers import BatchNorm, Linear, ReLU, Sigmoid, Tanh
 from bnnet.normalization import BatchRenorm, GhostBatchNorm, LayerNorm
 
@@ -38,8 +39,16 @@ CONV = "Conv2d+BatchNorm (N, C, H, W)"  # a conv net: the spatial kernels and th
 def _model(norm):
     rng = np.random.default_rng(0)
     if norm == CONV:
-        return bnnet.Sequential(Conv2d(2, 3, 3, padding=1, bias=False, rng=rng), BatchNorm(3), ReLU(), MaxPool2d(2),
-                                Conv2d(3, 2, 1, rng=rng), AvgPool2d(2, padding=1), Flatten(), Linear(8, 3, rng=rng))
+        return bnnet.Sequential(
+            Conv2d(2, 3, 3, padding=1, bias=False, rng=rng),
+            BatchNorm(3),
+            ReLU(),
+            MaxPool2d(2),
+            Conv2d(3, 2, 1, rng=rng),
+            AvgPool2d(2, padding=1),
+            Flatten(),
+            Linear(8, 3, rng=rng),
+        )
     return bnnet.Sequential(Linear(5, 6, bias=False, rng=rng), NORMS[norm](6), Tanh(), Linear(6, 3, rng=rng))
 
 
@@ -56,14 +65,17 @@ def _run(model, opt, warm=True):
     X, y = _data()
     loss = bnnet.losses.SoftmaxCrossEntropy()
     outs = []
-    for t in range(2 if warm else 1):
+    for _ in range(2 if warm else 1):
         outs.append(model.forward(X, train=True))
         loss.forward(outs[-1], y)
         model.backward(loss.backward())
         opt.step(model)
     outs.append(model.forward(X, train=False))
-    return outs + [np.array(v, np.float64) for v in model.params.values()] + \
-        [np.array(v, np.float64) for v in model.buffers.values()]
+    return (
+        outs
+        + [np.array(v, np.float64) for v in model.params.values()]
+        + [np.array(v, np.float64) for v in model.buffers.values()]
+    )
 
 
 def _canaried(value, variant):
@@ -72,18 +84,18 @@ def _canaried(value, variant):
     n = max(value.size, 1)
     if variant == "short":
         big = np.full(n + 3, CANARY, value.dtype)
-        view = big[1:1 + n - 1] if n > 1 else big[1:1]
-        view[...] = value.reshape(-1)[:view.size]
+        view = big[1 : 1 + n - 1] if n > 1 else big[1:1]
+        view[...] = value.reshape(-1)[: view.size]
         return view, big, slice(1, 1 + view.size)
     if variant == "long":
         big = np.full(n + 3, CANARY, value.dtype)
-        view = big[1:n + 2]
+        view = big[1 : n + 2]
         view[:n] = value.reshape(-1)
         view[n:] = 0
         return view, big, slice(1, n + 2)
     if variant == "strided":  # same shape, every other element of a larger array
         big = np.full(2 * n + 2, CANARY, value.dtype)
-        view = big[1:1 + 2 * n:2][:n].reshape(value.shape) if value.ndim else big[1:2].reshape(())
+        view = big[1 : 1 + 2 * n : 2][:n].reshape(value.shape) if value.ndim else big[1:2].reshape(())
         view[...] = value
         return view, big, None
     if variant == "dtype":
@@ -102,7 +114,8 @@ VARIANTS = ("short", "long", "strided", "dtype", "rank", "readonly")
 
 
 def _entries(model, opt):
-    """(label, dict, key) for every params/buffers/grads entry of the norm layer and the Linears, and the optimizer state."""
+    """(label, dict, key) for every params/buffers/grads entry of the norm layer and the Linears, and the
+    optimizer state."""
     out = []
     for i, layer in enumerate(model.layers):
         for kind in ("params", "buffers", "grads"):
@@ -143,7 +156,7 @@ def test_fuzz_assignments_are_refused_or_used_correctly(backend_name, norm, monk
             for variant in VARIANTS:
                 model, opt = _model(norm), bnnet.optim.Adam(1e-2)
                 first = _run(model, opt, warm=True)  # creates grads and optimizer state
-                (_, d, key), = [e for e in _entries(model, opt) if e[0] == label]
+                ((_, d, key),) = [e for e in _entries(model, opt) if e[0] == label]
                 bad, big, inside = _canaried(d[key], variant)
                 d[key] = bad
                 tried += 1
@@ -164,44 +177,178 @@ def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 4)).astype("float32")
     d = 4
-    good = dict(gamma=np.ones(d, "float32"), beta=np.zeros(d, "float32"), rm=np.zeros(d, "float32"),
-                rv=np.ones(d, "float32"), out=np.empty_like(x), st=np.empty((3, d)))
+    good = dict(
+        gamma=np.ones(d, "float32"),
+        beta=np.zeros(d, "float32"),
+        rm=np.zeros(d, "float32"),
+        rv=np.ones(d, "float32"),
+        out=np.empty_like(x),
+        st=np.empty((3, d)),
+    )
     with backend.using(backend_name):
-        ops.bn_forward(x, good["gamma"], good["beta"], 1e-5, ops.SIGMOID, 0.0, True, good["rm"], good["rv"], 0.9, 1.2,
-                       good["out"], *good["st"])
+        ops.bn_forward(
+            x,
+            good["gamma"],
+            good["beta"],
+            1e-5,
+            ops.SIGMOID,
+            0.0,
+            True,
+            good["rm"],
+            good["rv"],
+            0.9,
+            1.2,
+            good["out"],
+            *good["st"],
+        )
         for name in ("gamma", "beta", "rm", "rv"):
             big = np.full(d + 2, CANARY, "float32")
             args = dict(good, **{name: big[1:d]})  # one element short
             with pytest.raises(bnnet.InputError, match="bn_forward"):
-                ops.bn_forward(x, args["gamma"], args["beta"], 1e-5, ops.RELU, 0.0, True, args["rm"], args["rv"],
-                               0.9, 1.2, args["out"], *args["st"])
+                ops.bn_forward(
+                    x,
+                    args["gamma"],
+                    args["beta"],
+                    1e-5,
+                    ops.RELU,
+                    0.0,
+                    True,
+                    args["rm"],
+                    args["rv"],
+                    0.9,
+                    1.2,
+                    args["out"],
+                    *args["st"],
+                )
             assert (big[[0, d, d + 1]] == CANARY).all()
         with pytest.raises(bnnet.InputError, match="out"):
-            ops.bn_forward(x, good["gamma"], good["beta"], 1e-5, 0, 0.0, False, good["rm"], good["rv"], 0.9, 1.0,
-                           np.empty((5, 4), "float32"), *good["st"])
+            ops.bn_forward(
+                x,
+                good["gamma"],
+                good["beta"],
+                1e-5,
+                0,
+                0.0,
+                False,
+                good["rm"],
+                good["rv"],
+                0.9,
+                1.0,
+                np.empty((5, 4), "float32"),
+                *good["st"],
+            )
         with pytest.raises(bnnet.InputError, match="dx"):
-            ops.bn_backward(x, x, x, good["st"][0], good["st"][2], good["gamma"], 0, 0.0, True, np.empty((6, 3), "float32"),
-                            np.empty(d, "float32"), np.empty(d, "float32"))
+            ops.bn_backward(
+                x,
+                x,
+                x,
+                good["st"][0],
+                good["st"][2],
+                good["gamma"],
+                0,
+                0.0,
+                True,
+                np.empty((6, 3), "float32"),
+                np.empty(d, "float32"),
+                np.empty(d, "float32"),
+            )
         # (N, C, S): the per-channel arrays must have C entries, and out/dx x's three dimensions
         x3 = rng.standard_normal((3, d, 5)).astype("float32")
-        ops.bn_forward(x3, good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
-                       np.empty_like(x3), *good["st"])
+        ops.bn_forward(
+            x3,
+            good["gamma"],
+            good["beta"],
+            1e-5,
+            0,
+            0.0,
+            True,
+            good["rm"],
+            good["rv"],
+            0.9,
+            1.0,
+            np.empty_like(x3),
+            *good["st"],
+        )
         big = np.full(d + 2, CANARY, "float32")
         with pytest.raises(bnnet.InputError, match="gamma"):
-            ops.bn_forward(x3, big[1:d], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
-                           np.empty_like(x3), *good["st"])
+            ops.bn_forward(
+                x3,
+                big[1:d],
+                good["beta"],
+                1e-5,
+                0,
+                0.0,
+                True,
+                good["rm"],
+                good["rv"],
+                0.9,
+                1.0,
+                np.empty_like(x3),
+                *good["st"],
+            )
         with pytest.raises(bnnet.InputError, match="out"):
-            ops.bn_forward(x3, good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"], 0.9, 1.0,
-                           np.empty((3, d, 4), "float32"), *good["st"])
+            ops.bn_forward(
+                x3,
+                good["gamma"],
+                good["beta"],
+                1e-5,
+                0,
+                0.0,
+                True,
+                good["rm"],
+                good["rv"],
+                0.9,
+                1.0,
+                np.empty((3, d, 4), "float32"),
+                *good["st"],
+            )
         with pytest.raises(bnnet.InputError, match="dx"):
-            ops.bn_backward(x3, x3, x3, good["st"][0], good["st"][2], good["gamma"], 0, 0.0, True,
-                            np.empty((3, d, 6), "float32"), np.empty(d, "float32"), np.empty(d, "float32"))
+            ops.bn_backward(
+                x3,
+                x3,
+                x3,
+                good["st"][0],
+                good["st"][2],
+                good["gamma"],
+                0,
+                0.0,
+                True,
+                np.empty((3, d, 6), "float32"),
+                np.empty(d, "float32"),
+                np.empty(d, "float32"),
+            )
         with pytest.raises(bnnet.InputError, match="2-D or 3-D"):
-            ops.bn_forward(x3[..., None], good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"],
-                           0.9, 1.0, np.empty_like(x3[..., None]), *good["st"])
+            ops.bn_forward(
+                x3[..., None],
+                good["gamma"],
+                good["beta"],
+                1e-5,
+                0,
+                0.0,
+                True,
+                good["rm"],
+                good["rv"],
+                0.9,
+                1.0,
+                np.empty_like(x3[..., None]),
+                *good["st"],
+            )
         with pytest.raises(bnnet.InputError, match="at least 2 values per feature"):
-            ops.bn_forward(x3[:1, :, :1], good["gamma"], good["beta"], 1e-5, 0, 0.0, True, good["rm"], good["rv"],
-                           0.9, 1.0, np.empty_like(x3[:1, :, :1]), *good["st"])
+            ops.bn_forward(
+                x3[:1, :, :1],
+                good["gamma"],
+                good["beta"],
+                1e-5,
+                0,
+                0.0,
+                True,
+                good["rm"],
+                good["rv"],
+                0.9,
+                1.0,
+                np.empty_like(x3[:1, :, :1]),
+                *good["st"],
+            )
         assert (big[[0, d, d + 1]] == CANARY).all()
         # images: the im2col matrix, its adjoint and max pooling against the sizes x implies
         img = rng.standard_normal((2, 3, 5, 5)).astype("float32")
@@ -251,12 +398,15 @@ def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers", [
-    lambda: (Linear(4, 64, bias=False), BatchNorm(2), ReLU(), Linear(2, 3)),
-    lambda: (Linear(4, 8), ReLU(), Linear(9, 3)),
-    lambda: (BatchNorm(4), Linear(5, 3)),
-    lambda: (Linear(4, 8, bias=False), LayerNorm(7), Sigmoid(), Linear(8, 2)),
-])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: (Linear(4, 64, bias=False), BatchNorm(2), ReLU(), Linear(2, 3)),
+        lambda: (Linear(4, 8), ReLU(), Linear(9, 3)),
+        lambda: (BatchNorm(4), Linear(5, 3)),
+        lambda: (Linear(4, 8, bias=False), LayerNorm(7), Sigmoid(), Linear(8, 2)),
+    ],
+)
 def test_models_whose_layers_do_not_chain_are_refused(layers):
     with pytest.raises(bnnet.HyperparameterError, match="do not chain"):
         bnnet.Sequential(*layers())
@@ -291,22 +441,28 @@ def test_crafted_checkpoint_whose_layers_do_not_chain_is_refused(tmp_path):
     good = bnnet.mlp([4, 12, 3], seed=0)
     path = tmp_path / "good.safetensors"
     bnnet.save(path, good)
-    meta = json.loads(json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
-                      ["__metadata__"]["bnnet"])
+    meta = json.loads(
+        json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])["__metadata__"]["bnnet"]
+    )
     arch = meta["architecture"]
     arch[1]["num_features"] = 4000  # a BatchNorm far wider than its Linear, with arrays to match its config
     arrays = {f"params/{k}": v for k, v in good.params.items() if not k.startswith("1.")}
     arrays.update({f"buffers/{k}": v for k, v in good.buffers.items() if not k.startswith("1.")})
-    arrays.update({"params/1.gamma": np.ones(4000, "float32"), "params/1.beta": np.zeros(4000, "float32"),
-                   "buffers/1.running_mean": np.zeros(4000, "float32"), "buffers/1.running_var": np.ones(4000, "float32"),
-                   "buffers/1.count": np.array(3, np.int64)})
+    arrays.update(
+        {
+            "params/1.gamma": np.ones(4000, "float32"),
+            "params/1.beta": np.zeros(4000, "float32"),
+            "buffers/1.running_mean": np.zeros(4000, "float32"),
+            "buffers/1.running_var": np.ones(4000, "float32"),
+            "buffers/1.count": np.array(3, np.int64),
+        }
+    )
     bad = tmp_path / "bad.safetensors"
     _craft(bad, meta, arrays)
     with pytest.raises(bnnet.CheckpointError, match="do not chain"):
         bnnet.load(bad)
     np.save(tmp_path / "x.npy", np.ones((2, 4), "float32"))
-    for args in (["evaluate", str(bad)], ["predict", str(bad), str(tmp_path / "x.npy")],
-                 ["recompute-stats", str(bad)]):
+    for args in (["evaluate", str(bad)], ["predict", str(bad), str(tmp_path / "x.npy")], ["recompute-stats", str(bad)]):
         proc = subprocess.run([sys.executable, "-m", "bnnet", *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1, (args, proc.returncode, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "do not chain" in proc.stderr, proc.stderr
@@ -353,13 +509,33 @@ def test_layer_forward_twice_inside_a_model_gives_independent_arrays(backend_nam
 def test_kernels_never_index_out_of_range_with_boundscheck(tmp_path):
     """The kernel tests again, compiled with NUMBA_BOUNDSCHECK=1 (into a cache of their own): an
     out-of-range index raises IndexError there instead of touching memory."""
-    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"), BNNET_BACKEND="numba",
-               NUMBA_NUM_THREADS="2")
+    env = dict(
+        os.environ,
+        NUMBA_BOUNDSCHECK="1",
+        NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+        BNNET_BACKEND="numba",
+        NUMBA_NUM_THREADS="2",
+    )
     here = os.path.dirname(__file__)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.join(here, "test_backends.py"), os.path.join(here, "test_safety.py"),
-                           "-k", "not boundscheck"],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(here, "test_backends.py"),
+            os.path.join(here, "test_safety.py"),
+            "-k",
+            "not boundscheck",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
 
@@ -370,8 +546,26 @@ def test_resume_from_a_checkpoint_with_wrong_optimizer_state_is_one_line(tmp_pat
     from safetensors.numpy import save_file
 
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "bnnet", "train", "--epochs", "1", "--hidden", "8", "--quiet",
-                           "--checkpoint-every", "5", "--out", str(run)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnnet",
+            "train",
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "--quiet",
+            "--checkpoint-every",
+            "5",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     path = run / "model.safetensors"
     with safe_open(str(path), "np") as f:
@@ -384,7 +578,11 @@ def test_resume_from_a_checkpoint_with_wrong_optimizer_state_is_one_line(tmp_pat
     meta_fit["user"]["fit"]["batch"] = 5
     meta_fit["user"]["fit"]["step"] = 5
     save_file(arrays, str(path), metadata={"bnnet": json.dumps(meta_fit)})
-    proc = subprocess.run([sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnnet", "train", "--resume", str(run), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.count("\n") == 1 and "optimizer tensor" in proc.stderr and "(3,)" in proc.stderr, proc.stderr

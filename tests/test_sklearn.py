@@ -1,4 +1,5 @@
 """scikit-learn estimators: sklearn's own check suite, and use in a Pipeline with GridSearchCV."""
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_classification, make_regression
@@ -21,8 +22,11 @@ def test_sklearn_compatible(estimator, check):
 def test_pipeline_with_grid_search():
     X, y = make_classification(n_samples=240, n_features=8, n_informative=5, n_classes=3, random_state=0)
     pipe = make_pipeline(StandardScaler(), BNMLPClassifier(max_epochs=20, random_state=0))
-    search = GridSearchCV(pipe, {"bnmlpclassifier__hidden_layer_sizes": [(8,), (32, 16)],
-                                 "bnmlpclassifier__learning_rate": [1e-3, 1e-2]}, cv=3)
+    search = GridSearchCV(
+        pipe,
+        {"bnmlpclassifier__hidden_layer_sizes": [(8,), (32, 16)], "bnmlpclassifier__learning_rate": [1e-3, 1e-2]},
+        cv=3,
+    )
     search.fit(X, y)
     assert search.best_score_ > 0.6
     assert search.predict_proba(X).shape == (240, 3)
@@ -31,7 +35,9 @@ def test_pipeline_with_grid_search():
 
 def test_regressor_learns_and_labels_round_trip():
     X, y = make_regression(n_samples=200, n_features=5, noise=1.0, random_state=0)
-    reg = BNMLPRegressor(hidden_layer_sizes=(32,), max_epochs=60, learning_rate=1e-2, random_state=0).fit(X, y * 100 + 7)
+    reg = BNMLPRegressor(hidden_layer_sizes=(32,), max_epochs=60, learning_rate=1e-2, random_state=0).fit(
+        X, y * 100 + 7
+    )
     assert reg.score(X, y * 100 + 7) > 0.9
     Xc, yc = make_classification(n_samples=120, n_features=4, random_state=1)
     labels = np.array(["no", "yes"])[yc]

@@ -1,4 +1,5 @@
 """TensorBoard event files of a training run, read back and compared with fit's history."""
+
 import struct
 import subprocess
 import sys
@@ -19,9 +20,9 @@ def read_scalars(folder):
     for path in sorted(Path(folder).glob("events.out.tfevents.*")):
         data, i = path.read_bytes(), 0
         while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
             event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + n])
+            event.ParseFromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -34,8 +35,18 @@ def test_fit_writes_the_history_learning_rate_gradients_and_running_statistics(t
     y = (X[:, 0] + X[:, 1] > 0).astype(int) + (X[:, 2] > 1)
     model = bnnet.mlp([5, 8, 3], seed=0)
     opt = bnnet.optim.Adam(1e-2, schedule=bnnet.optim.ExponentialDecay(0.5, 10))
-    history = bnnet.fit(model, X, y, optimizer=opt, epochs=3, batch_size=16, seed=0, progress=False,
-                        validation_split=0.2, log_dir=tmp_path / "tb")
+    history = bnnet.fit(
+        model,
+        X,
+        y,
+        optimizer=opt,
+        epochs=3,
+        batch_size=16,
+        seed=0,
+        progress=False,
+        validation_split=0.2,
+        log_dir=tmp_path / "tb",
+    )
     scalars = read_scalars(tmp_path / "tb")
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         steps, values = zip(*scalars[f"epoch/{key}"])
@@ -69,9 +80,24 @@ def test_without_tensorboardx_the_error_says_what_to_install(tmp_path, monkeypat
 
 
 def test_bnnet_train_log_dir(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bnnet", "train", "--epochs", "2", "--quiet", "--out",
-                          str(tmp_path / "run"), "--log-dir", str(tmp_path / "tb")],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnnet",
+            "train",
+            "--epochs",
+            "2",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+            "--log-dir",
+            str(tmp_path / "tb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     scalars = read_scalars(tmp_path / "tb")
     acc = float(res.stdout.split("test accuracy ")[1].split()[0])

@@ -1,4 +1,5 @@
 """bnnet against PyTorch 2.13.0 (CPU): BatchNorm1d forward/backward/running stats, and whole training steps."""
+
 import numpy as np
 import pytest
 import torch
@@ -51,10 +52,19 @@ def test_batchnorm_matches_torch(dtype, N, D, offset):
         yt.backward(torch.from_numpy(G))
         np.testing.assert_allclose(y, yt.detach().numpy(), **tol)
         # dx scales like gamma*inv_std*G; compare relative to its own size
-        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * np.abs(dx).max() + tol["atol"])
-        np.testing.assert_allclose(ours.grads["gamma"], theirs.weight.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * N)
+        np.testing.assert_allclose(
+            dx, xt.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * np.abs(dx).max() + tol["atol"]
+        )
+        np.testing.assert_allclose(
+            ours.grads["gamma"], theirs.weight.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * N
+        )
         np.testing.assert_allclose(ours.grads["beta"], theirs.bias.grad.numpy(), rtol=tol["rtol"], atol=tol["atol"] * N)
-        np.testing.assert_allclose(ours.buffers["running_mean"], theirs.running_mean.numpy(), rtol=tol["rtol"], atol=tol["atol"] * (1 + abs(offset)))
+        np.testing.assert_allclose(
+            ours.buffers["running_mean"],
+            theirs.running_mean.numpy(),
+            rtol=tol["rtol"],
+            atol=tol["atol"] * (1 + abs(offset)),
+        )
         np.testing.assert_allclose(ours.buffers["running_var"], theirs.running_var.numpy(), **tol)
         assert int(ours.buffers["count"]) == int(theirs.num_batches_tracked) == step + 1
     # eval mode uses the running statistics in both
@@ -95,9 +105,18 @@ def _torch_decay_groups(tmodel, wd):
 CASES = {
     "sgd": (lambda: optim.SGD(0.1), lambda g: torch.optim.SGD(g, lr=0.1)),
     # v = b v + (1-b) g; p -= lr v   ==   torch u = b u + g; p -= lr (1-b) u
-    "momentum": (lambda: optim.Momentum(0.1, beta=0.9), lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0)),
-    "rmsprop": (lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8), lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8)),
-    "adam": (lambda: optim.Adam(0.01, beta1=0.9, beta2=0.999, eps=1e-8), lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
+    "momentum": (
+        lambda: optim.Momentum(0.1, beta=0.9),
+        lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0),
+    ),
+    "rmsprop": (
+        lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
+        lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8),
+    ),
+    "adam": (
+        lambda: optim.Adam(0.01, beta1=0.9, beta2=0.999, eps=1e-8),
+        lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8),
+    ),
     "sgd+weight_decay": (lambda: optim.SGD(0.1, weight_decay=0.01), lambda g: torch.optim.SGD(g, lr=0.1)),
     "adam+weight_decay": (lambda: optim.Adam(0.01, weight_decay=0.01), lambda g: torch.optim.Adam(g, lr=0.01)),
 }
