@@ -485,7 +485,7 @@ class BatchNorm(Layer):
                 stacklevel=5,
             )
         if train and x.size // self.num_features < 2:
-            rows = f"{x.shape[0]} row" if x.ndim == 2 else f"shape {x.shape} has 1 value per channel"
+            rows = f"{x.shape[0]} row" if x.ndim == 2 else f"shape {x.shape} (1 value per channel)"
             raise InputError(
                 f"{self.name}: a batch of {rows} in train mode has no variance to normalize with; "
                 "use batch_size >= 2, or call forward(x, train=False) to use the running statistics"
