@@ -97,3 +97,31 @@ def torch_named(tmodel):
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
             out[f"{i}.b"] = m.bias.detach().numpy()
     return out
+
+
+def _torch_optimizers():
+    import torch
+
+    from bnnet import optim
+
+    return {
+        "sgd": (lambda: optim.SGD(0.1), lambda g: torch.optim.SGD(g, lr=0.1)),
+        # v = b v + (1-b) g; p -= lr v   ==   torch u = b u + g; p -= lr (1-b) u
+        "momentum": (
+            lambda: optim.Momentum(0.1, beta=0.9),
+            lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0),
+        ),
+        "rmsprop": (
+            lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
+            lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8),
+        ),
+        "adam": (
+            lambda: optim.Adam(0.01, beta1=0.9, beta2=0.999, eps=1e-8),
+            lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8),
+        ),
+    }
+
+
+# Each case: bnnet's optimizer, and torch's with the conventions mapped explicitly (torch is the oracle
+# of the tests that use these; it is imported when this module is).
+TORCH_OPTIMIZERS = _torch_optimizers()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    TORCH_OPTIMIZERS,
     check_layer_gradients,
     numerical_grad,
     rel_error,
@@ -18,7 +19,7 @@ from helpers import (
 )
 
 import bnnet
-from bnnet import backend, interop, optim
+from bnnet import backend, interop
 from bnnet.conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
 from bnnet.layers import BatchNorm, ReLU
 from bnnet.normalization import BatchRenorm
@@ -206,18 +207,7 @@ def test_conv2d_and_pools_match_torch(dtype, kernel, stride, padding):
             )
 
 
-CASES = {
-    "sgd": (lambda: optim.SGD(0.1), lambda g: torch.optim.SGD(g, lr=0.1)),
-    "momentum": (
-        lambda: optim.Momentum(0.1, beta=0.9),
-        lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0),
-    ),
-    "rmsprop": (
-        lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
-        lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8),
-    ),
-    "adam": (lambda: optim.Adam(0.01), lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
-}
+CASES = TORCH_OPTIMIZERS
 
 
 @pytest.mark.parametrize("case", list(CASES))

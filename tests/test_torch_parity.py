@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import torch_named, train_both
+from helpers import TORCH_OPTIMIZERS, torch_named, train_both
 
 import bnnet
 from bnnet import optim
@@ -103,20 +103,7 @@ def _torch_decay_groups(tmodel, wd):
 
 # Each case: our optimizer, and the torch optimizer with the conventions mapped explicitly.
 CASES = {
-    "sgd": (lambda: optim.SGD(0.1), lambda g: torch.optim.SGD(g, lr=0.1)),
-    # v = b v + (1-b) g; p -= lr v   ==   torch u = b u + g; p -= lr (1-b) u
-    "momentum": (
-        lambda: optim.Momentum(0.1, beta=0.9),
-        lambda g: torch.optim.SGD(g, lr=0.1 * (1 - 0.9), momentum=0.9, dampening=0),
-    ),
-    "rmsprop": (
-        lambda: optim.RMSprop(0.01, beta=0.9, eps=1e-8),
-        lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9, eps=1e-8),
-    ),
-    "adam": (
-        lambda: optim.Adam(0.01, beta1=0.9, beta2=0.999, eps=1e-8),
-        lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.999), eps=1e-8),
-    ),
+    **TORCH_OPTIMIZERS,
     "sgd+weight_decay": (lambda: optim.SGD(0.1, weight_decay=0.01), lambda g: torch.optim.SGD(g, lr=0.1)),
     "adam+weight_decay": (lambda: optim.Adam(0.01, weight_decay=0.01), lambda g: torch.optim.Adam(g, lr=0.01)),
 }
