@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this module completes its own command line)
 """The `bnnet` command: train, evaluate, predict.
 
     bnnet train                      # Ioffe & Szegedy's MNIST net (784-100-100-100-10, sigmoid, BN) on the bundled data
@@ -688,6 +689,12 @@ def main(argv=None):
     """Run one command; return its exit status. Every failure is one line on stderr (the traceback
     only with --debug): 1 for errors, 2 for a bad command line (argparse), 130 for Ctrl-C."""
     parser = build_parser()
+    try:  # shell completion, when argcomplete is installed (the [completion] extra) and the shell asks
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    except ImportError:
+        pass
     args = parser.parse_args(argv)
     if args.command is None:  # bare `bnnet`: what it can do
         parser.print_help()

@@ -235,3 +235,17 @@ def test_messages_about_folded_models_inputs_out_of_range_and_file_modes(trained
     assert pr.returncode == 0 and "warning: the inputs range over [0, 255]" in pr.stderr and "X / 255" in pr.stderr
     np.save(tmp_path / "ok.npy", Xt[:5])
     assert "warning" not in run("predict", str(out), str(tmp_path / "ok.npy")).stderr
+
+
+@pytest.mark.parametrize(
+    "line,expected", [("bnnet tr", "train"), ("bnnet train --opt", "--optimizer"), ("bnnet train --model ", "cnn")]
+)
+def test_shell_completion(tmp_path, line, expected):
+    """What bash asks argcomplete for (the [completion] extra), answered by the bnnet command itself."""
+    out = tmp_path / "completions"
+    env = dict(
+        os.environ, _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)), _ARGCOMPLETE_STDOUT_FILENAME=str(out)
+    )
+    res = subprocess.run([sys.executable, "-m", "bnnet"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert expected in out.read_text().split(), out.read_text()
