@@ -399,6 +399,15 @@ def experiment_blocks(folder):
     return blocks
 
 
+def render_commands(c):
+    """How long the two commands took from a fresh clone (scripts/time_commands.py)."""
+    return (
+        f"from a fresh clone on a {c['machine']['cpu_count']}-core machine ({c['date'][:10]}): the first "
+        f"command took {c['first_command_seconds'] / 60:.1f} min (installing, compiling the kernels, training), "
+        f"the test command {c['test_command_seconds'] / 60:.0f} min ({c['test_summary'].strip('= ')})"
+    )
+
+
 def _fill(text, begin, end, body):
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -422,6 +431,10 @@ def rendered_pages(readme, results, conv=None):
         if c.get("cnntrain"):
             blocks["<!-- cnntrain:begin -->", "<!-- cnntrain:end -->"] = render_cnntrain(c)
     blocks.update(experiment_blocks(os.path.join(HERE, "results", "experiments")))
+    commands = os.path.join(HERE, "results", "commands.json")
+    if os.path.exists(commands):
+        with open(commands) as f:
+            blocks["<!-- commands:begin -->", "<!-- commands:end -->"] = render_commands(json.load(f))
     docs = os.path.join(os.path.dirname(os.path.abspath(readme)), "docs")
     pages = [readme] + sorted(os.path.join(docs, p) for p in os.listdir(docs) if p.endswith(".md"))
     out, filled = {}, set()
