@@ -1,6 +1,7 @@
-"""The documentation: the site builds with `mkdocs build --strict`, and every ```python block of the
-README and of docs/ runs (each page's blocks in order, in one fresh process, in an empty folder).
-Blocks fenced as ```py are shown, not run (they need a terminal, TensorBoard or a long run)."""
+"""The documentation: the site builds with `mkdocs build --strict`, and every ```python and ```bash
+block of the README and of docs/ runs (each page's blocks in order, in one fresh process, in an empty
+folder). Blocks fenced as ```py or without a language are shown, not run: installing, cloning,
+mpiexec, TensorBoard, long experiments."""
 
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNNABLE = [p for p in PAGES if "```python\n" in p.read_text()]
+SHELL = [p for p in PAGES if "```bash\n" in p.read_text()]
 
 
 def python_blocks(text):
@@ -67,3 +69,15 @@ def test_measured_numbers_are_what_the_results_files_say():
     pages = readme.rendered_pages(str(ROOT / "README.md"), str(ROOT / "benchmarks" / "results" / "latest.json"))
     stale = [Path(p).name for p, text in pages.items() if Path(p).read_text() != text]
     assert not stale, f"run python benchmarks/readme.py: these pages differ from the results files: {stale}"
+
+
+@pytest.mark.parametrize("page", SHELL, ids=[p.name for p in SHELL])
+def test_every_bash_block_runs(page, tmp_path):
+    """With this environment's bnnet command first on PATH."""
+    blocks = re.findall(r"^```bash\n(.*?)^```$", page.read_text(), flags=re.S | re.M)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for block in blocks:
+        res = subprocess.run(
+            ["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert res.returncode == 0, f"{page.name}:\n{block}\n{res.stderr[-3000:]}"
