@@ -112,6 +112,11 @@ def _finish(out, name, rows, summary, lines, plot, quick):
     return summary
 
 
+def _step(step, steps):
+    """A table cell for 'the first step at which ...': the step, or 'not in N steps'."""
+    return f"{step:,}" if step is not None else f"not in {steps:,} steps"
+
+
 def _data(spec, quick):
     X, y, Xt, yt = datasets.load(spec)
     if quick:  # a slice keeps the tests fast; the classes are shuffled in every loader's split
@@ -196,7 +201,8 @@ def fig1(out, data="mnist5k", steps=None, every=None, lr=0.5, std=0.1, seed=0, q
         "| | with BN | without BN |",
         "|---|---|---|",
         f"| final test accuracy | {final['test_accuracy_bn']:.4f} | {final['test_accuracy_nobn']:.4f} |",
-        f"| first step with test accuracy >= {level} | {summary['steps_to_90_bn']} | {summary['steps_to_90_nobn']} |",
+        f"| first step with test accuracy >= {level} | {_step(summary['steps_to_90_bn'], steps)} | "
+        f"{_step(summary['steps_to_90_nobn'], steps)} |",
         f"| range of the median input after the first 10% of steps | {drift['bn']:.3f} | {drift['nobn']:.3f} |",
         f"| final 15/50/85th percentiles | {final['p15_bn']:.2f} / {final['p50_bn']:.2f} / {final['p85_bn']:.2f} "
         f"| {final['p15_nobn']:.2f} / {final['p50_nobn']:.2f} / {final['p85_nobn']:.2f} |",
@@ -461,10 +467,7 @@ def cnn(out, data="mnist5k", steps=None, every=None, lr=0.05, seed=0, quick=Fals
         "| run | batch | first step at 95% test accuracy | final test accuracy |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {tag} | {b} | {first[tag] if first[tag] is not None else 'not reached'} | {final[tag]:.4f} |"
-        for tag, _, b in CNN_RUNS
-    ]
+    lines += [f"| {tag} | {b} | {_step(first[tag], steps)} | {final[tag]:.4f} |" for tag, _, b in CNN_RUNS]
     lines += ["", "![cnn](cnn.png)"]
     summary = {
         "steps": steps,
