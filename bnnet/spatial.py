@@ -85,23 +85,6 @@ def conv2d_grads(dy, cols, w, input_grad=True):
     return (w.reshape(o, -1).T @ dy2 if input_grad else None), dw, db
 
 
-def conv2d(x, w, b, stride, padding):
-    """y = W * x + b in array code. x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (y (N, O, Ho, Wo), cols)."""
-    n, _, h, wd = x.shape
-    ho, wo = out_size(h, w.shape[2], stride[0], padding[0]), out_size(wd, w.shape[3], stride[1], padding[1])
-    cols = im2col(x, w.shape[2:], stride, padding)
-    return conv2d_from_cols(cols, w, b, n, np.empty((n, w.shape[0], ho, wo), x.dtype)), cols
-
-
-def conv2d_backward(dy, cols, x_shape, w, stride, padding):
-    """(dx (N, C, H, W), dW, db) in array code."""
-    dcols, dw, db = conv2d_grads(dy, cols, w)
-    n, _, ho, wo = dy.shape
-    c, kh, kw = w.shape[1:]
-    dwin = dcols.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 4, 5, 1, 2)  # (N, C, Ho, Wo, kh, kw), a view
-    return add_windows(dwin, x_shape, stride, padding), dw, db
-
-
 def max_pool2d(x, kernel, stride, padding):
     """(y (N, C, Ho, Wo), argmax) of each window; padding counts as -inf (never the max).
 
@@ -112,13 +95,6 @@ def max_pool2d(x, kernel, stride, padding):
     flat = win.reshape(*win.shape[:4], -1)  # (N, C, Ho, Wo, kh*kw), a copy
     arg = flat.argmax(axis=-1)
     return np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0], arg
-
-
-def max_pool2d_backward(dy, arg, x_shape, kernel, stride, padding):
-    """dx: each window's dy goes to the element that was its max."""
-    dwin = np.zeros((*dy.shape, kernel[0] * kernel[1]), dy.dtype)
-    np.put_along_axis(dwin, arg[..., None], dy[..., None], axis=-1)
-    return add_windows(dwin.reshape(*dy.shape, *kernel), x_shape, stride, padding)
 
 
 def avg_pool2d(x, kernel, stride, padding):
