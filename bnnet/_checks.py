@@ -113,6 +113,11 @@ def check_batch(x, name, owner):
         raise InputError(f"{owner}: {name} is empty (0 rows); pass at least one sample")
 
 
+def per_sample(shape):
+    """'(N, 3, ?, ?)': a per-sample shape template as error messages write it (None -> '?')."""
+    return "(N, " + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
 def check_samples(x, name, owner, shape):
     """Raise InputError unless x is a batch of N >= 1 samples of per-sample `shape` (None: any size there).
 
@@ -124,8 +129,7 @@ def check_samples(x, name, owner, shape):
         return check_2d(x, name, owner, shape[0])
     check_batch(x, name, owner)
     if x.ndim - 1 != len(shape) or any(a is not None and a != b for a, b in zip(shape, x.shape[1:])):
-        need = ", ".join("?" if d is None else str(d) for d in shape)
-        raise InputError(f"{owner}: {name} must be (N, {need}), got shape {x.shape}")
+        raise InputError(f"{owner}: {name} must be {per_sample(shape)}, got shape {x.shape}")
 
 
 def check_seed(owner, seed):

@@ -12,9 +12,9 @@ import numpy as np
 
 from . import ops, threads
 from . import spatial as S
-from ._checks import check_bool, check_choice, check_dtype, check_int, check_number
+from ._checks import check_bool, check_dtype, check_int, per_sample
 from .errors import HyperparameterError, InputError
-from .layers import LAYER_TYPES, Layer, _as_rng, _per_sample
+from .layers import LAYER_TYPES, Layer, init_weights
 
 
 def _pair(owner, name, value, low):
@@ -23,6 +23,12 @@ def _pair(owner, name, value, low):
     if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
         raise HyperparameterError(f"{owner}: {name} must be an int or a pair of ints (height, width), got {value!r}")
     return tuple(check_int(owner, name, int(v), low=low) for v in items)
+
+
+def _require_image(layer, shape):
+    """InputError unless the per-sample shape is an image's (C, H, W)."""
+    if len(shape) != 3:
+        raise InputError(f"{layer.name}: x must be (N, C, H, W), got {per_sample(shape)}")
 
 
 class _Windowed(Layer):
@@ -38,8 +44,7 @@ class _Windowed(Layer):
         return c
 
     def out_shape(self, shape):
-        if len(shape) != 3:
-            raise InputError(f"{self.name}: x must be (N, C, H, W), got {_per_sample(shape)}")
+        _require_image(self, shape)
         self._require(shape, self.in_shape())
         sizes = []
         for size, k, s, p in zip(shape[1:], self.kernel_size, self.stride, self.padding):
@@ -49,7 +54,7 @@ class _Windowed(Layer):
             if size + 2 * p < k:
                 raise InputError(
                     f"{self.name}: x of {shape[1]}x{shape[2]} pixels (padding {p}) is smaller than "
-                    f"the {self.kernel_size[0]}x{self.kernel_size[1]} kernel, got {_per_sample(shape)}"
+                    f"the {self.kernel_size[0]}x{self.kernel_size[1]} kernel, got {per_sample(shape)}"
                 )
             sizes.append(S.out_size(size, k, s, p))
         return (self._channels_out(shape[0]), *sizes)
@@ -103,21 +108,19 @@ class Conv2d(_Windowed):
                 f"Conv2d: padding must be less than the kernel size {self.kernel_size}, got {self.padding}"
             )
         self.bias = check_bool("Conv2d", "bias", bias)
-        self.init = check_choice("Conv2d", "init", init, ("he", "xavier", "normal"))
         self.dtype = check_dtype("Conv2d", dtype)
         area = self.kernel_size[0] * self.kernel_size[1]
-        if std is not None and init != "normal":
-            raise HyperparameterError(
-                f"Conv2d: std is used only with init='normal', got std={std!r} with init={init!r}"
-            )
-        if init == "normal":
-            std = 0.01 if std is None else check_number("Conv2d", "std", std, low=0, low_open=True)
-        else:
-            fan = in_channels * area if init == "he" else (in_channels + out_channels) * area
-            std = math.sqrt(2.0 / fan)
-        self.std = std
-        w = _as_rng(rng).standard_normal((out_channels, in_channels, *self.kernel_size)) * std
-        self.params["W"] = w.astype(self.dtype)  # (O, C, kh, kw)
+        self.params["W"], self.std = init_weights(  # (O, C, kh, kw)
+            "Conv2d",
+            (out_channels, in_channels, *self.kernel_size),
+            init,
+            std,
+            in_channels * area,
+            out_channels * area,
+            rng,
+            self.dtype,
+        )
+        self.init = init
         if self.bias:
             self.params["b"] = np.zeros(out_channels, self.dtype)  # (O,)
 
@@ -133,13 +136,16 @@ class Conv2d(_Windowed):
     def _flops(self, y_shape):
         return int(np.prod(y_shape)) * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
+    def _im2col(self, x, positions):
+        """The (C*kh*kw, positions) im2col matrix of x, positions = N * Ho * Wo (bnnet.ops.im2col)."""
+        cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1], positions), self.dtype)
+        ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)
+        return cols
+
     def _forward(self, x, train, out=None):
         n, shape = x.shape[0], self.out_shape(x.shape[1:])  # (O, Ho, Wo)
         threads.for_gemm(self._flops((n, *shape)))
-        cols = np.empty(
-            (self.in_channels * self.kernel_size[0] * self.kernel_size[1], n * shape[1] * shape[2]), self.dtype
-        )
-        ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)  # (C*kh*kw, N*Ho*Wo)
+        cols = self._im2col(x, n * shape[1] * shape[2])  # (C*kh*kw, N*Ho*Wo)
         y = out if out is not None else np.empty((n, *shape), self.dtype)
         S.conv2d_from_cols(cols, self.params["W"], self.params.get("b"), n, y)
         # cols (C*kh*kw, N*Ho*Wo) for dW, kept in train mode; an eval-mode forward (predict) keeps only
@@ -150,11 +156,7 @@ class Conv2d(_Windowed):
     def _backward(self, dy, input_grad, dx_out=None):
         _, x, cols = self._cached()
         if cols is None:
-            cols = np.empty(
-                (self.in_channels * self.kernel_size[0] * self.kernel_size[1], dy.shape[0] * dy.shape[2] * dy.shape[3]),
-                self.dtype,
-            )
-            ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)
+            cols = self._im2col(x, dy.shape[0] * dy.shape[2] * dy.shape[3])
         threads.for_gemm(self._flops(dy.shape))
         dcols, dw, db = S.conv2d_grads(dy, cols, self.params["W"], input_grad)
         self._grad("W")[...] = dw
@@ -211,15 +213,12 @@ class MaxPool2d(_Pool2d):
         y = out if out is not None else np.empty(shape, x.dtype)
         arg = np.empty(shape, np.int64)  # where each max is in its input plane
         ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, y, arg)
-        self._cache = (y, x.shape, arg)
+        self._cache = (y, x, arg)  # (x for its shape)
         return y
 
-    def _cached_input_shape(self):
-        return self._cached()[1]
-
     def _backward(self, dy, input_grad, dx_out=None):
-        _, x_shape, arg = self._cached()
-        dx = dx_out if dx_out is not None else np.empty(x_shape, dy.dtype)
+        _, x, arg = self._cached()
+        dx = dx_out if dx_out is not None else np.empty(x.shape, dy.dtype)
         ops.max_pool2d_backward(np.ascontiguousarray(dy), arg, dx)
         return dx
 
@@ -230,14 +229,11 @@ class AvgPool2d(_Pool2d):
 
     def _forward(self, x, train, out=None):
         y = S.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
-        self._cache = (y, x.shape)
+        self._cache = (y, x)  # (x for its shape)
         return y
 
-    def _cached_input_shape(self):
-        return self._cached()[1]
-
     def _backward(self, dy, input_grad, dx_out=None):
-        return S.avg_pool2d_backward(dy, self._cached()[1], self.kernel_size, self.stride, self.padding)
+        return S.avg_pool2d_backward(dy, self._cached()[1].shape, self.kernel_size, self.stride, self.padding)
 
 
 class GlobalAvgPool2d(Layer):
@@ -247,20 +243,16 @@ class GlobalAvgPool2d(Layer):
     backward_reads_output = False
 
     def out_shape(self, shape):
-        if len(shape) != 3:
-            raise InputError(f"{self.name}: x must be (N, C, H, W), got {_per_sample(shape)}")
+        _require_image(self, shape)
         return (shape[0],)
 
     def _forward(self, x, train, out=None):
         y = x.mean(axis=(2, 3), dtype=np.float64).astype(x.dtype)
-        self._cache = (y, x.shape)
+        self._cache = (y, x)  # (x for its shape)
         return y
 
-    def _cached_input_shape(self):
-        return self._cached()[1]
-
     def _backward(self, dy, input_grad, dx_out=None):
-        n, c, h, w = self._cached()[1]
+        n, c, h, w = self._cached()[1].shape
         return np.broadcast_to((dy / (h * w)).astype(dy.dtype)[:, :, None, None], (n, c, h, w)).copy()
 
 

@@ -35,6 +35,7 @@ from ._checks import (
     check_int,
     check_number,
     describe,
+    per_sample,
 )
 from .errors import HyperparameterError, InputError
 
@@ -124,7 +125,7 @@ class Layer:
             len(shape) == len(need) and all(a is None or b is None or a == b for a, b in zip(shape, need))
         ):
             return
-        raise InputError(f"{self.name}: x must be {_per_sample(need)}, got {_per_sample(shape)}")
+        raise InputError(f"{self.name}: x must be {per_sample(need)}, got {per_sample(shape)}")
 
     def config(self):
         """Constructor arguments, JSON-serializable: what a checkpoint needs to rebuild the layer."""
@@ -214,11 +215,6 @@ class Layer:
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), np.int64: np.dtype(np.int64)}
 
 
-def _per_sample(shape):
-    """(N, 3, H, W)-style text for a per-sample shape template (None -> a letter)."""
-    return "(N, " + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
 def _check_out(owner, name, out, shape, dtype):
     if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.writeable):
         raise InputError(
@@ -231,14 +227,30 @@ class BatchNormUntrainedWarning(UserWarning):
     """A BatchNorm layer is used with running statistics that never saw a training batch."""
 
 
-def _as_rng(rng):
+def _as_rng(rng, owner="Linear"):
     if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and 0 <= rng < 2**63):
         return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
         return rng
     raise HyperparameterError(
-        f"Linear: rng must be None, an integer seed in [0, 2**63) or a numpy Generator, got {rng!r}"
+        f"{owner}: rng must be None, an integer seed in [0, 2**63) or a numpy Generator, got {rng!r}"
     )
+
+
+def init_weights(owner, shape, init, std, fan_in, fan_out, rng, dtype):
+    """(W, std): W of `shape` drawn from N(0, std^2), the init rule of Linear and Conv2d.
+
+    init "he": std = sqrt(2 / fan_in); "xavier": sqrt(2 / (fan_in + fan_out)); "normal": the given
+    std (default 0.01), which the other two refuse.
+    """
+    init = check_choice(owner, "init", init, ("he", "xavier", "normal"))
+    if std is not None and init != "normal":
+        raise HyperparameterError(f"{owner}: std is used only with init='normal', got std={std!r} with init={init!r}")
+    if init == "normal":
+        std = 0.01 if std is None else check_number(owner, "std", std, low=0, low_open=True)
+    else:
+        std = float(np.sqrt(2.0 / (fan_in if init == "he" else fan_in + fan_out)))
+    return (_as_rng(rng, owner).standard_normal(shape) * std).astype(dtype), std
 
 
 def _activation_code(activation):
@@ -267,21 +279,12 @@ class Linear(Layer):
         super().__init__()
         self.in_features = check_int("Linear", "in_features", in_features, low=1)
         self.out_features = check_int("Linear", "out_features", out_features, low=1)
-        self.init = check_choice("Linear", "init", init, ("he", "xavier", "normal"))
-        if std is not None and init != "normal":
-            raise HyperparameterError(
-                f"Linear: std is used only with init='normal', got std={std!r} with init={init!r}"
-            )
-        if init == "normal":
-            std = 0.01 if std is None else check_number("Linear", "std", std, low=0, low_open=True)
-        else:
-            fan = in_features if init == "he" else in_features + out_features
-            std = float(np.sqrt(2.0 / fan))
-        self.std = std
         self.bias = check_bool("Linear", "bias", bias)
         self.dtype = check_dtype("Linear", dtype)
-        w = _as_rng(rng).standard_normal((in_features, out_features)) * std
-        self.params["W"] = w.astype(self.dtype)  # (in, out)
+        self.params["W"], self.std = init_weights(  # (in, out)
+            "Linear", (in_features, out_features), init, std, in_features, out_features, rng, self.dtype
+        )
+        self.init = init
         if self.bias:
             self.params["b"] = np.zeros(out_features, self.dtype)  # (out,)
 
@@ -581,13 +584,13 @@ class BatchNorm(Layer):
     def out_shape(self, shape):
         if not 1 <= len(shape) <= 4:
             raise InputError(
-                f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got {_per_sample(shape)}"
+                f"{self.name}: x must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got {per_sample(shape)}"
             )
         channels = shape[0] if self.axis == 1 else shape[-1]
         if channels is not None and channels != self.num_features:
             where = "axis 1" if self.axis == 1 else "the last axis"
             raise InputError(
-                f"{self.name}: x must have {self.num_features} channels on {where}, got shape {_per_sample(shape)}"
+                f"{self.name}: x must have {self.num_features} channels on {where}, got shape {per_sample(shape)}"
             )
         return shape
 
