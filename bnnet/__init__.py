@@ -38,6 +38,8 @@ _LAZY = (
     "cli",
     "backend",
     "kernels",
+    "cuda_kernels",
+    "device",
     "reference",
     "spatial",
     "threads",

@@ -1,10 +1,12 @@
 """Which implementation runs the operations of bnnet.ops.
 
     "numba": fused kernels from bnnet.kernels (default when numba imports);
-    "numpy": bnnet.reference, the readable equations of bnnet.functional, nothing compiled.
+    "numpy": bnnet.reference, the readable equations of bnnet.functional, nothing compiled;
+    "cuda":  bnnet.cuda_kernels, the same kernels for an NVIDIA GPU (numba.cuda), on
+             CuPy arrays (see bnnet.device for moving a model there).
 
-Both give the same numbers (float64 to 1e-12, float32 to 1e-5; tests check it).
-Choose with the environment variable BNNET_BACKEND=numba|numpy (read at import),
+All give the same numbers (float64 to 1e-12, float32 to 1e-5; tests check it).
+Choose with the environment variable BNNET_BACKEND=numba|numpy|cuda (read at import),
 or in code with bnnet.backend.set_backend(name) or `with bnnet.backend.using(name):`.
 """
 
@@ -13,7 +15,7 @@ import os
 
 from .errors import HyperparameterError
 
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("numba", "numpy", "cuda")
 _requested = None  # None: not resolved yet
 
 
@@ -26,7 +28,7 @@ def _resolve(name):
         return "numba"
     if name not in BACKENDS:
         raise HyperparameterError(
-            f"backend must be one of 'numba', 'numpy' or 'auto', got {name!r} "
+            f"backend must be one of 'numba', 'numpy', 'cuda' or 'auto', got {name!r} "
             "(check the BNNET_BACKEND environment variable)"
         )
     if name == "numba":
@@ -37,11 +39,15 @@ def _resolve(name):
                 "backend 'numba' was requested but numba is not installed; "
                 "pip install numba, or use BNNET_BACKEND=numpy"
             ) from None
+    if name == "cuda":
+        from .device import require_gpu
+
+        require_gpu()
     return name
 
 
 def get_backend():
-    """The active backend's name, "numba" or "numpy"."""
+    """The active backend's name: "numba", "numpy" or "cuda"."""
     global _requested
     if _requested is None:
         _requested = _resolve(os.environ.get("BNNET_BACKEND"))
@@ -49,7 +55,7 @@ def get_backend():
 
 
 def set_backend(name):
-    """Switch backend for the whole process: "numba", "numpy" or "auto"."""
+    """Switch backend for the whole process: "numba", "numpy", "cuda" or "auto"."""
     global _requested
     _requested = _resolve(name)
 
@@ -69,7 +75,7 @@ _modules = {}
 
 
 def impl():
-    """The module implementing bnnet.ops for the active backend: bnnet.kernels or bnnet.reference.
+    """The module implementing bnnet.ops for the active backend: bnnet.kernels, .reference or .cuda_kernels.
 
     The one place where the backend decides what runs; imported (numba with
     it) on first use.
@@ -79,10 +85,35 @@ def impl():
     if module is None:
         if name == "numba":
             from . import kernels as module
+        elif name == "cuda":
+            from . import cuda_kernels as module
         else:
             from . import reference as module
         _modules[name] = module
     return module
+
+
+_array_types = {}
+
+
+def array_types():
+    """The array types bnnet.ops accepts with the active backend: (numpy.ndarray,), or
+    (cupy.ndarray,) for "cuda" on a GPU (under numba's CUDA simulator, NumPy's)."""
+    name = _requested or get_backend()
+    types = _array_types.get(name)
+    if types is None:
+        import numpy as np
+
+        from .device import simulated
+
+        if name == "cuda" and not simulated():
+            import cupy
+
+            types = (cupy.ndarray,)
+        else:
+            types = (np.ndarray,)
+        _array_types[name] = types
+    return types
 
 
 def fast():

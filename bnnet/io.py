@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from .device import to_host
 from .errors import BnnetError, CheckpointError, HyperparameterError
 from .layers import LAYER_TYPES
 from .model import Sequential
@@ -93,7 +94,9 @@ def save(path, model, optimizer=None, **metadata):
         header = json.dumps(meta)
     except TypeError as e:
         raise TypeError(f"save: metadata must be JSON-serializable ({e})") from None
-    data = _st_save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata={"bnnet": header})
+    # GPU arrays are copied to the host: a file saved on either device loads on either
+    host = {k: np.asarray(to_host(v), order="C") for k, v in tensors.items()}
+    data = _st_save(host, metadata={"bnnet": header})
     atomic_write(path, data)
 
 

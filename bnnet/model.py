@@ -157,6 +157,40 @@ class Sequential:
         """
         return self.plan().backward(dy, input_grad)
 
+    def to(self, device):
+        """Move every parameter, buffer and gradient to `device` ("cpu" or "cuda"); returns self.
+
+        "cuda" also selects the "cuda" backend (bnnet.device: the device and the
+        backend go together) and needs an NVIDIA GPU with CuPy; "cpu" selects the
+        default CPU backend again if "cuda" was active. Optimizer state follows on
+        the optimizer's next step (it is created like the parameters).
+        """
+        from . import backend
+        from .device import check_device, to_device
+
+        device = check_device("Sequential.to", device)
+        if device == "cuda":
+            backend.set_backend("cuda")  # checks for the GPU before anything moves
+        for layer in self.layers:
+            for kind in ("params", "buffers", "grads"):
+                arrays = getattr(layer, kind)
+                for k, a in list(arrays.items()):
+                    arrays[k] = to_device(a, device)
+        if device == "cpu" and backend.get_backend() == "cuda":
+            backend.set_backend("auto")
+        self._plan = None  # its scratch buffers live on the old device
+        return self
+
+    @property
+    def device(self):
+        """'cuda' when the parameters are on the GPU (or the cuda backend runs them), else 'cpu'."""
+        from . import backend
+        from .device import device_of
+
+        first = next((a for l in self.layers for a in l.params.values()), None)
+        on_gpu = first is not None and device_of(first) == "cuda"
+        return "cuda" if on_gpu or backend.get_backend() == "cuda" else "cpu"
+
     def named_parameters(self):
         """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""
         return [(name, layer.params[k], layer.grads.get(k)) for name, layer, k in self._param_keys]

@@ -9,6 +9,8 @@ implementation (see bnnet.backend):
     "numpy"  bnnet.reference  the equations of bnnet.functional, in array code
 
 Both have the same signatures and write their outputs into the arrays given.
+Arrays are NumPy's, or CuPy's (on the GPU) for the "cuda" backend: an array of
+the other kind is refused like one of the wrong shape.
 Compiled loops index arrays without bounds checks, so this module is the
 line that keeps a wrong-sized array (a user's assignment, a crafted file)
 from being read or written past its end: nothing reaches a kernel unchecked.
@@ -31,6 +33,13 @@ IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
 _F64 = np.dtype(np.float64)
 
 
+_arrays = backend.array_types  # NumPy's ndarray, or CuPy's for the cuda backend on a GPU
+
+
+def _writable(a):
+    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
+
+
 def _fail(op, what):
     raise InputError(f"bnnet.ops.{op}: {what}")
 
@@ -38,7 +47,7 @@ def _fail(op, what):
 def _input(op, x, spatial=False):
     """The number of features of x: (N, D), or (N, C, S) where the op takes each channel's S values."""
     if (
-        not isinstance(x, np.ndarray) or x.ndim not in ((2, 3) if spatial else (2,)) or x.dtype.char not in "fd"
+        not isinstance(x, _arrays()) or x.ndim not in ((2, 3) if spatial else (2,)) or x.dtype.char not in "fd"
     ):  # float32, float64
         _fail(op, f"x must be a {'2-D or 3-D' if spatial else '2-D'} float32/float64 array, got {describe(x)}")
     return x.shape[1]
@@ -56,14 +65,14 @@ def _per_feature(op, names, arrays, d, dtype, write=False):
 
 def _check(op, names, arrays, shape, dtype, write):
     for a in arrays:  # the common case, fast: no strings built
-        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or (write and not a.flags.writeable):
+        if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype or (write and not _writable(a)):
             break
     else:
         return
     for name, a in zip(names.split(), arrays):
-        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
+        if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype:
             _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}")
-        if write and not a.flags.writeable:
+        if write and not _writable(a):
             _fail(op, f"{name} is read-only; it receives the result")
 
 
@@ -179,7 +188,7 @@ def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx)
 
 def update_running(running_mean, running_var, mean, var, decay, var_correction):
     """running_* <- functional.running_average(running_*, batch statistics, decay), in place."""
-    d = running_mean.shape[0] if isinstance(running_mean, np.ndarray) and running_mean.ndim == 1 else -1
+    d = running_mean.shape[0] if isinstance(running_mean, _arrays()) and running_mean.ndim == 1 else -1
     dtype = running_mean.dtype if d >= 0 else None
     _per_feature("update_running", "running_mean running_var", (running_mean, running_var), d, dtype, write=True)
     _per_feature("update_running", "mean var", (mean, var), d, _F64)
@@ -189,8 +198,8 @@ def update_running(running_mean, running_var, mean, var, decay, var_correction):
 def merge_moments(a, b):
     """b <- Chan's merge of two packed [count, mean (D), M2 (D)] float64 buffers (the SyncBN reduction)."""
     if not (
-        isinstance(a, np.ndarray)
-        and isinstance(b, np.ndarray)
+        isinstance(a, _arrays())
+        and isinstance(b, _arrays())
         and a.shape == b.shape
         and a.ndim == 1
         and a.size % 2 == 1
@@ -220,7 +229,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
     _input("softmax_cross_entropy", logits)
     n, c = logits.shape
     _same("softmax_cross_entropy", "dlogits", (dlogits,), logits, write=True)
-    if not (isinstance(labels, np.ndarray) and labels.shape == (n,) and labels.dtype.kind in "iu"):
+    if not (isinstance(labels, _arrays()) and labels.shape == (n,) and labels.dtype.kind in "iu"):
         _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {describe(labels)}")
     loss = float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))  # checks the labels' range
     if loss < 0:
@@ -229,7 +238,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 
 def _update(op, p, g, *state):
-    if not (isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.char in "fd"):
+    if not (isinstance(p, _arrays()) and p.ndim == 1 and p.dtype.char in "fd"):
         _fail(op, f"the parameter must be a flat float32/float64 array, got {describe(p)}")
     _per_feature(op, "parameter", (p,), p.size, p.dtype, write=True)
     _per_feature(op, "gradient", (g,), p.size, p.dtype)
@@ -265,7 +274,7 @@ def copy_finite(src, dst):
 
     One pass: what `fit` uses to keep a copy of the last good state and check the new one together.
     """
-    if not (isinstance(src, np.ndarray) and src.ndim == 1 and src.dtype.char in "fd" and src.flags.c_contiguous):
+    if not (isinstance(src, _arrays()) and src.ndim == 1 and src.dtype.char in "fd" and src.flags.c_contiguous):
         _fail("copy_finite", f"src must be a flat C-contiguous float32/float64 array, got {describe(src)}")
     _per_feature("copy_finite", "dst", (dst,), src.size, src.dtype, write=True)
     return bool(backend.impl().copy_finite(src, dst))
@@ -273,7 +282,7 @@ def copy_finite(src, dst):
 
 def all_finite(x):
     """Whether every value of the float array x is finite: one read pass, no temporary array."""
-    if not (isinstance(x, np.ndarray) and x.dtype.char in "fd"):
+    if not (isinstance(x, _arrays()) and x.dtype.char in "fd"):
         _fail("all_finite", f"x must be a float32/float64 array, got {describe(x)}")
     if not x.flags.c_contiguous:
         return bool(np.isfinite(x).all())
@@ -303,7 +312,7 @@ def _window_sizes(op, x_shape, kernel, stride, padding):
 
 
 def _image(op, name, x):
-    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype.char not in "fd":
+    if not isinstance(x, _arrays()) or x.ndim != 4 or x.dtype.char not in "fd":
         _fail(op, f"{name} must be a 4-D (N, C, H, W) float32/float64 array, got {describe(x)}")
 
 
@@ -328,7 +337,7 @@ def col2im(cols, kernel, stride, padding, dx):
     n, c = dx.shape[:2]
     ho, wo = _window_sizes("col2im", dx.shape, kernel, stride, padding)
     _check("col2im", "cols", (cols,), (c * kernel[0] * kernel[1], n * ho * wo), dx.dtype, False)
-    if not dx.flags.writeable or not dx.flags.c_contiguous:
+    if not _writable(dx) or not dx.flags.c_contiguous:
         _fail("col2im", f"dx must be writable and C-contiguous; it receives the result, got {describe(dx)}")
     backend.impl().col2im(cols, kernel, stride, padding, dx)
 
@@ -354,7 +363,7 @@ def max_pool2d_backward(dy, arg, dx):
     _image("max_pool2d_backward", "dy", dy)
     _image("max_pool2d_backward", "dx", dx)
     _check("max_pool2d_backward", "arg", (arg,), dy.shape, np.dtype(np.int64), False)
-    if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not dx.flags.writeable or not dx.flags.c_contiguous:
+    if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not _writable(dx) or not dx.flags.c_contiguous:
         _fail(
             "max_pool2d_backward",
             f"dx must be a writable C-contiguous {dy.dtype} array of shape {dy.shape[:2]} + (H, W), got {describe(dx)}",

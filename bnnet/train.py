@@ -29,6 +29,7 @@ from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
 from .distributed import DataParallel, is_root
 from .engine import check_chain
+from .device import check_device, to_device
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
@@ -62,6 +63,7 @@ def fit(
     validation_name="val",
     validation_split=None,
     log_dir=None,
+    device=None,
 ):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
@@ -94,6 +96,9 @@ def fit(
         checkpoint_metadata: extra JSON-serializable metadata stored in each checkpoint.
         log_dir: a folder for TensorBoard event files (bnnet.tensorboard; needs tensorboardX): loss,
             accuracy, validation, learning rate, gradient norms and running statistics per epoch.
+        device: None (default: train where the model is), "cpu" or "cuda": move the model there
+            first (Sequential.to, which also selects the backend). Mini-batches are gathered on
+            the host and copied to the device one at a time.
         comm: a bnnet.distributed.Communicator for data-parallel training (run one process per
             rank under mpiexec, each calling fit with the same arguments and data). batch_size
             is then the global batch, split into one shard per rank; rank 0's parameters and
@@ -106,6 +111,8 @@ def fit(
         train mode (as Keras reports them); accuracy entries are None for regression.
     """
     loss_fn, opt = get_loss(loss), get_optimizer(optimizer)
+    if device is not None:
+        model.to(check_device("fit", device))
     epochs = check_int("fit", "epochs", epochs, low=1)
     batch_size = check_int("fit", "batch_size", batch_size, low=1)
     seed = check_seed("fit", seed)
@@ -267,6 +274,8 @@ class Step:
 
     def __call__(self, X_t, y_t, n_batch):
         """Gradients in model.grads for the mean loss over the n_batch rows of the mini-batch."""
+        if self.model.device == "cuda":
+            X_t, y_t = to_device(X_t, "cuda"), to_device(y_t, "cuda")
         logits = self.model.plan().forward(X_t, True, check_finite=self.check_activations)
         if len(X_t):
             loss, acc = self.loss_fn.forward(logits, y_t), self.loss_fn.accuracy(logits, y_t)
