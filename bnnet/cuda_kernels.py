@@ -31,8 +31,7 @@ from numba.extending import overload
 
 from . import functional as F
 from . import kernels as K  # the scalar activations and their derivatives
-from . import optim_rules
-from . import reference
+from . import optim_rules, reference
 
 # -- numpy's scalar math, for the equations compiled on the GPU -----------------------
 

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
+from .device import check_device, to_device
 from .distributed import DataParallel, is_root
 from .engine import check_chain
-from .device import check_device, to_device
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
 from .losses import get_loss
