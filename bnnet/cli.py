@@ -28,7 +28,7 @@ import traceback
 
 import numpy as np
 
-from . import __version__, datasets, distributed, experiments, optim, threads
+from . import __version__, backend, datasets, distributed, experiments, optim, threads
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
@@ -206,6 +206,10 @@ def cmd_train(args):
         args.resume_path = _resume_settings(args, args.parser)
     if args.local_bn and not args.distributed:
         raise BnnetError("--local-bn only applies with --distributed (one process always uses its whole batch)")
+    if args.device == "cuda":
+        if args.distributed:
+            raise BnnetError("--device cuda does not run with --distributed yet; train on one GPU")
+        backend.set_backend("cuda")  # says what is missing before any data is read
     if not args.distributed:
         return _train(args, None)
     comm = distributed.Communicator()
@@ -264,6 +268,7 @@ def _train(args, comm):
         comm=comm,
         validation_name="test",
         log_dir=args.log_dir,
+        device=args.device if args.device == "cuda" else None,
     )
     seconds = time.perf_counter() - start
     if not root:
@@ -569,6 +574,12 @@ def build_parser():
     t.add_argument("--seed", type=_seed, default=0, help="seeds the weights and the shuffling")
     t.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
+    t.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where to train: cuda runs the cuda backend on an NVIDIA GPU (needs the [cuda] extra)",
+    )
     t.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     t.add_argument("--quiet", action="store_true", help="no progress bar; print only the result")
     t.add_argument(

@@ -97,7 +97,7 @@ def _column_sums(mode, x, da, a, p1, p2, act, slope, rows_per_chunk, s1, s2):
     k = cuda.blockIdx.y
     n, d = x.shape
     lo = k * rows_per_chunk
-    hi = min(lo + rows_per_chunk, n)
+    hi = lo + rows_per_chunk if lo + rows_per_chunk < n else n  # (no min(): this CUDA target mistypes it)
     acc1 = cuda.shared.array((ROWS, COLS), float64)
     acc2 = cuda.shared.array((ROWS, COLS), float64)
     t1 = 0.0
@@ -127,7 +127,7 @@ def _channel_sums(mode, x, da, a, p1, p2, act, slope, samples_per_chunk, s1, s2)
     k = cuda.blockIdx.y
     n, _, s = x.shape
     lo = k * samples_per_chunk
-    hi = min(lo + samples_per_chunk, n)
+    hi = lo + samples_per_chunk if lo + samples_per_chunk < n else n
     acc1 = cuda.shared.array(THREADS, float64)
     acc2 = cuda.shared.array(THREADS, float64)
     t1 = 0.0
@@ -272,7 +272,8 @@ def _softmax_rows(logits, labels, dlogits, losses, bad):
         return
     zmax = float64(logits[i, 0])
     for k in range(1, c):
-        zmax = max(zmax, float64(logits[i, k]))
+        v = float64(logits[i, k])
+        zmax = v if v > zmax or v != v else zmax  # a NaN logit makes the row NaN, as the CPU kernel
     s = 0.0
     for k in range(c):
         s += math.exp(float64(logits[i, k]) - zmax)
@@ -377,17 +378,28 @@ def _blocks(size):
 
 
 def _flat(a):
-    return a.reshape(-1)  # a view when a is C-contiguous, else a copy (fine for what is only read)
+    return a.reshape(-1)  # a view: _contiguous has made every argument C-contiguous
 
 
-def _written(a):
-    """A C-contiguous array to write a's result into; _store copies it back if it is not a itself."""
-    return a if a.flags.c_contiguous else _xp(a).empty(a.shape, a.dtype)
+def _contiguous(launch):
+    """Run `launch` on C-contiguous arrays: a strided argument is copied in, and back out after
+    (if writable). Kernels then index flat or row-major memory only; strided arrays are rare here
+    (bnnet's layers allocate contiguous ones), and numba's simulator refuses them."""
 
+    def run(*args):
+        copies = [
+            (a, _xp(a).ascontiguousarray(a)) if hasattr(a, "flags") and not a.flags.c_contiguous else (a, a)
+            for a in args
+        ]
+        result = launch(*(c for _, c in copies))
+        for a, c in copies:
+            if c is not a and getattr(a.flags, "writeable", True):
+                a[...] = c
+        return result
 
-def _store(result, a):
-    if result is not a:
-        a[...] = result
+    run.__name__ = launch.__name__
+    run.__doc__ = launch.__doc__
+    return run
 
 
 def _layout(x):
@@ -427,6 +439,7 @@ def _per_feature_blocks(d):
     return (d + THREADS - 1) // THREADS
 
 
+@_contiguous
 def bn_forward(
     x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
 ):
@@ -436,20 +449,19 @@ def bn_forward(
     if train:
         shift = _shift(x)
         s1, s2 = _reduce(MOMENTS, x, x, x, shift, shift, act, slope)
-    else:
-        shift = mean  # unused in eval mode
-        s1 = s2 = _xp(x).empty((1, d), np.float64)
+    else:  # no sums: placeholders (never one array passed twice: the simulator copies each argument)
+        shift = _xp(x).empty(d, np.float64)
+        s1, s2 = (_xp(x).empty((1, d), np.float64) for _ in range(2))
     _finish_moments[_per_feature_blocks(d), THREADS, stream](
         float(count), shift, s1, s2, train, eps, running_mean, running_var, decay, var_correction, mean, var, inv_std
     )
     channels, inner = _layout(x)
-    result = _written(out)
     _apply[_blocks(x.size), THREADS, stream](
-        _flat(x), gamma, beta, mean, inv_std, act, slope, channels, inner, _flat(result)
+        _flat(x), gamma, beta, mean, inv_std, act, slope, channels, inner, _flat(out)
     )
-    _store(result, out)
 
 
+@_contiguous
 def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
     stream = _stream()
     d = gamma.shape[0]
@@ -459,13 +471,12 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
         float(x.size // d), s1, s2, gamma, inv_std, train, False, dbeta, dgamma, coef
     )
     channels, inner = _layout(x)
-    result = _written(dx)
     _dx[_blocks(x.size), THREADS, stream](
-        _flat(da), _flat(a), _flat(x), mean, inv_std, coef, act, slope, channels, inner, _flat(result)
+        _flat(da), _flat(a), _flat(x), mean, inv_std, coef, act, slope, channels, inner, _flat(dx)
     )
-    _store(result, dx)
 
 
+@_contiguous
 def bn_moments(x, mean, m2):
     d = mean.shape[0]
     if x.shape[0] == 0:  # an empty shard contributes nothing
@@ -474,11 +485,13 @@ def bn_moments(x, mean, m2):
         return
     shift = _shift(x)
     s1, s2 = _reduce(MOMENTS, x, x, x, shift, shift, 0, 0.0)
+    unused = _xp(x).empty((3, d), np.float64)  # running_mean, running_var, inv_std: not written with eps < 0
     _finish_moments[_per_feature_blocks(d), THREADS, _stream()](
-        float(x.shape[0]), shift, s1, s2, True, -1.0, mean, m2, 1.0, 1.0, mean, m2, m2
+        float(x.shape[0]), shift, s1, s2, True, -1.0, unused[0], unused[1], 1.0, 1.0, mean, m2, unused[2]
     )
 
 
+@_contiguous
 def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
     d = mean.shape[0]
     if x.shape[0] == 0:
@@ -486,9 +499,13 @@ def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
         sgx[...] = 0.0
         return
     s1, s2 = _reduce(GRADS, x, da, a, mean, inv_std, act, slope)
-    _finish_grads[_per_feature_blocks(d), THREADS, _stream()](0.0, s1, s2, mean, inv_std, True, True, sg, sgx, s1)
+    unused = _xp(x).empty((3, d), np.float64)  # gamma and the coefficients: not used for the sums alone
+    _finish_grads[_per_feature_blocks(d), THREADS, _stream()](
+        0.0, s1, s2, unused[0], inv_std, True, True, sg, sgx, unused
+    )
 
 
+@_contiguous
 def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
     if x.size == 0:
         return
@@ -500,19 +517,19 @@ def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx)
     _finish_grads[_per_feature_blocks(d), THREADS, stream](
         float(n_total), s1, s2, gamma, inv_std, True, False, scratch[0], scratch[1], coef
     )
-    result = _written(dx)
     _dx[_blocks(x.size), THREADS, stream](
-        _flat(da), _flat(a), _flat(x), mean, inv_std, coef, act, slope, x.shape[1], 1, _flat(result)
+        _flat(da), _flat(a), _flat(x), mean, inv_std, coef, act, slope, x.shape[1], 1, _flat(dx)
     )
-    _store(result, dx)
 
 
+@_contiguous
 def update_running(running_mean, running_var, mean, var, decay, var_correction):
     _update_running[_per_feature_blocks(mean.shape[0]), THREADS, _stream()](
         running_mean, running_var, mean, var, decay, var_correction
     )
 
 
+@_contiguous
 def merge_moments(a, b):
     d = (a.size - 1) // 2
     stream = _stream()
@@ -520,14 +537,12 @@ def merge_moments(a, b):
     _merge_counts[1, 1, stream](a, b)
 
 
+@_contiguous
 def bias_activation(z, b, act, slope):
-    result = _written(z)
-    if result is not z:
-        result[...] = z
-    _bias_activation[_blocks(z.size), THREADS, _stream()](_flat(result), b, act, slope, z.shape[1])
-    _store(result, z)
+    _bias_activation[_blocks(z.size), THREADS, _stream()](_flat(z), b, act, slope, z.shape[1])
 
 
+@_contiguous
 def softmax_cross_entropy(logits, labels, dlogits):
     xp = _xp(logits)
     stream = _stream()
@@ -542,28 +557,34 @@ def softmax_cross_entropy(logits, labels, dlogits):
     return float(_host(total)[0]) / n if n else 0.0
 
 
+@_contiguous
 def sgd(p, g, lr, wd):
     _sgd[_blocks(p.size), THREADS, _stream()](p, g, lr, wd)
 
 
+@_contiguous
 def momentum(p, g, v, lr, beta, wd):
     _momentum[_blocks(p.size), THREADS, _stream()](p, g, v, lr, beta, wd)
 
 
+@_contiguous
 def rmsprop(p, g, s, lr, beta, eps, wd):
     _rmsprop[_blocks(p.size), THREADS, _stream()](p, g, s, lr, beta, eps, wd)
 
 
+@_contiguous
 def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
     _adam[_blocks(p.size), THREADS, _stream()](p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd)
 
 
+@_contiguous
 def copy_finite(src, dst):
     bad = _xp(src).zeros(1, np.int32)
     _copy_finite[_blocks(src.size), THREADS, _stream()](src, dst, bad)
     return not int(_host(bad)[0])
 
 
+@_contiguous
 def all_finite(x):
     bad = _xp(x).zeros(1, np.int32)
     _nonfinite[_blocks(x.size), THREADS, _stream()](x, bad)

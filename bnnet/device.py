@@ -66,9 +66,12 @@ def to_host(a):
 
 
 def to_device(a, device):
-    """a on `device`: a NumPy array for "cpu", a CuPy array for "cuda" (NumPy under the simulator)."""
-    if device == "cpu" or simulated():
+    """a on `device`: a NumPy array for "cpu", a CuPy array for "cuda" (under the simulator a NumPy
+    copy, as a transfer to a GPU is one)."""
+    if device == "cpu":
         return to_host(a)
+    if simulated():
+        return np.array(a)
     import cupy
 
     return cupy.asarray(a)
