@@ -166,11 +166,18 @@ class Sequential:
         the optimizer's next step (it is created like the parameters).
         """
         from . import backend
-        from .device import check_device, to_device
+        from .device import check_device, require_gpu, simulated, to_device
 
         device = check_device("Sequential.to", device)
         if device == "cuda":
-            backend.set_backend("cuda")  # checks for the GPU before anything moves
+            require_gpu()  # says what is missing before anything moves
+            if not simulated():
+                raise HyperparameterError(
+                    "Sequential.to: training on a GPU is not available yet: the cuda backend's kernels run "
+                    "through bnnet.ops on CuPy arrays, but the layers still allocate NumPy arrays; "
+                    "train on the CPU (the default)"
+                )
+            backend.set_backend("cuda")
         for layer in self.layers:
             for kind in ("params", "buffers", "grads"):
                 arrays = getattr(layer, kind)
