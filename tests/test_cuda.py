@@ -8,6 +8,7 @@ tests run on the GPU (arrays moved there with bnnet.device). test_kernels_compil
 compiles every kernel for an H100/H200 (sm_90) with NVVM, which needs no GPU.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -282,3 +283,18 @@ def test_kernels_compile_to_ptx():
     r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled" in r.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU, scripts/gpu_check.sh runs the benchmark itself")
+def test_gpu_benchmark_harness_runs_on_the_simulator(tmp_path):
+    """benchmarks/gpu.py end to end on the simulator: workers, pooling, targets, gpu.json and gpu.md."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu.py")
+    r = subprocess.run(
+        [sys.executable, script, "--simulate", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["simulated"] and result["machine"]["gpu"] == "numba CUDA simulator"
+    assert [(r["shape"], r["act"]) for r in result["rows"]] == [([8, 4], "identity"), ([8, 4], "sigmoid")]
+    assert all(r["median_s"]["bnnet"] > 0 for r in result["rows"])
+    assert "| 8x4 | sigmoid |" in (tmp_path / "gpu.md").read_text()
