@@ -90,16 +90,17 @@ class BnnetCuda:
         return {"times": times, "bytes": 2 * a.nbytes}
 
     def bn(self, task):
-        ops, xp = self.ops, self.xp
+        ops, xp = self.ops, self.xp  # (under the simulator empty_like keeps the device subclass)
         shape, d = tuple(task["shape"]), task["shape"][1]
         rng = np.random.default_rng(0)
         x = self.to_device(rng.standard_normal(shape, dtype=np.float32), "cuda")
         dy = self.to_device(rng.standard_normal(shape, dtype=np.float32), "cuda")
-        gamma, beta = xp.ones(d, xp.float32), xp.zeros(d, xp.float32)
-        rm, rv = xp.zeros(d, xp.float32), xp.ones(d, xp.float32)
+        dev = lambda a: self.to_device(a, "cuda")  # noqa: E731
+        gamma, beta = dev(np.ones(d, np.float32)), dev(np.zeros(d, np.float32))
+        rm, rv = dev(np.zeros(d, np.float32)), dev(np.ones(d, np.float32))
         out, dx = xp.empty_like(x), xp.empty_like(x)
-        mean, var, inv = (xp.empty(d, xp.float64) for _ in range(3))
-        dg, db = xp.empty(d, xp.float32), xp.empty(d, xp.float32)
+        mean, var, inv = (dev(np.empty(d)) for _ in range(3))
+        dg, db = dev(np.empty(d, np.float32)), dev(np.empty(d, np.float32))
         act = ops.SIGMOID if task["act"] == "sigmoid" else ops.IDENTITY
 
         def step():

@@ -9,6 +9,7 @@ import numbers
 
 import numpy as np
 
+from .device import on_device
 from .errors import HyperparameterError, InputError, InputTypeError
 
 FLOAT_DTYPES = ("float32", "float64")
@@ -66,7 +67,10 @@ def check_dtype(owner, dtype):
 
 
 def as_array(x, name, owner):
-    """np.asarray(x), with InputError for a ragged nested list (which numpy refuses with ValueError)."""
+    """np.asarray(x), with InputError for a ragged nested list (which numpy refuses with ValueError).
+    An array on the GPU (bnnet.device) is returned as it is."""
+    if on_device(x):
+        return x
     try:
         return np.asarray(x)
     except ValueError as e:
@@ -145,10 +149,12 @@ def check_finite(x, name, owner):
     """Raise InputError if x holds NaN or Inf, naming the first such index."""
     if x.dtype.kind != "f":
         return
-    from . import ops  # (ops imports this module)
+    from . import backend, ops  # (ops imports this module)
 
-    # one compiled read pass for float32/float64, no boolean temporary
-    if ops.all_finite(x) if x.dtype.char in "fd" else np.isfinite(x).all():
+    # one compiled read pass for float32/float64 arrays the backend runs on (host data checked
+    # while a model trains on the GPU takes NumPy's pass), no boolean temporary
+    fast = x.dtype.char in "fd" and isinstance(x, backend.array_types())
+    if ops.all_finite(x) if fast else np.isfinite(x).all():
         return
     bad = np.argwhere(~np.isfinite(x))[0]
     raise InputError(

@@ -98,18 +98,20 @@ _array_types = {}
 
 def array_types():
     """The array types bnnet.ops accepts with the active backend: (numpy.ndarray,), or
-    (cupy.ndarray,) for "cuda" on a GPU (under numba's CUDA simulator, NumPy's)."""
+    (cupy.ndarray,) for "cuda" on a GPU (under numba's CUDA simulator, bnnet.device.SimulatedDeviceArray)."""
     name = _requested or get_backend()
     types = _array_types.get(name)
     if types is None:
         import numpy as np
 
-        from .device import simulated
+        from .device import SimulatedDeviceArray, simulated
 
         if name == "cuda" and not simulated():
             import cupy
 
             types = (cupy.ndarray,)
+        elif name == "cuda":
+            types = (SimulatedDeviceArray,)
         else:
             types = (np.ndarray,)
         _array_types[name] = types

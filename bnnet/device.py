@@ -8,8 +8,14 @@ default CPU backend. Checkpoints always hold host arrays (bnnet.io converts), so
 a file saved from either device loads on either.
 
 Under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, which the tests use on
-machines without a GPU) the CUDA kernels run on the CPU and the "device" arrays
-are NumPy arrays: moving is then a no-op.
+machines without a GPU) the CUDA kernels run on the CPU, and "device" arrays are
+SimulatedDeviceArray, a NumPy subclass: NumPy functions keep the subclass (as CuPy's
+functions return CuPy arrays), while a host array made with np.empty & co. stays a
+plain ndarray, which the cuda backend refuses as it would on a GPU. So the tests
+catch a layer that allocates on the host while the model is on the device.
+
+Layers allocate their outputs with `empty(like, shape, dtype)` / `zeros(...)`, which
+put the new array where `like` is (NumPy's empty_like dispatches to CuPy).
 """
 
 import os
@@ -19,6 +25,25 @@ import numpy as np
 from .errors import HyperparameterError
 
 DEVICES = ("cpu", "cuda")
+
+
+class SimulatedDeviceArray(np.ndarray):
+    """An array "on the GPU" under numba's CUDA simulator (see the module's docstring).
+
+    As with CuPy, what NumPy's functions return from device arrays stays on the device (ufuncs
+    keep a subclass by themselves; np.concatenate & co. are wrapped here).
+    """
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _on_simulated_device(super().__array_function__(func, types, args, kwargs))
+
+
+def _on_simulated_device(result):
+    if type(result) is np.ndarray:
+        return result.view(SimulatedDeviceArray)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_on_simulated_device(r) for r in result)
+    return result
 
 
 def simulated():
@@ -58,20 +83,30 @@ def check_device(owner, device):
     return name
 
 
+def on_device(a):
+    """True for an array on the GPU: CuPy's (or anything with __cuda_array_interface__), or a
+    SimulatedDeviceArray."""
+    if isinstance(a, np.ndarray):
+        return isinstance(a, SimulatedDeviceArray)
+    return hasattr(a, "__cuda_array_interface__")
+
+
 def to_host(a):
-    """A NumPy array with a's values (a itself if it is one)."""
-    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+    """A NumPy array with a's values: a itself if it is one, else a copy from the device."""
+    if not on_device(a):
         return np.asarray(a)
-    return a.get()
+    return np.array(a) if isinstance(a, np.ndarray) else a.get()
 
 
 def to_device(a, device):
-    """a on `device`: a NumPy array for "cpu", a CuPy array for "cuda" (under the simulator a NumPy
-    copy, as a transfer to a GPU is one)."""
+    """a on `device`: a NumPy array for "cpu" (a itself if it is one), a CuPy array for "cuda"
+    (under the simulator a SimulatedDeviceArray copy, as a transfer to a GPU is one)."""
     if device == "cpu":
         return to_host(a)
+    if on_device(a):
+        return a
     if simulated():
-        return np.array(a)
+        return np.array(a).view(SimulatedDeviceArray)
     import cupy
 
     return cupy.asarray(a)
@@ -79,4 +114,14 @@ def to_device(a, device):
 
 def device_of(a):
     """'cuda' for an array on the GPU, else 'cpu'."""
-    return "cpu" if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__") else "cuda"
+    return "cuda" if on_device(a) else "cpu"
+
+
+def empty(like, shape, dtype):
+    """An uninitialized C-contiguous array of `shape` and `dtype` where `like` is (host or GPU)."""
+    return np.empty_like(like, dtype=dtype, shape=shape, order="C")
+
+
+def zeros(like, shape, dtype):
+    """Zeros of `shape` and `dtype` where `like` is."""
+    return np.zeros_like(like, dtype=dtype, shape=shape, order="C")

@@ -35,6 +35,8 @@ bnnet.ops.
 import numpy as np
 
 from . import backend
+from ._checks import as_float_array
+from .device import empty
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear, _Activation
 
@@ -181,10 +183,11 @@ class Plan:
         ]
         self._accepted_train = train  # (train mode also requires writable buffers)
 
-    def _buffer(self, key, shape, dtype):
+    def _buffer(self, key, shape, like):
+        """A buffer kept across steps: `shape`, like's dtype, on like's device."""
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._buffers[key] = np.empty(shape, dtype)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or type(buf) is not type(like):
+            buf = self._buffers[key] = empty(like, shape, like.dtype)
         return buf
 
     def forward(self, x, train, check_finite=False):
@@ -196,7 +199,7 @@ class Plan:
                 "Sequential.forward: this model was folded for inference (bnnet.fold_batchnorm) "
                 "and has no batch statistics to train with; train the original model"
             )
-        if not isinstance(x, np.ndarray) or x.ndim < 2:
+        if not hasattr(x, "ndim") or isinstance(x, np.generic) or x.ndim < 2:
             raise InputError(f"Sequential.forward: x must be a batch (N, ...), got {getattr(x, 'shape', type(x))}")
         out_shapes = self._step_shapes.get(x.shape[1:])
         if out_shapes is None:  # the first batch of this shape: check the chain with it
@@ -209,7 +212,7 @@ class Plan:
             self._inputs[k], self._owned[k] = x, owned
             out = None
             if k < last and step.writes_out:
-                out = self._buffer(("out", k), (x.shape[0], *out_shapes[k]), x.dtype)
+                out = self._buffer(("out", k), (x.shape[0], *out_shapes[k]), x)
             x = step.forward(x, train, out)
             owned = out is not None and x is out
             if check_finite and not np.isfinite(x).all():
@@ -222,7 +225,7 @@ class Plan:
 
         input_grad: also return dL/dx of the model's input (a new array).
         """
-        dy = np.asarray(dy, dtype=self.model.dtype)
+        dy = as_float_array(dy, "dy", "Sequential.backward", self.model.dtype)
         if self._out_shape is None:
             raise InputError(
                 "Sequential.backward: no forward to backpropagate through (backward was already "
@@ -243,7 +246,7 @@ class Plan:
             elif step.dx_over_input and self._owned[k] and not below.needs_output:
                 dx_out = x  # the step below's output, a buffer of the plan, dead once this step has read it
             else:  # alternate between two buffers per shape: this step's dy may sit in the other one
-                dx_out = self._buffer(("dx", x.shape, k % 2), x.shape, x.dtype)
+                dx_out = self._buffer(("dx", x.shape, k % 2), x.shape, x)
             dy = step.backward(dy, input_grad or k > 0, dx_out)
         self._out_shape = None  # the buffers of this forward are spent: a second backward needs a new forward
         return dy.copy() if input_grad else None

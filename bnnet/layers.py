@@ -37,6 +37,7 @@ from ._checks import (
     describe,
     per_sample,
 )
+from .device import empty, zeros
 from .errors import HyperparameterError, InputError
 
 
@@ -84,7 +85,7 @@ class Layer:
         """
         out_shape = self._cached_output_shape()
         dtype = getattr(self, "dtype", None)
-        dy = np.asarray(dy) if dtype is None else as_float_array(dy, "dy", self.name, dtype)
+        dy = as_array(dy, "dy", self.name) if dtype is None else as_float_array(dy, "dy", self.name, dtype)
         if dy.shape != out_shape:
             raise InputError(f"{self.name}: dy must have the shape of the last output {out_shape}, got {dy.shape}")
         self.check_state(False)
@@ -303,13 +304,13 @@ class Linear(Layer):
 
     def _forward(self, x, train, out=None, activation=None):
         """z = x @ W + b into `out`; with `activation` (an activation layer), a = g(z) in the same pass."""
-        z = out if out is not None else np.empty((x.shape[0], self.out_features), self.dtype)  # (N, out)
+        z = out if out is not None else empty(x, (x.shape[0], self.out_features), self.dtype)  # (N, out)
         threads.for_gemm(x.shape[0] * self.in_features * self.out_features)  # BLAS threads for this product
         if activation is None:
             F.linear(x, self.params["W"], self.params.get("b"), out=z)
         else:
             np.matmul(x, self.params["W"], out=z)
-            b = self.params["b"] if self.bias else np.zeros(self.out_features, self.dtype)
+            b = self.params["b"] if self.bias else zeros(x, (self.out_features,), self.dtype)
             ops.bias_activation(z, b, *activation.kernel_code)  # z <- g(z + b), in place
         self._cache = (z, x, activation)  # z (N, out) is a when fused; x (N, in) for dW
         return z
@@ -524,9 +525,9 @@ class BatchNorm(Layer):
         """
         train = self._effective_train(x, train)
         act, slope = _activation_code(activation)
-        out = out if out is not None else np.empty(x.shape, self.dtype)  # like x, C-contiguous
+        out = out if out is not None else empty(x, x.shape, self.dtype)  # like x, C-contiguous, on x's device
         xk, outk = self._kernel_view(x), self._kernel_view(out)  # (N, C) or (N, C, S) or (N*S, C)
-        stats = np.empty((3, self.num_features))  # mean, biased var, inv_std: float64 (C,)
+        stats = empty(x, (3, self.num_features), np.float64)  # mean, biased var, inv_std: float64 (C,)
         decay, correction = self._running_update_args(x.size // self.num_features)
         gamma, beta, _, _ = self._affine()
         # in train mode the op also updates running_mean/var, as _update_running would
@@ -541,7 +542,7 @@ class BatchNorm(Layer):
         """dx into dx_out (which may be the forward's input x: each element is read before it is
         written; x is then gone, so a second backward is refused); dgamma, dbeta into grads."""
         out, xk, stats, train, act, slope, x = self._cached()
-        dx = dx_out if dx_out is not None else np.empty(x.shape, self.dtype)
+        dx = dx_out if dx_out is not None else empty(x, x.shape, self.dtype)
         gamma, _, dgamma, dbeta = self._affine()
         ops.bn_backward(
             self._kernel_view(dy),

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops
-from ._checks import as_float_array, check_finite
+from ._checks import as_array, as_float_array, check_finite
 from .errors import HyperparameterError, InputError
 
 
@@ -40,7 +40,7 @@ class Loss:
 
     @staticmethod
     def _outputs(outputs, owner):
-        outputs = np.asarray(outputs)
+        outputs = as_array(outputs, "outputs", owner)
         dtype = outputs.dtype.name if outputs.dtype.name in ("float32", "float64") else "float64"
         outputs = as_float_array(outputs, "outputs", owner, dtype)
         if outputs.ndim == 0 or outputs.shape[0] == 0:
@@ -65,7 +65,7 @@ class SoftmaxCrossEntropy(Loss):
     has_accuracy = True
 
     def check_targets(self, targets, n_outputs=None):
-        y = np.asarray(targets)
+        y = as_array(targets, "targets", type(self).__name__)
         if y.ndim != 1:
             raise InputError(
                 f"{type(self).__name__}: targets must be 1-D integer class labels (N,), got shape {y.shape}"

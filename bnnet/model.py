@@ -14,6 +14,7 @@ import numpy as np
 from ._checks import as_float_array, check_choice, check_finite, check_int, check_samples, check_seed
 from ._checks import check_finite as _check_finite  # forward's own argument is named check_finite
 from .conv import Conv2d, Flatten, MaxPool2d
+from .device import device_of, to_device, to_host
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
@@ -53,7 +54,7 @@ class _DottedView(MutableMapping):
 
     def __setitem__(self, key, value):
         d, name = self._split(key)
-        value = np.asarray(value)
+        value = to_device(value, device_of(d[name]))  # (a host value is copied to a GPU array's device)
         if value.shape != d[name].shape:
             raise InputError(
                 f"{self._kind}[{key!r}] has shape {d[name].shape}; cannot assign an array of shape {value.shape}"
@@ -138,12 +139,15 @@ class Sequential:
     def forward(self, x, train, check_finite=False, check_input=True):
         """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
 
-        x: (N, in_features), cast to the model's dtype. Returns a new (N, out) array.
+        x: (N, in_features), cast to the model's dtype (and copied to the GPU for a model there).
+            Returns a new (N, out) array, on the model's device.
         check_finite: raise NonFiniteError naming the first layer whose output holds NaN/Inf
             (costs one pass over every activation; fit uses it with check_activations=True).
         check_input: refuse an x holding NaN/Inf with InputError (default True; one read pass over x).
             False lets NaN/Inf through, as NumPy would propagate them.
         """
+        if self.device == "cuda":
+            x = to_device(x, "cuda")  # a host batch is copied to the model's GPU
         x = self.layers[0]._input(x)
         if check_input:
             _check_finite(x, "x", "Sequential.forward")
@@ -166,18 +170,11 @@ class Sequential:
         the optimizer's next step (it is created like the parameters).
         """
         from . import backend
-        from .device import check_device, require_gpu, simulated, to_device
+        from .device import check_device
 
         device = check_device("Sequential.to", device)
         if device == "cuda":
-            require_gpu()  # says what is missing before anything moves
-            if not simulated():
-                raise HyperparameterError(
-                    "Sequential.to: training on a GPU is not available yet: the cuda backend's kernels run "
-                    "through bnnet.ops on CuPy arrays, but the layers still allocate NumPy arrays; "
-                    "train on the CPU (the default)"
-                )
-            backend.set_backend("cuda")
+            backend.set_backend("cuda")  # says what is missing (CuPy, a GPU) before anything moves
         for layer in self.layers:
             for kind in ("params", "buffers", "grads"):
                 arrays = getattr(layer, kind)
@@ -190,34 +187,43 @@ class Sequential:
 
     @property
     def device(self):
-        """'cuda' when the parameters are on the GPU (or the cuda backend runs them), else 'cpu'."""
+        """Where the parameters are: 'cuda' or 'cpu' (for a model without parameters, where the backend runs)."""
         from . import backend
-        from .device import device_of
 
         first = next((a for l in self.layers for a in l.params.values()), None)
-        on_gpu = first is not None and device_of(first) == "cuda"
-        return "cuda" if on_gpu or backend.get_backend() == "cuda" else "cpu"
+        if first is None:
+            return "cuda" if backend.get_backend() == "cuda" else "cpu"
+        return device_of(first)
 
     def named_parameters(self):
         """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""
         return [(name, layer.params[k], layer.grads.get(k)) for name, layer, k in self._param_keys]
 
     def predict(self, X, batch_size=1024):
-        """Eval-mode outputs for X (N, in_features) or (N, C, H, W), batch_size rows at a time -> (N, out)."""
-        batch_size = check_int("predict", "batch_size", batch_size, low=1)
-        X = as_float_array(X, "X", "predict", self.dtype)
-        check_samples(X, "X", "predict", self.input_shape)
-        check_finite(X, "X", "predict")
+        """Eval-mode outputs for X (N, in_features) or (N, C, H, W), batch_size rows at a time -> (N, out),
+        a NumPy array wherever the model is."""
+        return to_host(self.outputs(X, batch_size, "predict"))
+
+    def outputs(self, X, batch_size=1024, owner="predict"):
+        """predict's outputs left on the model's device (each batch of X is copied there)."""
+        batch_size = check_int(owner, "batch_size", batch_size, low=1)
+        X = as_float_array(X, "X", owner, self.dtype)
+        check_samples(X, "X", owner, self.input_shape)
+        check_finite(X, "X", owner)
+        device = self.device
         out = np.concatenate(
-            [self.forward(X[i : i + batch_size], train=False, check_input=False) for i in range(0, len(X), batch_size)]
+            [
+                self.forward(to_device(X[i : i + batch_size], device), train=False, check_input=False)
+                for i in range(0, len(X), batch_size)
+            ]
         )
         with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+            finite = to_host(np.isfinite(out.reshape(len(out), -1)).all(axis=1))
         if not finite.all():
             bad = np.flatnonzero(~finite)
             raise NonFiniteError(
-                f"predict: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
-                f"although X is finite: its values (largest |x| = {np.abs(X).max():.3g}) overflow "
+                f"{owner}: the outputs of {len(bad)} row(s) hold NaN or Inf (first: row {bad[0]}), "
+                f"although X is finite: its values (largest |x| = {float(abs(X).max()):.3g}) overflow "
                 f"{self.dtype} inside the model; scale the inputs as the training data was"
             )
         return out

@@ -40,12 +40,28 @@ def _writable(a):
     return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
 
 
+def _same_device(op, name, a):
+    """A host array given to the cuda backend, or a GPU array to a CPU one: say which."""
+    if hasattr(a, "shape") and not isinstance(a, _arrays()):
+        from .device import device_of
+
+        where = device_of(a)
+        need = "cuda" if backend.get_backend() == "cuda" else "cpu"
+        if where != need:
+            _fail(
+                op,
+                f"{name} is on the {where} device, but the {backend.get_backend()} backend runs on the {need} "
+                "device; move the model and data together (model.to(...), bnnet.device.to_device)",
+            )
+
+
 def _fail(op, what):
     raise InputError(f"bnnet.ops.{op}: {what}")
 
 
 def _input(op, x, spatial=False):
     """The number of features of x: (N, D), or (N, C, S) where the op takes each channel's S values."""
+    _same_device(op, "x", x)
     if (
         not isinstance(x, _arrays()) or x.ndim not in ((2, 3) if spatial else (2,)) or x.dtype.char not in "fd"
     ):  # float32, float64
@@ -70,6 +86,7 @@ def _check(op, names, arrays, shape, dtype, write):
     else:
         return
     for name, a in zip(names.split(), arrays):
+        _same_device(op, name, a)
         if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype:
             _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}")
         if write and not _writable(a):

@@ -80,6 +80,10 @@ def schedule_from_config(cfg):
 # --------------------------------------------------------------------------
 
 
+def _writable(a):
+    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
+
+
 def _flat(a):
     return a.reshape(-1)  # a view: parameters, gradients and state are checked C-contiguous first
 
@@ -145,12 +149,13 @@ class Optimizer:
         owner = type(self).__name__
         if g is None:
             raise InputError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
-        if not (isinstance(p, np.ndarray) and p.dtype.char in "fd" and p.flags.c_contiguous and p.flags.writeable):
+        arrays = backend.array_types()  # NumPy's, or the GPU's for the cuda backend
+        if not (isinstance(p, arrays) and p.dtype.char in "fd" and p.flags.c_contiguous and _writable(p)):
             raise InputError(
                 f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
                 f"array, got {describe(p)}"
             )
-        if not isinstance(g, np.ndarray) or g.shape != p.shape:
+        if not isinstance(g, arrays) or g.shape != p.shape:
             raise InputError(f"{owner}.step: the gradient of {name!r} has shape {np.shape(g)}, the parameter {p.shape}")
         if g.dtype != p.dtype or not g.flags.c_contiguous:
             g = np.ascontiguousarray(g, dtype=p.dtype)
@@ -160,11 +165,11 @@ class Optimizer:
             if a is None:
                 a = state[key] = np.zeros_like(p)
             if not (
-                isinstance(a, np.ndarray)
+                isinstance(a, arrays)
                 and a.shape == p.shape
                 and a.dtype == p.dtype
                 and a.flags.c_contiguous
-                and a.flags.writeable
+                and _writable(a)
             ):
                 raise InputError(
                     f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "

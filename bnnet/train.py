@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
-from .device import check_device, to_device
+from .device import check_device, empty, to_device
 from .distributed import DataParallel, is_root
 from .engine import check_chain
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
@@ -173,7 +173,8 @@ def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
     """Eval-mode loss and accuracy: {"loss": float, "accuracy": float or None (regression)}."""
     loss = get_loss(loss)
     X, y = _check_data(model, X, y, loss, "evaluate")
-    outputs = model.predict(X, batch_size=batch_size)
+    outputs = model.outputs(X, batch_size, "evaluate")  # on the model's device, and y with them
+    y = to_device(y, model.device)
     return {"loss": loss.forward(outputs, y), "accuracy": loss.accuracy(outputs, y)}
 
 
@@ -442,7 +443,7 @@ class LastGood:
         spare = 1 if self.good == 0 else 0
         live = self._live()
         slot = self.slots[spare]
-        arrays = [a for _, a in live if isinstance(a, np.ndarray)]
+        arrays = [a for _, a in live if not isinstance(a, np.generic)]
         if (
             slot is None
             or len(slot["arrays"]) != len(arrays)
@@ -450,9 +451,9 @@ class LastGood:
         ):
             # New or replaced arrays (the first step creates the optimizer state): new copies, made
             # here with the same size and dtype, so the kernel below needs no other check.
-            copies = [np.empty(a.shape, a.dtype) for a in arrays]
+            copies = [empty(a, a.shape, a.dtype) for a in arrays]  # on each array's device
             slot = {
-                "keys": [key for key, a in live if isinstance(a, np.ndarray)],
+                "keys": [key for key, a in live if not isinstance(a, np.generic)],
                 "arrays": arrays,
                 "copies": copies,
                 "pairs": [(np.ascontiguousarray(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)],
@@ -464,7 +465,7 @@ class LastGood:
             else:  # integer counters (BatchNorm's count)
                 np.copyto(dst, src)
         # numpy scalars (the optimizer's per-parameter counters) are immutable: kept as they are
-        slot["scalars"] = {key: a for key, a in live if not isinstance(a, np.ndarray)}
+        slot["scalars"] = {key: a for key, a in live if isinstance(a, np.generic)}
         slot["t"] = self.opt.t
         self.slots[spare] = slot
         if ok:
@@ -492,7 +493,7 @@ class LastGood:
     def first_nonfinite(self):
         """The first live array holding NaN/Inf, as "parameter 0.W", "buffer 1.running_var", ..."""
         for (kind, where, name), a in self._live():
-            if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all():
+            if not isinstance(a, np.generic) and a.dtype.kind == "f" and not np.isfinite(a).all():
                 sep = "/" if kind == "optimizer" else "."
                 return f"{_KIND_NAMES[kind]} {where}{sep}{name}"
         return "nothing"
@@ -500,10 +501,11 @@ class LastGood:
 
 def _put(d, k, saved):
     """d[k] = saved, into d[k]'s own memory when it is an array of that shape (others hold references)."""
-    if isinstance(d.get(k), np.ndarray) and d[k].shape == saved.shape and d[k].flags.writeable:
-        np.copyto(d[k], saved, casting="unsafe")
+    a = d.get(k)
+    if a is not None and not isinstance(a, np.generic) and a.shape == saved.shape and getattr(a.flags, "writeable", 1):
+        np.copyto(a, saved, casting="unsafe")
     else:
-        d[k] = saved.copy() if isinstance(saved, np.ndarray) else saved
+        d[k] = saved if isinstance(saved, np.generic) else saved.copy()
 
 
 def _end_epoch(run, model, loss_fn, val, bar):

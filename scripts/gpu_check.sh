@@ -17,3 +17,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BNNET_TEST_GPU=1 timeout 300 python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -40 > "$out/gpu_tests.txt"
 tail -3 "$out/gpu_tests.txt"
 timeout 420 python benchmarks/gpu.py "$@" --out "$out"
+# bnnet train on the bundled data: the GPU against the CPU (accuracy and training time)
+for device in cpu cuda; do
+    timeout 300 python -m bnnet train --device "$device" --quiet --out "$out/train_$device" 2>&1 | tail -2
+done
+python - "$out" <<'PY'
+import json, sys
+for device in ("cpu", "cuda"):
+    s = json.load(open(f"{sys.argv[1]}/train_{device}/summary.json"))
+    print(device, "test accuracy", round(s["test_accuracy"], 4), "train seconds", round(s["train_seconds"], 1))
+PY

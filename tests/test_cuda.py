@@ -218,26 +218,34 @@ def test_wrong_shapes_are_refused_before_a_kernel_runs():
             ops.bn_forward(dev(np.zeros(3)), *per[:2], 1e-5, 0, 0.0, True, *per[2:], 0.9, 1.0, out, *stats)
 
 
-@pytest.mark.skipif(ON_GPU, reason="on a GPU the layers still allocate host arrays; this runs on the simulator")
 def test_fit_on_cuda_backend_equals_cpu():
+    """Under the simulator the device arrays have their own type, which the cuda backend requires:
+    this also shows that no layer, loss or optimizer hands a host array to a kernel."""
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((48, 6)), rng.integers(0, 3, 48)
-    histories, params = [], []
+    histories, params, predictions = [], [], []
     for device in ("cpu", "cuda"):
         model = bnnet.mlp([6, 5, 3], activation="tanh", dtype="float64", seed=1)
         histories.append(
-            bnnet.fit(model, X, y, optimizer="adam", epochs=2, batch_size=16, seed=2, device=device, progress=False)
-        )
-        assert backend.get_backend() == ("cuda" if device == "cuda" else backend.get_backend())
+            bnnet.fit(
+                model, X, y, optimizer="adam", epochs=2, batch_size=16, seed=2, device=device, progress=False,
+                validation_data=(X[:10], y[:10]),
+            )
+        )  # fmt: skip
+        assert model.device == device
+        assert (backend.get_backend() == "cuda") == (device == "cuda")
+        predictions.append(model.predict(X[:7]))
+        assert type(predictions[-1]) is np.ndarray  # back on the host
         params.append({k: to_host(v) for k, v in model.params.items()})
         model.to("cpu")
     assert backend.get_backend() in ("numba", "numpy")
-    np.testing.assert_allclose(histories[1]["loss"], histories[0]["loss"], rtol=1e-10)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-10, err_msg=key)
+    np.testing.assert_allclose(predictions[1], predictions[0], rtol=1e-9)
     for k in params[0]:
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.skipif(ON_GPU, reason="simulator only")
 def test_checkpoint_from_cuda_model_loads_on_cpu(tmp_path):
     model = bnnet.mlp([4, 3, 2], seed=0).to("cuda")
     try:
