@@ -13,6 +13,7 @@ import numpy as np
 from . import ops, threads
 from . import spatial as S
 from ._checks import check_bool, check_dtype, check_int, per_sample
+from .device import contiguous, empty
 from .errors import HyperparameterError, InputError
 from .layers import LAYER_TYPES, Layer, init_weights
 
@@ -138,7 +139,7 @@ class Conv2d(_Windowed):
 
     def _im2col(self, x, positions):
         """The (C*kh*kw, positions) im2col matrix of x, positions = N * Ho * Wo (bnnet.ops.im2col)."""
-        cols = np.empty((self.in_channels * self.kernel_size[0] * self.kernel_size[1], positions), self.dtype)
+        cols = empty(x, (self.in_channels * self.kernel_size[0] * self.kernel_size[1], positions), self.dtype)
         ops.im2col(x, self.kernel_size, self.stride, self.padding, cols)
         return cols
 
@@ -146,7 +147,7 @@ class Conv2d(_Windowed):
         n, shape = x.shape[0], self.out_shape(x.shape[1:])  # (O, Ho, Wo)
         threads.for_gemm(self._flops((n, *shape)))
         cols = self._im2col(x, n * shape[1] * shape[2])  # (C*kh*kw, N*Ho*Wo)
-        y = out if out is not None else np.empty((n, *shape), self.dtype)
+        y = out if out is not None else empty(x, (n, *shape), self.dtype)
         S.conv2d_from_cols(cols, self.params["W"], self.params.get("b"), n, y)
         # cols (C*kh*kw, N*Ho*Wo) for dW, kept in train mode; an eval-mode forward (predict) keeps only
         # x, and a backward after it (rare: input gradients, frozen fine-tuning) rebuilds cols from x
@@ -164,7 +165,7 @@ class Conv2d(_Windowed):
             self._grad("b")[...] = db
         if dcols is None:
             return None
-        dx = dx_out if dx_out is not None else np.empty(x.shape, self.dtype)
+        dx = dx_out if dx_out is not None else empty(x, x.shape, self.dtype)
         ops.col2im(dcols, self.kernel_size, self.stride, self.padding, dx)
         return dx
 
@@ -210,16 +211,16 @@ class MaxPool2d(_Pool2d):
 
     def _forward(self, x, train, out=None):
         shape = (x.shape[0], *self.out_shape(x.shape[1:]))
-        y = out if out is not None else np.empty(shape, x.dtype)
-        arg = np.empty(shape, np.int64)  # where each max is in its input plane
+        y = out if out is not None else empty(x, shape, x.dtype)
+        arg = empty(x, shape, np.int64)  # where each max is in its input plane
         ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, y, arg)
         self._cache = (y, x, arg)  # (x for its shape)
         return y
 
     def _backward(self, dy, input_grad, dx_out=None):
         _, x, arg = self._cached()
-        dx = dx_out if dx_out is not None else np.empty(x.shape, dy.dtype)
-        ops.max_pool2d_backward(np.ascontiguousarray(dy), arg, dx)
+        dx = dx_out if dx_out is not None else empty(dy, x.shape, dy.dtype)
+        ops.max_pool2d_backward(contiguous(dy), arg, dx)
         return dx
 
 

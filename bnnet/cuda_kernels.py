@@ -31,7 +31,7 @@ from numba.extending import overload
 
 from . import functional as F
 from . import kernels as K  # the scalar activations and their derivatives
-from . import optim_rules, reference
+from . import optim_rules
 
 # -- numpy's scalar math, for the equations compiled on the GPU -----------------------
 
@@ -591,25 +591,106 @@ def all_finite(x):
     return not int(_host(bad)[0])
 
 
-# -- images: the NumPy reference on host arrays (the simulator); no GPU kernels yet ---
+# -- images (N, C, H, W): im2col, its adjoint col2im, max pooling ------------------------
+#
+# One thread per element written, so that no two threads write one place, except in the
+# max-pool backward, whose windows may overlap: there each dy is added with an atomic add.
 
 
-def _host_only(op):
-    def run(*args):
-        if not all(isinstance(a, np.ndarray) for a in args if hasattr(a, "shape")):
-            from .errors import InputError
+@cuda.jit
+def _im2col(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
+    """cols[(c, i, j), (n, p, q)] = x[n, c, p*sh + i - ph, q*sw + j - pw], 0 outside x."""
+    _, _, h, w = x.shape
+    width = cols.shape[1]
+    for e in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
+        r, col = e // width, e % width
+        ch, i, j = r // (kh * kw), (r // kw) % kh, r % kw
+        s, p, q = col // (ho * wo), (col // wo) % ho, col % wo
+        y, xx = p * sh + i - ph, q * sw + j - pw
+        v = 0.0
+        if 0 <= y < h and 0 <= xx < w:
+            v = x[s, ch, y, xx]
+        cols[r, col] = v
 
-            raise InputError(
-                f"bnnet.ops.{op}: the cuda backend has no GPU kernel for images yet; "
-                "run convolutional models with the numba or numpy backend"
-            )
-        getattr(reference, op)(*args)
 
-    run.__name__ = op
-    return run
+@cuda.jit
+def _col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx):
+    """dx[n, c, y, x] = the sum of the columns' entries read from that pixel (gathered, no atomics)."""
+    n, c, h, w = dx.shape
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        s, ch, y, xx = e // (c * h * w), (e // (h * w)) % c, (e // w) % h, e % w
+        acc = 0.0
+        for i in range(kh):
+            py = y + ph - i  # = p * sh for the window row p that reads pixel row y at offset i
+            if py < 0 or py % sh != 0 or py // sh >= ho:
+                continue
+            for j in range(kw):
+                qx = xx + pw - j
+                if qx < 0 or qx % sw != 0 or qx // sw >= wo:
+                    continue
+                acc += cols[(ch * kh + i) * kw + j, (s * ho + py // sh) * wo + qx // sw]
+        dx[s, ch, y, xx] = acc
 
 
-im2col = _host_only("im2col")
-col2im = _host_only("col2im")
-max_pool2d = _host_only("max_pool2d")
-max_pool2d_backward = _host_only("max_pool2d_backward")
+@cuda.jit
+def _max_pool2d(x, kh, kw, sh, sw, ph, pw, out, arg):
+    """One thread per output: the window's first maximum (a NaN wins and stays), and where it is."""
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        s, ch, p, q = e // (c * ho * wo), (e // (ho * wo)) % c, (e // wo) % ho, e % wo
+        best = -math.inf
+        where = -1
+        for i in range(kh):
+            y = p * sh + i - ph
+            if y < 0 or y >= h:
+                continue
+            for j in range(kw):
+                xx = q * sw + j - pw
+                if xx < 0 or xx >= w:
+                    continue
+                v = float64(x[s, ch, y, xx])
+                if where < 0 or (not math.isnan(best) and (v > best or math.isnan(v))):
+                    best = v
+                    where = y * w + xx
+        out[s, ch, p, q] = best
+        arg[s, ch, p, q] = where
+
+
+@cuda.jit
+def _max_pool2d_backward(dy, arg, dx):
+    """dx[n, c].flat[arg] += dy (dx zeroed before); indices outside the plane are skipped."""
+    _, c, ho, wo = dy.shape
+    h, w = dx.shape[2], dx.shape[3]
+    for e in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
+        s, ch, p, q = e // (c * ho * wo), (e // (ho * wo)) % c, (e // wo) % ho, e % wo
+        a = arg[s, ch, p, q]
+        if 0 <= a < h * w:
+            cuda.atomic.add(dx, (s, ch, a // w, a % w), dy[s, ch, p, q])
+
+
+def _sizes(size, kernel, stride, padding):
+    return tuple((n + 2 * pd - k) // st + 1 for n, k, st, pd in zip(size, kernel, stride, padding))
+
+
+@_contiguous
+def im2col(x, kernel, stride, padding, cols):
+    ho, wo = _sizes(x.shape[2:], kernel, stride, padding)
+    _im2col[_blocks(cols.size), THREADS, _stream()](x, *kernel, *stride, *padding, ho, wo, cols)
+
+
+@_contiguous
+def col2im(cols, kernel, stride, padding, dx):
+    ho, wo = _sizes(dx.shape[2:], kernel, stride, padding)
+    _col2im[_blocks(dx.size), THREADS, _stream()](cols, *kernel, *stride, *padding, ho, wo, dx)
+
+
+@_contiguous
+def max_pool2d(x, kernel, stride, padding, out, arg):
+    _max_pool2d[_blocks(out.size), THREADS, _stream()](x, *kernel, *stride, *padding, out, arg)
+
+
+@_contiguous
+def max_pool2d_backward(dy, arg, dx):
+    dx[...] = 0
+    _max_pool2d_backward[_blocks(dy.size), THREADS, _stream()](dy, arg, dx)

@@ -117,6 +117,15 @@ def device_of(a):
     return "cuda" if on_device(a) else "cpu"
 
 
+def contiguous(a, dtype=None):
+    """a as a C-contiguous array of `dtype` on its own device (a itself when it already is one).
+
+    np.ascontiguousarray would bring a GPU array to the host (CuPy refuses that implicit copy)."""
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def empty(like, shape, dtype):
     """An uninitialized C-contiguous array of `shape` and `dtype` where `like` is (host or GPU)."""
     return np.empty_like(like, dtype=dtype, shape=shape, order="C")

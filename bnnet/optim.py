@@ -12,6 +12,7 @@ import numpy as np
 
 from . import backend
 from ._checks import check_int, check_number, describe
+from .device import contiguous
 from .errors import CheckpointError, HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class Optimizer:
         if not isinstance(g, arrays) or g.shape != p.shape:
             raise InputError(f"{owner}.step: the gradient of {name!r} has shape {np.shape(g)}, the parameter {p.shape}")
         if g.dtype != p.dtype or not g.flags.c_contiguous:
-            g = np.ascontiguousarray(g, dtype=p.dtype)
+            g = contiguous(g, p.dtype)
         state = self.state.setdefault(name, {})
         for key in self.state_names:
             a = state.get(key)

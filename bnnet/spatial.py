@@ -22,6 +22,8 @@ window never runs past the padded edge; no ceil mode).
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .device import contiguous
+
 
 def out_size(size, kernel, stride, padding):
     """Positions of a `kernel`-wide window moved by `stride` over `size` + 2 * `padding` values."""
@@ -79,7 +81,7 @@ def conv2d_grads(dy, cols, w, input_grad=True):
     dx is col2im(dcols): each column's gradient added back to the pixels it was read from.
     """
     n, o, ho, wo = dy.shape
-    dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)  # (O, N*Ho*Wo)
+    dy2 = contiguous(dy.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)  # (O, N*Ho*Wo), on dy's device
     dw = (dy2 @ cols.T).reshape(w.shape)
     db = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dy.dtype)
     return (w.reshape(o, -1).T @ dy2 if input_grad else None), dw, db

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
-from .device import check_device, empty, to_device
+from .device import check_device, contiguous, empty, to_device
 from .distributed import DataParallel, is_root
 from .engine import check_chain
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
@@ -456,7 +456,7 @@ class LastGood:
                 "keys": [key for key, a in live if not isinstance(a, np.generic)],
                 "arrays": arrays,
                 "copies": copies,
-                "pairs": [(np.ascontiguousarray(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)],
+                "pairs": [(contiguous(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)],
             }
         copy_finite, ok = backend.impl().copy_finite, True
         for src, dst in slot["pairs"]:

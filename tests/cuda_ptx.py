@@ -49,6 +49,11 @@ def signatures(dt):
     yield G._adam, (c1, c1, c1, c1, f64, f64, f64, f64, f64, f64, f64)
     yield G._copy_finite, (c1, c1, arr(i32, 1))
     yield G._nonfinite, (c1, arr(i32, 1))
+    c4, i4 = arr(dt, 4), arr(i64, 4)
+    yield G._im2col, (c4, *(i64,) * 8, c2)
+    yield G._col2im, (c2, *(i64,) * 8, c4)
+    yield G._max_pool2d, (c4, *(i64,) * 6, c4, i4)
+    yield G._max_pool2d_backward, (c4, i4, c4)
     if dt is f64:
         yield G._merge, (f1, f1, i64)
         yield G._merge_counts, (f1, f1)

@@ -306,3 +306,54 @@ def test_gpu_benchmark_harness_runs_on_the_simulator(tmp_path):
     assert [(r["shape"], r["act"]) for r in result["rows"]] == [([8, 4], "identity"), ([8, 4], "sigmoid")]
     assert all(r["median_s"]["bnnet"] > 0 for r in result["rows"])
     assert "| 8x4 | sigmoid |" in (tmp_path / "gpu.md").read_text()
+
+
+IMAGE_CASES = [((3, 3), (1, 1), (1, 1)), ((2, 2), (2, 2), (0, 0)), ((3, 2), (2, 1), (1, 0))]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kernel, stride, padding", IMAGE_CASES)
+def test_image_kernels_match_reference(dtype, kernel, stride, padding):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 5, 6)).astype(dtype)
+    x[1, 2, 2, 3] = np.nan  # a NaN wins its max-pool windows and stays
+    x[0, 1, :2, :2] = 1.5  # ties: the first maximum, row by row
+    ho, wo = ((s + 2 * p - k) // st + 1 for s, k, st, p in zip(x.shape[2:], kernel, stride, padding))
+    cols_shape = (3 * kernel[0] * kernel[1], 2 * ho * wo)
+    dcols = rng.standard_normal(cols_shape).astype(dtype)
+    dy = rng.standard_normal((2, 3, ho, wo)).astype(dtype)
+    pool = 2 * max(padding) <= min(kernel)  # max pooling allows padding up to half the kernel
+    results = {}
+    for name in ("numpy", "cuda"):
+        put = dev if name == "cuda" else np.asarray
+        with backend.using(name):
+            cols = put(np.empty(cols_shape, dtype))
+            ops.im2col(put(x), kernel, stride, padding, cols)
+            dx = put(np.empty_like(x))
+            ops.col2im(put(dcols), kernel, stride, padding, dx)
+            got = [cols, dx]
+            if pool:
+                out, arg = put(np.empty((2, 3, ho, wo), dtype)), put(np.empty((2, 3, ho, wo), np.int64))
+                ops.max_pool2d(put(x), kernel, stride, padding, out, arg)
+                dxp = put(np.full_like(x, 7.0))  # overwritten
+                ops.max_pool2d_backward(put(dy), arg, dxp)
+                got += [out, arg, dxp]
+            results[name] = [to_host(a) for a in got]
+    for g, w in zip(results["cuda"], results["numpy"]):
+        np.testing.assert_allclose(g, w, **TOL[dtype])
+
+
+def test_convnet_fit_on_cuda_equals_cpu():
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((8, 1, 6, 6)), rng.integers(0, 3, 8)
+    losses, params = [], []
+    for device in ("cpu", "cuda"):
+        model = bnnet.convnet(in_shape=(1, 6, 6), channels=(2,), hidden=(4,), classes=3, dtype="float64", seed=0)
+        history = bnnet.fit(model, X, y, optimizer="sgd", epochs=1, batch_size=4, seed=0, device=device,
+                            progress=False)  # fmt: skip
+        losses.append(history["loss"])
+        params.append({k: to_host(v) for k, v in model.params.items()})
+        model.to("cpu")
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-9, atol=1e-12, err_msg=k)
