@@ -18,3 +18,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# The boundscheck re-run of the kernel tests (tests/test_safety.py) compiles every kernel again and
+# takes minutes on one core: it starts as soon as the tests are collected, in a process of its
+# own, and the test that owns it only collects its result. The rest of the suite runs meanwhile.
+BOUNDSCHECK_TEST = "test_kernels_never_index_out_of_range_with_boundscheck"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # (not inside that run itself, which deselects the test with -k after this hook has seen it)
+    if os.environ.get("NUMBA_BOUNDSCHECK") != "1" and any(item.name == BOUNDSCHECK_TEST for item in items):
+        from boundscheck import start
+
+        config._bnnet_boundscheck = start()
+
+
+def pytest_unconfigure(config):
+    run = getattr(config, "_bnnet_boundscheck", None)
+    if run is not None:
+        run.stop()
