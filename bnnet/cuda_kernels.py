@@ -1,9 +1,9 @@
 """The "cuda" backend of bnnet.ops: the operations of bnnet.kernels as CUDA kernels (numba.cuda).
 
 Nothing here checks its arguments: call these through bnnet.ops, which does.
-Arrays are device arrays (CuPy's on a GPU; NumPy's under numba's CUDA
-simulator, NUMBA_ENABLE_CUDASIM=1, which runs these same kernels on the CPU
-thread by thread: how the tests check their indexing without a GPU).
+Arrays are device arrays: CuPy's on a GPU; under numba's CUDA simulator
+(NUMBA_ENABLE_CUDASIM=1, which runs these same kernels on the CPU thread by
+thread: how the tests check them without a GPU) bnnet.device.SimulatedDeviceArray.
 
 The equations are those of bnnet.functional and bnnet.optim_rules, and the
 activations those of bnnet.kernels, compiled for the GPU (numpy's scalar
@@ -20,6 +20,7 @@ statistics. Sums are float64, shifted by the first row (as in bnnet.kernels),
 so no E[x^2] - E[x]^2 cancellation occurs; per-element arithmetic is float64
 and rounds once to the storage dtype. (N, C, S) input (images, S = H*W) uses
 one block per (channel, chunk of samples) instead, which reads runs of S.
+Images also get im2col, col2im and max pooling (at the end of this file).
 """
 
 import math

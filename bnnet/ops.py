@@ -5,10 +5,11 @@ optimizer update, ...). It checks that every array it will read or write has
 the shape and dtype the others imply, then runs the active backend's
 implementation (see bnnet.backend):
 
-    "numba"  bnnet.kernels    fused, compiled loops (the default)
-    "numpy"  bnnet.reference  the equations of bnnet.functional, in array code
+    "numba"  bnnet.kernels       fused, compiled loops (the default)
+    "numpy"  bnnet.reference     the equations of bnnet.functional, in array code
+    "cuda"   bnnet.cuda_kernels  the numba kernels' passes as CUDA kernels, on GPU arrays
 
-Both have the same signatures and write their outputs into the arrays given.
+All have the same signatures and write their outputs into the arrays given.
 Arrays are NumPy's, or CuPy's (on the GPU) for the "cuda" backend: an array of
 the other kind is refused like one of the wrong shape.
 Compiled loops index arrays without bounds checks, so this module is the
