@@ -43,6 +43,7 @@ import traceback
 import numpy as np
 
 from . import ops, threads
+from .device import empty, on_device, to_device, to_host, zeros
 from .errors import BnnetError, InputError
 from .layers import BatchNorm, _activation_code, on_rows
 
@@ -76,7 +77,7 @@ class Communicator:
 
     def _timed(self, nbytes, fn, *args, **kwargs):
         t = time.perf_counter()
-        fn(*args, **kwargs)
+        _through_host(fn, *args, **kwargs)
         self.stats["seconds"] += time.perf_counter() - t
         self.stats["calls"] += 1
         self.stats["bytes"] += nbytes
@@ -103,6 +104,16 @@ class Communicator:
     def abort(self, code=1):
         """End every rank of the job now (MPI_Abort): no rank is left waiting in a collective."""
         self.comm.Abort(code)
+
+
+def _through_host(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with each GPU array among args replaced by a host copy that is copied back
+    after: MPI reads and writes host memory (a CUDA-aware MPI or NCCL would spare the copies)."""
+    copies = [(a, to_host(a)) if on_device(a) else (a, a) for a in args]
+    fn(*(c for _, c in copies), **kwargs)
+    for a, c in copies:
+        if c is not a:
+            np.copyto(a, to_device(c, "cuda"))
 
 
 class SingleProcess:
@@ -261,7 +272,7 @@ class SyncBatchNorm(BatchNorm):
     def _global_moments(self, x):
         """(n, mean, biased var) of the global batch; mean, var float64 (D,)."""
         d = self.num_features
-        buf = np.empty(2 * d + 1)  # packed [count, mean (D), M2 (D)]: one allreduce
+        buf = empty(x, (2 * d + 1,), np.float64)  # packed [count, mean (D), M2 (D)]: one allreduce
         buf[0] = x.shape[0]
         ops.bn_moments(x, buf[1 : d + 1], buf[d + 1 :])
         self.comm.merge_moments(buf)
@@ -280,7 +291,7 @@ class SyncBatchNorm(BatchNorm):
             return super()._forward(x, False, out, activation)
         n, mean, var = self._global_moments(x)
         self._update_running(mean, var, n)
-        stats = np.empty((3, self.num_features))  # mean, var, inv_std: float64 (D,)
+        stats = empty(x, (3, self.num_features), np.float64)  # mean, var, inv_std: float64 (D,)
         stats[0], stats[1] = mean, var
         act, slope = _activation_code(activation)
         out = out if out is not None else np.empty_like(x)
@@ -294,7 +305,7 @@ class SyncBatchNorm(BatchNorm):
         if self._cached()[0] != "sync":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad, dx_out)
         _, x, out, stats, act, slope, n = self._cached()
-        sums = np.empty((2, self.num_features))  # sum(g), sum(g x_hat) over this shard
+        sums = empty(x, (2, self.num_features), np.float64)  # sum(g), sum(g x_hat) over this shard
         ops.bn_grad_sums(dy, out, x, stats[0], stats[2], act, slope, sums[0], sums[1])
         gamma, _, dgamma, dbeta = self._affine()
         dbeta[...], dgamma[...] = sums  # the step's gradient allreduce adds the rest
@@ -347,7 +358,8 @@ class DataParallel:
         params = model.named_parameters()
         n_grads = sum(p.size for _, p, _ in params)
         n_stats = sum(2 * l.num_features for l in self.local_bn)
-        self.flat = np.zeros(n_grads + 2 + n_stats, model.dtype)
+        first = params[0][1] if params else np.empty(0)
+        self.flat = zeros(first, (n_grads + 2 + n_stats,), model.dtype)  # on the parameters' device
         self.views, offset = [], 0
         for name, p, _ in params:
             layer, key = model.layers[int(name.split(".")[0])], name.split(".", 1)[1]

@@ -505,7 +505,10 @@ class BatchNorm(Layer):
 
     def _update_running(self, mean, var, m):
         """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
-        mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+        # float64 arrays on the device they are on (np.asarray would bring a GPU array to the host)
+        mean, var = (
+            a.astype(np.float64, copy=False) if hasattr(a, "astype") else np.asarray(a, np.float64) for a in (mean, var)
+        )
         if self.track_running_stats:
             ops.update_running(
                 self.buffers["running_mean"], self.buffers["running_var"], mean, var, *self._running_update_args(m)

@@ -357,3 +357,20 @@ def test_convnet_fit_on_cuda_equals_cpu():
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
     for k in params[0]:
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_sync_batchnorm_on_one_rank_equals_cpu():
+    """SyncBatchNorm's forward and backward (global moments, the sums allreduce) on the device, with
+    a communicator of one rank: the same training as on the CPU."""
+    from bnnet.distributed import SingleProcess, sync_batchnorm
+
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(2.0, 3.0, (24, 5)), rng.integers(0, 3, 24)
+    params = []
+    for device in ("cpu", "cuda"):
+        model = sync_batchnorm(bnnet.mlp([5, 4, 3], activation="sigmoid", dtype="float64", seed=3), SingleProcess())
+        bnnet.fit(model, X, y, optimizer="momentum", epochs=1, batch_size=8, seed=0, device=device, progress=False)
+        params.append({k: to_host(v) for k, v in {**model.params, **model.buffers}.items()})
+        model.to("cpu")
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-10, atol=1e-12, err_msg=k)
