@@ -33,6 +33,7 @@ from numba.extending import overload
 from . import functional as F
 from . import kernels as K  # the scalar activations and their derivatives
 from . import optim_rules
+from .device import writable
 
 # -- numpy's scalar math, for the equations compiled on the GPU -----------------------
 
@@ -68,6 +69,8 @@ _rmsprop_rule = njit(**_EQ)(optim_rules.rmsprop)
 _adam_rule = njit(**_EQ)(optim_rules.adam)
 _activate = K._activate
 _activation_grad = K._activation_grad
+# (it takes an array: the simulator's in-kernel arrays are Python objects, so it runs as Python there)
+_window_max = K._window_max.py_func if config.ENABLE_CUDASIM else K._window_max
 
 THREADS = 256  # threads per block of the element-wise kernels
 COLS, ROWS = 32, 8  # block of the column reductions: a warp reads 32 neighbouring features
@@ -394,7 +397,7 @@ def _contiguous(launch):
         ]
         result = launch(*(c for _, c in copies))
         for a, c in copies:
-            if c is not a and getattr(a.flags, "writeable", True):
+            if c is not a and writable(a):
                 a[...] = c
         return result
 
@@ -636,26 +639,10 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx):
 @cuda.jit
 def _max_pool2d(x, kh, kw, sh, sw, ph, pw, out, arg):
     """One thread per output: the window's first maximum (a NaN wins and stays), and where it is."""
-    n, c, h, w = x.shape
-    ho, wo = out.shape[2], out.shape[3]
+    c, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         s, ch, p, q = e // (c * ho * wo), (e // (ho * wo)) % c, (e // wo) % ho, e % wo
-        best = -math.inf
-        where = -1
-        for i in range(kh):
-            y = p * sh + i - ph
-            if y < 0 or y >= h:
-                continue
-            for j in range(kw):
-                xx = q * sw + j - pw
-                if xx < 0 or xx >= w:
-                    continue
-                v = float64(x[s, ch, y, xx])
-                if where < 0 or (not math.isnan(best) and (v > best or math.isnan(v))):
-                    best = v
-                    where = y * w + xx
-        out[s, ch, p, q] = best
-        arg[s, ch, p, q] = where
+        out[s, ch, p, q], arg[s, ch, p, q] = _window_max(x, s, ch, p, q, kh, kw, sh, sw, ph, pw)
 
 
 @cuda.jit

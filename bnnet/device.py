@@ -117,6 +117,11 @@ def device_of(a):
     return "cuda" if on_device(a) else "cpu"
 
 
+def writable(a):
+    """Whether a result can be written into a (CuPy arrays always can; NumPy's may be read-only)."""
+    return getattr(a.flags, "writeable", True)
+
+
 def contiguous(a, dtype=None):
     """a as a C-contiguous array of `dtype` on its own device (a itself when it already is one).
 

@@ -23,6 +23,7 @@ features), kept as distinct functions so that numba's on-disk caches of the two
 never collide. `bn_forward` / `bn_backward` pick one by size.
 """
 
+import math
 import os
 
 # numba runs its parallel kernels on OpenMP threads. By default those spin after
@@ -934,32 +935,38 @@ def col2im(cols, kernel, stride, padding, dx):
     _col2im(cols, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], ho, wo, dx)
 
 
+@njit(inline="always", **_OPTS)
+def _window_max(x, s, ch, p, q, kh, kw, sh, sw, ph, pw):
+    """(max, where) over window (p, q) of the plane x[s, ch], where = y * W + x of the max (-1 if the
+    window holds only padding, which never wins): the first maximum row by row, and a NaN wins and
+    stays (numpy's argmax; NaN propagates as in PyTorch). The CPU and the CUDA kernels both call this."""
+    h, w = x.shape[2], x.shape[3]
+    best = -math.inf
+    where = -1
+    for i in range(kh):
+        y = p * sh + i - ph
+        if y < 0 or y >= h:
+            continue
+        for j in range(kw):
+            xx = q * sw + j - pw
+            if xx < 0 or xx >= w:
+                continue
+            v = np.float64(x[s, ch, y, xx])
+            if where < 0 or (not math.isnan(best) and (v > best or math.isnan(v))):
+                best = v
+                where = y * w + xx
+    return best, where
+
+
 @njit(parallel=True, **_OPTS)
 def _max_pool2d(x, kh, kw, sh, sw, ph, pw, out, arg):
-    n, c, h, w = x.shape
+    n, c = x.shape[0], x.shape[1]
     ho, wo = out.shape[2], out.shape[3]
     for t in prange(n * c):
         s, ch = t // c, t % c
-        plane = x[s, ch]
         for p in range(ho):
             for q in range(wo):
-                best = -np.inf
-                where = -1
-                for i in range(kh):
-                    y = p * sh + i - ph
-                    if y < 0 or y >= h:
-                        continue
-                    for j in range(kw):
-                        xx = q * sw + j - pw
-                        if xx < 0 or xx >= w:
-                            continue
-                        v = plane[y, xx]
-                        # the first maximum; a NaN wins and stays (numpy's argmax; NaN propagates as in PyTorch)
-                        if where < 0 or (not np.isnan(best) and (v > best or np.isnan(v))):
-                            best = v
-                            where = y * w + xx
-                out[s, ch, p, q] = best
-                arg[s, ch, p, q] = where
+                out[s, ch, p, q], arg[s, ch, p, q] = _window_max(x, s, ch, p, q, kh, kw, sh, sw, ph, pw)
 
 
 def max_pool2d(x, kernel, stride, padding, out, arg):

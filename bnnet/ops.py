@@ -28,6 +28,7 @@ import numpy as np
 
 from . import backend
 from ._checks import describe
+from .device import writable
 from .errors import InputError
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
@@ -35,10 +36,6 @@ _F64 = np.dtype(np.float64)
 
 
 _arrays = backend.array_types  # NumPy's ndarray, or CuPy's for the cuda backend on a GPU
-
-
-def _writable(a):
-    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
 
 
 def _same_device(op, name, a):
@@ -82,7 +79,7 @@ def _per_feature(op, names, arrays, d, dtype, write=False):
 
 def _check(op, names, arrays, shape, dtype, write):
     for a in arrays:  # the common case, fast: no strings built
-        if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype or (write and not _writable(a)):
+        if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype or (write and not writable(a)):
             break
     else:
         return
@@ -90,7 +87,7 @@ def _check(op, names, arrays, shape, dtype, write):
         _same_device(op, name, a)
         if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype:
             _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}")
-        if write and not _writable(a):
+        if write and not writable(a):
             _fail(op, f"{name} is read-only; it receives the result")
 
 
@@ -355,7 +352,7 @@ def col2im(cols, kernel, stride, padding, dx):
     n, c = dx.shape[:2]
     ho, wo = _window_sizes("col2im", dx.shape, kernel, stride, padding)
     _check("col2im", "cols", (cols,), (c * kernel[0] * kernel[1], n * ho * wo), dx.dtype, False)
-    if not _writable(dx) or not dx.flags.c_contiguous:
+    if not writable(dx) or not dx.flags.c_contiguous:
         _fail("col2im", f"dx must be writable and C-contiguous; it receives the result, got {describe(dx)}")
     backend.impl().col2im(cols, kernel, stride, padding, dx)
 
@@ -381,7 +378,7 @@ def max_pool2d_backward(dy, arg, dx):
     _image("max_pool2d_backward", "dy", dy)
     _image("max_pool2d_backward", "dx", dx)
     _check("max_pool2d_backward", "arg", (arg,), dy.shape, np.dtype(np.int64), False)
-    if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not _writable(dx) or not dx.flags.c_contiguous:
+    if dx.shape[:2] != dy.shape[:2] or dx.dtype != dy.dtype or not writable(dx) or not dx.flags.c_contiguous:
         _fail(
             "max_pool2d_backward",
             f"dx must be a writable C-contiguous {dy.dtype} array of shape {dy.shape[:2]} + (H, W), got {describe(dx)}",

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 from ._checks import check_int, check_number, describe
-from .device import contiguous
+from .device import contiguous, writable
 from .errors import CheckpointError, HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
@@ -81,10 +81,6 @@ def schedule_from_config(cfg):
 # --------------------------------------------------------------------------
 
 
-def _writable(a):
-    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
-
-
 def _flat(a):
     return a.reshape(-1)  # a view: parameters, gradients and state are checked C-contiguous first
 
@@ -151,7 +147,7 @@ class Optimizer:
         if g is None:
             raise InputError(f"{owner}.step: no gradient for {name!r}; run model.backward() first")
         arrays = backend.array_types()  # NumPy's, or the GPU's for the cuda backend
-        if not (isinstance(p, arrays) and p.dtype.char in "fd" and p.flags.c_contiguous and _writable(p)):
+        if not (isinstance(p, arrays) and p.dtype.char in "fd" and p.flags.c_contiguous and writable(p)):
             raise InputError(
                 f"{owner}.step: parameter {name!r} must be a writable C-contiguous float32/float64 "
                 f"array, got {describe(p)}"
@@ -170,7 +166,7 @@ class Optimizer:
                 and a.shape == p.shape
                 and a.dtype == p.dtype
                 and a.flags.c_contiguous
-                and _writable(a)
+                and writable(a)
             ):
                 raise InputError(
                     f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import backend
 from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
-from .device import check_device, contiguous, empty, to_device
+from .device import check_device, contiguous, empty, to_device, writable
 from .distributed import DataParallel, is_root
 from .engine import check_chain
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
@@ -502,7 +502,7 @@ class LastGood:
 def _put(d, k, saved):
     """d[k] = saved, into d[k]'s own memory when it is an array of that shape (others hold references)."""
     a = d.get(k)
-    if a is not None and not isinstance(a, np.generic) and a.shape == saved.shape and getattr(a.flags, "writeable", 1):
+    if a is not None and not isinstance(a, np.generic) and a.shape == saved.shape and writable(a):
         np.copyto(a, saved, casting="unsafe")
     else:
         d[k] = saved if isinstance(saved, np.generic) else saved.copy()
