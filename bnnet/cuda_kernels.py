@@ -386,13 +386,16 @@ def _flat(a):
 
 
 def _contiguous(launch):
-    """Run `launch` on C-contiguous arrays: a strided argument is copied in, and back out after
-    (if writable). Kernels then index flat or row-major memory only; strided arrays are rare here
+    """Run `launch` on C-contiguous writable arrays: a strided or read-only argument is copied in, and
+    back out after (if writable). Kernels then index flat or row-major memory only; strided arrays are rare here
     (bnnet's layers allocate contiguous ones), and numba's simulator refuses them."""
 
     def run(*args):
+        # (a read-only array is copied too: numba's simulator writes every argument back after a launch)
         copies = [
-            (a, _xp(a).ascontiguousarray(a)) if hasattr(a, "flags") and not a.flags.c_contiguous else (a, a)
+            (a, _xp(a).array(a, order="C"))
+            if hasattr(a, "flags") and (not a.flags.c_contiguous or not writable(a))
+            else (a, a)
             for a in args
         ]
         result = launch(*(c for _, c in copies))

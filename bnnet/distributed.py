@@ -295,7 +295,7 @@ class SyncBatchNorm(BatchNorm):
         stats[0], stats[1] = mean, var
         act, slope = _activation_code(activation)
         out = out if out is not None else np.empty_like(x)
-        gamma, beta, _, _ = self._affine()
+        gamma, beta, _, _ = self._affine(x)
         ops.bn_apply(x, gamma, beta, self.eps, act, slope, stats[0], stats[1], out, stats[2])
         self._cache = ("sync", x, out, stats, act, slope, n)
         return out
@@ -307,7 +307,7 @@ class SyncBatchNorm(BatchNorm):
         _, x, out, stats, act, slope, n = self._cached()
         sums = empty(x, (2, self.num_features), np.float64)  # sum(g), sum(g x_hat) over this shard
         ops.bn_grad_sums(dy, out, x, stats[0], stats[2], act, slope, sums[0], sums[1])
-        gamma, _, dgamma, dbeta = self._affine()
+        gamma, _, dgamma, dbeta = self._affine(x)
         dbeta[...], dgamma[...] = sums  # the step's gradient allreduce adds the rest
         if not input_grad:
             return None

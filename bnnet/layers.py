@@ -451,29 +451,36 @@ class BatchNorm(Layer):
             spec["buffers", "count"] = ((), np.int64)
         return spec
 
-    def _affine(self):
+    def _affine(self, like=None):
         """(gamma, beta, dgamma, dbeta): the params and their grads, or with affine=False the
-        constants 1 and 0 and two arrays the kernels may write gradients into (never read)."""
+        constants 1 and 0 and two arrays the kernels may write gradients into (never read), made on
+        the device of `like` (the input; default the host)."""
         if self.affine:
             return self.params["gamma"], self.params["beta"], self._grad("gamma"), self._grad("beta")
-        if self._constants is None or self._constants[0].shape != (self.num_features,):
-            ones, zeros = np.ones(self.num_features, self.dtype), np.zeros(self.num_features, self.dtype)
-            ones.flags.writeable = zeros.flags.writeable = False
-            self._constants = (
-                ones,
-                zeros,
-                np.empty(self.num_features, self.dtype),
-                np.empty(self.num_features, self.dtype),
-            )
+        like = np.empty(0, self.dtype) if like is None else like
+        shape = (self.num_features,)
+        if self._constants is None or self._constants[0].shape != shape or type(self._constants[0]) is not type(like):
+            ones, zeros = empty(like, shape, self.dtype), empty(like, shape, self.dtype)
+            ones[...], zeros[...] = 1, 0
+            if isinstance(ones, np.ndarray):
+                ones.flags.writeable = zeros.flags.writeable = False
+            self._constants = (ones, zeros, empty(like, shape, self.dtype), empty(like, shape, self.dtype))
         return self._constants
 
-    def _running(self):
+    def _running(self, like=None):
         """(running_mean, running_var) for the kernels; with track_running_stats=False two arrays
-        they may write into, never read (the layer always uses batch statistics then)."""
+        they may write into, never read (the layer always uses batch statistics then), on like's device."""
         if self.track_running_stats:
             return self.buffers["running_mean"], self.buffers["running_var"]
-        if self._stat_sinks is None or self._stat_sinks[0].shape != (self.num_features,):
-            self._stat_sinks = (np.zeros(self.num_features, self.dtype), np.ones(self.num_features, self.dtype))
+        like = np.empty(0, self.dtype) if like is None else like
+        shape = (self.num_features,)
+        if (
+            self._stat_sinks is None
+            or self._stat_sinks[0].shape != shape
+            or type(self._stat_sinks[0]) is not type(like)
+        ):
+            self._stat_sinks = (zeros(like, shape, self.dtype), empty(like, shape, self.dtype))
+            self._stat_sinks[1][...] = 1
         return self._stat_sinks
 
     def _effective_train(self, x, train):
@@ -532,9 +539,9 @@ class BatchNorm(Layer):
         xk, outk = self._kernel_view(x), self._kernel_view(out)  # (N, C) or (N, C, S) or (N*S, C)
         stats = empty(x, (3, self.num_features), np.float64)  # mean, biased var, inv_std: float64 (C,)
         decay, correction = self._running_update_args(x.size // self.num_features)
-        gamma, beta, _, _ = self._affine()
+        gamma, beta, _, _ = self._affine(x)
         # in train mode the op also updates running_mean/var, as _update_running would
-        ops.bn_forward(xk, gamma, beta, self.eps, act, slope, train, *self._running(), decay, correction, outk, *stats)
+        ops.bn_forward(xk, gamma, beta, self.eps, act, slope, train, *self._running(x), decay, correction, outk, *stats)
         if train:
             self._count_batch(stats[0], stats[1])
         self._cache = (outk, xk, stats, train, act, slope, x)
@@ -546,7 +553,7 @@ class BatchNorm(Layer):
         written; x is then gone, so a second backward is refused); dgamma, dbeta into grads."""
         out, xk, stats, train, act, slope, x = self._cached()
         dx = dx_out if dx_out is not None else empty(x, x.shape, self.dtype)
-        gamma, _, dgamma, dbeta = self._affine()
+        gamma, _, dgamma, dbeta = self._affine(x)
         ops.bn_backward(
             self._kernel_view(dy),
             out,

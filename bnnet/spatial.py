@@ -22,7 +22,7 @@ window never runs past the padded edge; no ceil mode).
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .device import contiguous
+from .device import contiguous, zeros
 
 
 def out_size(size, kernel, stride, padding):
@@ -51,7 +51,7 @@ def add_windows(dwin, x_shape, stride, padding):
     n, c, h, w = x_shape
     ph, pw = padding
     ho, wo, kh, kw = dwin.shape[2:]
-    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dwin.dtype)
+    dxp = zeros(dwin, (n, c, h + 2 * ph, w + 2 * pw), dwin.dtype)  # on dwin's device
     for i in range(kh):
         for j in range(kw):
             dxp[:, :, i : i + stride[0] * ho : stride[0], j : j + stride[1] * wo : stride[1]] += dwin[:, :, :, :, i, j]

@@ -374,3 +374,59 @@ def test_sync_batchnorm_on_one_rank_equals_cpu():
         model.to("cpu")
     for k in params[0]:
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def _mlp_with(norm, **options):
+    return lambda: bnnet.mlp([5, 4, 3], norm=norm, norm_options=options or None, dtype="float64", seed=0)
+
+
+def _bn_without(**options):
+    from bnnet.layers import BatchNorm, Linear, ReLU
+
+    return lambda: bnnet.Sequential(
+        Linear(5, 4, bias=False, dtype="float64", rng=0),
+        BatchNorm(4, dtype="float64", **options),
+        ReLU(),
+        Linear(4, 3, dtype="float64", rng=1),
+    )
+
+
+def _avg_pool_net():
+    from bnnet.conv import AvgPool2d, Conv2d, GlobalAvgPool2d
+    from bnnet.layers import BatchNorm, Linear, ReLU
+
+    return bnnet.Sequential(
+        Conv2d(1, 2, 3, padding=1, bias=False, dtype="float64", rng=0),
+        BatchNorm(2, dtype="float64"),
+        ReLU(),
+        AvgPool2d(2),
+        Conv2d(2, 2, 3, dtype="float64", rng=1),
+        GlobalAvgPool2d(),
+        Linear(2, 3, dtype="float64", rng=2),
+    )
+
+
+VARIANTS = {
+    "renorm": (_mlp_with("renorm"), (24, 5)),
+    "ghost": (_mlp_with("ghost", virtual_batch_size=4), (24, 5)),
+    "layernorm": (_mlp_with("layer"), (24, 5)),
+    "affine=False": (_bn_without(affine=False), (24, 5)),
+    "track_running_stats=False": (_bn_without(track_running_stats=False), (24, 5)),
+    "avg pools": (_avg_pool_net, (8, 1, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_normalization_variants_and_pools_train_on_cuda_as_on_cpu(name):
+    make, shape = VARIANTS[name]
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(1.0, 2.0, shape), rng.integers(0, 3, shape[0])
+    params = []
+    for device in ("cpu", "cuda"):
+        model = make()
+        bnnet.fit(model, X, y, optimizer="sgd", epochs=1, batch_size=8 if shape[0] > 8 else 4, seed=0,
+                  device=device, progress=False)  # fmt: skip
+        params.append({k: to_host(v) for k, v in {**model.params, **model.buffers}.items()})
+        model.to("cpu")
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-10, atol=1e-12, err_msg=k)
