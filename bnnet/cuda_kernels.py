@@ -419,19 +419,17 @@ def _reduce(mode, x, da, a, p1, p2, act, slope):
     xp = _xp(x)
     stream = _stream()
     n, d = x.shape[0], x.shape[1]
-    if x.ndim == 2:
+    if x.ndim == 2:  # rows per chunk
         per = max(ROWS * ROWS_PER_THREAD, -(-n // MAX_BLOCKS))
-        chunks = max(1, -(-n // per))
-        s1 = xp.empty((chunks, d), np.float64)
-        s2 = xp.empty((chunks, d), np.float64)
+    else:  # samples per chunk, each of S values
+        per = max(1, -(-THREADS * ROWS_PER_THREAD // x.shape[2]), -(-n // MAX_BLOCKS))
+    chunks = max(1, -(-n // per))
+    s1 = xp.empty((chunks, d), np.float64)
+    s2 = xp.empty((chunks, d), np.float64)
+    if x.ndim == 2:
         grid = ((d + COLS - 1) // COLS, chunks)
         _column_sums[grid, (COLS, ROWS), stream](mode, x, da, a, p1, p2, act, slope, per, s1, s2)
     else:
-        s = x.shape[2]
-        per = max(1, -(-THREADS * ROWS_PER_THREAD // s), -(-n // MAX_BLOCKS))
-        chunks = max(1, -(-n // per))
-        s1 = xp.empty((chunks, d), np.float64)
-        s2 = xp.empty((chunks, d), np.float64)
         _channel_sums[(d, chunks), THREADS, stream](mode, x, da, a, p1, p2, act, slope, per, s1, s2)
     return s1, s2
 

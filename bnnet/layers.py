@@ -457,14 +457,7 @@ class BatchNorm(Layer):
         the device of `like` (the input; default the host)."""
         if self.affine:
             return self.params["gamma"], self.params["beta"], self._grad("gamma"), self._grad("beta")
-        like = np.empty(0, self.dtype) if like is None else like
-        shape = (self.num_features,)
-        if self._constants is None or self._constants[0].shape != shape or type(self._constants[0]) is not type(like):
-            ones, zeros = empty(like, shape, self.dtype), empty(like, shape, self.dtype)
-            ones[...], zeros[...] = 1, 0
-            if isinstance(ones, np.ndarray):
-                ones.flags.writeable = zeros.flags.writeable = False
-            self._constants = (ones, zeros, empty(like, shape, self.dtype), empty(like, shape, self.dtype))
+        self._constants = self._per_feature_arrays(self._constants, like, (1, 0, None, None), read_only=2)
         return self._constants
 
     def _running(self, like=None):
@@ -472,16 +465,25 @@ class BatchNorm(Layer):
         they may write into, never read (the layer always uses batch statistics then), on like's device."""
         if self.track_running_stats:
             return self.buffers["running_mean"], self.buffers["running_var"]
+        self._stat_sinks = self._per_feature_arrays(self._stat_sinks, like, (0, 1))
+        return self._stat_sinks
+
+    def _per_feature_arrays(self, cached, like, fills, read_only=0):
+        """`cached` if it holds (num_features,) arrays on like's device (the host when like is None),
+        else new ones in the layer's dtype, each filled with its value in `fills` (None: left
+        uninitialized); on the host the first `read_only` of them are made read-only."""
         like = np.empty(0, self.dtype) if like is None else like
         shape = (self.num_features,)
-        if (
-            self._stat_sinks is None
-            or self._stat_sinks[0].shape != shape
-            or type(self._stat_sinks[0]) is not type(like)
-        ):
-            self._stat_sinks = (zeros(like, shape, self.dtype), empty(like, shape, self.dtype))
-            self._stat_sinks[1][...] = 1
-        return self._stat_sinks
+        if cached is not None and cached[0].shape == shape and type(cached[0]) is type(like):
+            return cached
+        arrays = tuple(empty(like, shape, self.dtype) for _ in fills)
+        for a, fill in zip(arrays, fills):
+            if fill is not None:
+                a[...] = fill
+        for a in arrays[:read_only]:
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+        return arrays
 
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
@@ -512,10 +514,8 @@ class BatchNorm(Layer):
 
     def _update_running(self, mean, var, m):
         """running_* <- running average with the batch's float64 (mean, biased var) of m rows; count += 1."""
-        # float64 arrays on the device they are on (np.asarray would bring a GPU array to the host)
-        mean, var = (
-            a.astype(np.float64, copy=False) if hasattr(a, "astype") else np.asarray(a, np.float64) for a in (mean, var)
-        )
+        # float64 on the device they are on (np.asarray would bring a GPU array to the host)
+        mean, var = mean.astype(np.float64, copy=False), var.astype(np.float64, copy=False)
         if self.track_running_stats:
             ops.update_running(
                 self.buffers["running_mean"], self.buffers["running_var"], mean, var, *self._running_update_args(m)

@@ -38,32 +38,30 @@ _F64 = np.dtype(np.float64)
 _arrays = backend.array_types  # NumPy's ndarray, or CuPy's for the cuda backend on a GPU
 
 
-def _same_device(op, name, a):
-    """A host array given to the cuda backend, or a GPU array to a CPU one: say which."""
-    if hasattr(a, "shape") and not isinstance(a, _arrays()):
-        from .device import device_of
+def _fail(op, what, **arrays):
+    """InputError naming the op. An array among `arrays` (name=array) that sits on the other device
+    (a host array given to the cuda backend, or a GPU array to a CPU one) is reported as that
+    instead: it is the likelier mistake, and its shape and dtype may well be right."""
+    for name, a in arrays.items():
+        if hasattr(a, "shape") and not isinstance(a, _arrays()):
+            from .device import device_of
 
-        where = device_of(a)
-        need = "cuda" if backend.get_backend() == "cuda" else "cpu"
-        if where != need:
-            _fail(
-                op,
-                f"{name} is on the {where} device, but the {backend.get_backend()} backend runs on the {need} "
-                "device; move the model and data together (model.to(...), bnnet.device.to_device)",
-            )
-
-
-def _fail(op, what):
+            where, need = device_of(a), ("cuda" if backend.get_backend() == "cuda" else "cpu")
+            if where != need:
+                what = (
+                    f"{name} is on the {where} device, but the {backend.get_backend()} backend runs on the {need} "
+                    "device; move the model and data together (model.to(...), bnnet.device.to_device)"
+                )
+                break
     raise InputError(f"bnnet.ops.{op}: {what}")
 
 
 def _input(op, x, spatial=False):
     """The number of features of x: (N, D), or (N, C, S) where the op takes each channel's S values."""
-    _same_device(op, "x", x)
     if (
         not isinstance(x, _arrays()) or x.ndim not in ((2, 3) if spatial else (2,)) or x.dtype.char not in "fd"
     ):  # float32, float64
-        _fail(op, f"x must be a {'2-D or 3-D' if spatial else '2-D'} float32/float64 array, got {describe(x)}")
+        _fail(op, f"x must be a {'2-D or 3-D' if spatial else '2-D'} float32/float64 array, got {describe(x)}", x=x)
     return x.shape[1]
 
 
@@ -84,9 +82,8 @@ def _check(op, names, arrays, shape, dtype, write):
     else:
         return
     for name, a in zip(names.split(), arrays):
-        _same_device(op, name, a)
         if not isinstance(a, _arrays()) or a.shape != shape or a.dtype != dtype:
-            _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}")
+            _fail(op, f"{name} must be {np.dtype(dtype).name} of shape {shape}, got {describe(a)}", **{name: a})
         if write and not writable(a):
             _fail(op, f"{name} is read-only; it receives the result")
 
@@ -221,7 +218,12 @@ def merge_moments(a, b):
         and a.dtype == _F64
         and b.dtype == _F64
     ):
-        _fail("merge_moments", f"needs two float64 buffers of one odd length, got {describe(a)} and {describe(b)}")
+        _fail(
+            "merge_moments",
+            f"needs two float64 buffers of one odd length, got {describe(a)} and {describe(b)}",
+            a=a,
+            b=b,
+        )
     backend.impl().merge_moments(a, b)
 
 
@@ -245,7 +247,9 @@ def softmax_cross_entropy(logits, labels, dlogits):
     n, c = logits.shape
     _same("softmax_cross_entropy", "dlogits", (dlogits,), logits, write=True)
     if not (isinstance(labels, _arrays()) and labels.shape == (n,) and labels.dtype.kind in "iu"):
-        _fail("softmax_cross_entropy", f"labels must be integers of shape ({n},), got {describe(labels)}")
+        _fail(
+            "softmax_cross_entropy", f"labels must be integers of shape ({n},), got {describe(labels)}", labels=labels
+        )
     loss = float(backend.impl().softmax_cross_entropy(logits, labels, dlogits))  # checks the labels' range
     if loss < 0:
         _fail("softmax_cross_entropy", f"labels must be in [0, {c}), got values in [{labels.min()}, {labels.max()}]")
@@ -254,7 +258,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 def _update(op, p, g, *state):
     if not (isinstance(p, _arrays()) and p.ndim == 1 and p.dtype.char in "fd"):
-        _fail(op, f"the parameter must be a flat float32/float64 array, got {describe(p)}")
+        _fail(op, f"the parameter must be a flat float32/float64 array, got {describe(p)}", parameter=p)
     _per_feature(op, "parameter", (p,), p.size, p.dtype, write=True)
     _per_feature(op, "gradient", (g,), p.size, p.dtype)
     _per_feature(op, " ".join(["state"] * len(state)), state, p.size, p.dtype, write=True)
@@ -290,7 +294,7 @@ def copy_finite(src, dst):
     One pass: what `fit` uses to keep a copy of the last good state and check the new one together.
     """
     if not (isinstance(src, _arrays()) and src.ndim == 1 and src.dtype.char in "fd" and src.flags.c_contiguous):
-        _fail("copy_finite", f"src must be a flat C-contiguous float32/float64 array, got {describe(src)}")
+        _fail("copy_finite", f"src must be a flat C-contiguous float32/float64 array, got {describe(src)}", src=src)
     _per_feature("copy_finite", "dst", (dst,), src.size, src.dtype, write=True)
     return bool(backend.impl().copy_finite(src, dst))
 
@@ -298,7 +302,7 @@ def copy_finite(src, dst):
 def all_finite(x):
     """Whether every value of the float array x is finite: one read pass, no temporary array."""
     if not (isinstance(x, _arrays()) and x.dtype.char in "fd"):
-        _fail("all_finite", f"x must be a float32/float64 array, got {describe(x)}")
+        _fail("all_finite", f"x must be a float32/float64 array, got {describe(x)}", x=x)
     if not x.flags.c_contiguous:
         return bool(np.isfinite(x).all())
     return bool(backend.impl().all_finite(x.reshape(-1)))
@@ -328,7 +332,7 @@ def _window_sizes(op, x_shape, kernel, stride, padding):
 
 def _image(op, name, x):
     if not isinstance(x, _arrays()) or x.ndim != 4 or x.dtype.char not in "fd":
-        _fail(op, f"{name} must be a 4-D (N, C, H, W) float32/float64 array, got {describe(x)}")
+        _fail(op, f"{name} must be a 4-D (N, C, H, W) float32/float64 array, got {describe(x)}", **{name: x})
 
 
 def im2col(x, kernel, stride, padding, cols):
