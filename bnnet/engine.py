@@ -218,6 +218,11 @@ class Plan:
             if check_finite and not np.isfinite(x).all():
                 raise NonFiniteError(f"{step.name} produced NaN or Inf")
         self._out_shape = x.shape
+        # The caller owns what forward returns. A last step that returns a view of its input
+        # (Flatten, an activation in place) would hand out a buffer the next forward overwrites,
+        # or the caller's own x: such an output is copied (a new array costs nothing else).
+        if x.base is not None or x is self._inputs[last]:
+            x = x.copy()
         return x
 
     def backward(self, dy, input_grad=False):
