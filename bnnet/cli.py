@@ -45,9 +45,15 @@ OPTIONAL_EXTRAS = {
     "sklearn": "sklearn",
     "tensorboardX": "tensorboard",
 }
-# Learning rates that `bnnet train` uses by default: BatchNorm tolerates rates
-# well above the usual ones (tuned on the bundled data; see docs/cli.md).
-TRAIN_LR = {"sgd": 0.5, "momentum": 0.5, "rmsprop": 1e-3, "adam": 3e-3}
+# Learning rates that `bnnet train` uses by default, per rule (an optimizer derived from one, such as
+# AdamW from Adam, takes its rate): BatchNorm tolerates rates well above the usual ones (tuned on
+# the bundled data; see docs/cli.md).
+TRAIN_LR = {"SGD": 0.5, "Momentum": 0.5, "RMSprop": 1e-3, "Adam": 3e-3}
+
+
+def _train_lr(name):
+    cls = optim.OPTIMIZERS[name]
+    return next(TRAIN_LR[c.__name__] for c in cls.__mro__ if c.__name__ in TRAIN_LR)
 
 
 # -- option types: argparse names the option and exits 2 when one refuses its value --
@@ -227,7 +233,7 @@ def _train(args, comm):
     model, X, Xt, described = _build_model(args, X, Xt, int(max(y.max(), yt.max())) + 1)
     if comm is not None and not args.local_bn:
         model = distributed.sync_batchnorm(model, comm)
-    lr = args.lr if args.lr is not None else TRAIN_LR[args.optimizer]
+    lr = args.lr if args.lr is not None else _train_lr(args.optimizer)
     steps = args.epochs * -(-len(X) // args.batch_size)
     # Exponential decay that reaches lr * lr_decay at the last step (lr_decay = 1: constant).
     schedule = optim.ExponentialDecay(args.lr_decay, steps) if args.lr_decay != 1 else None
@@ -290,7 +296,7 @@ def _epochs(n):
 
 def _describe_optimizer(name, lr, decay):
     """'Adam lr 3e-3 -> 3e-4' (or 'SGD lr 0.5' without decay): what the run's first line says."""
-    label = {"sgd": "SGD", "momentum": "Momentum", "rmsprop": "RMSprop", "adam": "Adam"}[name]
+    label = optim.OPTIMIZERS[name].__name__
     return f"{label} lr {lr:g}" + (f" -> {lr * decay:g}" if decay != 1 else "")
 
 
@@ -561,7 +567,7 @@ def build_parser():
         "--lr",
         type=_positive_float,
         default=None,
-        help="learning rate (default: 3e-3 adam, 1e-3 rmsprop, 0.5 sgd/momentum)",
+        help="learning rate (default: 3e-3 adam/adamw, 1e-3 rmsprop, 0.5 sgd/momentum)",
     )
     t.add_argument(
         "--lr-decay",

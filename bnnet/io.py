@@ -25,6 +25,7 @@ from .device import to_host
 from .errors import BnnetError, CheckpointError, HyperparameterError
 from .layers import LAYER_TYPES
 from .model import Sequential
+from .optim import Optimizer
 
 FORMAT = "bnnet-checkpoint"
 FORMAT_VERSION = 1
@@ -327,6 +328,11 @@ def load(path, optimizer=None):
     ever executed. Raises CheckpointError for a missing, truncated, foreign or
     mismatched file.
     """
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise HyperparameterError(
+            f"load: optimizer must be None or a bnnet.optim Optimizer to restore the saved state into, "
+            f"got {optimizer!r}"
+        )
     ckpt = load_checkpoint(path)
     if optimizer is not None:
         if ckpt.optimizer_info is None:

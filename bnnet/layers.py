@@ -53,6 +53,7 @@ class Layer:
         self.buffers = {}
         self.name = type(self).__name__
         self._cache = None
+        self._grad_homes = {}  # key -> the view of the model's flat gradient buffer for grads[key] (bnnet.flat)
 
     # -- the public, checked calls --------------------------------------------
 
@@ -190,7 +191,11 @@ class Layer:
             or not g.flags.c_contiguous
             or not g.flags.writeable
         ):
-            g = self.grads[key] = np.empty_like(p)
+            home = self._grad_homes.get(key)  # (a gradient of a model laid out flat goes to its view)
+            if home is not None and home.shape == p.shape and home.dtype == p.dtype:
+                g = self.grads[key] = home
+            else:
+                g = self.grads[key] = np.empty_like(p)
         return g
 
     def __repr__(self):
@@ -210,6 +215,7 @@ class Layer:
         for kind in ("params", "grads", "buffers"):
             state[kind] = {k: v if v.flags.writeable else np.array(v) for k, v in state[kind].items()}
         state.pop("_scratch_arrays", None)
+        state["_grad_homes"] = {}  # views of the flat buffers of a model that did not come along
         self.__dict__.update(state)
 
 

@@ -17,6 +17,7 @@ from .conv import Conv2d, Flatten, MaxPool2d
 from .device import device_of, to_device, to_host
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
+from .flat import FlatLayout
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
 from .normalization import NORMS, LayerNorm
 
@@ -111,6 +112,8 @@ class Sequential:
         self.buffers = _DottedView(self.layers, "buffers")
         self._plan = None
         self._param_keys = [(f"{i}.{k}", layer, k) for i, layer in enumerate(self.layers) for k in layer.params]
+        self._flat = None
+        self.flat_layout()  # the parameters become views into one buffer per dtype from the start
 
     @property
     def dtype(self):
@@ -135,6 +138,15 @@ class Sequential:
         if self._plan is None or not self._plan.matches(self):
             self._plan = Plan(self)
         return self._plan
+
+    def flat_layout(self):
+        """The flat buffers the parameters and gradients live in (bnnet.flat.FlatLayout): laid out
+        again, around the current values, when a parameter was replaced by another array."""
+        flat = self._flat
+        if flat is None or len(flat.layers) != len(self.layers) or not flat.current(self.layers):
+            self._param_keys = [(f"{i}.{k}", layer, k) for i, layer in enumerate(self.layers) for k in layer.params]
+            self._flat = FlatLayout(self)
+        return self._flat
 
     def forward(self, x, train, check_finite=False, check_input=True):
         """Run every layer. train: True for batch statistics (and running-stat updates), False for eval.
@@ -183,6 +195,8 @@ class Sequential:
         if device == "cpu" and backend.get_backend() == "cuda":
             backend.set_backend("auto")
         self._plan = None  # its scratch buffers live on the old device
+        self._flat = None
+        self.flat_layout()  # the flat buffers on the new device, the parameters views into them again
         return self
 
     @property
@@ -239,10 +253,12 @@ class Sequential:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_plan"] = None  # buffers of the last step: rebuilt on first use
+        state["_flat"] = None  # laid out again on first use
         return state
 
     def __setstate__(self, state):
         state.setdefault("_plan", None)
+        state["_flat"] = None
         for key in ("_grad_pool", "_out_shape"):
             state.pop(key, None)
         self.__dict__.update(state)

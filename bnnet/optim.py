@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 from ._checks import check_int, check_number, describe
-from .device import contiguous, writable
+from .device import contiguous, writable, zeros
 from .errors import CheckpointError, HyperparameterError, InputError
 
 # --------------------------------------------------------------------------
@@ -105,6 +105,8 @@ class Optimizer:
 
     state_names = ()  # the rule's per-parameter arrays
     counter_names = ()  # the rule's per-parameter integer counters
+    _flat = None
+    decoupled = False  # weight decay as L2 in the gradient (False) or as a shrink of p before the rule (AdamW)
 
     def __init__(self, lr, weight_decay=0.0, decay_names=("W",), schedule=None):
         owner = type(self).__name__
@@ -120,6 +122,7 @@ class Optimizer:
         self.schedule = schedule
         self.t = 0  # updates applied so far
         self.state = {}  # dotted param name -> {state name: array}
+        self._flat = None  # (layout, flat state arrays per group, views): see _flat_state
 
     def current_lr(self):
         return self.lr * (self.schedule(self.t) if self.schedule is not None else 1.0)
@@ -128,18 +131,132 @@ class Optimizer:
         """Apply one update to every parameter of `model` (a Sequential or a layer) from its current grads.
 
         Every parameter, gradient and state array is checked first, so a bad one
-        leaves all parameters as they were.
+        leaves all parameters as they were. A Sequential whose gradients all sit in its flat
+        buffers (bnnet.flat) is updated in one call of the rule per dtype and weight-decay value,
+        over the whole buffer; otherwise parameter by parameter. Both give the same numbers.
         """
         lr = self.current_lr()
+        layout = model.flat_layout() if hasattr(model, "flat_layout") else None
+        if layout is not None and self._step_flat(layout, lr):
+            self.t += 1
+            return
         if hasattr(model, "named_parameters"):
             triples = model.named_parameters()
         else:
             triples = [(k, p, model.grads.get(k)) for k, p in model.params.items()]
         work = [self._checked(name, p, g) for name, p, g in triples]
-        for name, p, g, state in work:
-            wd = self.weight_decay if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names else 0.0
-            self._update(_flat(p), _flat(g), state, lr, wd)
+        counts = [self._next_count(state) for _, _, _, state in work]
+        for (name, p, g, state), k in zip(work, counts):
+            if k is not None:
+                state["k"] = np.int64(k)
+            arrays = {key: _flat(state[key]) for key in self.state_names}
+            self._apply(_flat(p), _flat(g), arrays, lr, self._decay(name), k)
         self.t += 1
+
+    def _decay(self, name):
+        """The weight-decay coefficient of parameter `name` (its own name in decay_names, else 0)."""
+        return self.weight_decay if self.weight_decay and name.rsplit(".", 1)[-1] in self.decay_names else 0.0
+
+    def _apply(self, p, g, state, lr, wd, k):
+        """Weight decay, then the rule, over flat p, g and state arrays (views the caller checked).
+
+        Weight decay lives here, once for every rule: L2 (decoupled=False) adds wd * p to the
+        gradient the rule reads, in the rule's own pass over the data; decoupled (AdamW) shrinks
+        p by (1 - lr * wd) before the rule runs without it.
+        """
+        if wd and self.decoupled:
+            p *= 1.0 - lr * wd
+            wd = 0.0
+        self._rule(p, g, state, lr, wd, k)
+
+    def _rule(self, p, g, state, lr, wd, k):
+        """The update rule over flat arrays: the backend's compiled pass of bnnet.optim_rules (g + wd * p
+        is the gradient it reads; k is the update count of rules that correct a bias, else None)."""
+        raise NotImplementedError
+
+    def _next_count(self, state):
+        """The update count this step gives a parameter with `state` (rules with counter_names), else None."""
+        if not self.counter_names:
+            return None
+        return int(state.get("k", 0)) + 1
+
+    # -- the flat path ------------------------------------------------------------
+
+    def _step_flat(self, layout, lr):
+        """One update over the model's flat buffers; False (nothing done) when the per-parameter path must
+        run: a gradient is missing or not in its buffer, or the parameters' update counts differ."""
+        if not all(group.grads_ready() for group in layout.groups):
+            return False
+        arrays = backend.array_types()
+        for group in layout.groups:
+            if not (isinstance(group.params, arrays) and group.params.dtype.char in "fd"):
+                return False  # the per-parameter path says what is wrong
+        states = self._flat_state(layout)
+        names = [name for group in layout.groups for name, *_ in group.entries]
+        counts = {self._next_count(self.state[name]) for name in names}
+        if len(counts) > 1:
+            return False
+        k = counts.pop() if counts else None
+        decay = {name: self._decay(name) for name in names}
+        for group, state in zip(layout.groups, states):
+            for start, stop, wd in group.runs(decay):
+                sub = {key: a[start:stop] for key, a in state.items()}
+                self._apply(group.params[start:stop], group.grads[start:stop], sub, lr, wd, k)
+        if k is not None:
+            for name in names:
+                self.state[name]["k"] = np.int64(k)
+        return True
+
+    def _flat_state(self, layout):
+        """Per group, {state name: flat array} laid out like its parameters; self.state's entries are views
+        into them. Kept while those views are still in self.state (identity per array); else laid out
+        again, every existing state array checked (InputError) and its values copied in."""
+        cached = self._flat
+        if (
+            cached is not None
+            and cached[0] is layout
+            and all(self.state.get(name, {}).get(key) is view for name, key, view in cached[2])
+        ):
+            return cached[1]
+        owner = type(self).__name__
+        for group in layout.groups:  # check everything before anything changes
+            for name, layer, pkey, *_ in group.entries:
+                p = layer.params[pkey]
+                for key in self.state_names:
+                    a = self.state.get(name, {}).get(key)
+                    if a is not None and not (
+                        isinstance(a, backend.array_types()) and a.shape == p.shape and a.dtype == p.dtype
+                    ):
+                        raise InputError(
+                            f"{owner}.step: state[{name!r}][{key!r}] must be a {p.dtype} array of shape "
+                            f"{p.shape} like its parameter, got {describe(a)}"
+                        )
+                self._check_counters(name, self.state.get(name, {}))
+        states, views = [], []
+        for group in layout.groups:
+            flat = {key: zeros(group.params, (group.size,), group.dtype) for key in self.state_names}
+            for name, layer, pkey, start, stop in group.entries:
+                entry = self.state.setdefault(name, {})
+                for key in self.state_names:
+                    view = flat[key][start:stop].reshape(layer.params[pkey].shape)
+                    if entry.get(key) is not None:
+                        view[...] = entry[key]
+                    entry[key] = view
+                    views.append((name, key, view))
+            states.append(flat)
+        self._flat = (layout, states, views)
+        return states
+
+    def _check_counters(self, name, state):
+        for key in self.counter_names:
+            k = state.get(key)
+            if k is not None and not (
+                isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"
+            ):
+                raise InputError(
+                    f"{type(self).__name__}.step: state[{name!r}][{key!r}] must be an integer scalar array, "
+                    f"got {describe(k)}"
+                )
 
     def _checked(self, name, p, g):
         """(name, p, g, state) with g in p's dtype, or InputError naming the array that is wrong."""
@@ -172,24 +289,8 @@ class Optimizer:
                     f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
                     f"{p.dtype} array of shape {p.shape} like its parameter, got {describe(a)}"
                 )
-        for key in self.counter_names:
-            k = state.get(key)
-            if k is not None and not (
-                isinstance(k, (np.ndarray, np.integer)) and k.shape == () and k.dtype.kind in "iu"
-            ):
-                raise InputError(
-                    f"{owner}.step: state[{name!r}][{key!r}] must be an integer scalar array, got {describe(k)}"
-                )
+        self._check_counters(name, state)
         return name, p, g, state
-
-    def _update(self, p, g, state, lr, wd):
-        """The rule over flat p, g and the state arrays (weight decay wd added to g by the kernel).
-
-        Subclasses call the backend's update directly (bnnet.kernels or bnnet.reference):
-        `_checked` has just verified every array it reads and writes, exactly as
-        bnnet.ops.sgd/momentum/rmsprop/adam would.
-        """
-        raise NotImplementedError
 
     # -- saving and restoring ------------------------------------------------
 
@@ -230,7 +331,7 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain gradient descent: p -= lr * g."""
 
-    def _update(self, p, g, state, lr, wd):
+    def _rule(self, p, g, state, lr, wd, k):
         backend.impl().sgd(p, g, lr, wd)
 
 
@@ -251,8 +352,8 @@ class Momentum(Optimizer):
         super().__init__(lr, **kwargs)
         self.beta = check_number("Momentum", "beta", beta, low=0, high=1, high_open=True)
 
-    def _update(self, p, g, state, lr, wd):
-        backend.impl().momentum(p, g, _flat(state["v"]), lr, self.beta, wd)
+    def _rule(self, p, g, state, lr, wd, k):
+        backend.impl().momentum(p, g, state["v"], lr, self.beta, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta}
@@ -271,8 +372,8 @@ class RMSprop(Optimizer):
         self.beta = check_number("RMSprop", "beta", beta, low=0, high=1, high_open=True)
         self.eps = check_number("RMSprop", "eps", eps, low=0, low_open=True)
 
-    def _update(self, p, g, state, lr, wd):
-        backend.impl().rmsprop(p, g, _flat(state["s"]), lr, self.beta, self.eps, wd)
+    def _rule(self, p, g, state, lr, wd, k):
+        backend.impl().rmsprop(p, g, state["s"], lr, self.beta, self.eps, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta": self.beta, "eps": self.eps}
@@ -297,24 +398,30 @@ class Adam(Optimizer):
         self.beta2 = check_number("Adam", "beta2", beta2, low=0, high=1, high_open=True)
         self.eps = check_number("Adam", "eps", eps, low=0, low_open=True)
 
-    def _update(self, p, g, state, lr, wd):
-        k = state["k"] = state.get("k", np.zeros((), np.int64)) + 1
-        backend.impl().adam(
-            p,
-            g,
-            _flat(state["m"]),
-            _flat(state["v"]),
-            lr,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            1 - self.beta1 ** int(k),
-            1 - self.beta2 ** int(k),
-            wd,
-        )
+    def _rule(self, p, g, state, lr, wd, k):
+        b1, b2 = self.beta1, self.beta2
+        backend.impl().adam(p, g, state["m"], state["v"], lr, b1, b2, self.eps, 1 - b1**k, 1 - b2**k, wd)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019): before Adam's update,
+
+        p *= 1 - lr * weight_decay
+
+    instead of adding weight_decay * p to the gradient (which Adam would then rescale).
+    Equals torch.optim.AdamW(lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay) on the
+    parameters named in decay_names (default ("W",); torch decays every parameter of its group).
+
+    Args: as Adam; weight_decay defaults to 0.01, as PyTorch's.
+    """
+
+    decoupled = True
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, **kwargs):
+        super().__init__(lr, beta1, beta2, eps, weight_decay=weight_decay, **kwargs)
 
 
 def clip_grad_norm(model, max_norm):
@@ -334,7 +441,7 @@ def clip_grad_norm(model, max_norm):
     return norm
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW}
 
 
 def get_optimizer(optimizer, lr=None):
@@ -343,7 +450,7 @@ def get_optimizer(optimizer, lr=None):
         return optimizer
     if optimizer not in OPTIMIZERS:
         raise HyperparameterError(f"optimizer must be an Optimizer or one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    default_lr = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-3}[optimizer]
+    default_lr = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3}[optimizer]
     return OPTIMIZERS[optimizer](default_lr if lr is None else lr)
 
 
