@@ -145,7 +145,7 @@ class Optimizer:
         else:
             triples = [(k, p, model.grads.get(k)) for k, p in model.params.items()]
         work = [self._checked(name, p, g) for name, p, g in triples]
-        counts = [self._next_count(state) for _, _, _, state in work]
+        counts = [self._next_count(name, state) for name, _, _, state in work]
         for (name, p, g, state), k in zip(work, counts):
             if k is not None:
                 state["k"] = np.int64(k)
@@ -174,10 +174,11 @@ class Optimizer:
         is the gradient it reads; k is the update count of rules that correct a bias, else None)."""
         raise NotImplementedError
 
-    def _next_count(self, state):
+    def _next_count(self, name, state):
         """The update count this step gives a parameter with `state` (rules with counter_names), else None."""
         if not self.counter_names:
             return None
+        self._check_counters(name, state)
         return int(state.get("k", 0)) + 1
 
     # -- the flat path ------------------------------------------------------------
@@ -193,7 +194,7 @@ class Optimizer:
                 return False  # the per-parameter path says what is wrong
         states = self._flat_state(layout)
         names = [name for group in layout.groups for name, *_ in group.entries]
-        counts = {self._next_count(self.state[name]) for name in names}
+        counts = {self._next_count(name, self.state[name]) for name in names}
         if len(counts) > 1:
             return False
         k = counts.pop() if counts else None

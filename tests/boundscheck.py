@@ -32,6 +32,8 @@ class Run:
                 "-x",
                 "-p",
                 "no:cacheprovider",
+                "-p",
+                "no:xdist",
                 os.path.join(HERE, "test_backends.py"),
                 os.path.join(HERE, "test_safety.py"),
                 "-k",

@@ -26,12 +26,21 @@ def rng():
 BOUNDSCHECK_TEST = "test_kernels_never_index_out_of_range_with_boundscheck"
 
 
+# Under pytest-xdist (the test command runs `pytest -n 2`) every worker collects the tests, and one
+# more background process would only compete with the workers for the two cores: there the test
+# goes first instead, runs in whichever worker takes it, and the other worker runs the rest.
+
+
 def pytest_collection_modifyitems(session, config, items):
     # (not inside that run itself, which deselects the test with -k after this hook has seen it)
-    if os.environ.get("NUMBA_BOUNDSCHECK") != "1" and any(item.name == BOUNDSCHECK_TEST for item in items):
-        from boundscheck import start
+    if os.environ.get("NUMBA_BOUNDSCHECK") == "1" or not any(item.name == BOUNDSCHECK_TEST for item in items):
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.name != BOUNDSCHECK_TEST)  # first: the longest test starts first
+        return
+    from boundscheck import start
 
-        config._bnnet_boundscheck = start()
+    config._bnnet_boundscheck = start()
 
 
 def pytest_unconfigure(config):

@@ -266,7 +266,7 @@ CASES = [
     ("evaluate {badeps}", 1, "cannot rebuild the architecture (BatchNorm: eps must be in (0, inf), got -1.0)"),
     ("evaluate {badbias}", 1, "Linear: bias must be True or False, got 'yes'"),
     ("evaluate {optstep}", 1, "metadata field optimizer.t must be an integer >= 0, got 'abc'"),
-    ("evaluate {opttype}", 1, "metadata field optimizer.type must be one of Adam, Momentum, RMSprop, SGD"),
+    ("evaluate {opttype}", 1, "metadata field optimizer.type must be one of Adam, AdamW, Momentum, RMSprop, SGD"),
     ("evaluate {optlr}", 1, "metadata field optimizer is invalid (Adam: lr must be in (0, inf), got -1.0)"),
     ("evaluate {countfloat}", 1, "buffers 1.count: checkpoint float64, model int64"),
     ("evaluate {shapewrong}", 1, "does not match the model: params 0.W: checkpoint (8, 6), model (6, 8)"),

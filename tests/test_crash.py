@@ -32,6 +32,13 @@ def _check_consistent(path):
     return fit_state["step"]
 
 
+def _wait_for_folder(run, proc, timeout=120):
+    """Until the run folder exists (the run has started training) or the process has ended."""
+    start = time.monotonic()
+    while not run.exists() and proc.poll() is None and time.monotonic() - start < timeout:
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_at_20_random_moments_then_exact_resume(tmp_path):
     reference = tmp_path / "reference"
@@ -54,6 +61,7 @@ def test_sigkill_at_20_random_moments_then_exact_resume(tmp_path):
                 stderr=subprocess.PIPE,
             )
         )
+        _wait_for_folder(run, proc)  # (a loaded machine may take seconds to start Python and numba)
         time.sleep(rng.uniform(0.3, 1.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
