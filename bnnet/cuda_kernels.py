@@ -321,15 +321,17 @@ def _momentum(p, g, v, lr, beta, wd):
 
 
 @cuda.jit
-def _rmsprop(p, g, s, lr, beta, eps, wd):
+def _rmsprop(p, g, s, lr, beta, c, eps, wd):
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, eps)
+        p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, c, eps)
 
 
 @cuda.jit
-def _adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+def _adam(p, g, m, v, step, beta1, c1, beta2, c2, eps, inv_sqrt_bias2, wd):
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i], m[i], v[i] = _adam_rule(p[i], g[i] + wd * p[i], m[i], v[i], lr, beta1, beta2, eps, bias1, bias2)
+        p[i], m[i], v[i] = _adam_rule(
+            p[i], g[i] + wd * p[i], m[i], v[i], step, beta1, c1, beta2, c2, eps, inv_sqrt_bias2
+        )
 
 
 @cuda.jit
@@ -574,12 +576,14 @@ def momentum(p, g, v, lr, beta, wd):
 
 @_contiguous
 def rmsprop(p, g, s, lr, beta, eps, wd):
-    _rmsprop[_blocks(p.size), THREADS, _stream()](p, g, s, lr, beta, eps, wd)
+    coefficients = optim_rules.rmsprop_coefficients(p.dtype, lr, beta, eps, wd)
+    _rmsprop[_blocks(p.size), THREADS, _stream()](p, g, s, *coefficients)
 
 
 @_contiguous
 def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
-    _adam[_blocks(p.size), THREADS, _stream()](p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd)
+    coefficients = optim_rules.adam_coefficients(p.dtype, lr, beta1, beta2, eps, bias1, bias2, wd)
+    _adam[_blocks(p.size), THREADS, _stream()](p, g, m, v, *coefficients)
 
 
 @_contiguous

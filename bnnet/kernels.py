@@ -791,15 +791,25 @@ def momentum(p, g, v, lr, beta, wd):
 
 
 @njit(**_OPTS)
-def rmsprop(p, g, s, lr, beta, eps, wd):
+def _rmsprop(p, g, s, lr, beta, c, eps, wd):
     for i in range(p.size):
-        p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, eps)
+        p[i], s[i] = _rmsprop_rule(p[i], g[i] + wd * p[i], s[i], lr, beta, c, eps)
+
+
+def rmsprop(p, g, s, lr, beta, eps, wd):
+    _rmsprop(p, g, s, *optim_rules.rmsprop_coefficients(p.dtype, lr, beta, eps, wd))
 
 
 @njit(**_OPTS)
-def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+def _adam(p, g, m, v, step, beta1, c1, beta2, c2, eps, inv_sqrt_bias2, wd):
     for i in range(p.size):
-        p[i], m[i], v[i] = _adam_rule(p[i], g[i] + wd * p[i], m[i], v[i], lr, beta1, beta2, eps, bias1, bias2)
+        p[i], m[i], v[i] = _adam_rule(
+            p[i], g[i] + wd * p[i], m[i], v[i], step, beta1, c1, beta2, c2, eps, inv_sqrt_bias2
+        )
+
+
+def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
+    _adam(p, g, m, v, *optim_rules.adam_coefficients(p.dtype, lr, beta1, beta2, eps, bias1, bias2, wd))
 
 
 # --------------------------------------------------------------------------

@@ -129,11 +129,13 @@ def momentum(p, g, v, lr, beta, wd):
 
 
 def rmsprop(p, g, s, lr, beta, eps, wd):
-    p[...], s[...] = optim_rules.rmsprop(p, g + wd * p if wd else g, s, lr, beta, eps)
+    lr, beta, c, eps, wd = optim_rules.rmsprop_coefficients(p.dtype, lr, beta, eps, wd)
+    p[...], s[...] = optim_rules.rmsprop(p, g + wd * p if wd else g, s, lr, beta, c, eps)
 
 
 def adam(p, g, m, v, lr, beta1, beta2, eps, bias1, bias2, wd):
-    p[...], m[...], v[...] = optim_rules.adam(p, g + wd * p if wd else g, m, v, lr, beta1, beta2, eps, bias1, bias2)
+    *coef, wd = optim_rules.adam_coefficients(p.dtype, lr, beta1, beta2, eps, bias1, bias2, wd)
+    p[...], m[...], v[...] = optim_rules.adam(p, g + wd * p if wd else g, m, v, *coef)
 
 
 def copy_finite(src, dst):

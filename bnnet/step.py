@@ -1,0 +1,296 @@
+"""A training step built once: forward, loss, backward (and the update) with nothing re-decided per call.
+
+    step = bnnet.compile_step(model, bnnet.losses.SoftmaxCrossEntropy(), bnnet.optim.Adam(3e-3))
+    for t in range(0, len(X), 60):
+        loss, accuracy = step(X[t : t + 60], y[t : t + 60])      # the lecture's four lines, in one call
+
+The interpreted path (model.forward -> loss -> model.backward -> opt.step) walks the layers, and
+each layer hands its arrays to bnnet.ops, which checks them again at every call. A compiled step
+does that work once, when it is built for (model, loss, optimizer, rows per batch, dtype, backend):
+
+    checks     every layer's arrays against its configuration (Plan.check), the loss and the
+               optimizer; between calls only the identity and shape of the arrays it holds are
+               compared again (an assignment into `params`, `buffers` or the optimizer state is
+               still caught before a kernel runs, or laid out again when it is a valid array);
+    buffers    every activation, statistic and gradient buffer is allocated for the largest batch
+               (a smaller batch uses their first rows);
+    program    the step becomes a list of calls: matrix products through NumPy's BLAS and the
+               fused batch-norm / activation / loss passes of the active backend (bnnet.kernels, or
+               bnnet.reference with BNNET_BACKEND=numpy), called directly with the checked arrays;
+               the update is the optimizer's one call over the flat parameter buffer (bnnet.flat).
+
+It runs exactly the functions the layers run, in the same order, with the same arguments, so its
+numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
+of Linear, BatchNorm (over (N, D) rows, with gamma/beta and running statistics, not frozen) and
+activation layers, softmax cross-entropy or mean squared error, any optimizer of bnnet.optim, on the
+CPU. `compilable(...)` names what stands in the way of anything else; `fit` then runs the interpreted
+step (convnets, Batch Renorm, Ghost BN, LayerNorm, data-parallel training, the cuda backend).
+
+Why a list of calls and not one compiled function: numba reaches a BLAS only through SciPy, and the
+products are about half of a paper-net step either way; the calls between them are few (two per
+hidden layer and pass) and each one runs a compiled kernel (measured in docs/performance.md).
+"""
+
+import numpy as np
+
+from . import backend, ops, threads
+from . import functional as F
+from ._checks import as_float_array, check_finite
+from .device import device_of
+from .errors import HyperparameterError, InputError
+from .layers import BatchNorm, Linear, _Activation
+from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+
+
+def compilable(model, loss, optimizer=None):
+    """None when compile_step can build a step for these, else the reason it cannot (a sentence)."""
+    from .model import Sequential
+    from .optim import Optimizer
+
+    if not isinstance(model, Sequential):
+        return f"the model must be a bnnet Sequential, got {type(model).__name__}"
+    if type(loss) not in (SoftmaxCrossEntropy, BinaryCrossEntropy, MSE):
+        return f"the loss must be one of bnnet.losses' (SoftmaxCrossEntropy, BinaryCrossEntropy, MSE), got {loss!r}"
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        return f"the optimizer must be a bnnet.optim Optimizer or None, got {type(optimizer).__name__}"
+    if backend.get_backend() not in ("numba", "numpy") or model.device != "cpu":
+        return "it runs on the CPU backends (numba, numpy)"
+    if model.eval_only:
+        return "the model was folded for inference"
+    for layer in model.layers:
+        if type(layer) is BatchNorm:
+            if not (layer.affine and layer.track_running_stats and not layer.frozen and layer.axis == 1):
+                return f"{layer.name} has options the compiled step does not take (affine, running statistics, frozen)"
+        elif not isinstance(layer, (Linear, _Activation)) or (isinstance(layer, Linear) and type(layer) is not Linear):
+            return f"{layer.name} is not a layer the compiled step takes (Linear, BatchNorm, activations)"
+    if not isinstance(model.layers[-1], Linear):
+        return "the model must end in a Linear layer (the loss takes its outputs)"
+    try:
+        CompiledStep._schedule(model.layers)
+    except HyperparameterError as e:
+        return str(e).removeprefix("compile_step: ")
+    return None
+
+
+def compile_step(model, loss, optimizer=None, batch_size=None):
+    """A CompiledStep for `model` trained with `loss` (and `optimizer`, applied by each call when given).
+
+    batch_size: the most rows a call will get (default: the first call's); more rebuilds the buffers.
+    Raises HyperparameterError naming what cannot be compiled (see compilable).
+    """
+    reason = compilable(model, loss, optimizer)
+    if reason is not None:
+        raise HyperparameterError(f"compile_step: cannot compile this step: {reason}")
+    return CompiledStep(model, loss, optimizer, batch_size)
+
+
+class _Hidden:
+    """One hidden block as the plan schedules it: Linear [-> BatchNorm] [-> activation] (fused)."""
+
+    def __init__(self, linear, norm, act):
+        self.linear, self.norm, self.act = linear, norm, act
+        self.code, self.slope = act.kernel_code if act is not None else (ops.IDENTITY, 0.0)
+
+
+class CompiledStep:
+    """One training step of a fixed model, loss and optimizer, built once (see the module docstring).
+
+    Calling it with (X_t (N, D), y_t (N,)) runs forward in train mode, the loss, backward (filling
+    model.grads) and, when an optimizer was given, its update; returns (loss, accuracy), accuracy
+    None for regression.
+    """
+
+    def __init__(self, model, loss, optimizer=None, batch_size=None):
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.dtype = np.dtype(model.dtype)
+        self.backend = backend.get_backend()
+        self.layers = tuple(model.layers)
+        self.blocks, self.last = self._schedule(model.layers)
+        self.capacity = 0
+        if batch_size is not None:
+            self._allocate(batch_size)
+
+    # -- building -----------------------------------------------------------------
+
+    @staticmethod
+    def _schedule(layers):
+        """[_Hidden] and the last Linear, from the layer list (compilable has checked its shape)."""
+        blocks, i, layers = [], 0, list(layers)
+        while i < len(layers) - 1:
+            linear, norm, act = layers[i], None, None
+            if not isinstance(linear, Linear):
+                raise HyperparameterError(
+                    f"compile_step: {linear.name} must follow a Linear (Linear [-> BatchNorm] [-> activation])"
+                )
+            i += 1
+            if i < len(layers) - 1 and type(layers[i]) is BatchNorm:
+                norm, i = layers[i], i + 1
+            if i < len(layers) - 1 and isinstance(layers[i], _Activation):
+                act, i = layers[i], i + 1
+            blocks.append(_Hidden(linear, norm, act))
+        return blocks, layers[-1]
+
+    def _allocate(self, rows):
+        """Buffers for `rows` rows: per block z (the Linear's output) and a (the block's output), the
+        float64 statistics of each BatchNorm, the logits and their gradient, two dx buffers."""
+        empty = np.empty
+        self.capacity = rows
+        self.z = [empty((rows, b.linear.out_features), self.dtype) for b in self.blocks]
+        self.a = [empty((rows, b.linear.out_features), self.dtype) if b.norm is not None else None for b in self.blocks]
+        self.stats = [
+            empty((3, b.linear.out_features), np.float64) if b.norm is not None else None for b in self.blocks
+        ]
+        self.logits = empty((rows, self.last.out_features), self.dtype)
+        self.dlogits = np.empty_like(self.logits)
+        # dx of every Linear but the first, alternating between two buffers (one is the dy being read)
+        widest = max([b.linear.in_features for b in self.blocks[1:]] + [self.last.in_features])
+        self.dx = [empty((rows * widest,), self.dtype) for _ in range(2)]
+
+    # -- running --------------------------------------------------------------------
+
+    def __call__(self, X_t, y_t, check_input=True):
+        """(loss, accuracy) of one mini-batch; gradients in model.grads, then the update (when an optimizer
+        was given). check_input=False skips the NaN/Inf scan of X_t (fit checks its data once)."""
+        loss, acc = self.gradients(X_t, y_t, check_input)
+        if self.optimizer is not None:
+            self.optimizer.step(self.model)
+        return loss, acc
+
+    def gradients(self, X_t, y_t, check_input=True):
+        """Forward (train mode), loss and backward for one mini-batch; returns (loss, accuracy)."""
+        x, y = self._arguments(X_t, y_t, check_input)
+        n = len(x)
+        if n > self.capacity:
+            self._allocate(n)
+        impl = backend.impl()
+        # forward: z = x @ W; a = g(BN(z)) in one pass (or g(z + b) without BatchNorm)
+        inputs = []
+        for k, b in enumerate(self.blocks):
+            W = b.linear.params["W"]
+            z = self.z[k][:n]
+            threads.for_gemm(n * W.shape[0] * W.shape[1])
+            np.matmul(x, W, out=z)
+            inputs.append(x)
+            if b.norm is not None:
+                if b.linear.bias:  # (cancelled by the mean subtraction, but computed as the layer does)
+                    z += b.linear.params["b"]
+                x = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], b.code, b.slope, impl)
+            elif b.act is not None:  # as Linear's fused forward: z <- g(z + b) in one pass
+                bias = b.linear.params["b"] if b.linear.bias else np.zeros(W.shape[1], self.dtype)
+                impl.bias_activation(z, bias, b.code, float(b.slope))
+                x = z
+            else:
+                if b.linear.bias:
+                    z += b.linear.params["b"]
+                x = z
+        W, bias = self.last.params["W"], self.last.params.get("b")
+        logits = self.logits[:n]
+        threads.for_gemm(n * W.shape[0] * W.shape[1])
+        np.matmul(x, W, out=logits)
+        if bias is not None:
+            logits += bias
+        loss, acc, dlogits = self._loss(logits, y, impl)
+        # backward: the last Linear, then each block from the top
+        dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks), 0)
+        for k in range(len(self.blocks) - 1, -1, -1):
+            b = self.blocks[k]
+            if b.norm is not None:
+                dz = self.z[k][:n]  # BatchNorm's dx over its own input z (read before written), as the plan does
+                self._norm_backward(b.norm, dy, self.a[k][:n], self.z[k][:n], self.stats[k], b.code, b.slope, dz, impl)
+            else:
+                dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
+            dy = self._linear_backward(b.linear, inputs[k], dz, k > 0, (len(self.blocks) - k) % 2)
+        self.model.plan()._out_shape = None  # the interpreted path's forward is spent (its buffers are not ours)
+        return loss, acc
+
+    def _arguments(self, X_t, y_t, check_input):
+        """The batch as the kernels need it, and the model's arrays re-checked (identity, shape)."""
+        model = self.model
+        x = as_float_array(X_t, "X_t", "CompiledStep", self.dtype.name)
+        if x.ndim != 2 or x.shape[1] != self.blocks_in():
+            raise InputError(f"CompiledStep: X_t must be (N, {self.blocks_in()}), got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        if any(b.norm is not None for b in self.blocks) and len(x) < 2:
+            raise InputError(f"CompiledStep: a batch of {len(x)} row(s) has no variance to normalize with")
+        if check_input:
+            check_finite(x, "X_t", "CompiledStep")
+        if self.backend != backend.get_backend() or device_of(x) != "cpu":
+            raise HyperparameterError("CompiledStep: the backend changed since the step was built; build a new one")
+        if len(model.layers) != len(self.layers) or any(a is not b for a, b in zip(model.layers, self.layers)):
+            raise HyperparameterError(
+                "CompiledStep: the model's layers changed since the step was built; build a new one"
+            )
+        model.plan().check(True)  # every params/buffers array: identity and shape, in full when one was replaced
+        if type(self.loss) is not SoftmaxCrossEntropy:
+            return x, y_t  # (the loss checks its targets itself)
+        y = self.loss.check_targets(y_t, self.last.out_features)
+        if len(y) != len(x):
+            raise InputError(f"CompiledStep: X_t has {len(x)} rows but y_t has {len(y)}")
+        return x, y
+
+    def blocks_in(self):
+        return self.blocks[0].linear.in_features if self.blocks else self.last.in_features
+
+    def _norm_forward(self, norm, z, a, stats, code, slope, impl):
+        """BatchNorm.forward's kernel call, with the same arguments (and its running-count update)."""
+        decay, correction = norm._running_update_args(len(z))
+        impl.bn_forward(
+            z,
+            norm.params["gamma"],
+            norm.params["beta"],
+            float(norm.eps),
+            code,
+            float(slope),
+            True,
+            norm.buffers["running_mean"],
+            norm.buffers["running_var"],
+            float(decay),
+            float(correction),
+            a,
+            stats[0],
+            stats[1],
+            stats[2],
+        )
+        norm._count_batch(stats[0], stats[1])
+        return a
+
+    @staticmethod
+    def _norm_backward(norm, da, a, z, stats, code, slope, dz, impl):
+        impl.bn_backward(
+            da,
+            a,
+            z,
+            stats[0],
+            stats[2],
+            norm.params["gamma"],
+            code,
+            float(slope),
+            True,
+            dz,
+            norm._grad("gamma"),
+            norm._grad("beta"),
+        )
+
+    def _linear_backward(self, linear, x, dz, input_grad, slot):
+        """dW = x.T @ dz, db = sum(dz), and dx = dz @ W.T into a dx buffer when the layer below needs it."""
+        W = linear.params["W"]
+        n = len(dz)
+        threads.for_gemm(n * W.shape[0] * W.shape[1])
+        dx_out = self.dx[slot][: n * W.shape[0]].reshape(n, W.shape[0]) if input_grad else None
+        dx, _, _ = F.linear_backward(
+            dz, x, W, linear.bias, input_grad, dx_out, linear._grad("W"), linear._grad("b") if linear.bias else None
+        )
+        return dx
+
+    def _loss(self, logits, y, impl):
+        """(loss, accuracy, dL/dlogits) as loss.forward, loss.accuracy and loss.backward give them."""
+        dlogits = self.dlogits[: len(logits)]
+        if type(self.loss) is SoftmaxCrossEntropy:
+            loss = float(impl.softmax_cross_entropy(logits, y, dlogits))
+            if loss < 0:
+                c = logits.shape[1]
+                raise InputError(f"CompiledStep: labels must be in [0, {c}), got values in [{y.min()}, {y.max()}]")
+            return loss, self.loss.accuracy(logits, y), dlogits
+        loss = self.loss.forward(logits, y)
+        return loss, self.loss.accuracy(logits, y), self.loss.backward()
