@@ -204,30 +204,41 @@ class CompiledStep:
         return loss, acc
 
     def _arguments(self, X_t, y_t, check_input):
-        """The batch as the kernels need it, and the model's arrays re-checked (identity, shape)."""
-        model = self.model
+        """The batch as the kernels need it, after the model's arrays are re-checked (identity, shape).
+
+        check_input=False (fit, which checked its data once) skips the NaN/Inf scan of X_t and the
+        conversion of integer labels; their shape is still checked, and the loss kernel checks each
+        label's range before it uses it.
+        """
+        if self.backend != backend.get_backend():
+            raise HyperparameterError("CompiledStep: the backend changed since the step was built; build a new one")
+        self._recheck()
         x = as_float_array(X_t, "X_t", "CompiledStep", self.dtype.name)
-        if x.ndim != 2 or x.shape[1] != self.blocks_in():
-            raise InputError(f"CompiledStep: X_t must be (N, {self.blocks_in()}), got shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] != self.blocks_in() or device_of(x) != "cpu":
+            raise InputError(f"CompiledStep: X_t must be a (N, {self.blocks_in()}) host array, got shape {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if any(b.norm is not None for b in self.blocks) and len(x) < 2:
             raise InputError(f"CompiledStep: a batch of {len(x)} row(s) has no variance to normalize with")
         if check_input:
             check_finite(x, "X_t", "CompiledStep")
-        if self.backend != backend.get_backend() or device_of(x) != "cpu":
-            raise HyperparameterError("CompiledStep: the backend changed since the step was built; build a new one")
+        if type(self.loss) is not SoftmaxCrossEntropy:
+            return x, y_t  # (the loss checks its targets itself)
+        trusted = not check_input and isinstance(y_t, np.ndarray) and y_t.dtype.kind in "iu"
+        y = y_t if trusted else self.loss.check_targets(y_t, self.last.out_features)
+        if y.shape != (len(x),):
+            raise InputError(f"CompiledStep: X_t has {len(x)} rows but y_t has shape {y.shape}")
+        return x, y
+
+    def _recheck(self):
+        """The model's layers are those the step was built for, and their arrays what they were
+        (identity and shape; the full check of Layer.check_state when one was replaced)."""
+        model = self.model
         if len(model.layers) != len(self.layers) or any(a is not b for a, b in zip(model.layers, self.layers)):
             raise HyperparameterError(
                 "CompiledStep: the model's layers changed since the step was built; build a new one"
             )
-        model.plan().check(True)  # every params/buffers array: identity and shape, in full when one was replaced
-        if type(self.loss) is not SoftmaxCrossEntropy:
-            return x, y_t  # (the loss checks its targets itself)
-        y = self.loss.check_targets(y_t, self.last.out_features)
-        if len(y) != len(x):
-            raise InputError(f"CompiledStep: X_t has {len(x)} rows but y_t has {len(y)}")
-        return x, y
+        model.plan().check(True)
 
     def blocks_in(self):
         return self.blocks[0].linear.in_features if self.blocks else self.last.in_features

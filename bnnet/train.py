@@ -38,6 +38,7 @@ from .optim import (
     clip_grad_norm as clip_gradients,  # fit's own argument is named clip_grad_norm
 )
 from .optim import get_optimizer
+from .step import CompiledStep, compilable
 from .tensorboard import TensorBoardLog
 
 
@@ -128,11 +129,12 @@ def fit(
     drop_single = _check_batches(model, len(X), batch_size)
     # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
-    step = (
-        Step(model, loss_fn, check_activations)
-        if comm is None or comm.size == 1
-        else DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
-    )
+    if comm is not None and comm.size > 1:
+        step = DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
+    elif not check_activations and compilable(model, loss_fn, opt) is None:
+        step = CompiledStepOf(model, loss_fn, max(batch_sizes))  # the same numbers, built once (bnnet.step)
+    else:
+        step = Step(model, loss_fn, check_activations)
     step.agree(
         {
             "rows": len(X),
@@ -297,6 +299,18 @@ class Step:
         return first_nonfinite(self.model, X_t, train=True)
 
 
+class CompiledStepOf(Step):
+    """The step of one process as a bnnet.step.CompiledStep: the same numbers as Step, with the checks
+    and buffers of the model, loss and batch size decided once (fit uses it when compilable says so)."""
+
+    def __init__(self, model, loss_fn, batch_size):
+        super().__init__(model, loss_fn, False)
+        self.compiled = CompiledStep(model, loss_fn, None, batch_size)
+
+    def __call__(self, X_t, y_t, n_batch):
+        return self.compiled.gradients(X_t, y_t, check_input=False)  # (fit checked X and y once)
+
+
 class DataParallelStep(Step):
     """The step of one rank in data-parallel training (bnnet.distributed): its shard of each
     mini-batch, then one allreduce of the gradients, loss and accuracy sums."""
@@ -415,7 +429,8 @@ class LastGood:
     running statistics, optimizer state and its step counter) into the older of two copies and
     checks it finite in the same pass (the backend's copy_finite); only an all-finite copy becomes
     the last good one. `restore` writes the last good copy back into the live arrays. The cost
-    is about one memory copy of the state per step.
+    is about one memory copy of the state per step, in a few calls: the parameters and the
+    optimizer state are copied as their flat buffers (bnnet.flat), one call per buffer.
     """
 
     RESTORED = "the model and optimizer were restored to the last good step, and no checkpoint holds NaN/Inf"
@@ -427,8 +442,8 @@ class LastGood:
         if not self.commit():
             raise NonFiniteError(f"fit: the model holds NaN or Inf before training, in {self.first_nonfinite()}")
 
-    def _live(self):
-        """[((kind, where, name), value)] for every array a step changes, in a fixed order."""
+    def _named(self):
+        """[((kind, where, name), value)] for every array a step changes, one entry per array."""
         live = [
             ((kind, i, k), a)
             for i, layer in enumerate(self.model.layers)
@@ -438,10 +453,44 @@ class LastGood:
         live += [(("optimizer", name, k), a) for name, st in self.opt.state.items() for k, a in st.items()]
         return live
 
+    def _live(self):
+        """What commit copies: [(key, array)], with each flat buffer as one entry, and the parts
+        [(kind, group entries)] that say which named arrays a flat copy holds (for restore)."""
+        layout = self.model.flat_layout() if hasattr(self.model, "flat_layout") else None
+        flat_state = getattr(self.opt, "_flat", None)
+        if layout is None:
+            return self._named(), []
+        live, parts = [], []
+        for gi, group in enumerate(layout.groups):
+            live.append((("flat", "params", gi), group.params))
+            parts.append(("params", group.entries))
+        live += [(("buffers", i, k), a) for i, layer in enumerate(self.model.layers) for k, a in layer.buffers.items()]
+        opt_state = self.opt.state
+        if flat_state is not None and flat_state[0] is layout and self._state_is_flat(flat_state):
+            for gi, (group, arrays) in enumerate(zip(layout.groups, flat_state[1])):
+                for key, a in arrays.items():
+                    live.append((("flat", "optimizer", (gi, key)), a))
+                    parts.append((("optimizer", key), group.entries))
+            live += [
+                (("optimizer", name, k), a)
+                for name, st in opt_state.items()
+                for k, a in st.items()
+                if isinstance(a, np.generic)  # the per-parameter counters
+            ]
+        else:
+            live += [(("optimizer", name, k), a) for name, st in opt_state.items() for k, a in st.items()]
+        return live, parts
+
+    def _state_is_flat(self, flat_state):
+        """Every optimizer state array is a view of the flat state (nothing else to copy)."""
+        views = flat_state[2]
+        count = sum(1 for st in self.opt.state.values() for a in st.values() if not isinstance(a, np.generic))
+        return count == len(views) and all(self.opt.state.get(n, {}).get(k) is v for n, k, v in views)
+
     def commit(self):
         """Copy the live state into the spare slot; if it is all finite it becomes the last good state."""
         spare = 1 if self.good == 0 else 0
-        live = self._live()
+        live, parts = self._live()
         slot = self.slots[spare]
         arrays = [a for _, a in live if not isinstance(a, np.generic)]
         if (
@@ -466,6 +515,8 @@ class LastGood:
                 np.copyto(dst, src)
         # numpy scalars (the optimizer's per-parameter counters) are immutable: kept as they are
         slot["scalars"] = {key: a for key, a in live if isinstance(a, np.generic)}
+        slot["parts"] = parts
+        slot["state_keys"] = [(name, k) for name, st in self.opt.state.items() for k in st]
         slot["t"] = self.opt.t
         self.slots[spare] = slot
         if ok:
@@ -477,22 +528,38 @@ class LastGood:
         since then removed, the optimizer's counter set back."""
         slot = self.slots[self.good]
         saved = dict(zip(slot["keys"], slot["copies"])) | slot["scalars"]
+        saved = self._unflatten(saved, slot["parts"])
         for layer_index, layer in enumerate(self.model.layers):
             for kind in ("params", "buffers"):
                 d = getattr(layer, kind)
                 for k in d:
                     _put(d, k, saved[kind, layer_index, k])
         state = {}
-        for (kind, name, k), value in saved.items():
-            if kind == "optimizer":
-                entry = state.setdefault(name, {})
-                entry[k] = self.opt.state.get(name, {}).get(k)
-                _put(entry, k, value)
+        for name, k in slot["state_keys"]:
+            entry = state.setdefault(name, {})
+            entry[k] = self.opt.state.get(name, {}).get(k)
+            _put(entry, k, saved["optimizer", name, k])
         self.opt.state, self.opt.t = state, slot["t"]
+
+    def _unflatten(self, saved, parts):
+        """saved with each flat copy split into the named arrays it holds (the keys _named uses)."""
+        flat_params = iter(k for k in saved if k[:2] == ("flat", "params"))
+        flat_state = iter(k for k in saved if k[:2] == ("flat", "optimizer"))
+        out = {k: v for k, v in saved.items() if k[0] != "flat"}
+        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
+        for kind, entries in parts:
+            copy = saved[next(flat_params if kind == "params" else flat_state)]
+            for name, layer, key, start, stop in entries:
+                value = copy[start:stop].reshape(layer.params[key].shape)
+                if kind == "params":
+                    out["params", index[id(layer)], key] = value
+                else:
+                    out["optimizer", name, kind[1]] = value
+        return out
 
     def first_nonfinite(self):
         """The first live array holding NaN/Inf, as "parameter 0.W", "buffer 1.running_var", ..."""
-        for (kind, where, name), a in self._live():
+        for (kind, where, name), a in self._named():
             if not isinstance(a, np.generic) and a.dtype.kind == "f" and not np.isfinite(a).all():
                 sep = "/" if kind == "optimizer" else "."
                 return f"{_KIND_NAMES[kind]} {where}{sep}{name}"
