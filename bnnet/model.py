@@ -321,7 +321,7 @@ def mlp(
         bias = norm_cls is None or norm_cls is LayerNorm
         layers.append(Linear(fan_in, fan_out, bias=bias, init=init, std=std, rng=rng, dtype=dtype))
         if norm_cls is not None:
-            layers.append(norm_cls(fan_out, dtype=dtype, **(norm_options or {})))
+            layers.append(_norm_layer("mlp", norm, norm_cls, fan_out, dtype, norm_options))
         layers.append(act())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init=init, std=std, rng=rng, dtype=dtype))
     return Sequential(*layers)
@@ -399,7 +399,7 @@ def convnet(
             )
         )
         if norm_cls is not None:
-            layers.append(norm_cls(out, dtype=dtype, **(norm_options or {})))
+            layers.append(_norm_layer(owner, norm, norm_cls, out, dtype, norm_options))
         layers.append(act())
         if pool > 1:
             if h < pool or w < pool:
@@ -416,11 +416,24 @@ def convnet(
     for size in hidden:
         layers.append(Linear(width, size, bias=norm_cls is None, init=init, rng=rng, dtype=dtype))
         if norm_cls is not None:
-            layers.append(norm_cls(size, dtype=dtype, **(norm_options or {})))
+            layers.append(_norm_layer(owner, norm, norm_cls, size, dtype, norm_options))
         layers.append(act())
         width = size
     layers.append(Linear(width, classes, bias=True, init=init, rng=rng, dtype=dtype))
     return Sequential(*layers)
+
+
+def _norm_layer(owner, norm, norm_cls, features, dtype, norm_options):
+    """norm_cls(features, dtype=dtype, **norm_options); a missing or unknown option is named."""
+    if norm_options is not None and not isinstance(norm_options, dict):
+        raise HyperparameterError(f"{owner}: norm_options must be a dict of keyword arguments, got {norm_options!r}")
+    try:
+        return norm_cls(features, dtype=dtype, **(norm_options or {}))
+    except TypeError as e:
+        raise HyperparameterError(
+            f"{owner}: norm={norm!r} ({norm_cls.__name__}) cannot be built with norm_options={norm_options!r}: "
+            f"{str(e).split(': ', 1)[-1]}"
+        ) from None
 
 
 def _int_list(owner, name, value):

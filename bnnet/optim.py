@@ -105,7 +105,7 @@ class Optimizer:
 
     state_names = ()  # the rule's per-parameter arrays
     counter_names = ()  # the rule's per-parameter integer counters
-    _flat = None
+    _flat = _runs = _count = None  # caches of the flat path (see _step_flat)
     decoupled = False  # weight decay as L2 in the gradient (False) or as a shrink of p before the rule (AdamW)
 
     def __init__(self, lr, weight_decay=0.0, decay_names=("W",), schedule=None):
@@ -123,6 +123,7 @@ class Optimizer:
         self.t = 0  # updates applied so far
         self.state = {}  # dotted param name -> {state name: array}
         self._flat = None  # (layout, flat state arrays per group, views): see _flat_state
+        self._runs = self._count = None
 
     def current_lr(self):
         return self.lr * (self.schedule(self.t) if self.schedule is not None else 1.0)
@@ -194,19 +195,35 @@ class Optimizer:
                 return False  # the per-parameter path says what is wrong
         states = self._flat_state(layout)
         names = [name for group in layout.groups for name, *_ in group.entries]
-        counts = {self._next_count(name, self.state[name]) for name in names}
-        if len(counts) > 1:
+        k = self._common_count(names)
+        if k is False:
             return False
-        k = counts.pop() if counts else None
-        decay = {name: self._decay(name) for name in names}
-        for group, state in zip(layout.groups, states):
-            for start, stop, wd in group.runs(decay):
+        decay = (self.weight_decay, self.decay_names)
+        runs = self._runs if self._runs is not None and self._runs[0] is layout and self._runs[1] == decay else None
+        if runs is None:
+            by_name = {name: self._decay(name) for name in names}
+            runs = self._runs = (layout, decay, [group.runs(by_name) for group in layout.groups])
+        for group, state, group_runs in zip(layout.groups, states, runs[2]):
+            for start, stop, wd in group_runs:
                 sub = {key: a[start:stop] for key, a in state.items()}
                 self._apply(group.params[start:stop], group.grads[start:stop], sub, lr, wd, k)
         if k is not None:
+            count = self._count = np.int64(k)  # one object for every parameter (see _common_count)
             for name in names:
-                self.state[name]["k"] = np.int64(k)
+                self.state[name]["k"] = count
         return True
+
+    def _common_count(self, names):
+        """The update count this step gives every parameter (None for rules without one), or False when
+        the parameters' counts differ. The counts this path wrote last are one shared object, so the
+        common case is an identity test per parameter."""
+        if not self.counter_names:
+            return None
+        last = self._count
+        if last is not None and all(self.state[name].get("k") is last for name in names):
+            return int(last) + 1
+        counts = {self._next_count(name, self.state[name]) for name in names}
+        return counts.pop() if len(counts) == 1 else False
 
     def _flat_state(self, layout):
         """Per group, {state name: flat array} laid out like its parameters; self.state's entries are views

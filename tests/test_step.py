@@ -1,0 +1,203 @@
+"""The compiled step (bnnet.step) against the layer-by-layer path it replaces.
+
+It runs the same functions in the same order, so the numbers must agree bit for bit (float64 and
+float32): every builder configuration it takes, each optimizer with and without weight decay, both
+CPU backends; fit with it equals fit without it; what it cannot take is named, and fit then runs
+the interpreted step; assignments between steps are caught or laid out again, as between
+interpreted steps.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+import bnnet
+from bnnet import backend, optim
+from bnnet.errors import HyperparameterError, InputError
+from bnnet.step import compilable, compile_step
+from bnnet.train import CompiledStepOf, Step
+
+OPTIMIZERS = {
+    "sgd": lambda: optim.SGD(0.1),
+    "momentum+wd": lambda: optim.Momentum(0.1, weight_decay=1e-3),
+    "rmsprop": lambda: optim.RMSprop(1e-2),
+    "adam+wd": lambda: optim.Adam(1e-2, weight_decay=1e-2),
+    "adamw": lambda: optim.AdamW(1e-2),
+}
+
+
+def _assert_same(a, b):
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    for name in a.buffers:
+        np.testing.assert_array_equal(a.buffers[name], b.buffers[name], err_msg=name)
+    for name in a.grads:
+        np.testing.assert_array_equal(a.grads[name], b.grads[name], err_msg=name)
+
+
+CONFIGS = [
+    dict(activation=a, norm=n, dtype=d)
+    for a in ("relu", "sigmoid", "tanh", "leaky_relu")
+    for n in ("batch", "none")
+    for d in ("float64", "float32")
+]
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "numpy"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c.values()))
+def test_compiled_step_equals_the_layers_bitwise(config, backend_name):
+    rng = np.random.default_rng(0)
+    with backend.using(backend_name):
+        for opt_name, make in OPTIMIZERS.items():
+            ours = bnnet.mlp([6, 9, 7, 4], seed=3, **config)
+            theirs = copy.deepcopy(ours)
+            loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+            step = compile_step(ours, bnnet.losses.SoftmaxCrossEntropy(), make(), batch_size=12)
+            opt = make()
+            for t in range(4):
+                n = 12 - 3 * t  # smaller batches use the first rows of the buffers
+                X, y = rng.standard_normal((n, 6)), rng.integers(0, 4, n)
+                loss, acc = step(X, y)
+                expected = loss_fn.forward(theirs.forward(X, train=True), y)
+                assert acc == loss_fn.accuracy(theirs._last_logits, y)
+                theirs.backward(loss_fn.backward())
+                opt.step(theirs)
+                assert loss == expected, (opt_name, t)
+            _assert_same(ours, theirs)
+            for name, st in opt.state.items():
+                for key, value in st.items():
+                    np.testing.assert_array_equal(step.optimizer.state[name][key], value, err_msg=f"{name}/{key}")
+
+
+@pytest.fixture(autouse=True)
+def _keep_logits(monkeypatch):
+    """Record the logits each Sequential.forward returns, so that the accuracy can be compared."""
+    original = bnnet.Sequential.forward
+
+    def forward(self, x, train, *args, **kwargs):
+        out = original(self, x, train, *args, **kwargs)
+        self._last_logits = out
+        return out
+
+    monkeypatch.setattr(bnnet.Sequential, "forward", forward)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+def test_other_losses_give_the_same_numbers(loss):
+    rng = np.random.default_rng(1)
+    ours = bnnet.mlp([5, 8, 1], activation="tanh", seed=0, dtype="float64")
+    theirs = copy.deepcopy(ours)
+    loss_fn = bnnet.losses.get_loss(loss)
+    step = compile_step(ours, bnnet.losses.get_loss(loss), optim.Adam(1e-2))
+    opt = optim.Adam(1e-2)
+    for _ in range(3):
+        X, y = rng.standard_normal((10, 5)), rng.integers(0, 2, 10).astype(float)
+        loss_value, _ = step(X, y)
+        expected = loss_fn.forward(theirs.forward(X, train=True), y)
+        theirs.backward(loss_fn.backward())
+        opt.step(theirs)
+        assert loss_value == expected
+    _assert_same(ours, theirs)
+
+
+def test_fit_with_the_compiled_step_equals_fit_without_it(monkeypatch):
+    X, y, _, _ = bnnet.datasets.load_mnist5k()
+    X, y = X[:600], y[:600]
+    used = []
+    original = CompiledStepOf.__call__
+
+    def spy(self, *args):
+        used.append(True)
+        return original(self, *args)
+
+    monkeypatch.setattr(CompiledStepOf, "__call__", spy)
+    fast = bnnet.mlp([784, 32, 10], activation="sigmoid", seed=0)
+    slow = copy.deepcopy(fast)
+    h1 = bnnet.fit(fast, X, y, optimizer=optim.Adam(3e-3), epochs=2, batch_size=64, seed=0, progress=False)
+    assert used  # the compiled step ran
+    monkeypatch.setattr("bnnet.train.compilable", lambda *a: "forced off for this test")
+    used.clear()
+    h2 = bnnet.fit(slow, X, y, optimizer=optim.Adam(3e-3), epochs=2, batch_size=64, seed=0, progress=False)
+    assert not used
+    assert h1 == h2
+    _assert_same(fast, slow)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: bnnet.convnet((1, 8, 8), channels=(2,), hidden=(), classes=3, seed=0), "Conv2d"),
+        (lambda: bnnet.mlp([4, 5, 3], norm="renorm", seed=0), "BatchRenorm"),
+        (lambda: bnnet.mlp([4, 5, 3], norm="layer", seed=0), "LayerNorm"),
+        (lambda: bnnet.mlp([4, 5, 3], norm="ghost", norm_options={"virtual_batch_size": 2}, seed=0), "GhostBatchNorm"),
+        (lambda: bnnet.Sequential(bnnet.layers.BatchNorm(4), bnnet.layers.Linear(4, 3)), "must follow a Linear"),
+        (lambda: bnnet.Sequential(bnnet.layers.Linear(4, 3), bnnet.layers.ReLU()), "must end in a Linear"),
+    ],
+)
+def test_what_it_cannot_take_is_named_and_fit_runs_the_interpreted_step(make, reason):
+    model = make()
+    loss = bnnet.losses.SoftmaxCrossEntropy()
+    assert reason in compilable(model, loss)
+    with pytest.raises(HyperparameterError, match=reason):
+        compile_step(model, loss)
+
+
+def test_fit_chooses_the_step_it_can_compile(monkeypatch):
+    kinds = []
+    original = Step.__init__
+
+    def spy(self, *args, **kwargs):
+        kinds.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Step, "__init__", spy)
+    X, y = np.random.default_rng(0).standard_normal((40, 4)), np.arange(40) % 3
+    bnnet.fit(bnnet.mlp([4, 5, 3], seed=0), X, y, epochs=1, batch_size=8, progress=False)
+    bnnet.fit(bnnet.mlp([4, 5, 3], norm="layer", seed=0), X, y, epochs=1, batch_size=8, progress=False)
+    bnnet.fit(bnnet.mlp([4, 5, 3], seed=0), X, y, epochs=1, batch_size=8, progress=False, check_activations=True)
+    assert kinds == ["CompiledStepOf", "Step", "Step"]
+
+
+def test_assignments_between_compiled_steps_are_caught_or_used():
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((8, 4)).astype("float32"), rng.integers(0, 3, 8)
+    model = bnnet.mlp([4, 6, 3], seed=0)
+    step = compile_step(model, bnnet.losses.SoftmaxCrossEntropy(), optim.Adam(1e-2))
+    step(X, y)
+    model.layers[1].buffers["running_var"] = np.ones(5, "float32")  # wrong shape: refused before any kernel
+    with pytest.raises(InputError, match="running_var"):
+        step(X, y)
+    model.layers[1].buffers["running_var"] = np.ones(6, "float32")
+    model.layers[0].params["W"] = np.full((4, 6), 0.1, "float32")  # a new valid array: laid out again
+    step(X, y)
+    assert np.shares_memory(model.params["0.W"], model.flat_layout().groups[0].params)
+    step.optimizer.state["0.W"]["m"] = np.zeros(3, "float32")
+    with pytest.raises(InputError, match=r"state\['0.W'\]\['m'\]"):
+        step(X, y)
+
+
+def test_a_norm_without_its_required_option_is_named():
+    with pytest.raises(HyperparameterError, match="virtual_batch_size"):
+        bnnet.mlp([4, 5, 3], norm="ghost")
+    with pytest.raises(HyperparameterError, match="norm_options must be a dict"):
+        bnnet.mlp([4, 5, 3], norm="ghost", norm_options=16)
+
+
+def test_bad_batches_are_refused_with_one_clear_error():
+    model = bnnet.mlp([4, 6, 3], seed=0)
+    step = compile_step(model, bnnet.losses.SoftmaxCrossEntropy())
+    X, y = np.ones((8, 4), "float32"), np.arange(8) % 3
+    with pytest.raises(InputError, match=r"X_t must be a \(N, 4\)"):
+        step(np.ones((8, 5)), y)
+    with pytest.raises(InputError, match="no variance"):
+        step(X[:1], y[:1])
+    with pytest.raises(InputError, match="NaN or Inf"):
+        step(np.full((8, 4), np.nan), y)
+    with pytest.raises(InputError, match="out of range"):
+        step(X, y + 5)
+    with pytest.raises(InputError, match="rows"):
+        step(X, y[:5])
+    model.layers.append(bnnet.layers.ReLU())
+    with pytest.raises(HyperparameterError, match="layers changed"):
+        step(X, y)
