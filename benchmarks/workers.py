@@ -174,18 +174,41 @@ class Bnnet:
         return {"times": times, "conv_seconds": state["conv"] / (len(times) + 1)}
 
     def step(self, task):
+        """task["mode"]: "loop" (default: the lecture's four calls), "compiled" (bnnet.compile_step: the
+        same step built once, one call per mini-batch) or "fit" (bnnet.fit over the same batches, per step)."""
         model = self.bnnet.mlp(task["sizes"], activation=task["activation"], seed=0)
-        return self._sgd_steps(model, *make_batches(task["sizes"], task["batch"]), task)
+        X, y = make_batches(task["sizes"], task["batch"])
+        mode = task.get("mode", "loop")
+        if mode == "fit":
+            return self._fit_steps(model, X, y, task)
+        return self._sgd_steps(model, X, y, task, compiled=mode == "compiled")
 
-    def _sgd_steps(self, model, X, y, task):
-        """Time SGD steps through the public API on consecutive mini-batches of X, y."""
+    def _fit_steps(self, model, X, y, task):
+        """Seconds per mini-batch of bnnet.fit (one epoch over X per call: shuffling, the step, the
+        finiteness commit, the running loss; no progress bar)."""
+        bnnet, batch = self.bnnet, task["batch"]
+        opt = bnnet.optim.SGD(task["lr"])
+        steps = len(X) // batch
+
+        def epoch():
+            bnnet.fit(model, X, y, optimizer=opt, epochs=1, batch_size=batch, seed=0, progress=False)
+
+        return {"times": [t / steps for t in timed(epoch, max(1, task["reps"] // steps), task.get("min_seconds", 1.0))]}
+
+    def _sgd_steps(self, model, X, y, task, compiled=False):
+        """Time SGD steps through the public API on consecutive mini-batches of X, y: the lecture's loop,
+        or (compiled) one call of bnnet.compile_step per mini-batch."""
         opt = self.bnnet.optim.SGD(task["lr"])
         loss_fn = self.bnnet.losses.SoftmaxCrossEntropy()
         batch, k, state = task["batch"], len(X) // task["batch"], {"i": 0}
+        train_step = self.bnnet.compile_step(model, loss_fn, opt, batch) if compiled else None
 
         def step():
             j = (state["i"] % k) * batch
             state["i"] += 1
+            if train_step is not None:
+                train_step(X[j : j + batch], y[j : j + batch])
+                return
             loss_fn.forward(model.forward(X[j : j + batch], train=True), y[j : j + batch])
             model.backward(loss_fn.backward())
             opt.step(model)

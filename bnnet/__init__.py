@@ -24,6 +24,7 @@ from .export import export_onnx
 from .inference import fold_batchnorm, freeze_batchnorm, recompute_bn_stats
 from .io import load, save
 from .model import BiasBeforeBatchNormWarning, Sequential, convnet, mlp
+from .step import CompiledStep, compile_step
 from .threads import get_num_threads, set_num_threads
 from .train import evaluate, fit
 
@@ -73,6 +74,8 @@ __all__ = [
     "mlp",
     "convnet",
     "fit",
+    "compile_step",
+    "CompiledStep",
     "evaluate",
     "save",
     "load",

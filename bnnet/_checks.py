@@ -145,24 +145,6 @@ def check_seed(owner, seed):
     return int(seed)
 
 
-def check_finite(x, name, owner):
-    """Raise InputError if x holds NaN or Inf, naming the first such index."""
-    if x.dtype.kind != "f":
-        return
-    from . import backend, ops  # (ops imports this module)
-
-    # one compiled read pass for float32/float64 arrays the backend runs on (host data checked
-    # while a model trains on the GPU takes NumPy's pass), no boolean temporary
-    fast = x.dtype.char in "fd" and isinstance(x, backend.array_types())
-    if ops.all_finite(x) if fast else np.isfinite(x).all():
-        return
-    bad = np.argwhere(~np.isfinite(x))[0]
-    raise InputError(
-        f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
-        "clean or impute the data before training"
-    )
-
-
 def describe(a):
     """How an array (or anything else) reads in an error message: its layout, dtype and shape."""
     if isinstance(a, np.ndarray):

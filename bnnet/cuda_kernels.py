@@ -62,6 +62,8 @@ _inverse_std = njit(**_EQ)(F.inverse_std)
 _running_average = njit(**_EQ)(F.running_average)
 _input_grad_coefficients = njit(**_EQ)(F.input_grad_coefficients)
 _input_grad = njit(**_EQ)(F.input_grad)
+_normalize = njit(**_EQ)(F.normalize)
+_scale_shift = njit(**_EQ)(F.scale_shift)
 _merge_moments = njit(**_EQ)(F.merge_moments)
 _sgd_rule = njit(**_EQ)(optim_rules.sgd)
 _momentum_rule = njit(**_EQ)(optim_rules.momentum)
@@ -206,8 +208,8 @@ def _finish_grads(n, s1, s2, gamma, inv_std, train, sums_out, dbeta, dgamma, coe
         return
     if train:
         coef[0, j], coef[1, j], coef[2, j] = _input_grad_coefficients(float64(gamma[j]), inv_std[j], t1, t2, n)
-    else:  # the statistics are constants: BN is a per-feature affine map
-        coef[0, j], coef[1, j], coef[2, j] = float64(gamma[j]) * inv_std[j], 0.0, 0.0
+    else:  # the statistics are constants (no sums): BN is a per-feature affine map, dx = k g
+        coef[0, j], coef[1, j], coef[2, j] = _input_grad_coefficients(float64(gamma[j]), inv_std[j], 0.0, 0.0, n)
 
 
 # -- element-wise passes over (N, D) or (N, C, S), seen flat -----------------------
@@ -218,7 +220,7 @@ def _apply(x, gamma, beta, mean, inv_std, act, slope, channels, inner, out):
     """out = g((x - mean) * gamma * inv_std + beta); x, out flat; feature = (i // inner) % channels."""
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
         c = (i // inner) % channels
-        z = (float64(x[i]) - mean[c]) * (float64(gamma[c]) * inv_std[c]) + float64(beta[c])
+        z = _scale_shift(float64(x[i]), mean[c], 0.0, float64(gamma[c]) * inv_std[c], float64(beta[c]))
         out[i] = _activate(z, act, 0.0, slope)
 
 
@@ -228,7 +230,7 @@ def _dx(da, a, x, mean, inv_std, coef, act, slope, channels, inner, dx):
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
         c = (i // inner) % channels
         g = float64(da[i]) * _activation_grad(float64(a[i]), act, 0.0, 1.0, slope)
-        x_hat = (float64(x[i]) - mean[c]) * inv_std[c]
+        x_hat = _normalize(float64(x[i]), mean[c], 0.0, inv_std[c])
         dx[i] = _input_grad(g, x_hat, coef[0, c], coef[1, c], coef[2, c])
 
 

@@ -108,6 +108,12 @@ def normalize(x, mean_hi, mean_lo, inv_std):
     return ((x - mean_hi) - mean_lo) * inv_std
 
 
+def scale_shift(x, mean_hi, mean_lo, scale, beta):
+    """z~ = gamma * x_hat + beta with scale = gamma * inv_std folded in: ((x - mean_hi) - mean_lo) * scale + beta,
+    the forward pass's one multiply-add per element (normalize's x_hat times gamma, plus beta)."""
+    return ((x - mean_hi) - mean_lo) * scale + beta
+
+
 def running_average(running, batch, decay):
     """The running-statistics update: decay * running + (1 - decay) * batch.
 

@@ -20,7 +20,6 @@ from . import functional as F
 from ._checks import (
     as_float_array,
     check_choice,
-    check_finite,
     check_int,
     check_samples,
 )
@@ -28,6 +27,7 @@ from .conv import Conv2d
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear
 from .model import Sequential
+from .ops import check_finite
 
 
 def _bn_layers(model):

@@ -40,7 +40,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 from . import functional as F  # noqa: E402
 from . import optim_rules  # noqa: E402
-from .ops import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
+from .equations import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
 from .threads import numba_threads  # noqa: E402
 
 # Above this many elements the parallel kernels are used. One core nearly
@@ -59,6 +59,7 @@ _OPTS_EQ = dict(error_model="numpy", fastmath={"contract", "nsz"})
 _moments_from_sums = njit(inline="always", **_OPTS_EQ)(F.moments_from_sums)
 _inverse_std = njit(inline="always", **_OPTS_EQ)(F.inverse_std)
 _normalize = njit(inline="always", **_OPTS_EQ)(F.normalize)
+_scale_shift = njit(inline="always", **_OPTS_EQ)(F.scale_shift)
 _running_average = njit(inline="always", **_OPTS_EQ)(F.running_average)
 _input_grad_coefficients = njit(inline="always", **_OPTS_EQ)(F.input_grad_coefficients)
 _input_grad = njit(inline="always", **_OPTS_EQ)(F.input_grad)
@@ -250,7 +251,7 @@ def _apply_rows_as(x, t, act, c, out, lo, hi):
         xi = x[i]
         oi = out[i]
         for j in range(xi.shape[0]):
-            oi[j] = _activate(((xi[j] - t[HI, j]) - t[LO, j]) * t[SCALE, j] + t[BETA, j], act, zero, slope)
+            oi[j] = _activate(_scale_shift(xi[j], t[HI, j], t[LO, j], t[SCALE, j], t[BETA, j]), act, zero, slope)
 
 
 @njit(inline="always", **_OPTS)
@@ -511,7 +512,7 @@ def _apply_channel_as(x, t, act, c, out, j):
         xi = x[i, j]
         oi = out[i, j]
         for k in range(xi.shape[0]):
-            oi[k] = _activate(((xi[k] - hi) - lo) * scale + beta, act, zero, slope)
+            oi[k] = _activate(_scale_shift(xi[k], hi, lo, scale, beta), act, zero, slope)
 
 
 @njit(inline="always", **_OPTS)

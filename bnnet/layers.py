@@ -31,7 +31,6 @@ from ._checks import (
     check_bool,
     check_choice,
     check_dtype,
-    check_finite,
     check_int,
     check_number,
     describe,
@@ -39,6 +38,7 @@ from ._checks import (
 )
 from .device import empty, zeros
 from .errors import HyperparameterError, InputError
+from .ops import check_finite
 
 
 class Layer:

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops
-from ._checks import as_array, as_float_array, check_finite
+from ._checks import as_array, as_float_array
 from .errors import HyperparameterError, InputError
 
 
@@ -116,7 +116,7 @@ class BinaryCrossEntropy(Loss):
         if y.ndim != 1:
             raise InputError(f"BinaryCrossEntropy: targets must have shape (N,) or (N, 1), got {y.shape}")
         y = as_float_array(y, "targets", "BinaryCrossEntropy", "float64")
-        check_finite(y, "targets", "BinaryCrossEntropy")
+        ops.check_finite(y, "targets", "BinaryCrossEntropy")
         if len(y) and (y.min() < 0 or y.max() > 1):
             raise InputError(
                 f"BinaryCrossEntropy: targets must be in [0, 1] (0/1 labels), got values in [{y.min()}, {y.max()}]"
@@ -156,7 +156,7 @@ class MSE(Loss):
                 f"MSE: targets must have shape (N, {n_outputs}) (or (N,) for one output), got {np.shape(targets)}"
             )
         y = as_float_array(y, "targets", "MSE", "float64")
-        check_finite(y, "targets", "MSE")
+        ops.check_finite(y, "targets", "MSE")
         return y
 
     def forward(self, outputs, targets):

@@ -11,8 +11,7 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._checks import as_float_array, check_choice, check_finite, check_int, check_samples, check_seed
-from ._checks import check_finite as _check_finite  # forward's own argument is named check_finite
+from ._checks import as_float_array, check_choice, check_int, check_samples, check_seed
 from .conv import Conv2d, Flatten, MaxPool2d
 from .device import device_of, to_device, to_host
 from .engine import Plan, check_chain
@@ -20,6 +19,8 @@ from .errors import HyperparameterError, InputError, NonFiniteError
 from .flat import FlatLayout
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
 from .normalization import NORMS, LayerNorm
+from .ops import check_finite
+from .ops import check_finite as _check_finite  # forward's own argument is named check_finite
 
 
 class BiasBeforeBatchNormWarning(UserWarning):

@@ -29,9 +29,9 @@ import numpy as np
 from . import backend
 from ._checks import describe
 from .device import writable
+from .equations import ACTIVATION_CODES, IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: F401  (re-exported)
 from .errors import InputError
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
 _F64 = np.dtype(np.float64)
 
 
@@ -89,7 +89,7 @@ def _check(op, names, arrays, shape, dtype, write):
 
 
 def _act(op, act):
-    if act not in (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH):
+    if act not in ACTIVATION_CODES:
         _fail(op, f"unknown activation code {act!r}")
 
 
@@ -306,6 +306,22 @@ def all_finite(x):
     if not x.flags.c_contiguous:
         return bool(np.isfinite(x).all())
     return bool(backend.impl().all_finite(x.reshape(-1)))
+
+
+def check_finite(x, name, owner):
+    """Raise InputError if x holds NaN or Inf, naming the first such index (a validation, in bnnet.ops
+    because its fast path is an operation: one compiled read pass, no boolean temporary)."""
+    if x.dtype.kind != "f":
+        return
+    # host data checked while a model trains on the GPU takes NumPy's pass
+    fast = x.dtype.char in "fd" and isinstance(x, _arrays())
+    if all_finite(x) if fast else np.isfinite(x).all():
+        return
+    bad = np.argwhere(~np.isfinite(x))[0]
+    raise InputError(
+        f"{owner}: {name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
+        "clean or impute the data before training"
+    )
 
 
 # --------------------------------------------------------------------------

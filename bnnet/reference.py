@@ -11,7 +11,7 @@ import numpy as np
 from . import functional as F
 from . import optim_rules
 from . import spatial as S
-from .ops import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
+from .equations import LEAKY_RELU, RELU, SIGMOID, TANH  # activation codes
 
 # code -> (g(z, slope), g'(z) written from a = g(z), slope); IDENTITY is absent: nothing to apply.
 _ACTIVATIONS = {

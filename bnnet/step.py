@@ -35,7 +35,7 @@ import numpy as np
 
 from . import backend, ops, threads
 from . import functional as F
-from ._checks import as_float_array, check_finite
+from ._checks import as_float_array
 from .device import device_of
 from .errors import HyperparameterError, InputError
 from .layers import BatchNorm, Linear, _Activation
@@ -221,7 +221,7 @@ class CompiledStep:
         if any(b.norm is not None for b in self.blocks) and len(x) < 2:
             raise InputError(f"CompiledStep: a batch of {len(x)} row(s) has no variance to normalize with")
         if check_input:
-            check_finite(x, "X_t", "CompiledStep")
+            ops.check_finite(x, "X_t", "CompiledStep")
         if type(self.loss) is not SoftmaxCrossEntropy:
             return x, y_t  # (the loss checks its targets itself)
         trusted = not check_input and isinstance(y_t, np.ndarray) and y_t.dtype.kind in "iu"

@@ -25,8 +25,8 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend
-from ._checks import as_float_array, check_finite, check_int, check_number, check_samples, check_seed
+from . import backend, ops
+from ._checks import as_float_array, check_int, check_number, check_samples, check_seed
 from .device import check_device, contiguous, empty, to_device, writable
 from .distributed import DataParallel, is_root
 from .engine import check_chain
@@ -205,7 +205,7 @@ def _check_data(model, X, y, loss, owner):
         check_chain(model.layers, X.shape[1:], error=InputError)
     except InputError as e:
         raise InputError(f"{owner}: X of shape {X.shape} does not fit the model: {e}") from None
-    check_finite(X, "X", owner)
+    ops.check_finite(X, "X", owner)
     n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
     y = loss.check_targets(y, n_out)
     if len(y) != len(X):
