@@ -63,21 +63,44 @@ class Layer:
         Returns a new array, or `out` when given: an array of the output's shape and
         dtype to write into (not overlapping x), for callers that reuse their own buffers.
         check_input: refuse an x holding NaN/Inf with InputError (default True; one read
-            pass over x); False lets them through, propagated as NumPy would.
+            pass over x, or none where the layer's own statistics pass reads x anyway: see
+            BatchNorm); False lets them through, propagated as NumPy would.
         """
         x = self._input(x)
         shape = self.out_shape(x.shape[1:])  # (raises InputError when the layer cannot take x)
-        if check_input:
+        folded = check_input and self._statistics_read_input(train)
+        if check_input and not folded:
             check_finite(x, "x", self.name)
         self.check_state(train)
-        if out is None:
-            return self._forward(x, train)
-        out = _check_out(self.name, "out", out, (x.shape[0], *shape), x.dtype)
+        if out is not None:
+            out = _check_out(self.name, "out", out, (x.shape[0], *shape), x.dtype)
+        saved = self._state_before_folded_check() if folded else None
         # the kernels write through reshaped views of `out`, which only a C-contiguous array has
-        y = self._forward(x, train, out=out if out.flags.c_contiguous else None)
+        y = self._forward(x, train, out=out if out is not None and out.flags.c_contiguous else None)
+        if folded and not self._statistics_finite():
+            self._restore_after_folded_check(saved)  # x may hold NaN/Inf: undo the running update
+            check_finite(x, "x", self.name)  # names the first one (finite x: the sums overflowed; go on)
+        if out is None:
+            return y
         if y is not out:
             out[...] = y
         return out
+
+    # The NaN/Inf check of forward's input, folded into a pass that reads x anyway: a layer whose
+    # train-mode statistics sum every x in float64 finds a NaN/Inf there (a non-finite sum) and
+    # only then scans x for the first one. By default there is no such pass.
+
+    def _statistics_read_input(self, train):
+        return False
+
+    def _state_before_folded_check(self):
+        return None
+
+    def _statistics_finite(self):
+        return True
+
+    def _restore_after_folded_check(self, saved):
+        pass
 
     def backward(self, dy, input_grad=True, out=None):
         """dL/dx from dL/dy of the last forward; fills `grads`. input_grad=False may skip dx.
@@ -553,6 +576,24 @@ class BatchNorm(Layer):
         self._cache = (outk, xk, stats, train, act, slope, x)
         self._last_shape = x.shape
         return out
+
+    # The input check folded into the statistics pass (see Layer.forward): in train mode the float64
+    # sums of every x are finite exactly when x is, unless the sums overflow (|x| near 1e150), which
+    # the scan that follows a non-finite sum tells apart.
+
+    def _statistics_read_input(self, train):
+        return type(self) is BatchNorm and self.fusable and self.track_running_stats and train and not self.frozen
+
+    def _state_before_folded_check(self):
+        return {k: v.copy() for k, v in self.buffers.items()}
+
+    def _statistics_finite(self):
+        stats = self._cache[2]  # (3, C) float64: mean, var, inv_std of this batch
+        return bool(np.isfinite(stats[:2]).all())
+
+    def _restore_after_folded_check(self, saved):
+        for k, v in saved.items():
+            self.buffers[k][...] = v
 
     def _backward(self, dy, input_grad, dx_out=None):
         """dx into dx_out (which may be the forward's input x: each element is read before it is
