@@ -1,18 +1,24 @@
-"""Variants of Batch Norm, and Layer Norm, as layers (NumPy; not fused by the numba backend).
+"""Variants of Batch Norm, and Layer Norm, as layers: each one Batch Norm's operations (bnnet.ops:
+the fused kernels of every backend) with a different choice of what is reduced over.
 
-    BatchRenorm     Ioffe 2017: batch statistics corrected towards the running ones by r and d
-    GhostBatchNorm  Hoffer et al. 2017: statistics of small "virtual" batches inside a large one
-    LayerNorm       Ba et al. 2016: statistics of each sample over its features
+    BatchRenorm     Ioffe 2017: batch statistics corrected towards the running ones by r and d:
+                    BN's moments, then BN's apply with gamma * r and gamma * d + beta
+    GhostBatchNorm  Hoffer et al. 2017: statistics of small "virtual" batches inside a large one:
+                    BN's forward and backward on each virtual batch's rows
+    LayerNorm       Ba et al. 2016: statistics of each sample over its features: BN over the
+                    (1, N, D) view of x, where every sample is a channel of D values
 
 The first two keep BatchNorm's parameters, buffers and eval mode (running
-statistics) and change only train mode. All three call the batch-norm
-equations of `bnnet.functional`; LayerNorm runs them on the transposed input.
+statistics) and change only train mode.
 """
 
 import numpy as np
 
 from . import functional as F
+from . import ops
 from ._checks import check_dtype, check_int, check_number
+from .device import empty, zeros
+from .equations import IDENTITY
 from .layers import LAYER_TYPES, BatchNorm, Layer, on_rows
 
 
@@ -94,33 +100,43 @@ class BatchRenorm(BatchNorm):
         train = self._effective_train(x, train)
         if not train:
             return super()._forward(x, False)
-        mean, var = F._moments_wide(x, 0, False)  # mu_B, var_B: (D,) float64
+        n, dtype = x.shape[0], x.dtype
+        stats = empty(x, (3, self.num_features), np.float64)  # mu_B, var_B, 1 / sigma_B
+        ops.bn_moments(x, stats[0], stats[1])
+        mean, var = stats[0], stats[1]
+        var /= n  # (M2 -> the biased variance)
         sigma_b = 1.0 / F.inverse_std(var, self.eps)  # sqrt(var_B + eps)
         mu = self.buffers["renorm_mean"].astype(np.float64)
         sigma = self.buffers["renorm_std"].astype(np.float64)
         r_min, r_max, d_max = self.clipping()
         r = np.clip(sigma_b / sigma, r_min, r_max)
         d = np.clip((mean - mu) / sigma, -d_max, d_max)
-        _, (x_norm, inv_std) = F.batch_norm_apply(x, 1.0, 0.0, mean, var, self.eps)  # (x - mu_B) / sigma_B
-        x_hat = x_norm * r.astype(x.dtype) + d.astype(x.dtype)
-        y = self.params["gamma"] * x_hat + self.params["beta"]
+        # y = gamma * ((x - mu_B) / sigma_B * r + d) + beta: BN's apply with gamma * r and gamma * d + beta
+        gamma = self.params["gamma"].astype(np.float64)
+        y = empty(x, x.shape, dtype)
+        scale, shift = (gamma * r).astype(dtype), (gamma * d + self.params["beta"]).astype(dtype)
+        ops.bn_apply(x, scale, shift, self.eps, IDENTITY, 0.0, mean, var, y, stats[2])
         self.renorm = (r, d)
-        self._update_running(mean, var, x.shape[0])  # eval mode's statistics, as BatchNorm
+        self._update_running(mean, var, n)  # eval mode's statistics, as BatchNorm
         self.buffers["renorm_mean"][...] = F.running_average(mu, mean, self.renorm_momentum)
         self.buffers["renorm_std"][...] = F.running_average(sigma, sigma_b, self.renorm_momentum)
-        self._cache = ("renorm", x, (x_norm, inv_std), x_hat, r.astype(x.dtype))
-        return y.astype(x.dtype, copy=False)
+        self._cache = ("renorm", x, y, stats, scale, r, d)
+        return y
 
     @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()
         if mode != "renorm":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad)
-        cache, x_hat, r = rest
-        self._grad("beta")[...] = dy.sum(axis=0)
-        self._grad("gamma")[...] = (dy * x_hat).sum(axis=0)
-        # r and d are constants: y depends on x through (x - mu_B) / sigma_B only, scaled by gamma * r.
-        dx, _, _ = F.batch_norm_backward(dy, self.params["gamma"] * r, cache)
+        y, stats, scale, r, d = rest
+        # r and d are constants: y depends on x through (x - mu_B) / sigma_B only, scaled by gamma * r,
+        # which is BN's backward with gamma * r. Its sums give dbeta = sum(dy) and
+        # sum(dy * x_norm), so dgamma = sum(dy * x_hat) = r * sum(dy * x_norm) + d * sum(dy).
+        dx = empty(x, x.shape, x.dtype)
+        sums = empty(x, (2, self.num_features), x.dtype)  # sum(dy * x_norm), sum(dy)
+        ops.bn_backward(dy, y, x, stats[0], stats[2], scale, IDENTITY, 0.0, True, dx, sums[0], sums[1])
+        self._grad("beta")[...] = sums[1]
+        self._grad("gamma")[...] = r * sums[0] + d * sums[1]
         return dx
 
     def config(self):
@@ -181,16 +197,20 @@ class GhostBatchNorm(BatchNorm):
         train = self._effective_train(x, train)
         if not train:
             return super()._forward(x, False)
-        y = np.empty_like(x)
-        caches = []
-        for lo, hi in self._chunks(x.shape[0]):
-            y[lo:hi], mean, var, cache = F.batch_norm_forward(
-                x[lo:hi], self.params["gamma"], self.params["beta"], self.eps
-            )
-            self._update_running(mean, var, hi - lo)
-            caches.append((lo, hi, cache))
+        y = empty(x, x.shape, x.dtype)
+        gamma, beta, _, _ = self._affine(x)
+        chunks = []
+        for lo, hi in self._chunks(x.shape[0]):  # BN's forward on each virtual batch, in order
+            stats = empty(x, (3, self.num_features), np.float64)  # mean, biased var, inv_std
+            decay, correction = self._running_update_args(hi - lo)
+            ops.bn_forward(
+                x[lo:hi], gamma, beta, self.eps, IDENTITY, 0.0, True, *self._running(x), decay, correction,
+                y[lo:hi], *stats,
+            )  # fmt: skip
+            self._count_batch(stats[0], stats[1])
+            chunks.append((lo, hi, stats))
         self.batch_stats = None  # one per virtual batch: see the running statistics
-        self._cache = ("ghost", x, caches)
+        self._cache = ("ghost", x, y, chunks)
         return y
 
     @on_rows
@@ -198,14 +218,18 @@ class GhostBatchNorm(BatchNorm):
         mode, x, *rest = self._cached()
         if mode != "ghost":  # eval mode or frozen: BatchNorm's cache
             return super()._backward(dy, input_grad)
-        dx = np.empty_like(dy)
-        dgamma, dbeta = self._grad("gamma"), self._grad("beta")
+        y, chunks = rest
+        dx = empty(x, x.shape, x.dtype)
+        gamma, _, dgamma, dbeta = self._affine(x)
         dgamma[...] = 0
         dbeta[...] = 0
-        for lo, hi, cache in rest[0]:
-            dx[lo:hi], dg, db = F.batch_norm_backward(dy[lo:hi], self.params["gamma"], cache)
-            dgamma += dg
-            dbeta += db
+        sums = empty(x, (2, self.num_features), x.dtype)  # one virtual batch's dgamma, dbeta
+        for lo, hi, stats in chunks:  # BN's backward on each virtual batch
+            ops.bn_backward(
+                dy[lo:hi], y[lo:hi], x[lo:hi], stats[0], stats[2], gamma, IDENTITY, 0.0, True, dx[lo:hi], *sums
+            )
+            dgamma += sums[0]
+            dbeta += sums[1]
         return dx
 
     def config(self):
@@ -245,18 +269,42 @@ class LayerNorm(Layer):
         }
 
     def _forward(self, x, train, out=None):
-        # (D, N): each column is a sample; normalizing over axis 0 is normalizing each sample
-        x_hat_t, _, _, cache = F.batch_norm_forward(x.T, 1.0, 0.0, self.eps)
-        x_hat = x_hat_t.T  # (N, D)
-        self._cache = (x, x_hat, cache)
+        # BN's forward over the (1, N, D) view of x: each sample is a channel whose D values are
+        # normalized together, with gamma = 1, beta = 0 per sample; then LayerNorm's own gamma and
+        # beta per feature. (Batch statistics in train and eval mode alike: no running update.)
+        n = x.shape[0]
+        x3 = x.reshape(1, n, self.num_features)
+        x_hat = empty(x, x.shape, x.dtype)  # (N, D)
+        stats = empty(x, (3, n), np.float64)  # per sample: mean, biased var, inv_std
+        ones, zeros_, sink_mean, sink_var = self._per_sample(x, n)
+        ops.bn_forward(
+            x3, ones, zeros_, self.eps, IDENTITY, 0.0, True, sink_mean, sink_var, 0.0, 1.0,
+            x_hat.reshape(1, n, self.num_features), *stats,
+        )  # fmt: skip
+        self._cache = (x_hat, x, stats)  # (output-shaped first: Layer reads the shapes from the cache)
         return (self.params["gamma"] * x_hat + self.params["beta"]).astype(x.dtype, copy=False)
 
     def _backward(self, dy, input_grad, dx_out=None):
-        x, x_hat, cache = self._cached()
+        x_hat, x, stats = self._cached()
+        n = x_hat.shape[0]
+        x3 = x.reshape(1, n, self.num_features)
         self._grad("beta")[...] = dy.sum(axis=0)
         self._grad("gamma")[...] = (dy * x_hat).sum(axis=0)
-        dx_t, _, _ = F.batch_norm_backward((dy * self.params["gamma"]).T, 1.0, cache)
-        return dx_t.T
+        g = (dy * self.params["gamma"]).astype(x_hat.dtype, copy=False)  # dL/dx_hat (N, D)
+        dx = empty(x_hat, x_hat.shape, x_hat.dtype)
+        ones, _, sink_dgamma, sink_dbeta = self._per_sample(x_hat, n)
+        ops.bn_backward(
+            g.reshape(1, n, self.num_features), x_hat.reshape(1, n, self.num_features), x3, stats[0], stats[2], ones,
+            IDENTITY, 0.0, True, dx.reshape(1, n, self.num_features), sink_dgamma, sink_dbeta,
+        )  # fmt: skip
+        return dx
+
+    def _per_sample(self, like, n):
+        """Per-sample arrays for BN's operations on the (1, N, D) view: ones (its gamma), zeros (its beta)
+        and two arrays it writes into that nothing reads (running statistics, or dgamma and dbeta)."""
+        ones, zeros_ = zeros(like, (n,), like.dtype), zeros(like, (n,), like.dtype)
+        ones[...] = 1
+        return ones, zeros_, empty(like, (n,), like.dtype), empty(like, (n,), like.dtype)
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "dtype": self.dtype}
