@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from . import ops, threads
+from . import backend, ops, threads
 from ._checks import (
     as_array,
     as_float_array,
@@ -36,7 +36,7 @@ from ._checks import (
     describe,
     per_sample,
 )
-from .device import empty, zeros
+from .device import empty, writable, zeros
 from .errors import HyperparameterError, InputError
 from .ops import check_finite
 
@@ -168,11 +168,11 @@ class Layer:
         for (kind, key), (shape, dtype) in self.state_spec().items():
             a = getattr(self, kind).get(key)
             if (
-                not isinstance(a, np.ndarray)
+                not isinstance(a, backend.array_types())  # NumPy's, or the GPU's for the cuda backend
                 or a.shape != shape
                 or a.dtype != _DTYPES[dtype]
                 or not a.flags.c_contiguous
-                or (train and kind == "buffers" and not a.flags.writeable)
+                or (train and kind == "buffers" and not writable(a))
             ):
                 raise InputError(
                     f"{self.name}: {kind}[{key!r}] must be a C-contiguous{' writable' if kind == 'buffers' else ''}"
@@ -208,11 +208,11 @@ class Layer:
         g = self.grads.get(key)
         p = self.params[key]
         if (
-            not isinstance(g, np.ndarray)
+            not isinstance(g, backend.array_types())
             or g.shape != p.shape
             or g.dtype != p.dtype
             or not g.flags.c_contiguous
-            or not g.flags.writeable
+            or not writable(g)
         ):
             home = self._grad_homes.get(key)  # (a gradient of a model laid out flat goes to its view)
             if home is not None and home.shape == p.shape and home.dtype == p.dtype:

@@ -430,3 +430,23 @@ def test_normalization_variants_and_pools_train_on_cuda_as_on_cpu(name):
         model.to("cpu")
     for k in params[0]:
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_a_host_array_put_into_a_model_on_the_device_is_refused():
+    """Layers check their arrays with the backend's array types (as ops does): a NumPy parameter or buffer
+    in a model on the GPU is refused before a kernel runs, and so is a host gradient array (replaced)."""
+    model = bnnet.mlp([4, 3, 2], seed=0).to("cuda")
+    try:
+        X = np.ones((5, 4), "float32")
+        model.forward(X, train=True)  # a host batch is copied to the device
+        model.layers[1].buffers["running_mean"] = np.zeros(3, "float32")  # a host array, right shape and dtype
+        with pytest.raises(bnnet.InputError, match=r"running_mean.*got float32 array of shape \(3,\)"):
+            model.forward(X, train=True)
+        model.layers[1].buffers["running_mean"] = bnnet.device.to_device(np.zeros(3, "float32"), "cuda")
+        model.layers[0].grads["W"] = np.zeros((4, 3), "float32")  # host: replaced by the device's view
+        loss = bnnet.losses.SoftmaxCrossEntropy()
+        loss.forward(model.forward(X, train=True), bnnet.device.to_device(np.arange(5) % 2, "cuda"))
+        model.backward(loss.backward())
+        assert bnnet.device.device_of(model.layers[0].grads["W"]) == "cuda"
+    finally:
+        model.to("cpu")
