@@ -179,8 +179,8 @@ class Bnnet:
         model = self.bnnet.mlp(task["sizes"], activation=task["activation"], seed=0)
         X, y = make_batches(task["sizes"], task["batch"])
         mode = task.get("mode", "loop")
-        if mode == "fit":
-            return self._fit_steps(model, X, y, task)
+        if mode == "fit":  # 64 mini-batches per epoch, so that fit's set-up is spread as in a real run
+            return self._fit_steps(model, *make_batches(task["sizes"], task["batch"], k=64), task)
         return self._sgd_steps(model, X, y, task, compiled=mode == "compiled")
 
     def _fit_steps(self, model, X, y, task):

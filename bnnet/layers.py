@@ -22,8 +22,8 @@ import warnings
 
 import numpy as np
 
-from . import functional as F
 from . import backend, ops, threads
+from . import functional as F
 from ._checks import (
     as_array,
     as_float_array,
