@@ -358,6 +358,16 @@ class DataParallel:
         params = model.named_parameters()
         n_grads = sum(p.size for _, p, _ in params)
         n_stats = sum(2 * l.num_features for l in self.local_bn)
+        groups = model.flat_layout().groups
+        if len(groups) == 1 and groups[0].dtype == np.dtype(model.dtype):
+            # the model's own flat gradient buffer (bnnet.flat), with room for the extras after it:
+            # the optimizer then updates the summed gradients in one call, as in one process
+            group = groups[0]
+            group.with_tail(2 + n_stats)
+            self.flat = group.buffer[: group.size + 2 + n_stats]
+            self.views = [(layer, key, layer._grad_homes[key]) for _, layer, key, *_ in group.entries]
+            self._extra = group.size
+            return
         first = params[0][1] if params else np.empty(0)
         self.flat = zeros(first, (n_grads + 2 + n_stats,), model.dtype)  # on the parameters' device
         self.views, offset = [], 0

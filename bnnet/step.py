@@ -156,8 +156,11 @@ class CompiledStep:
             self.optimizer.step(self.model)
         return loss, acc
 
-    def gradients(self, X_t, y_t, check_input=True):
-        """Forward (train mode), loss and backward for one mini-batch; returns (loss, accuracy)."""
+    def gradients(self, X_t, y_t, check_input=True, share=None):
+        """Forward (train mode), loss and backward for one mini-batch; returns (loss, accuracy).
+
+        share: this process's fraction of a larger mini-batch (data-parallel training), which scales
+        the loss gradient as bnnet.train.Step does (default None: the mean over these rows)."""
         x, y = self._arguments(X_t, y_t, check_input)
         n = len(x)
         if n > self.capacity:
@@ -190,6 +193,8 @@ class CompiledStep:
         if bias is not None:
             logits += bias
         loss, acc, dlogits = self._loss(logits, y, impl)
+        if share is not None:
+            dlogits = dlogits * share  # (as Step: a new array, the same rounding)
         # backward: the last Linear, then each block from the top
         dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks), 0)
         for k in range(len(self.blocks) - 1, -1, -1):

@@ -130,7 +130,8 @@ def fit(
     # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
     if comm is not None and comm.size > 1:
-        step = DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes))
+        compiled = not check_activations and compilable(model, loss_fn, opt) is None
+        step = DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes), compiled)
     elif not check_activations and compilable(model, loss_fn, opt) is None:
         step = CompiledStepOf(model, loss_fn, max(batch_sizes))  # the same numbers, built once (bnnet.step)
     else:
@@ -315,10 +316,20 @@ class DataParallelStep(Step):
     """The step of one rank in data-parallel training (bnnet.distributed): its shard of each
     mini-batch, then one allreduce of the gradients, loss and accuracy sums."""
 
-    def __init__(self, model, loss_fn, check_activations, comm, smallest_batch):
+    def __init__(self, model, loss_fn, check_activations, comm, smallest_batch, compiled=False):
         super().__init__(model, loss_fn, check_activations)
         self.dp = DataParallel(model, comm)
         self.smallest_batch = smallest_batch
+        # the forward and backward of this rank's shard as a compiled step (not synchronized BN: its
+        # collectives sit inside the layers), the gradient allreduce after it
+        self.compiled = CompiledStep(model, loss_fn, None, smallest_batch) if compiled else None
+
+    def __call__(self, X_t, y_t, n_batch):
+        if self.compiled is None or len(X_t) < 2:  # (an empty or one-row shard: the interpreted step)
+            return super().__call__(X_t, y_t, n_batch)
+        share = None if len(X_t) == n_batch else len(X_t) / n_batch
+        loss, acc = self.compiled.gradients(X_t, y_t, check_input=False, share=share)
+        return self.combine(loss, acc, len(X_t), n_batch)
 
     def agree(self, settings):
         self.dp.check_agreement(settings)  # first: the checks below assume every rank has the same data

@@ -201,3 +201,19 @@ def test_bad_batches_are_refused_with_one_clear_error():
     model.layers.append(bnnet.layers.ReLU())
     with pytest.raises(HyperparameterError, match="layers changed"):
         step(X, y)
+
+
+def test_data_parallel_fit_with_the_compiled_step_equals_the_interpreted_one():
+    """Two ranks (local BatchNorm: the only collective is the gradient allreduce after the step)."""
+    import os
+    import subprocess
+    import sys
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    script = os.path.join(os.path.dirname(__file__), "mpi_compiled.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "0:True:True 1:True:True", proc.stdout + proc.stderr[-3000:]
