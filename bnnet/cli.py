@@ -254,40 +254,80 @@ def _train(args, comm):
         )
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+    kernels = _KernelClock()
     # The checkpoint in the run folder is rewritten every --checkpoint-every steps and at the end.
-    history = fit(
-        model,
-        X,
-        y,
-        optimizer=opt,
-        loss="softmax_cross_entropy",
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        validation_data=(Xt, yt),
-        progress=not args.quiet,
-        clip_grad_norm=args.clip_grad_norm,
-        checkpoint=os.path.join(out, CHECKPOINT_NAME),
-        checkpoint_every=args.checkpoint_every,
-        resume=resume,
-        checkpoint_metadata={"cli": settings, "data": args.data, "input_range": [float(X.min()), float(X.max())]},
-        comm=comm,
-        validation_name="test",
-        log_dir=args.log_dir,
-        device=args.device if args.device == "cuda" else None,
-    )
-    seconds = time.perf_counter() - start
+    with kernels:
+        history = fit(
+            model,
+            X,
+            y,
+            optimizer=opt,
+            loss="softmax_cross_entropy",
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            validation_data=(Xt, yt),
+            progress=not args.quiet,
+            clip_grad_norm=args.clip_grad_norm,
+            checkpoint=os.path.join(out, CHECKPOINT_NAME),
+            checkpoint_every=args.checkpoint_every,
+            resume=resume,
+            checkpoint_metadata={"cli": settings, "data": args.data, "input_range": [float(X.min()), float(X.max())]},
+            comm=comm,
+            validation_name="test",
+            log_dir=args.log_dir,
+            device=args.device if args.device == "cuda" else None,
+        )
+    seconds = time.perf_counter() - start - kernels.seconds  # training, without compiling the kernels
     if not root:
         return
     test = evaluate(model, Xt, yt, "softmax_cross_entropy")
     _write_history(out, history)
-    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": seconds, "args": settings}
+    summary = {
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "train_seconds": seconds,
+        "kernel_seconds": kernels.seconds,
+        "args": settings,
+    }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(
         f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {_epochs(args.epochs)} "
-        f"in {seconds:.1f} s; run saved to {out}"
+        f"in {seconds:.1f} s of training{kernels.describe()}; run saved to {out}"
     )
+
+
+class _KernelClock:
+    """The seconds numba spends compiling bnnet's kernels inside a `with` block (its "numba:compile"
+    events), so that `bnnet train` reports them apart from the training: a first run compiles for
+    several seconds; later runs load the kernels from numba's on-disk cache."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._timer = None
+
+    def __enter__(self):
+        try:
+            from numba.core.event import install_timer
+        except ImportError:  # (the NumPy backend without numba: nothing is compiled)
+            return self
+        self._timer = install_timer("numba:compile", self._add)
+        self._timer.__enter__()
+        return self
+
+    def _add(self, duration):
+        self.seconds += duration
+
+    def __exit__(self, *exc):
+        if self._timer is not None:
+            self._timer.__exit__(*exc)
+        return False
+
+    def describe(self):
+        if self.seconds < 0.05:
+            return ""
+        return f" (+ {self.seconds:.1f} s compiling kernels; later runs load them from numba's cache)"
 
 
 def _epochs(n):
