@@ -89,7 +89,11 @@ class _Hidden:
 
     def __init__(self, linear, norm, act):
         self.linear, self.norm, self.act = linear, norm, act
-        self.code, self.slope = act.kernel_code if act is not None else (ops.IDENTITY, 0.0)
+
+    @property
+    def activation(self):
+        """(code, slope) of the activation the fused passes apply (read each step, as the layers do)."""
+        return self.act.kernel_code if self.act is not None else (ops.IDENTITY, 0.0)
 
 
 class CompiledStep:
@@ -169,6 +173,7 @@ class CompiledStep:
         # forward: z = x @ W; a = g(BN(z)) in one pass (or g(z + b) without BatchNorm)
         inputs = []
         for k, b in enumerate(self.blocks):
+            code, slope = b.activation
             W = b.linear.params["W"]
             z = self.z[k][:n]
             threads.for_gemm(n * W.shape[0] * W.shape[1])
@@ -177,10 +182,10 @@ class CompiledStep:
             if b.norm is not None:
                 if b.linear.bias:  # (cancelled by the mean subtraction, but computed as the layer does)
                     z += b.linear.params["b"]
-                x = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], b.code, b.slope, impl)
+                x = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], code, slope, impl)
             elif b.act is not None:  # as Linear's fused forward: z <- g(z + b) in one pass
                 bias = b.linear.params["b"] if b.linear.bias else np.zeros(W.shape[1], self.dtype)
-                impl.bias_activation(z, bias, b.code, float(b.slope))
+                impl.bias_activation(z, bias, code, float(slope))
                 x = z
             else:
                 if b.linear.bias:
@@ -199,9 +204,10 @@ class CompiledStep:
         dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks), 0)
         for k in range(len(self.blocks) - 1, -1, -1):
             b = self.blocks[k]
+            code, slope = b.activation
             if b.norm is not None:
                 dz = self.z[k][:n]  # BatchNorm's dx over its own input z (read before written), as the plan does
-                self._norm_backward(b.norm, dy, self.a[k][:n], self.z[k][:n], self.stats[k], b.code, b.slope, dz, impl)
+                self._norm_backward(b.norm, dy, self.a[k][:n], self.z[k][:n], self.stats[k], code, slope, dz, impl)
             else:
                 dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
             dy = self._linear_backward(b.linear, inputs[k], dz, k > 0, (len(self.blocks) - k) % 2)
