@@ -358,7 +358,8 @@ class DataParallel:
         params = model.named_parameters()
         n_grads = sum(p.size for _, p, _ in params)
         n_stats = sum(2 * l.num_features for l in self.local_bn)
-        groups = model.flat_layout().groups
+        layout = model.flat_layout()
+        groups = layout.groups if layout is not None else []
         if len(groups) == 1 and groups[0].dtype == np.dtype(model.dtype):
             # the model's own flat gradient buffer (bnnet.flat), with room for the extras after it:
             # the optimizer then updates the summed gradients in one call, as in one process

@@ -50,10 +50,10 @@ class Group:
         for _, layer, key, start, stop in self.entries:
             home = self.grads[start:stop].reshape(layer.params[key].shape)
             old = layer.grads.get(key)
-            if old is not None:  # a gradient computed before the layout: keep its values
-                if getattr(old, "shape", None) == home.shape:
-                    home[...] = old
+            if getattr(old, "shape", None) == home.shape and getattr(old, "dtype", None) == home.dtype:
+                home[...] = old  # a gradient computed before the layout: its values move into the view
                 layer.grads[key] = home
+            # (any other gradient stays as it is: the optimizer's per-parameter path then names it)
             layer._grad_homes[key] = home
 
     def with_tail(self, tail):
@@ -83,6 +83,12 @@ class Group:
             else:
                 out.append((start, stop, v))
         return out
+
+
+def can_lay_out(arrays, array_types):
+    """Whether these parameters can live in flat buffers: float32/float64 arrays of the backend's type.
+    (Anything else is left where it is, for the checks of the optimizer and the layers to name.)"""
+    return all(isinstance(a, array_types) and a.dtype.char in "fd" for a in arrays)
 
 
 class FlatLayout:

@@ -11,12 +11,13 @@ from collections.abc import MutableMapping
 
 import numpy as np
 
+from . import backend
 from ._checks import as_float_array, check_choice, check_int, check_samples, check_seed
 from .conv import Conv2d, Flatten, MaxPool2d
 from .device import device_of, to_device, to_host
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
-from .flat import FlatLayout
+from .flat import FlatLayout, can_lay_out
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
 from .normalization import NORMS, LayerNorm
 from .ops import check_finite
@@ -142,11 +143,13 @@ class Sequential:
 
     def flat_layout(self):
         """The flat buffers the parameters and gradients live in (bnnet.flat.FlatLayout): laid out
-        again, around the current values, when a parameter was replaced by another array."""
+        again, around the current values, when a parameter was replaced by another array; None while
+        a parameter is not a float array (the optimizer's and the layers' checks then name it)."""
         flat = self._flat
         if flat is None or len(flat.layers) != len(self.layers) or not flat.current(self.layers):
             self._param_keys = [(f"{i}.{k}", layer, k) for i, layer in enumerate(self.layers) for k in layer.params]
-            self._flat = FlatLayout(self)
+            arrays = [layer.params[k] for _, layer, k in self._param_keys]
+            self._flat = FlatLayout(self) if can_lay_out(arrays, backend.array_types()) else None
         return self._flat
 
     def forward(self, x, train, check_finite=False, check_input=True):
@@ -182,7 +185,6 @@ class Sequential:
         default CPU backend again if "cuda" was active. Optimizer state follows on
         the optimizer's next step (it is created like the parameters).
         """
-        from . import backend
         from .device import check_device
 
         device = check_device("Sequential.to", device)
@@ -203,8 +205,6 @@ class Sequential:
     @property
     def device(self):
         """Where the parameters are: 'cuda' or 'cpu' (for a model without parameters, where the backend runs)."""
-        from . import backend
-
         first = next((a for l in self.layers for a in l.params.values()), None)
         if first is None:
             return "cuda" if backend.get_backend() == "cuda" else "cpu"

@@ -173,3 +173,26 @@ def test_adamw_round_trips_through_checkpoints_and_the_cli_names_it(tmp_path):
     np.testing.assert_array_equal(loaded.state["0.W"]["m"], opt.state["0.W"]["m"])
     with pytest.raises(bnnet.HyperparameterError, match="optimizer must be None or a bnnet.optim Optimizer"):
         bnnet.load(tmp_path / "c.safetensors", optimizer=True)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("abc", "must be a writable C-contiguous float32/float64 array, got str"),
+        ([1, 2], "got list"),
+        (None, "got nothing"),
+        (np.zeros((4, 6), int), "got int64 array"),
+        (np.zeros((2, 2), "float32"), r"the gradient of '0.W' has shape \(4, 6\), the parameter \(2, 2\)"),
+    ],
+)
+def test_a_parameter_replaced_by_something_else_is_named_by_the_optimizer(bad, match):
+    """What cannot be laid out flat is left where it is, for the per-parameter checks to name; a
+    gradient of another shape is not adopted into the new layout."""
+    model = bnnet.mlp([4, 6, 3], seed=0)
+    _grads_step(model, np.ones((5, 4), "float32"), np.arange(5) % 3)
+    before = {k: v.copy() for k, v in model.params.items() if k != "0.W"}
+    model.layers[0].params["W"] = bad
+    with pytest.raises(bnnet.InputError, match=match):
+        optim.SGD(0.1).step(model)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v, err_msg=k)
