@@ -35,7 +35,7 @@ import numpy as np
 
 from . import backend, ops, threads
 from . import functional as F
-from ._checks import as_float_array
+from ._checks import as_float_array, check_int
 from .device import device_of
 from .errors import HyperparameterError, InputError
 from .layers import BatchNorm, Linear, _Activation
@@ -75,9 +75,18 @@ def compilable(model, loss, optimizer=None):
 def compile_step(model, loss, optimizer=None, batch_size=None):
     """A CompiledStep for `model` trained with `loss` (and `optimizer`, applied by each call when given).
 
+    loss: a bnnet.losses Loss or its name ("softmax_cross_entropy", "binary_cross_entropy", "mse");
+    optimizer: None (default: gradients only), an Optimizer, or a name with its default learning rate.
     batch_size: the most rows a call will get (default: the first call's); more rebuilds the buffers.
     Raises HyperparameterError naming what cannot be compiled (see compilable).
     """
+    from .losses import get_loss
+    from .optim import get_optimizer
+
+    loss = get_loss(loss)  # (a Loss, or a name as fit takes it)
+    optimizer = None if optimizer is None else get_optimizer(optimizer)
+    if batch_size is not None:
+        batch_size = check_int("compile_step", "batch_size", batch_size, low=1)
     reason = compilable(model, loss, optimizer)
     if reason is not None:
         raise HyperparameterError(f"compile_step: cannot compile this step: {reason}")

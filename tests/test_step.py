@@ -217,3 +217,21 @@ def test_data_parallel_fit_with_the_compiled_step_equals_the_interpreted_one():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "0:True:True 1:True:True", proc.stdout + proc.stderr[-3000:]
+
+
+def test_compile_step_takes_names_as_fit_does_and_refuses_bad_arguments_in_one_line():
+    model = bnnet.mlp([4, 5, 3], seed=0)
+    step = compile_step(model, "softmax_cross_entropy", "adamw")
+    assert type(step.loss) is bnnet.losses.SoftmaxCrossEntropy and type(step.optimizer) is optim.AdamW
+    for args, kwargs, match in [
+        ((model, "nope"), {}, "loss must be a Loss or one of"),
+        ((model, "mse", "sgdx"), {}, "optimizer must be an Optimizer or one of"),
+        ((model, "mse"), {"batch_size": -1}, "batch_size must be an integer >= 1, got -1"),
+        (("x", "mse"), {}, "must be a bnnet Sequential, got str"),
+    ]:
+        with pytest.raises(HyperparameterError, match=match):
+            compile_step(*args, **kwargs)
+    with pytest.raises(bnnet.InputTypeError, match="X_t must hold real numbers"):
+        step(np.array([["a"] * 4] * 4), np.arange(4) % 3)
+    with pytest.raises(InputError, match="non-integer floats"):
+        step(np.ones((4, 4)), np.array([0.5, 1, 2, 0]))
