@@ -22,9 +22,10 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 It runs exactly the functions the layers run, in the same order, with the same arguments, so its
 numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
 of Linear, BatchNorm (over (N, D) rows, with gamma/beta and running statistics, not frozen) and
-activation layers, softmax cross-entropy or mean squared error, any optimizer of bnnet.optim, on the
-CPU. `compilable(...)` names what stands in the way of anything else; `fit` then runs the interpreted
-step (convnets, Batch Renorm, Ghost BN, LayerNorm, data-parallel training, the cuda backend).
+activation layers in one dtype, any loss and any optimizer of bnnet, on the CPU. `compilable(...)`
+names what stands in the way of anything else; `fit` then runs the interpreted step (convnets, Batch
+Renorm, Ghost BN, LayerNorm, synchronized BatchNorm, the cuda backend). In data-parallel training with
+unsynchronized BatchNorm each rank's shard runs as a compiled step, the gradient allreduce after it.
 
 Why a list of calls and not one compiled function: numba reaches a BLAS only through SciPy, and the
 products are about half of a paper-net step either way; the calls between them are few (two per
@@ -57,6 +58,9 @@ def compilable(model, loss, optimizer=None):
         return "it runs on the CPU backends (numba, numpy)"
     if model.eval_only:
         return "the model was folded for inference"
+    dtypes = {layer.dtype for layer in model.layers if hasattr(layer, "dtype")}
+    if len(dtypes) > 1:
+        return f"its layers mix dtypes ({', '.join(sorted(dtypes))}); the compiled step runs in one"
     for layer in model.layers:
         if type(layer) is BatchNorm:
             if not (layer.affine and layer.track_running_stats and not layer.frozen and layer.axis == 1):

@@ -235,3 +235,13 @@ def test_compile_step_takes_names_as_fit_does_and_refuses_bad_arguments_in_one_l
         step(np.array([["a"] * 4] * 4), np.arange(4) % 3)
     with pytest.raises(InputError, match="non-integer floats"):
         step(np.ones((4, 4)), np.array([0.5, 1, 2, 0]))
+
+
+def test_a_model_that_mixes_dtypes_runs_the_interpreted_step():
+    model = bnnet.Sequential(
+        bnnet.layers.Linear(4, 5, bias=False, dtype="float64"),
+        bnnet.layers.BatchNorm(5, dtype="float32"),
+        bnnet.layers.ReLU(),
+        bnnet.layers.Linear(5, 3, dtype="float32"),
+    )
+    assert "mix dtypes (float32, float64)" in compilable(model, bnnet.losses.SoftmaxCrossEntropy())
