@@ -21,7 +21,7 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 
 It runs exactly the functions the layers run, in the same order, with the same arguments, so its
 numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
-of Linear, BatchNorm (over (N, D) rows, with gamma/beta and running statistics, not frozen) and
+of Linear, BatchNorm (over (N, D) rows, with any of its options) and
 activation layers in one dtype, any loss and any optimizer of bnnet, on the CPU. `compilable(...)`
 names what stands in the way of anything else; `fit` then runs the interpreted step (convnets, Batch
 Renorm, Ghost BN, LayerNorm, synchronized BatchNorm, the cuda backend). In data-parallel training with
@@ -63,8 +63,7 @@ def compilable(model, loss, optimizer=None):
         return f"its layers mix dtypes ({', '.join(sorted(dtypes))}); the compiled step runs in one"
     for layer in model.layers:
         if type(layer) is BatchNorm:
-            if not (layer.affine and layer.track_running_stats and not layer.frozen and layer.axis == 1):
-                return f"{layer.name} has options the compiled step does not take (affine, running statistics, frozen)"
+            pass  # (every option: affine, track_running_stats, frozen, decay, running_var, axis on rows)
         elif not isinstance(layer, (Linear, _Activation)) or (isinstance(layer, Linear) and type(layer) is not Linear):
             return f"{layer.name} is not a layer the compiled step takes (Linear, BatchNorm, activations)"
     if not isinstance(model.layers[-1], Linear):
@@ -184,7 +183,7 @@ class CompiledStep:
             self._allocate(n)
         impl = backend.impl()
         # forward: z = x @ W; a = g(BN(z)) in one pass (or g(z + b) without BatchNorm)
-        inputs = []
+        inputs, trains = [], [False] * len(self.blocks)  # each block's input; batch statistics used?
         for k, b in enumerate(self.blocks):
             code, slope = b.activation
             W = b.linear.params["W"]
@@ -195,7 +194,7 @@ class CompiledStep:
             if b.norm is not None:
                 if b.linear.bias:  # (cancelled by the mean subtraction, but computed as the layer does)
                     z += b.linear.params["b"]
-                x = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], code, slope, impl)
+                x, trains[k] = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], code, slope, impl)
             elif b.act is not None:  # as Linear's fused forward: z <- g(z + b) in one pass
                 bias = b.linear.params["b"] if b.linear.bias else np.zeros(W.shape[1], self.dtype)
                 impl.bias_activation(z, bias, code, float(slope))
@@ -220,7 +219,8 @@ class CompiledStep:
             code, slope = b.activation
             if b.norm is not None:
                 dz = self.z[k][:n]  # BatchNorm's dx over its own input z (read before written), as the plan does
-                self._norm_backward(b.norm, dy, self.a[k][:n], self.z[k][:n], self.stats[k], code, slope, dz, impl)
+                a, z = self.a[k][:n], self.z[k][:n]
+                self._norm_backward(b.norm, dy, a, z, self.stats[k], code, slope, trains[k], dz, impl)
             else:
                 dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
             dy = self._linear_backward(b.linear, inputs[k], dz, k > 0, (len(self.blocks) - k) % 2)
@@ -242,8 +242,6 @@ class CompiledStep:
             raise InputError(f"CompiledStep: X_t must be a (N, {self.blocks_in()}) host array, got shape {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        if any(b.norm is not None for b in self.blocks) and len(x) < 2:
-            raise InputError(f"CompiledStep: a batch of {len(x)} row(s) has no variance to normalize with")
         if check_input:
             ops.check_finite(x, "X_t", "CompiledStep")
         if type(self.loss) is not SoftmaxCrossEntropy:
@@ -268,44 +266,25 @@ class CompiledStep:
         return self.blocks[0].linear.in_features if self.blocks else self.last.in_features
 
     def _norm_forward(self, norm, z, a, stats, code, slope, impl):
-        """BatchNorm.forward's kernel call, with the same arguments (and its running-count update)."""
+        """BatchNorm._forward's kernel call, with the same arguments and side effects: batch or running
+        statistics (frozen, or track_running_stats=False), gamma/beta or the affine=False constants,
+        the running update and its count. Returns (a, whether batch statistics were used)."""
+        train = norm._effective_train(z, True)  # (refuses a 1-row batch that would need statistics)
         decay, correction = norm._running_update_args(len(z))
+        gamma, beta, _, _ = norm._affine(z)
+        running_mean, running_var = norm._running(z)
         impl.bn_forward(
-            z,
-            norm.params["gamma"],
-            norm.params["beta"],
-            float(norm.eps),
-            code,
-            float(slope),
-            True,
-            norm.buffers["running_mean"],
-            norm.buffers["running_var"],
-            float(decay),
-            float(correction),
-            a,
-            stats[0],
-            stats[1],
-            stats[2],
-        )
-        norm._count_batch(stats[0], stats[1])
-        return a
+            z, gamma, beta, float(norm.eps), code, float(slope), train, running_mean, running_var,
+            float(decay), float(correction), a, stats[0], stats[1], stats[2],
+        )  # fmt: skip
+        if train:
+            norm._count_batch(stats[0], stats[1])
+        return a, train
 
     @staticmethod
-    def _norm_backward(norm, da, a, z, stats, code, slope, dz, impl):
-        impl.bn_backward(
-            da,
-            a,
-            z,
-            stats[0],
-            stats[2],
-            norm.params["gamma"],
-            code,
-            float(slope),
-            True,
-            dz,
-            norm._grad("gamma"),
-            norm._grad("beta"),
-        )
+    def _norm_backward(norm, da, a, z, stats, code, slope, train, dz, impl):
+        gamma, _, dgamma, dbeta = norm._affine(z)
+        impl.bn_backward(da, a, z, stats[0], stats[2], gamma, code, float(slope), train, dz, dgamma, dbeta)
 
     def _linear_backward(self, linear, x, dz, input_grad, slot):
         """dW = x.T @ dz, db = sum(dz), and dx = dz @ W.T into a dx buffer when the layer below needs it."""

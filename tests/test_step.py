@@ -245,3 +245,40 @@ def test_a_model_that_mixes_dtypes_runs_the_interpreted_step():
         bnnet.layers.Linear(5, 3, dtype="float32"),
     )
     assert "mix dtypes (float32, float64)" in compilable(model, bnnet.losses.SoftmaxCrossEntropy())
+
+
+BN_OPTIONS = [
+    {"affine": False},
+    {"track_running_stats": False},
+    {"frozen": True},
+    {"decay": None, "running_var": "biased"},
+    {"axis": -1, "eps": 1e-3},
+]
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "numpy"])
+@pytest.mark.parametrize("options", BN_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_batchnorm_options_give_the_same_numbers_compiled(options, backend_name):
+    rng = np.random.default_rng(4)
+    with backend.using(backend_name):
+        layers = [
+            bnnet.layers.Linear(5, 7, bias=False, rng=0, dtype="float64"),
+            bnnet.layers.BatchNorm(7, dtype="float64", **options),
+            bnnet.layers.LeakyReLU(0.1),
+            bnnet.layers.Linear(7, 3, rng=1, dtype="float64"),
+        ]
+        ours = bnnet.Sequential(*layers)
+        if options.get("frozen"):  # running statistics to normalize with
+            ours.layers[1].buffers["running_mean"][...] = rng.standard_normal(7)
+            ours.layers[1].buffers["running_var"][...] = rng.random(7) + 0.5
+            ours.layers[1].buffers["count"][...] = 1
+        theirs = copy.deepcopy(ours)
+        loss_fn = bnnet.losses.SoftmaxCrossEntropy()
+        step, opt = compile_step(ours, "softmax_cross_entropy", optim.Adam(1e-2)), optim.Adam(1e-2)
+        for n in (9, 6, 9):
+            X, y = rng.standard_normal((n, 5)), rng.integers(0, 3, n)
+            loss, _ = step(X, y)
+            assert loss == loss_fn.forward(theirs.forward(X, train=True), y)
+            theirs.backward(loss_fn.backward())
+            opt.step(theirs)
+        _assert_same(ours, theirs)
