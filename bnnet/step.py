@@ -176,7 +176,8 @@ class CompiledStep:
         """Forward (train mode), loss and backward for one mini-batch; returns (loss, accuracy).
 
         share: this process's fraction of a larger mini-batch (data-parallel training), which scales
-        the loss gradient as bnnet.train.Step does (default None: the mean over these rows)."""
+        the loss gradient as the layer-by-layer bnnet.train.Step does (default None: the mean over
+        these rows)."""
         x, y = self._arguments(X_t, y_t, check_input)
         n = len(x)
         if n > self.capacity:

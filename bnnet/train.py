@@ -129,13 +129,15 @@ def fit(
     drop_single = _check_batches(model, len(X), batch_size)
     # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
-    if comm is not None and comm.size > 1:
-        compiled = not check_activations and compilable(model, loss_fn, opt) is None
-        step = DataParallelStep(model, loss_fn, check_activations, comm, min(batch_sizes), compiled)
-    elif not check_activations and compilable(model, loss_fn, opt) is None:
-        step = CompiledStepOf(model, loss_fn, max(batch_sizes))  # the same numbers, built once (bnnet.step)
-    else:
-        step = Step(model, loss_fn, check_activations)
+    # The step built once (bnnet.step) where it can be: the same numbers as the layer-by-layer path.
+    compiled = None
+    if not check_activations and compilable(model, loss_fn, opt) is None:
+        compiled = CompiledStep(model, loss_fn, None, max(batch_sizes))
+    step = (
+        Step(model, loss_fn, check_activations, compiled)
+        if comm is None or comm.size == 1
+        else DataParallelStep(model, loss_fn, check_activations, compiled, comm, min(batch_sizes))
+    )
     step.agree(
         {
             "rows": len(X),
@@ -260,10 +262,15 @@ def _check_batches(model, n, batch_size):
 
 
 class Step:
-    """One mini-batch in this process: forward in train mode, loss, backward. Returns (loss, accuracy)."""
+    """One mini-batch in this process: forward in train mode, loss, backward. Returns (loss, accuracy).
 
-    def __init__(self, model, loss_fn, check_activations):
+    compiled: a bnnet.step.CompiledStep of the same model and loss, which then runs the mini-batches
+    (the same numbers, with the checks and buffers decided once), or None for the layer-by-layer path.
+    """
+
+    def __init__(self, model, loss_fn, check_activations, compiled=None):
         self.model, self.loss_fn, self.check_activations = model, loss_fn, check_activations
+        self.compiled = compiled
 
     def agree(self, settings):
         """Check that every process runs the same training (one process: nothing to compare)."""
@@ -278,6 +285,10 @@ class Step:
 
     def __call__(self, X_t, y_t, n_batch):
         """Gradients in model.grads for the mean loss over the n_batch rows of the mini-batch."""
+        share = None if len(X_t) == n_batch else len(X_t) / n_batch  # this process's part of the mean
+        if self.compiled is not None and len(X_t) >= 2:  # (an empty or one-row shard: the layers)
+            loss, acc = self.compiled.gradients(X_t, y_t, check_input=False, share=share)  # (fit checked X, y)
+            return self.combine(loss, acc, len(X_t), n_batch)
         if self.model.device == "cuda":
             X_t, y_t = to_device(X_t, "cuda"), to_device(y_t, "cuda")
         logits = self.model.plan().forward(X_t, True, check_finite=self.check_activations)
@@ -286,8 +297,8 @@ class Step:
             dlogits = self.loss_fn.backward()
         else:  # an empty shard still takes part in every collective
             loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
-        if len(X_t) != n_batch:  # this process's share of the mean over the whole mini-batch
-            dlogits = dlogits * (len(X_t) / n_batch)
+        if share is not None:
+            dlogits = dlogits * share
         self.model.backward(dlogits)
         return self.combine(loss, acc, len(X_t), n_batch)
 
@@ -300,36 +311,16 @@ class Step:
         return first_nonfinite(self.model, X_t, train=True)
 
 
-class CompiledStepOf(Step):
-    """The step of one process as a bnnet.step.CompiledStep: the same numbers as Step, with the checks
-    and buffers of the model, loss and batch size decided once (fit uses it when compilable says so)."""
-
-    def __init__(self, model, loss_fn, batch_size):
-        super().__init__(model, loss_fn, False)
-        self.compiled = CompiledStep(model, loss_fn, None, batch_size)
-
-    def __call__(self, X_t, y_t, n_batch):
-        return self.compiled.gradients(X_t, y_t, check_input=False)  # (fit checked X and y once)
-
-
 class DataParallelStep(Step):
     """The step of one rank in data-parallel training (bnnet.distributed): its shard of each
     mini-batch, then one allreduce of the gradients, loss and accuracy sums."""
 
-    def __init__(self, model, loss_fn, check_activations, comm, smallest_batch, compiled=False):
-        super().__init__(model, loss_fn, check_activations)
+    def __init__(self, model, loss_fn, check_activations, compiled, comm, smallest_batch):
+        # (compiled: each rank's shard as a compiled step, the gradient allreduce after it; never with
+        # synchronized BatchNorm, whose collectives sit inside the layers)
+        super().__init__(model, loss_fn, check_activations, compiled)
         self.dp = DataParallel(model, comm)
         self.smallest_batch = smallest_batch
-        # the forward and backward of this rank's shard as a compiled step (not synchronized BN: its
-        # collectives sit inside the layers), the gradient allreduce after it
-        self.compiled = CompiledStep(model, loss_fn, None, smallest_batch) if compiled else None
-
-    def __call__(self, X_t, y_t, n_batch):
-        if self.compiled is None or len(X_t) < 2:  # (an empty or one-row shard: the interpreted step)
-            return super().__call__(X_t, y_t, n_batch)
-        share = None if len(X_t) == n_batch else len(X_t) / n_batch
-        loss, acc = self.compiled.gradients(X_t, y_t, check_input=False, share=share)
-        return self.combine(loss, acc, len(X_t), n_batch)
 
     def agree(self, settings):
         self.dp.check_agreement(settings)  # first: the checks below assume every rank has the same data

@@ -18,7 +18,7 @@ def spy(self, *args):
     return original(self, *args)
 
 
-train.DataParallelStep.__call__ = spy
+train.DataParallelStep.__call__ = spy  # (Step.__call__, seen from the data-parallel step)
 rng = np.random.default_rng(0)
 X, y = rng.standard_normal((70, 6)), rng.integers(0, 3, 70)  # (70 rows: the last batch of 6 is uneven)
 runs = []
