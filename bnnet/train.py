@@ -457,22 +457,30 @@ class LastGood:
 
     def _live(self):
         """What commit copies: [(key, array)], with each flat buffer as one entry, and the parts
-        [(kind, group entries)] that say which named arrays a flat copy holds (for restore)."""
+        {flat buffer's key: [(named key, start, stop, shape)]} that say which named arrays it holds
+        (for restore)."""
         layout = self.model.flat_layout() if hasattr(self.model, "flat_layout") else None
         flat_state = getattr(self.opt, "_flat", None)
         if layout is None:
-            return self._named(), []
-        live, parts = [], []
+            return self._named(), {}
+        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
+        live, parts = [], {}
         for gi, group in enumerate(layout.groups):
             live.append((("flat", "params", gi), group.params))
-            parts.append(("params", group.entries))
+            parts["flat", "params", gi] = [
+                (("params", index[id(layer)], key), start, stop, layer.params[key].shape)
+                for _, layer, key, start, stop in group.entries
+            ]
         live += [(("buffers", i, k), a) for i, layer in enumerate(self.model.layers) for k, a in layer.buffers.items()]
         opt_state = self.opt.state
         if flat_state is not None and flat_state[0] is layout and self._state_is_flat(flat_state):
             for gi, (group, arrays) in enumerate(zip(layout.groups, flat_state[1])):
                 for key, a in arrays.items():
                     live.append((("flat", "optimizer", (gi, key)), a))
-                    parts.append((("optimizer", key), group.entries))
+                    parts["flat", "optimizer", (gi, key)] = [
+                        (("optimizer", name, key), start, stop, layer.params[pkey].shape)
+                        for name, layer, pkey, start, stop in group.entries
+                    ]
             live += [
                 (("optimizer", name, k), a)
                 for name, st in opt_state.items()
@@ -543,20 +551,13 @@ class LastGood:
             _put(entry, k, saved["optimizer", name, k])
         self.opt.state, self.opt.t = state, slot["t"]
 
-    def _unflatten(self, saved, parts):
+    @staticmethod
+    def _unflatten(saved, parts):
         """saved with each flat copy split into the named arrays it holds (the keys _named uses)."""
-        flat_params = iter(k for k in saved if k[:2] == ("flat", "params"))
-        flat_state = iter(k for k in saved if k[:2] == ("flat", "optimizer"))
         out = {k: v for k, v in saved.items() if k[0] != "flat"}
-        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
-        for kind, entries in parts:
-            copy = saved[next(flat_params if kind == "params" else flat_state)]
-            for name, layer, key, start, stop in entries:
-                value = copy[start:stop].reshape(layer.params[key].shape)
-                if kind == "params":
-                    out["params", index[id(layer)], key] = value
-                else:
-                    out["optimizer", name, kind[1]] = value
+        for flat_key, named in parts.items():
+            for key, start, stop, shape in named:
+                out[key] = saved[flat_key][start:stop].reshape(shape)
         return out
 
     def first_nonfinite(self):
