@@ -229,26 +229,15 @@ class Optimizer:
         """Per group, {state name: flat array} laid out like its parameters; self.state's entries are views
         into them. Kept while those views are still in self.state (identity per array); else laid out
         again, every existing state array checked (InputError) and its values copied in."""
-        cached = self._flat
-        if (
-            cached is not None
-            and cached[0] is layout
-            and all(self.state.get(name, {}).get(key) is view for name, key, view in cached[2])
-        ):
-            return cached[1]
-        owner = type(self).__name__
+        states = self.current_flat_state(layout)
+        if states is not None:
+            return states
         for group in layout.groups:  # check everything before anything changes
             for name, layer, pkey, *_ in group.entries:
-                p = layer.params[pkey]
                 for key in self.state_names:
                     a = self.state.get(name, {}).get(key)
-                    if a is not None and not (
-                        isinstance(a, backend.array_types()) and a.shape == p.shape and a.dtype == p.dtype
-                    ):
-                        raise InputError(
-                            f"{owner}.step: state[{name!r}][{key!r}] must be a {p.dtype} array of shape "
-                            f"{p.shape} like its parameter, got {describe(a)}"
-                        )
+                    if a is not None:  # (copied into the flat buffer: any layout will do)
+                        self._check_state_array(name, key, a, layer.params[pkey], in_place=False)
                 self._check_counters(name, self.state.get(name, {}))
         states, views = [], []
         for group in layout.groups:
@@ -264,6 +253,34 @@ class Optimizer:
             states.append(flat)
         self._flat = (layout, states, views)
         return states
+
+    def current_flat_state(self, layout):
+        """The flat state arrays per group of `layout` while self.state's entries are still their views
+        (an identity test per array), else None."""
+        cached = self._flat
+        if (
+            cached is not None
+            and cached[0] is layout
+            and all(self.state.get(name, {}).get(key) is view for name, key, view in cached[2])
+        ):
+            return cached[1]
+        return None
+
+    def _check_state_array(self, name, key, a, p, in_place=True):
+        """InputError unless state array `a` is like its parameter p: the same shape and dtype, and, where
+        the rule updates it in place, C-contiguous and writable."""
+        if (
+            isinstance(a, backend.array_types())
+            and a.shape == p.shape
+            and a.dtype == p.dtype
+            and (not in_place or (a.flags.c_contiguous and writable(a)))
+        ):
+            return
+        need = "a writable C-contiguous" if in_place else "a"
+        raise InputError(
+            f"{type(self).__name__}.step: state[{name!r}][{key!r}] must be {need} {p.dtype} array of shape "
+            f"{p.shape} like its parameter, got {describe(a)}"
+        )
 
     def _check_counters(self, name, state):
         for key in self.counter_names:
@@ -296,17 +313,7 @@ class Optimizer:
             a = state.get(key)
             if a is None:
                 a = state[key] = np.zeros_like(p)
-            if not (
-                isinstance(a, arrays)
-                and a.shape == p.shape
-                and a.dtype == p.dtype
-                and a.flags.c_contiguous
-                and writable(a)
-            ):
-                raise InputError(
-                    f"{owner}.step: state[{name!r}][{key!r}] must be a writable C-contiguous "
-                    f"{p.dtype} array of shape {p.shape} like its parameter, got {describe(a)}"
-                )
+            self._check_state_array(name, key, a, p)
         self._check_counters(name, state)
         return name, p, g, state
 

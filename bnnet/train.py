@@ -460,7 +460,6 @@ class LastGood:
         {flat buffer's key: [(named key, start, stop, shape)]} that say which named arrays it holds
         (for restore)."""
         layout = self.model.flat_layout() if hasattr(self.model, "flat_layout") else None
-        flat_state = getattr(self.opt, "_flat", None)
         if layout is None:
             return self._named(), {}
         index = {id(layer): i for i, layer in enumerate(self.model.layers)}
@@ -473,8 +472,9 @@ class LastGood:
             ]
         live += [(("buffers", i, k), a) for i, layer in enumerate(self.model.layers) for k, a in layer.buffers.items()]
         opt_state = self.opt.state
-        if flat_state is not None and flat_state[0] is layout and self._state_is_flat(flat_state):
-            for gi, (group, arrays) in enumerate(zip(layout.groups, flat_state[1])):
+        flat_state = self.opt.current_flat_state(layout)
+        if flat_state is not None and self._state_is_flat(layout):
+            for gi, (group, arrays) in enumerate(zip(layout.groups, flat_state)):
                 for key, a in arrays.items():
                     live.append((("flat", "optimizer", (gi, key)), a))
                     parts["flat", "optimizer", (gi, key)] = [
@@ -491,11 +491,11 @@ class LastGood:
             live += [(("optimizer", name, k), a) for name, st in opt_state.items() for k, a in st.items()]
         return live, parts
 
-    def _state_is_flat(self, flat_state):
-        """Every optimizer state array is a view of the flat state (nothing else to copy)."""
-        views = flat_state[2]
-        count = sum(1 for st in self.opt.state.values() for a in st.values() if not isinstance(a, np.generic))
-        return count == len(views) and all(self.opt.state.get(n, {}).get(k) is v for n, k, v in views)
+    def _state_is_flat(self, layout):
+        """The optimizer holds no state arrays besides the views of its flat state (nothing else to copy)."""
+        views = len(self.opt.state_names) * sum(len(group.entries) for group in layout.groups)
+        arrays = sum(1 for st in self.opt.state.values() for a in st.values() if not isinstance(a, np.generic))
+        return arrays == views
 
     def commit(self):
         """Copy the live state into the spare slot; if it is all finite it becomes the last good state."""
