@@ -230,6 +230,8 @@ class Layer:
         # per-step cache, which the next forward rebuilds.
         state = self.__dict__.copy()
         state["_cache"] = None
+        for key in ("_constants", "_stat_sinks"):  # constants and sinks for the kernels: made again on use
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
@@ -498,21 +500,9 @@ class BatchNorm(Layer):
         return self._stat_sinks
 
     def _per_feature_arrays(self, cached, like, fills, read_only=0):
-        """`cached` if it holds (num_features,) arrays on like's device (the host when like is None),
-        else new ones in the layer's dtype, each filled with its value in `fills` (None: left
-        uninitialized); on the host the first `read_only` of them are made read-only."""
+        """constant_arrays of shape (num_features,) in the layer's dtype (on the host when like is None)."""
         like = np.empty(0, self.dtype) if like is None else like
-        shape = (self.num_features,)
-        if cached is not None and cached[0].shape == shape and type(cached[0]) is type(like):
-            return cached
-        arrays = tuple(empty(like, shape, self.dtype) for _ in fills)
-        for a, fill in zip(arrays, fills):
-            if fill is not None:
-                a[...] = fill
-        for a in arrays[:read_only]:
-            if isinstance(a, np.ndarray):
-                a.flags.writeable = False
-        return arrays
+        return constant_arrays(cached, like, (self.num_features,), self.dtype, fills, read_only)
 
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
@@ -680,6 +670,23 @@ class BatchNorm(Layer):
         """The inverse of _rows for the last forward's layout: a new C-contiguous array."""
         axis, moved_shape = self._layout
         return np.ascontiguousarray(np.moveaxis(y.reshape(moved_shape), -1, axis))
+
+
+def constant_arrays(cached, like, shape, dtype, fills, read_only=0):
+    """Arrays a normalization hands the batch-norm operations besides its own: `cached` if it holds
+    arrays of `shape` on like's device, else new ones of `dtype` there, each filled with its value in
+    `fills` (None: left uninitialized, for results nothing reads); on the host the first `read_only`
+    of them are made read-only."""
+    if cached is not None and cached[0].shape == shape and cached[0].dtype == dtype and type(cached[0]) is type(like):
+        return cached
+    arrays = tuple(empty(like, shape, dtype) for _ in fills)
+    for a, fill in zip(arrays, fills):
+        if fill is not None:
+            a[...] = fill
+    for a in arrays[:read_only]:
+        if isinstance(a, np.ndarray):
+            a.flags.writeable = False
+    return arrays
 
 
 def on_rows(method):

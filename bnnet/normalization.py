@@ -17,9 +17,9 @@ import numpy as np
 from . import functional as F
 from . import ops
 from ._checks import check_dtype, check_int, check_number
-from .device import empty, zeros
+from .device import empty
 from .equations import IDENTITY
-from .layers import LAYER_TYPES, BatchNorm, Layer, on_rows
+from .layers import LAYER_TYPES, BatchNorm, Layer, constant_arrays, on_rows
 
 
 class BatchRenorm(BatchNorm):
@@ -251,6 +251,8 @@ class LayerNorm(Layer):
     Params: gamma (D,) ones, beta (D,) zeros. Needs D >= 2.
     """
 
+    _constants = None  # per-sample ones, zeros and sinks for BN's operations (see _per_sample)
+
     def __init__(self, num_features, eps=1e-5, dtype="float32"):
         super().__init__()
         self.num_features = check_int("LayerNorm", "num_features", num_features, low=2)
@@ -302,9 +304,8 @@ class LayerNorm(Layer):
     def _per_sample(self, like, n):
         """Per-sample arrays for BN's operations on the (1, N, D) view: ones (its gamma), zeros (its beta)
         and two arrays it writes into that nothing reads (running statistics, or dgamma and dbeta)."""
-        ones, zeros_ = zeros(like, (n,), like.dtype), zeros(like, (n,), like.dtype)
-        ones[...] = 1
-        return ones, zeros_, empty(like, (n,), like.dtype), empty(like, (n,), like.dtype)
+        self._constants = constant_arrays(self._constants, like, (n,), like.dtype, (1, 0, None, None), read_only=2)
+        return self._constants
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "dtype": self.dtype}

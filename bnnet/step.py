@@ -219,9 +219,9 @@ class CompiledStep:
             b = self.blocks[k]
             code, slope = b.activation
             if b.norm is not None:
-                dz = self.z[k][:n]  # BatchNorm's dx over its own input z (read before written), as the plan does
-                a, z = self.a[k][:n], self.z[k][:n]
-                self._norm_backward(b.norm, dy, a, z, self.stats[k], code, slope, trains[k], dz, impl)
+                # BatchNorm's dx over its own input z (each element read before written), as the plan does
+                dz = self.z[k][:n]
+                self._norm_backward(b.norm, dy, self.a[k][:n], dz, self.stats[k], code, slope, trains[k], dz, impl)
             else:
                 dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
             dy = self._linear_backward(b.linear, inputs[k], dz, k > 0, (len(self.blocks) - k) % 2)
