@@ -370,50 +370,69 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def softmax_cross_entropy(logits, labels):
-    """L = -(1/N) sum_i log softmax(logits_i)[labels_i].
+def softmax_cross_entropy(logits, labels, weights=None):
+    """L = -(1/N) sum_i log softmax(logits_i)[labels_i], or -sum_i w_i log softmax(logits_i)[labels_i].
 
     Args:
         logits: (N, C). labels: (N,) integers in [0, C).
+        weights: None (the mean), or (N,) float64 row weights that sum to 1 (a weighted mean).
     Returns:
-        (loss, dlogits) with dlogits = (softmax(logits) - onehot(labels)) / N, shape (N, C).
+        (loss, dlogits) with dlogits = (softmax(logits) - onehot(labels)) * w_i, w_i = 1/N without weights.
     """
     n = logits.shape[0]
     logp = log_softmax(logits)  # (N, C)
     rows = np.arange(n)
-    loss = -logp[rows, labels].mean(dtype=np.float64)
     dlogits = np.exp(logp)
     dlogits[rows, labels] -= 1
-    dlogits /= n
+    if weights is None:
+        loss = -logp[rows, labels].mean(dtype=np.float64)
+        dlogits /= n
+    else:
+        loss = -np.dot(weights, logp[rows, labels].astype(np.float64))
+        dlogits *= weights[:, None].astype(logits.dtype)
     return float(loss), dlogits
 
 
-def sigmoid_binary_cross_entropy(logits, targets):
-    """L = (1/N) sum_i [max(z_i, 0) - z_i * y_i + log(1 + exp(-|z_i|))]   (z = logits).
+def sigmoid_binary_cross_entropy(logits, targets, weights=None):
+    """L = (1/N) sum_i [max(z_i, 0) - z_i * y_i + log(1 + exp(-|z_i|))]   (z = logits), or the sum with
+    each row's term times w_i.
 
     This equals -[y log s(z) + (1 - y) log(1 - s(z))] but never takes log(0).
 
     Args:
         logits: (N,) or (N, 1). targets: same shape, values in [0, 1].
+        weights: None (the mean), or (N,) float64 row weights that sum to 1 (a weighted mean).
     Returns:
-        (loss, dlogits) with dlogits = (sigmoid(z) - y) / N, shaped like logits.
+        (loss, dlogits) with dlogits = (sigmoid(z) - y) * w_i (w_i = 1/N without weights), shaped like logits.
     """
     n = logits.shape[0]
     z, y = logits, targets
     per_sample = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-    loss = per_sample.sum(dtype=np.float64) / n
-    dlogits = (sigmoid(z) - y) / n
+    if weights is None:
+        loss = per_sample.sum(dtype=np.float64) / n
+        dlogits = (sigmoid(z) - y) / n
+    else:
+        w = weights.reshape((n,) + (1,) * (z.ndim - 1))
+        loss = (per_sample * w).sum(dtype=np.float64)
+        dlogits = (sigmoid(z) - y) * w
     return float(loss), dlogits.astype(logits.dtype, copy=False)
 
 
-def mean_squared_error(outputs, targets):
-    """L = (1/(N*K)) sum_ij (outputs_ij - targets_ij)^2   (mean over every element, as torch's MSELoss).
+def mean_squared_error(outputs, targets, weights=None):
+    """L = (1/(N*K)) sum_ij (outputs_ij - targets_ij)^2   (mean over every element, as torch's MSELoss),
+    or (1/K) sum_ij w_i (outputs_ij - targets_ij)^2.
 
     Args:
         outputs, targets: (N, K) (or (N,)), same shape.
+        weights: None (the mean), or (N,) float64 row weights that sum to 1 (a weighted mean over rows).
     Returns:
-        (loss, doutputs) with doutputs = 2 (outputs - targets) / (N*K).
+        (loss, doutputs) with doutputs = 2 (outputs - targets) / (N*K), or 2 w_i (outputs - targets) / K.
     """
     diff = outputs - targets
-    loss = np.mean(diff * diff, dtype=np.float64)
-    return float(loss), (2.0 / diff.size) * diff
+    if weights is None:
+        loss = np.mean(diff * diff, dtype=np.float64)
+        return float(loss), (2.0 / diff.size) * diff
+    k = diff.size // len(diff)
+    w = weights.reshape((len(diff),) + (1,) * (diff.ndim - 1))
+    loss = (diff * diff * w).sum(dtype=np.float64) / k
+    return float(loss), ((2.0 / k) * w * diff).astype(diff.dtype, copy=False)

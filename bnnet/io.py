@@ -4,6 +4,7 @@ Layout of the arrays:
     params/<dotted name>       e.g. params/0.W, params/1.gamma
     buffers/<dotted name>      e.g. buffers/1.running_mean, buffers/1.count
     optimizer/<param>/<state>  e.g. optimizer/0.W/m      (only when an optimizer is saved)
+    extra/<name>               arrays fit's callbacks keep (e.g. EarlyStopping's best weights)
 Metadata (the safetensors header's "__metadata__", key "bnnet", a JSON string):
     format, format_version, bnnet_version, architecture (layer configs, which
     carry the conventions eps/decay/running_var), optimizer (type, step,
@@ -63,13 +64,14 @@ def atomic_write(path, data):
         pass
 
 
-def save(path, model, optimizer=None, **metadata):
+def save(path, model, optimizer=None, *, extra_arrays=None, **metadata):
     """Save model parameters and buffers (and optimizer state) to one .safetensors file, atomically.
 
     Args:
         path: file to write (its folder is created).
         model: a Sequential.
         optimizer: optional Optimizer whose state (moments, step counter) is stored too.
+        extra_arrays: optional {name: array} stored as extra/<name> (fit stores its callbacks' arrays here).
         **metadata: JSON-serializable values kept in the file (e.g. loss="softmax_cross_entropy").
     """
     from . import __version__
@@ -82,6 +84,7 @@ def save(path, model, optimizer=None, **metadata):
     if optimizer is not None:
         arrays, opt_info = optimizer.state_dict()
         tensors.update({f"optimizer/{k}": v for k, v in arrays.items()})
+    tensors.update({f"extra/{k}": v for k, v in (extra_arrays or {}).items()})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -107,6 +110,7 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)  # the user's **metadata given to save()
     optimizer_info: dict | None = None  # type, step t, hyperparameters; None if no optimizer was saved
     optimizer_arrays: dict = field(default_factory=dict)  # "<param>/<state>" -> array
+    extra_arrays: dict = field(default_factory=dict)  # "<name>" -> array (save's extra_arrays)
 
 
 MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself sets on a header
@@ -185,8 +189,10 @@ def _check_meta(path, meta, shapes):
     if not isinstance(architecture, list) or not architecture:
         bad("architecture", "a non-empty list of layer configurations", architecture)
     for key, shape in shapes.items():
-        if key.partition("/")[0] not in ("params", "buffers", "optimizer"):
-            raise CheckpointError(f"{path}: unexpected tensor {key!r}; expected params/, buffers/ or optimizer/ names")
+        if key.partition("/")[0] not in ("params", "buffers", "optimizer", "extra"):
+            raise CheckpointError(
+                f"{path}: unexpected tensor {key!r}; expected params/, buffers/, optimizer/ or extra/ names"
+            )
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {key!r} has no valid shape in the header ({shape!r})")
     for i, cfg in enumerate(architecture):
@@ -205,7 +211,12 @@ def _check_meta(path, meta, shapes):
                 bad(f"{field}.{key}", "a number, string, boolean or null", value)
         # A layer's sizes are dimensions of its own tensors: refuse sizes the file's tensors do not
         # have, before building the layer allocates them.
-        dims = {d for key, shape in shapes.items() if key.split("/")[1].partition(".")[0] == str(i) for d in shape}
+        dims = {
+            d
+            for key, shape in shapes.items()
+            if key.partition("/")[0] != "extra" and key.split("/")[1].partition(".")[0] == str(i)
+            for d in shape
+        }
         kernel = cfg.get("kernel_size")
         kernel = kernel if isinstance(kernel, list) else [kernel]  # an int, or (height, width)
         if dims and "kernel_size" in cfg and not all(isinstance(k, int) and k in dims for k in kernel):
@@ -287,7 +298,8 @@ def load_checkpoint(path):
     fill_model(model, arrays, path)
     opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     _check_optimizer_arrays(path, model, meta.get("optimizer"), opt_arrays)
-    return Checkpoint(model, meta.get("user", {}), meta.get("optimizer"), opt_arrays)
+    extra = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("extra/")}
+    return Checkpoint(model, meta.get("user", {}), meta.get("optimizer"), opt_arrays, extra)
 
 
 def _check_optimizer_arrays(path, model, info, arrays):

@@ -1,4 +1,9 @@
-"""Losses: forward(outputs, targets) -> float (mean over the batch), backward() -> dL/d(outputs).
+"""Losses: forward(outputs, targets, sample_weight=None) -> float (mean over the batch),
+backward() -> dL/d(outputs).
+
+With sample_weight (N,) the mean becomes the weighted mean sum_i w_i L_i / sum_i w_i, scikit-learn's
+convention: a weight of 0 ignores a row, an integer weight k counts a row k times, and weights that
+sum to 0 give a loss of 0 with a zero gradient.
 
 Each loss also knows how to turn outputs into predictions (`predict_labels`)
 and how to score them (`accuracy`, None for regression).
@@ -19,7 +24,7 @@ class Loss:
     def __init__(self):
         self._grad = None
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, sample_weight=None):
         raise NotImplementedError
 
     def backward(self):
@@ -45,7 +50,17 @@ class Loss:
         outputs = as_float_array(outputs, "outputs", owner, dtype)
         if outputs.ndim == 0 or outputs.shape[0] == 0:
             raise InputError(f"{owner}: outputs must have at least one row, got shape {outputs.shape}")
+        ops.check_finite(outputs, "outputs", owner)
         return outputs
+
+    @staticmethod
+    def _weights(sample_weight, n, owner):
+        """None, or the (N,) float64 weights divided by their sum (all zeros when they sum to 0)."""
+        if sample_weight is None:
+            return None
+        w = check_sample_weight(sample_weight, n, owner)
+        total = w.sum()
+        return w / total if total > 0 else w
 
     @staticmethod
     def _same_length(outputs, targets, owner):
@@ -84,12 +99,16 @@ class SoftmaxCrossEntropy(Loss):
             )
         return y.astype(np.intp, copy=False)
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, sample_weight=None):
         z = self._outputs(outputs, type(self).__name__)
         if z.ndim != 2:
             raise InputError(f"SoftmaxCrossEntropy: outputs must be logits of shape (N, C), got {z.shape}")
         y = self.check_targets(targets, z.shape[1])
         self._same_length(z, y, type(self).__name__)
+        w = self._weights(sample_weight, len(z), type(self).__name__)
+        if w is not None:
+            loss, self._grad = F.softmax_cross_entropy(z, y, w)
+            return loss
         self._grad = np.empty_like(z)  # (N, C), returned by backward()
         return ops.softmax_cross_entropy(z, y, self._grad)
 
@@ -123,13 +142,14 @@ class BinaryCrossEntropy(Loss):
             )
         return y
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, sample_weight=None):
         z = self._outputs(outputs, "BinaryCrossEntropy")
         if not (z.ndim == 1 or (z.ndim == 2 and z.shape[1] == 1)):
             raise InputError(f"BinaryCrossEntropy: outputs must be logits of shape (N,) or (N, 1), got {z.shape}")
         y = self.check_targets(targets)
         self._same_length(z, y, "BinaryCrossEntropy")
-        loss, self._grad = F.sigmoid_binary_cross_entropy(z, y.reshape(z.shape).astype(z.dtype))
+        w = self._weights(sample_weight, len(z), "BinaryCrossEntropy")
+        loss, self._grad = F.sigmoid_binary_cross_entropy(z, y.reshape(z.shape).astype(z.dtype), w)
         return loss
 
     def predict_labels(self, outputs):
@@ -159,15 +179,50 @@ class MSE(Loss):
         ops.check_finite(y, "targets", "MSE")
         return y
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, sample_weight=None):
         z = self._outputs(outputs, "MSE")
         if z.ndim == 1:
             z = z[:, None]
         y = self.check_targets(targets, z.shape[1])
         self._same_length(z, y, "MSE")
-        loss, grad = F.mean_squared_error(z, y.astype(z.dtype))
+        w = self._weights(sample_weight, len(z), "MSE")
+        loss, grad = F.mean_squared_error(z, y.astype(z.dtype), w)
         self._grad = grad.reshape(np.shape(outputs))
         return loss
+
+
+def check_sample_weight(sample_weight, n, owner):
+    """sample_weight as (n,) float64: finite, >= 0 (InputError naming what is wrong)."""
+    w = as_float_array(sample_weight, "sample_weight", owner, "float64")
+    if w.shape != (n,):
+        raise InputError(f"{owner}: sample_weight must have shape ({n},), one weight per row, got {w.shape}")
+    ops.check_finite(w, "sample_weight", owner)
+    if n and w.min() < 0:
+        raise InputError(f"{owner}: sample_weight must be >= 0, got {w.min()} at row {int(np.argmin(w))}")
+    return w
+
+
+def class_weights(class_weight, y, n_classes, owner):
+    """Per-row weights (N,) from class_weight: "balanced" (n / (n_classes_present * count(class)), as
+    scikit-learn's compute_class_weight) or a dict {class: weight} (classes not named weigh 1)."""
+    y = np.asarray(y).astype(np.intp, copy=False)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise HyperparameterError(f"{owner}: class_weight must be 'balanced' or a dict, got {class_weight!r}")
+        counts = np.bincount(y, minlength=n_classes)
+        present = np.count_nonzero(counts)
+        table = np.where(counts > 0, len(y) / (present * np.maximum(counts, 1)), 0.0)
+        return table[y]
+    if not isinstance(class_weight, dict):
+        raise HyperparameterError(f"{owner}: class_weight must be 'balanced' or a dict, got {class_weight!r}")
+    table = np.ones(n_classes)
+    for c, w in class_weight.items():
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n_classes:
+            raise HyperparameterError(f"{owner}: class_weight key {c!r} is not a class label in [0, {n_classes})")
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w) or w < 0:
+            raise HyperparameterError(f"{owner}: class_weight[{c!r}] must be a number >= 0, got {w!r}")
+        table[int(c)] = float(w)
+    return table[y]
 
 
 LOSSES = {cls.name: cls for cls in (SoftmaxCrossEntropy, BinaryCrossEntropy, MSE)}

@@ -172,12 +172,12 @@ class CompiledStep:
             self.optimizer.step(self.model)
         return loss, acc
 
-    def gradients(self, X_t, y_t, check_input=True, share=None):
+    def gradients(self, X_t, y_t, check_input=True, share=None, sample_weight=None):
         """Forward (train mode), loss and backward for one mini-batch; returns (loss, accuracy).
 
         share: this process's fraction of a larger mini-batch (data-parallel training), which scales
         the loss gradient as the layer-by-layer bnnet.train.Step does (default None: the mean over
-        these rows)."""
+        these rows). sample_weight: optional (N,) row weights of the loss (bnnet.losses)."""
         x, y = self._arguments(X_t, y_t, check_input)
         n = len(x)
         if n > self.capacity:
@@ -210,7 +210,7 @@ class CompiledStep:
         np.matmul(x, W, out=logits)
         if bias is not None:
             logits += bias
-        loss, acc, dlogits = self._loss(logits, y, impl)
+        loss, acc, dlogits = self._loss(logits, y, impl, sample_weight)
         if share is not None:
             dlogits = dlogits * share  # (as Step: a new array, the same rounding)
         # backward: the last Linear, then each block from the top
@@ -298,14 +298,14 @@ class CompiledStep:
         )
         return dx
 
-    def _loss(self, logits, y, impl):
+    def _loss(self, logits, y, impl, sample_weight=None):
         """(loss, accuracy, dL/dlogits) as loss.forward, loss.accuracy and loss.backward give them."""
         dlogits = self.dlogits[: len(logits)]
-        if type(self.loss) is SoftmaxCrossEntropy:
+        if type(self.loss) is SoftmaxCrossEntropy and sample_weight is None:
             loss = float(impl.softmax_cross_entropy(logits, y, dlogits))
             if loss < 0:
                 c = logits.shape[1]
                 raise InputError(f"CompiledStep: labels must be in [0, {c}), got values in [{y.min()}, {y.max()}]")
             return loss, self.loss.accuracy(logits, y), dlogits
-        loss = self.loss.forward(logits, y)
+        loss = self.loss.forward(logits, y, sample_weight)
         return loss, self.loss.accuracy(logits, y), self.loss.backward()

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from . import backend, ops
 from ._checks import as_float_array, check_int, check_number, check_samples, check_seed
+from .callbacks import Training, check_callbacks
 from .device import check_device, contiguous, empty, to_device, writable
 from .distributed import DataParallel, is_root
 from .engine import check_chain
 from .errors import CheckpointError, HyperparameterError, InputError, NonFiniteError
 from .io import field_error, fill_model, load_checkpoint, save
-from .losses import get_loss
+from .losses import check_sample_weight, class_weights, get_loss
 from .model import first_nonfinite, has_batchnorm
 from .optim import (
     clip_grad_norm as clip_gradients,  # fit's own argument is named clip_grad_norm
@@ -65,6 +66,9 @@ def fit(
     validation_split=None,
     log_dir=None,
     device=None,
+    callbacks=None,
+    sample_weight=None,
+    class_weight=None,
 ):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
@@ -100,6 +104,14 @@ def fit(
         device: None (default: train where the model is), "cpu" or "cuda": move the model there
             first (Sequential.to, which also selects the backend). Mini-batches are gathered on
             the host and copied to the device one at a time.
+        sample_weight: optional (N,) weights >= 0 of the rows of X: each mini-batch's loss becomes the
+            weighted mean sum w_i L_i / sum w_i (weight 0 ignores a row; an integer weight k counts it
+            k times in the loss). BatchNorm's batch statistics stay unweighted, and the reported
+            accuracy counts every row once.
+        class_weight: optional "balanced" (n_rows / (n_classes * rows of the class), as scikit-learn) or
+            {class: weight}: each row's weight is its class's (times sample_weight). Classification only.
+        callbacks: a list of bnnet.callbacks.Callback (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint or
+            your own), run after every epoch in order; their state is saved in checkpoints and resumed.
         comm: a bnnet.distributed.Communicator for data-parallel training (run one process per
             rank under mpiexec, each calling fit with the same arguments and data). batch_size
             is then the global batch, split into one shard per rank; rank 0's parameters and
@@ -112,6 +124,7 @@ def fit(
         train mode (as Keras reports them); accuracy entries are None for regression.
     """
     loss_fn, opt = get_loss(loss), get_optimizer(optimizer)
+    callbacks = check_callbacks(callbacks)
     if device is not None:
         model.to(check_device("fit", device))
     epochs = check_int("fit", "epochs", epochs, low=1)
@@ -119,13 +132,17 @@ def fit(
     seed = check_seed("fit", seed)
     checkpoints = Checkpoints(checkpoint, checkpoint_every, model, opt, loss_fn, checkpoint_metadata, comm)
     X, y = _check_data(model, X, y, loss_fn, "fit")
+    weights = _row_weights(sample_weight, class_weight, y, loss_fn, model, "fit")
     if validation_split is not None:
         X, y, validation_data = _split_validation(X, y, validation_split, validation_data)
+        weights = None if weights is None else weights[: len(X)]
     val = (
         None
         if validation_data is None
         else _check_data(model, *_pair(validation_data), loss_fn, "fit(validation_data)")
     )
+    for cb in callbacks:
+        cb.check_logs(val is not None, loss_fn.has_accuracy)
     drop_single = _check_batches(model, len(X), batch_size)
     # The sizes of one epoch's mini-batches (the same every epoch; only the order changes).
     batch_sizes = [len(b) for b in minibatches(len(X), batch_size, np.random.default_rng(0), drop_single)]
@@ -152,20 +169,35 @@ def fit(
             "resume": resume is not None,
         }
     )
+    if weights is not None and isinstance(step, DataParallelStep):
+        raise HyperparameterError("fit: sample_weight and class_weight cannot be used with data-parallel training")
     seed = step.start(seed)
-    run = RunState(epochs, batch_size, seed, len(X), loss_fn.name)
+    run = RunState(epochs, batch_size, seed, len(X), loss_fn.name, callbacks)
+    training = Training(model, opt, run.history, is_root(comm))
+    for cb in callbacks:
+        cb.training = training
+        cb.on_train_begin()
     if resume is not None:
         run = checkpoints.resume(resume, run, len(batch_sizes))
+        training.history = run.history
     last_good = LastGood(model, opt)
     bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step, validation_name)
     log = TensorBoardLog(log_dir) if log_dir is not None and is_root(comm) else None
     try:
         for epoch in range(run.epoch, epochs + 1):
+            if run.stopped:
+                break
             bar.epoch(epoch, epochs)
-            _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good)
-            _end_epoch(run, model, loss_fn, val, bar)
+            data = (X, y, weights)
+            _train_epoch(run, step, opt, data, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good)
+            logs = _end_epoch(run, model, loss_fn, val, bar) | {"lr": opt.current_lr()}
             if log is not None:
                 log.epoch(run.history, model, opt)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+            run.stopped = training.stop
+        for cb in callbacks:
+            cb.on_train_end()
         checkpoints.final(run)
     finally:
         bar.close()
@@ -209,11 +241,35 @@ def _check_data(model, X, y, loss, owner):
     except InputError as e:
         raise InputError(f"{owner}: X of shape {X.shape} does not fit the model: {e}") from None
     ops.check_finite(X, "X", owner)
-    n_out = next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
-    y = loss.check_targets(y, n_out)
+    y = loss.check_targets(y, _n_outputs(model))
     if len(y) != len(X):
         raise InputError(f"{owner}: X has {len(X)} rows but y has {len(y)}; pass one target per row of X")
     return X, y
+
+
+def _n_outputs(model):
+    """The model's number of outputs (its last layer with out_features), or None."""
+    return next((l.out_features for l in reversed(model.layers) if hasattr(l, "out_features")), None)
+
+
+def _row_weights(sample_weight, class_weight, y, loss, model, owner):
+    """The (N,) weights of the training rows (sample_weight times class_weight), or None for neither."""
+    if sample_weight is None and class_weight is None:
+        return None
+    weights = np.ones(len(y)) if sample_weight is None else check_sample_weight(sample_weight, len(y), owner)
+    if class_weight is not None:
+        if not loss.has_accuracy:
+            raise HyperparameterError(f"{owner}: class_weight needs a classification loss, not {loss.name}")
+        if loss.name == "binary_cross_entropy":
+            if not np.isin(y, (0, 1)).all():
+                raise InputError(f"{owner}: class_weight needs 0/1 targets, got values other than 0 and 1")
+            n_classes = 2
+        else:
+            n_classes = _n_outputs(model)
+        weights = weights * class_weights(class_weight, y, n_classes, owner)
+    if not weights.sum() > 0:
+        raise InputError(f"{owner}: the row weights sum to {weights.sum()}; at least one row needs a weight > 0")
+    return weights
 
 
 def _split_validation(X, y, fraction, validation_data):
@@ -283,17 +339,19 @@ class Step:
         """The rows of a mini-batch this process computes (all of them here)."""
         return idx
 
-    def __call__(self, X_t, y_t, n_batch):
-        """Gradients in model.grads for the mean loss over the n_batch rows of the mini-batch."""
+    def __call__(self, X_t, y_t, n_batch, w_t=None):
+        """Gradients in model.grads for the mean loss over the n_batch rows of the mini-batch (weighted by
+        w_t when given)."""
         share = None if len(X_t) == n_batch else len(X_t) / n_batch  # this process's part of the mean
         if self.compiled is not None and len(X_t) >= 2:  # (an empty or one-row shard: the layers)
-            loss, acc = self.compiled.gradients(X_t, y_t, check_input=False, share=share)  # (fit checked X, y)
+            # (fit checked X, y)
+            loss, acc = self.compiled.gradients(X_t, y_t, check_input=False, share=share, sample_weight=w_t)
             return self.combine(loss, acc, len(X_t), n_batch)
         if self.model.device == "cuda":
             X_t, y_t = to_device(X_t, "cuda"), to_device(y_t, "cuda")
         logits = self.model.plan().forward(X_t, True, check_finite=self.check_activations)
         if len(X_t):
-            loss, acc = self.loss_fn.forward(logits, y_t), self.loss_fn.accuracy(logits, y_t)
+            loss, acc = self.loss_fn.forward(logits, y_t, w_t), self.loss_fn.accuracy(logits, y_t)
             dlogits = self.loss_fn.backward()
         else:  # an empty shard still takes part in every collective
             loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
@@ -359,15 +417,18 @@ class RunState:
     """Counters, RNG state, the epoch's partial sums and the history: enough to continue
     exactly after a crash. `as_dict()` is what checkpoints store under "fit"."""
 
-    def __init__(self, epochs, batch_size, seed, n, loss_name):
+    def __init__(self, epochs, batch_size, seed, n, loss_name, callbacks=()):
         self.rng = np.random.default_rng(seed)
         self.epoch, self.batch, self.step = 1, 0, 0
         self.rng_state = self.rng.bit_generator.state  # the next epoch's order is drawn from this state
         self.partial = [0.0, 0.0, 0]  # loss sum, correct sum, rows seen in the current epoch
         self.history = {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
         self.run = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": n, "loss": loss_name}
+        self.callbacks = callbacks
+        self.stopped = False  # a callback ended the run early
 
     def as_dict(self):
+        """The JSON part of the state (callbacks' arrays: callback_arrays)."""
         return {
             "epoch": self.epoch,
             "batch": self.batch,
@@ -376,15 +437,35 @@ class RunState:
             "partial": self.partial,
             "history": self.history,
             "run": self.run,
+            "stopped": self.stopped,
+            "callbacks": [{"type": type(cb).__name__, "state": cb.state_dict()[0]} for cb in self.callbacks],
         }
 
-    def restore(self, saved):
+    def callback_arrays(self):
+        """{"callbacks.<i>/<name>": array} of every callback's state (saved as a checkpoint's extra arrays)."""
+        return {f"callbacks.{i}/{k}": v for i, cb in enumerate(self.callbacks) for k, v in cb.state_dict()[1].items()}
+
+    def restore(self, saved, arrays, source):
         self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
         self.rng_state, self.partial, self.history = saved["rng"], saved["partial"], saved["history"]
+        self.stopped = saved.get("stopped", False)
+        states = saved.get("callbacks", [])
+        types = [type(cb).__name__ for cb in self.callbacks]
+        if not isinstance(states, list) or [s.get("type") if isinstance(s, dict) else s for s in states] != types:
+            raise CheckpointError(
+                f"{source}: was written by a run with the callbacks {states!r}, not {types}; "
+                "resume with the same callbacks in the same order"
+            )
+        for i, (cb, st) in enumerate(zip(self.callbacks, states)):
+            prefix = f"callbacks.{i}/"
+            own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            cb.load_state_dict(st.get("state"), own, source)
 
 
-def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good):
-    """The mini-batches of epoch run.epoch, from run.batch on (after a resume, mid-epoch)."""
+def _train_epoch(run, step, opt, data, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good):
+    """The mini-batches of epoch run.epoch, from run.batch on (after a resume, mid-epoch).
+    data: (X, y, row weights or None)."""
+    X, y, weights = data
     run.rng.bit_generator.state = run.rng_state  # the epoch's order is drawn from this state
     batches = minibatches(len(X), batch_size, run.rng, drop_single)
     X_buf = np.empty((min(batch_size, len(X)), *X.shape[1:]), X.dtype)  # each mini-batch is gathered here
@@ -392,7 +473,7 @@ def _train_epoch(run, step, opt, X, y, batch_size, drop_single, clip_grad_norm, 
     for b in range(run.batch, len(batches)):
         idx = step.rows(batches[b])
         X_t, y_t = np.take(X, idx, axis=0, out=X_buf[: len(idx)]), y[idx]
-        batch_loss, acc = step(X_t, y_t, len(batches[b]))
+        batch_loss, acc = step(X_t, y_t, len(batches[b]), None if weights is None else weights[idx])
         when = f"at step {run.step + 1} (epoch {run.epoch})"
         if not np.isfinite(batch_loss):
             where = step.where_nonfinite(X_t) or "the loss"
@@ -593,6 +674,7 @@ def _end_epoch(run, model, loss_fn, val, bar):
     bar.show(postfix)
     run.epoch, run.batch, run.partial = run.epoch + 1, 0, [0.0, 0.0, 0]
     run.rng_state = run.rng.bit_generator.state
+    return {k: run.history[k][-1] if run.history[k] else None for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
 
 # --------------------------------------------------------------------------
@@ -621,7 +703,15 @@ class Checkpoints:
     def write(self, run):
         if is_root(self.comm):
             path = str(self.path).format(step=run.step)
-            save(path, self.model, self.opt, **self.metadata, loss=self.loss_name, fit=run.as_dict())
+            save(
+                path,
+                self.model,
+                self.opt,
+                extra_arrays=run.callback_arrays(),
+                **self.metadata,
+                loss=self.loss_name,
+                fit=run.as_dict(),
+            )
 
     def after_step(self, run):
         if self.every and run.step % self.every == 0:
@@ -657,7 +747,7 @@ class Checkpoints:
             path,
         )
         self.opt.load_state_dict(ckpt.optimizer_arrays, ckpt.optimizer_info)
-        run.restore(saved)
+        run.restore(saved, ckpt.extra_arrays, path)
         return run
 
 
@@ -680,6 +770,8 @@ def _check_run_state(path, saved, run, batches_per_epoch):
     integer("step", 0, epochs * batches_per_epoch)
     if saved["step"] != (epoch - 1) * batches_per_epoch + batch:
         bad("step", f"(epoch - 1) * {batches_per_epoch} + batch = {(epoch - 1) * batches_per_epoch + batch}")
+    if not isinstance(saved.get("stopped", False), bool):
+        bad("stopped", "true or false")
     try:
         np.random.default_rng(0).bit_generator.state = saved.get("rng")
     except (TypeError, ValueError, KeyError, OverflowError):
