@@ -3,11 +3,11 @@ the row, "balanced" equals scikit-learn's compute_class_weight, and fit trains o
 
 import numpy as np
 import pytest
+from helpers import numerical_grad, rel_error
 
 import bnnet
 from bnnet.errors import HyperparameterError, InputError
 from bnnet.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy, class_weights
-from helpers import numerical_grad, rel_error
 
 
 def _case(loss, rng, n=9):
