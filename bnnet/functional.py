@@ -297,14 +297,14 @@ def linear(x, W, b=None, out=None):
     return z
 
 
-def linear_backward(dz, x, W, has_bias=True, input_grad=True, dx_out=None, dW_out=None, db_out=None):
+def linear_backward(dz, x, W, has_bias=True, input_grad=True, dx_out=None, dW_out=None, db_out=None, weight_grad=True):
     """Given dz = dL/dz (N, out): dx = dz @ W.T (N, in), dW = x.T @ dz (in, out), db = sum(dz) (out,).
 
-    input_grad=False skips dx (returned as None), e.g. for a network's first layer.
-    The *_out arrays, when given, receive the results in place.
+    input_grad=False skips dx (returned as None), e.g. for a network's first layer; weight_grad=False
+    skips dW (None; a frozen W). The *_out arrays, when given, receive the results in place.
     """
     dx = np.matmul(dz, W.T, out=dx_out) if input_grad else None
-    dW = np.matmul(x.T, dz, out=dW_out)
+    dW = np.matmul(x.T, dz, out=dW_out) if weight_grad else None
     db = dz.sum(axis=0, out=db_out) if has_bias else None
     return dx, dW, db
 

@@ -22,6 +22,7 @@ from .errors import HyperparameterError
 from .layers import ACTIVATIONS, BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from .model import Sequential
 
+_TORCH_PARAM_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
 _TORCH_ACTIVATIONS = {"ReLU": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}
 
 
@@ -259,5 +260,7 @@ def to_torch(model):
             m = torch.nn.LeakyReLU(layer.negative_slope)
         else:
             m = {"ReLU": torch.nn.ReLU, "Sigmoid": torch.nn.Sigmoid, "Tanh": torch.nn.Tanh}[type(layer).__name__]()
+        for key in layer.frozen_params:  # a frozen parameter: requires_grad=False in the twin
+            getattr(m, _TORCH_PARAM_NAMES[key]).requires_grad_(False)
         mods.append(m)
     return torch.nn.Sequential(*mods)

@@ -91,6 +91,7 @@ def save(path, model, optimizer=None, *, extra_arrays=None, **metadata):
         "bnnet_version": __version__,
         "architecture": model.config(),
         "eval_only": model.eval_only,
+        "frozen": model.frozen_params,
         "optimizer": opt_info,
         "user": metadata,
     }
@@ -185,6 +186,9 @@ def _check_meta(path, meta, shapes):
     ):
         if key in meta and not isinstance(meta[key], kind):
             bad(key, expected, meta[key])
+    frozen = meta.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(n, str) and n in _param_names(shapes) for n in frozen):
+        bad("frozen", "a list of the names of parameters the file holds", frozen)
     architecture = meta.get("architecture")
     if not isinstance(architecture, list) or not architecture:
         bad("architecture", "a non-empty list of layer configurations", architecture)
@@ -254,6 +258,11 @@ def _check_meta(path, meta, shapes):
             raise CheckpointError(f"{path}: metadata field optimizer is invalid ({e})") from None
 
 
+def _param_names(shapes):
+    """The dotted parameter names of a file's params/ tensors."""
+    return {k.partition("/")[2] for k in shapes if k.startswith("params/")}
+
+
 def _build(path, architecture):
     try:
         layers = [LAYER_TYPES[cfg["type"]](**{k: v for k, v in cfg.items() if k != "type"}) for cfg in architecture]
@@ -296,6 +305,8 @@ def load_checkpoint(path):
     model = _build(path, meta.get("architecture", []))
     model.eval_only = bool(meta.get("eval_only", False))
     fill_model(model, arrays, path)
+    if meta.get("frozen"):  # (checked against the file's parameter names by _check_meta)
+        model.freeze(*meta["frozen"])
     opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     _check_optimizer_arrays(path, model, meta.get("optimizer"), opt_arrays)
     extra = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("extra/")}

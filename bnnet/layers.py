@@ -45,6 +45,7 @@ class Layer:
     """Base class: the three dicts, a display name (set by Sequential) and the checks."""
 
     writes_out = False  # _forward writes into the `out` array it is given (else it returns a new one)
+    frozen_params = frozenset()  # the keys of params the optimizers leave alone (see `trainable`, Sequential.freeze)
     backward_reads_output = True  # _backward reads the forward's output (False lets a plan write over it)
 
     def __init__(self):
@@ -54,6 +55,30 @@ class Layer:
         self.name = type(self).__name__
         self._cache = None
         self._grad_homes = {}  # key -> the view of the model's flat gradient buffer for grads[key] (bnnet.flat)
+
+    @property
+    def trainable(self):
+        """False when every parameter is frozen (no update, no optimizer state); set it to freeze or
+        unfreeze them all (as Keras's layer.trainable). Freezing a parameter zeroes its gradient."""
+        return not (self.params and self.frozen_params >= set(self.params))
+
+    @trainable.setter
+    def trainable(self, value):
+        if not isinstance(value, bool):
+            raise HyperparameterError(f"{self.name}: trainable must be True or False, got {value!r}")
+        self.set_frozen(() if value else tuple(self.params))
+
+    def set_frozen(self, keys):
+        """Freeze exactly these parameter keys (the others train); their gradients are set to zero."""
+        unknown = [k for k in keys if k not in self.params]
+        if unknown:
+            raise HyperparameterError(
+                f"{self.name}: no parameter {unknown[0]!r} to freeze (it has {list(self.params)})"
+            )
+        self.frozen_params = frozenset(keys)
+        for k in self.frozen_params:
+            if k in self.grads and hasattr(self.grads[k], "fill"):
+                self.grads[k].fill(0)
 
     # -- the public, checked calls --------------------------------------------
 
@@ -360,6 +385,7 @@ class Linear(Layer):
             dx_out,
             self._grad("W"),
             self._grad("b") if self.bias else None,
+            weight_grad="W" not in self.frozen_params,  # (a frozen W's gradient stays zero: not computed)
         )
         return dx
 

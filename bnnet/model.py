@@ -211,8 +211,57 @@ class Sequential:
         return device_of(first)
 
     def named_parameters(self):
-        """[(dotted name, param array, grad array or None)] in a fixed order (what optimizers loop over)."""
+        """[(dotted name, param array, grad array or None)] in a fixed order, frozen ones included."""
         return [(name, layer.params[k], layer.grads.get(k)) for name, layer, k in self._param_keys]
+
+    def trainable_parameters(self):
+        """named_parameters without the frozen ones (what optimizers update)."""
+        return [
+            (name, layer.params[k], layer.grads.get(k))
+            for name, layer, k in self._param_keys
+            if k not in layer.frozen_params
+        ]
+
+    @property
+    def frozen_params(self):
+        """The dotted names of the frozen parameters, in model order."""
+        return [name for name, layer, k in self._param_keys if k in layer.frozen_params]
+
+    def freeze(self, *names):
+        """Freeze parameters: no update, no optimizer state, their gradients zero (a frozen Linear's dW is
+        not computed). names: layer indices (0, or "0": all of that layer's parameters) or dotted
+        parameter names ("1.gamma"); none: every parameter. BatchNorm's running statistics are
+        frozen apart, by bnnet.freeze_batchnorm."""
+        self._set_frozen(names, True)
+        return self
+
+    def unfreeze(self, *names):
+        """Undo freeze for these names (none: every parameter)."""
+        self._set_frozen(names, False)
+        return self
+
+    def _set_frozen(self, names, freeze):
+        owner = "freeze" if freeze else "unfreeze"
+        chosen = {}  # layer index -> keys
+        for name in names or range(len(self.layers)):
+            text = str(name) if isinstance(name, (int, np.integer)) and not isinstance(name, bool) else name
+            if not isinstance(text, str):
+                raise HyperparameterError(f"{owner}: names must be layer indices or dotted names, got {name!r}")
+            index, _, key = text.partition(".")
+            if not index.isdigit() or int(index) >= len(self.layers):
+                raise HyperparameterError(
+                    f"{owner}: {name!r} names no layer of this {len(self.layers)}-layer model "
+                    f"(use 0..{len(self.layers) - 1})"
+                )
+            layer = self.layers[int(index)]
+            if key and key not in layer.params:
+                raise HyperparameterError(
+                    f"{owner}: layer {index} has no parameter {key!r} (it has {list(layer.params)})"
+                )
+            chosen.setdefault(int(index), set()).update([key] if key else layer.params)
+        for i, keys in chosen.items():
+            layer = self.layers[i]
+            layer.set_frozen(layer.frozen_params | keys if freeze else layer.frozen_params - keys)
 
     def predict(self, X, batch_size=1024):
         """Eval-mode outputs for X (N, in_features) or (N, C, H, W), batch_size rows at a time -> (N, out),

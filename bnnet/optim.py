@@ -85,6 +85,11 @@ def _flat(a):
     return a.reshape(-1)  # a view: parameters, gradients and state are checked C-contiguous first
 
 
+def _trainable(layout):
+    """The dotted names of the parameters in `layout` that are not frozen, in layout order."""
+    return [name for g in layout.groups for name, layer, key, *_ in g.entries if key not in layer.frozen_params]
+
+
 class Optimizer:
     """Base class: loops over the parameters; a subclass's `_update` applies its rule to one.
 
@@ -141,10 +146,10 @@ class Optimizer:
         if layout is not None and self._step_flat(layout, lr):
             self.t += 1
             return
-        if hasattr(model, "named_parameters"):
-            triples = model.named_parameters()
-        else:
-            triples = [(k, p, model.grads.get(k)) for k, p in model.params.items()]
+        if hasattr(model, "trainable_parameters"):
+            triples = model.trainable_parameters()
+        else:  # a single layer
+            triples = [(k, p, model.grads.get(k)) for k, p in model.params.items() if k not in model.frozen_params]
         work = [self._checked(name, p, g) for name, p, g in triples]
         counts = [self._next_count(name, state) for name, _, _, state in work]
         for (name, p, g, state), k in zip(work, counts):
@@ -194,17 +199,22 @@ class Optimizer:
             if not (isinstance(group.params, arrays) and group.params.dtype.char in "fd"):
                 return False  # the per-parameter path says what is wrong
         states = self._flat_state(layout)
-        names = [name for group in layout.groups for name, *_ in group.entries]
+        names = _trainable(layout)
         k = self._common_count(names)
         if k is False:
             return False
-        decay = (self.weight_decay, self.decay_names)
+        decay = (self.weight_decay, self.decay_names, names)
         runs = self._runs if self._runs is not None and self._runs[0] is layout and self._runs[1] == decay else None
         if runs is None:
-            by_name = {name: self._decay(name) for name in names}
+            # frozen parameters: a run of value None, skipped
+            by_name = {
+                name: self._decay(name) if name in names else None for g in layout.groups for name, *_ in g.entries
+            }
             runs = self._runs = (layout, decay, [group.runs(by_name) for group in layout.groups])
         for group, state, group_runs in zip(layout.groups, states, runs[2]):
             for start, stop, wd in group_runs:
+                if wd is None:
+                    continue
                 sub = {key: a[start:stop] for key, a in state.items()}
                 self._apply(group.params[start:stop], group.grads[start:stop], sub, lr, wd, k)
         if k is not None:
@@ -217,7 +227,7 @@ class Optimizer:
         """The update count this step gives every parameter (None for rules without one), or False when
         the parameters' counts differ. The counts this path wrote last are one shared object, so the
         common case is an identity test per parameter."""
-        if not self.counter_names:
+        if not self.counter_names or not names:
             return None
         last = self._count
         if last is not None and all(self.state[name].get("k") is last for name in names):
@@ -232,8 +242,11 @@ class Optimizer:
         states = self.current_flat_state(layout)
         if states is not None:
             return states
+        trainable = set(_trainable(layout))
         for group in layout.groups:  # check everything before anything changes
             for name, layer, pkey, *_ in group.entries:
+                if name not in trainable:
+                    continue
                 for key in self.state_names:
                     a = self.state.get(name, {}).get(key)
                     if a is not None:  # (copied into the flat buffer: any layout will do)
@@ -243,6 +256,8 @@ class Optimizer:
         for group in layout.groups:
             flat = {key: zeros(group.params, (group.size,), group.dtype) for key in self.state_names}
             for name, layer, pkey, start, stop in group.entries:
+                if name not in trainable:
+                    continue  # (its part of the flat state stays unused: a frozen parameter has no state)
                 entry = self.state.setdefault(name, {})
                 for key in self.state_names:
                     view = flat[key][start:stop].reshape(layer.params[pkey].shape)
@@ -251,7 +266,7 @@ class Optimizer:
                     entry[key] = view
                     views.append((name, key, view))
             states.append(flat)
-        self._flat = (layout, states, views)
+        self._flat = (layout, states, views, _trainable(layout))
         return states
 
     def current_flat_state(self, layout):
@@ -261,6 +276,7 @@ class Optimizer:
         if (
             cached is not None
             and cached[0] is layout
+            and cached[3] == _trainable(layout)
             and all(self.state.get(name, {}).get(key) is view for name, key, view in cached[2])
         ):
             return cached[1]
@@ -458,7 +474,8 @@ def clip_grad_norm(model, max_norm):
     nothing is scaled).
     """
     max_norm = check_number("clip_grad_norm", "max_norm", max_norm, low=0, low_open=True)
-    grads = [g for _, _, g in model.named_parameters() if g is not None]
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.named_parameters()
+    grads = [g for _, _, g in params if g is not None]  # (a frozen parameter's gradient is not an update)
     norm = float(np.sqrt(sum(float(np.square(g, dtype=np.float64).sum()) for g in grads)))
     if np.isfinite(norm) and norm > max_norm:
         for g in grads:

@@ -294,8 +294,9 @@ class CompiledStep:
         threads.for_gemm(n * W.shape[0] * W.shape[1])
         dx_out = self.dx[slot][: n * W.shape[0]].reshape(n, W.shape[0]) if input_grad else None
         dx, _, _ = F.linear_backward(
-            dz, x, W, linear.bias, input_grad, dx_out, linear._grad("W"), linear._grad("b") if linear.bias else None
-        )
+            dz, x, W, linear.bias, input_grad, dx_out, linear._grad("W"), linear._grad("b") if linear.bias else None,
+            weight_grad="W" not in linear.frozen_params,
+        )  # fmt: skip
         return dx
 
     def _loss(self, logits, y, impl, sample_weight=None):

@@ -574,7 +574,7 @@ class LastGood:
 
     def _state_is_flat(self, layout):
         """The optimizer holds no state arrays besides the views of its flat state (nothing else to copy)."""
-        views = len(self.opt.state_names) * sum(len(group.entries) for group in layout.groups)
+        views = len(self.opt._flat[2])  # (the flat state is current: see _live)
         arrays = sum(1 for st in self.opt.state.values() for a in st.values() if not isinstance(a, np.generic))
         return arrays == views
 
