@@ -10,7 +10,7 @@ print(bnnet.evaluate(model, Xt, yt))
 
 __version__ = "0.1.0"
 
-from . import conv, conventions, datasets  # noqa: F401  (submodules as attributes), engine, functional, layers, losses, normalization, ops, optim
+from . import callbacks, conv, conventions, datasets  # noqa: F401  (submodules as attributes), engine, functional, layers, losses, normalization, ops, optim
 from .errors import (
     BnnetError,
     CheckpointError,

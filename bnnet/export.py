@@ -1,5 +1,6 @@
-"""ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, Conv, BatchNormalization, pools,
-Flatten, activations).
+"""ONNX export: the eval-mode network as an ONNX graph (Gemm/MatMul, Conv, BatchNormalization,
+LayerNormalization, InstanceNormalization (GroupNorm through a reshape), pools, Flatten, activations;
+Dropout is the identity in eval mode).
 
 Needs the `onnx` package (pip install ".[onnx]" in the checkout); imported only here.
 """
@@ -7,11 +8,13 @@ Needs the `onnx` package (pip install ".[onnx]" in the checkout); imported only 
 import numpy as np
 
 from .conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
+from .dropout import Dropout
 from .engine import check_chain
 from .errors import HyperparameterError
 from .inference import fold_batchnorm
 from .io import atomic_write
 from .layers import BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+from .normalization import BatchRenorm, GhostBatchNorm, GroupNorm, LayerNorm
 
 OPSET = 17
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads
@@ -36,8 +39,10 @@ def to_onnx(model, fold=False):
     for i, (layer, (shape, _)) in enumerate(zip(model.layers, shapes)):
         out = f"h{i}"
 
-        def const(name, array, i=i):
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=model.dtype), f"{i}.{name}"))
+        def const(name, array, i=i, dtype=None):
+            inits.append(
+                numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype or model.dtype), f"{i}.{name}")
+            )
             return f"{i}.{name}"
 
         if isinstance(layer, Linear):
@@ -73,6 +78,8 @@ def to_onnx(model, fold=False):
             nodes.append(helper.make_node("Flatten", [f"{out}.pooled"], [out], axis=1))
         elif isinstance(layer, Flatten):
             nodes.append(helper.make_node("Flatten", [h], [out], axis=1))
+        elif isinstance(layer, (BatchRenorm, GhostBatchNorm)) and not layer.track_running_stats:
+            raise HyperparameterError(f"export_onnx: cannot export {type(layer).__name__} without running statistics")
         elif isinstance(layer, BatchNorm) and layer.axis != 1:
             raise HyperparameterError(
                 "export_onnx: ONNX BatchNormalization takes channels on axis 1; this layer has axis=-1 (channels last)"
@@ -95,6 +102,13 @@ def to_onnx(model, fold=False):
             )
         elif isinstance(layer, BatchNorm):  # track_running_stats=False: the batch's own statistics, in eval too
             nodes += _batch_statistics_nodes(helper, h, out, f"{i}.", layer, const, 1 + len(shape or (0,)))
+        elif isinstance(layer, LayerNorm):
+            inputs = [h, const("gamma", layer.params["gamma"]), const("beta", layer.params["beta"])]
+            nodes.append(helper.make_node("LayerNormalization", inputs, [out], axis=-1, epsilon=float(layer.eps)))
+        elif isinstance(layer, GroupNorm):
+            nodes += _group_norm_nodes(helper, h, out, f"{i}.", layer, const, 1 + len(shape or (0,)))
+        elif isinstance(layer, Dropout):
+            nodes.append(helper.make_node("Identity", [h], [out]))
         elif isinstance(layer, LeakyReLU):
             nodes.append(helper.make_node("LeakyRelu", [h], [out], alpha=float(layer.negative_slope)))
         elif isinstance(layer, (ReLU, Sigmoid, Tanh)):
@@ -137,6 +151,32 @@ def _batch_statistics_nodes(helper, x, out, prefix, layer, const, ndim):
         helper.make_node("Mul", [n[6], const("gamma", gamma)], [n[7]]),
         helper.make_node("Add", [n[7], const("beta", beta)], [out]),
     ]
+
+
+def _group_norm_nodes(helper, x, out, prefix, layer, const, ndim):
+    """GroupNorm (and InstanceNorm2d) in opset 17: InstanceNormalization normalizes each channel of each
+    sample, so x is viewed as (N, G, C/G * ...) first (one "channel" per group) and put back after;
+    then gamma and beta per channel."""
+    g = layer.num_groups
+    per_channel = (-1, *[1] * (ndim - 2))  # (C,) or (C, 1, 1) to broadcast over (N, C, H, W)
+    gamma, beta = (
+        layer.params[k] if layer.affine else np.full(layer.num_features, v) for k, v in (("gamma", 1), ("beta", 0))
+    )
+    n = [prefix + k for k in ("shape", "grouped", "normalized", "ungrouped", "scaled")]
+    nodes = [
+        helper.make_node("Shape", [x], [n[0]]),
+        helper.make_node("Reshape", [x, const("groups", np.array([0, g, -1]), dtype=np.int64)], [n[1]]),
+        helper.make_node(
+            "InstanceNormalization",
+            [n[1], const("ones", np.ones(g)), const("zeros", np.zeros(g))],
+            [n[2]],
+            epsilon=float(layer.eps),
+        ),  # fmt: skip
+        helper.make_node("Reshape", [n[2], n[0]], [n[3]]),
+        helper.make_node("Mul", [n[3], const("gamma", gamma.reshape(per_channel))], [n[4]]),
+        helper.make_node("Add", [n[4], const("beta", beta.reshape(per_channel))], [out]),
+    ]
+    return nodes
 
 
 def export_onnx(model, path, fold=False):

@@ -1,5 +1,5 @@
-"""PyTorch interop for sequential nets: Linear, Conv2d, BatchNorm1d/2d/3d, MaxPool2d, AvgPool2d,
-AdaptiveAvgPool2d(1), Flatten, ReLU, LeakyReLU, Sigmoid, Tanh.
+"""PyTorch interop for sequential nets: Linear, Conv2d, BatchNorm1d/2d/3d, LayerNorm, GroupNorm,
+InstanceNorm2d, Dropout, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, ReLU, LeakyReLU, Sigmoid, Tanh.
 
     model = bnnet.interop.from_torch(torch_module_or_state_dict)
     module = bnnet.interop.to_torch(model)
@@ -17,12 +17,26 @@ import numpy as np
 
 from .conv import AvgPool2d, Conv2d, Flatten, GlobalAvgPool2d, MaxPool2d
 from .conventions import decay_from_torch_momentum, torch_momentum_from_decay
+from .dropout import Dropout
 from .engine import check_chain
 from .errors import HyperparameterError
 from .layers import ACTIVATIONS, BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from .model import Sequential
+from .normalization import BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm2d, LayerNorm
 
 _TORCH_PARAM_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
+_BNNET_PARAM_NAMES = {
+    (cls, name): key
+    for cls, pairs in {
+        Linear: (("weight", "W"), ("bias", "b")),
+        Conv2d: (("weight", "W"), ("bias", "b")),
+        BatchNorm: (("weight", "gamma"), ("bias", "beta")),
+        LayerNorm: (("weight", "gamma"), ("bias", "beta")),
+        GroupNorm: (("weight", "gamma"), ("bias", "beta")),
+        InstanceNorm2d: (("weight", "gamma"), ("bias", "beta")),
+    }.items()
+    for name, key in pairs
+}
 _TORCH_ACTIVATIONS = {"ReLU": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}
 
 
@@ -105,6 +119,34 @@ def _batchnorm(num_features, weight, bias, mean, var, count, eps, momentum, dtyp
     return bn
 
 
+def _per_sample_norm(child):
+    """A LayerNorm, GroupNorm or InstanceNorm2d from torch's module (without running statistics)."""
+    import torch
+
+    dtype = next((str(t.dtype).removeprefix("torch.") for t in child.parameters()), "float32")
+    if isinstance(child, torch.nn.LayerNorm):
+        if len(child.normalized_shape) != 1 or not child.elementwise_affine or child.bias is None:
+            raise HyperparameterError(
+                f"from_torch: cannot convert {child}: bnnet's LayerNorm normalizes the last axis, with gamma and beta"
+            )
+        layer = LayerNorm(child.normalized_shape[0], eps=child.eps, dtype=dtype)
+        affine = True
+    elif isinstance(child, torch.nn.GroupNorm):
+        layer = GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine, dtype=dtype)
+        affine = child.affine
+    else:
+        if child.track_running_stats:
+            raise HyperparameterError(
+                f"from_torch: cannot convert {child}: bnnet's InstanceNorm2d keeps no running statistics"
+            )
+        layer = InstanceNorm2d(child.num_features, eps=child.eps, affine=child.affine, dtype=dtype)
+        affine = child.affine
+    if affine:
+        layer.params["gamma"][...] = _numpy(child.weight)
+        layer.params["beta"][...] = _numpy(child.bias)
+    return layer
+
+
 def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
     """A bnnet Sequential equal to a torch MLP (nn.Sequential) or to its state_dict.
 
@@ -146,6 +188,10 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
                         dtype,
                     )
                 )
+            elif isinstance(child, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.InstanceNorm2d)):
+                layers.append(_per_sample_norm(child))
+            elif isinstance(child, torch.nn.Dropout):
+                layers.append(Dropout(child.p))
             elif isinstance(child, torch.nn.LeakyReLU):
                 layers.append(LeakyReLU(child.negative_slope))
             elif name in _TORCH_ACTIVATIONS:
@@ -153,9 +199,12 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
             else:
                 raise HyperparameterError(
                     f"from_torch: cannot convert {name}; supported: Linear, Conv2d, "
-                    "BatchNorm1d/2d/3d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, "
-                    "ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential"
+                    "BatchNorm1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm2d, Dropout, MaxPool2d, AvgPool2d, "
+                    "AdaptiveAvgPool2d(1), Flatten, ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential"
                 )
+            for name_, p in child.named_parameters(recurse=False):  # requires_grad=False: frozen in bnnet
+                if not p.requires_grad:
+                    layers[-1].set_frozen(layers[-1].frozen_params | {_BNNET_PARAM_NAMES[type(layers[-1]), name_]})
         return Sequential(*layers)
     state = dict(module)
     if activation not in ACTIVATIONS:
@@ -229,6 +278,32 @@ def to_torch(model):
                 m.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.params["W"].T)))
                 if layer.bias:
                     m.bias.copy_(torch.from_numpy(layer.params["b"]))
+        elif isinstance(layer, (BatchRenorm, GhostBatchNorm)):
+            raise HyperparameterError(
+                f"to_torch: torch has no {type(layer).__name__} (layer {model.layers.index(layer)}); its train mode "
+                "would differ. Convert a copy with plain BatchNorm layers, or use bnnet.fold_batchnorm for inference"
+            )
+        elif isinstance(layer, BatchNorm) and layer.frozen:
+            raise HyperparameterError(
+                f"to_torch: layer {model.layers.index(layer)} is a BatchNorm frozen by freeze_batchnorm, which "
+                "torch's BatchNorm has no setting for; convert before freezing and call .eval() on that module"
+            )
+        elif isinstance(layer, LayerNorm):
+            m = torch.nn.LayerNorm(layer.num_features, eps=layer.eps, dtype=getattr(torch, layer.dtype))
+        elif isinstance(layer, InstanceNorm2d):
+            m = torch.nn.InstanceNorm2d(
+                layer.num_features, eps=layer.eps, affine=layer.affine, dtype=getattr(torch, layer.dtype)
+            )
+        elif isinstance(layer, GroupNorm):
+            m = torch.nn.GroupNorm(
+                layer.num_groups,
+                layer.num_features,
+                eps=layer.eps,
+                affine=layer.affine,
+                dtype=getattr(torch, layer.dtype),
+            )
+        elif isinstance(layer, Dropout):
+            m = torch.nn.Dropout(layer.p)
         elif isinstance(layer, BatchNorm):
             if layer.axis != 1:
                 raise HyperparameterError(
@@ -260,6 +335,10 @@ def to_torch(model):
             m = torch.nn.LeakyReLU(layer.negative_slope)
         else:
             m = {"ReLU": torch.nn.ReLU, "Sigmoid": torch.nn.Sigmoid, "Tanh": torch.nn.Tanh}[type(layer).__name__]()
+        if isinstance(layer, (LayerNorm, GroupNorm)) and layer.affine:
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
+                m.bias.copy_(torch.from_numpy(layer.params["beta"]))
         for key in layer.frozen_params:  # a frozen parameter: requires_grad=False in the twin
             getattr(m, _TORCH_PARAM_NAMES[key]).requires_grad_(False)
         mods.append(m)

@@ -15,11 +15,12 @@ from . import backend
 from ._checks import as_float_array, check_choice, check_int, check_samples, check_seed
 from .conv import Conv2d, Flatten, MaxPool2d
 from .device import device_of, to_device, to_host
+from .dropout import Dropout  # noqa: F401  (registers the layer for checkpoints)
 from .engine import Plan, check_chain
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .flat import FlatLayout, can_lay_out
 from .layers import ACTIVATIONS, BatchNorm, Layer, Linear
-from .normalization import NORMS, LayerNorm
+from .normalization import NORMS, GroupNorm, LayerNorm
 from .ops import check_finite
 from .ops import check_finite as _check_finite  # forward's own argument is named check_finite
 
@@ -348,7 +349,9 @@ def mlp(
         batchnorm: insert BatchNorm in every hidden layer (default True); the same as
             norm="batch" (True) or norm=None (False).
         norm: the normalization layer instead, when given: "batch" (BatchNorm), "renorm"
-            (BatchRenorm), "ghost" (GhostBatchNorm), "layer" (LayerNorm) or "none".
+            (BatchRenorm), "ghost" (GhostBatchNorm), "layer" (LayerNorm), "group" (GroupNorm; its
+            num_groups from norm_options, default the largest divisor of the width up to 32 that leaves
+            each group two features) or "none".
             The Linear before a batch-statistics norm has no bias; before LayerNorm it keeps
             it (LayerNorm subtracts each row's mean over features, which does not cancel b).
         norm_options: keyword arguments for each norm layer, e.g. {"virtual_batch_size": 16}.
@@ -368,7 +371,7 @@ def mlp(
     rng = np.random.default_rng(check_seed("mlp", seed))
     layers = []
     for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
-        bias = norm_cls is None or norm_cls is LayerNorm
+        bias = norm_cls is None or norm_cls in (LayerNorm, GroupNorm)  # (their means do not cancel b)
         layers.append(Linear(fan_in, fan_out, bias=bias, init=init, std=std, rng=rng, dtype=dtype))
         if norm_cls is not None:
             layers.append(_norm_layer("mlp", norm, norm_cls, fan_out, dtype, norm_options))
@@ -414,8 +417,8 @@ def convnet(
         kernel_size: odd int, the convolutions' kernel (default 3).
         pool: max-pool size and stride after each block (default 2; 1 for no pooling).
         activation: "relu" (default), "leaky_relu", "sigmoid" or "tanh".
-        batchnorm, norm, norm_options: as mlp; norm may be "batch", "renorm" or "none" (the
-            per-sample and virtual-batch variants take (N, D) input only).
+        batchnorm, norm, norm_options: as mlp; norm may be "batch", "renorm", "group" or "none" (the
+            layer and virtual-batch variants take (N, D) input only).
         init, seed, dtype: as mlp.
     Input: (N, C, H, W). Output: (N, classes) logits.
     """
@@ -436,18 +439,15 @@ def convnet(
     act = ACTIVATIONS[check_choice(owner, "activation", activation, tuple(ACTIVATIONS))]
     if norm is None:
         norm = "batch" if batchnorm else "none"
-    norm_cls = {"batch": BatchNorm, "renorm": NORMS["renorm"], "none": None}[
-        check_choice(owner, "norm", norm, ("batch", "renorm", "none"))
+    norm_cls = {"batch": BatchNorm, "renorm": NORMS["renorm"], "group": GroupNorm, "none": None}[
+        check_choice(owner, "norm", norm, ("batch", "renorm", "group", "none"))
     ]
+    bias = norm_cls in (None, GroupNorm)  # (a batch-statistics norm cancels b; GroupNorm's group means do not)
     rng = np.random.default_rng(check_seed(owner, seed))
     c, h, w = in_shape
     layers = []
     for out in channels:
-        layers.append(
-            Conv2d(
-                c, out, kernel_size, padding=kernel_size // 2, bias=norm_cls is None, init=init, rng=rng, dtype=dtype
-            )
-        )
+        layers.append(Conv2d(c, out, kernel_size, padding=kernel_size // 2, bias=bias, init=init, rng=rng, dtype=dtype))
         if norm_cls is not None:
             layers.append(_norm_layer(owner, norm, norm_cls, out, dtype, norm_options))
         layers.append(act())
@@ -464,7 +464,7 @@ def convnet(
     layers.append(Flatten())
     width = c * h * w
     for size in hidden:
-        layers.append(Linear(width, size, bias=norm_cls is None, init=init, rng=rng, dtype=dtype))
+        layers.append(Linear(width, size, bias=bias, init=init, rng=rng, dtype=dtype))
         if norm_cls is not None:
             layers.append(_norm_layer(owner, norm, norm_cls, size, dtype, norm_options))
         layers.append(act())
@@ -474,11 +474,19 @@ def convnet(
 
 
 def _norm_layer(owner, norm, norm_cls, features, dtype, norm_options):
-    """norm_cls(features, dtype=dtype, **norm_options); a missing or unknown option is named."""
+    """norm_cls(features, dtype=dtype, **norm_options); a missing or unknown option is named.
+    (GroupNorm: norm_cls(num_groups, features, ...), num_groups from the options or the largest
+    divisor of features up to 32 that leaves two features per group.)"""
     if norm_options is not None and not isinstance(norm_options, dict):
         raise HyperparameterError(f"{owner}: norm_options must be a dict of keyword arguments, got {norm_options!r}")
+    options = dict(norm_options or {})
     try:
-        return norm_cls(features, dtype=dtype, **(norm_options or {}))
+        if norm_cls is GroupNorm:
+            # (default: as many groups as divide the width, up to 32, keeping >= 2 features in each)
+            default = max(g for g in range(1, 33) if features % g == 0 and (features // g >= 2 or g == 1))
+            groups = options.pop("num_groups", default)
+            return GroupNorm(groups, features, dtype=dtype, **options)
+        return norm_cls(features, dtype=dtype, **options)
     except TypeError as e:
         raise HyperparameterError(
             f"{owner}: norm={norm!r} ({norm_cls.__name__}) cannot be built with norm_options={norm_options!r}: "

@@ -7,6 +7,9 @@ the fused kernels of every backend) with a different choice of what is reduced o
                     BN's forward and backward on each virtual batch's rows
     LayerNorm       Ba et al. 2016: statistics of each sample over its features: BN over the
                     (1, N, D) view of x, where every sample is a channel of D values
+    GroupNorm       Wu and He 2018: statistics of each group of a sample's channels: BN over the
+                    (1, N*G, C/G*H*W) view
+    InstanceNorm2d  Ulyanov et al. 2016: GroupNorm with one group per channel
 
 The first two keep BatchNorm's parameters, buffers and eval mode (running
 statistics) and change only train mode.
@@ -16,9 +19,10 @@ import numpy as np
 
 from . import functional as F
 from . import ops
-from ._checks import check_dtype, check_int, check_number
+from ._checks import check_bool, check_dtype, check_int, check_number, per_sample
 from .device import empty
 from .equations import IDENTITY
+from .errors import HyperparameterError, InputError
 from .layers import LAYER_TYPES, BatchNorm, Layer, constant_arrays, on_rows
 
 
@@ -236,80 +240,194 @@ class GhostBatchNorm(BatchNorm):
         return {**super().config(), "virtual_batch_size": self.virtual_batch_size}
 
 
-class LayerNorm(Layer):
+class _PerSampleNorm(Layer):
+    """Statistics of each sample (or of each group of one sample's channels) instead of each feature
+    over the batch: Batch Norm's forward and backward on a (1, R, M) view of x in which each of the R
+    rows to normalize is a "channel" of M values, with gamma = 1 and beta = 0 per row; then the
+    layer's own gamma and beta, per feature (LayerNorm, last axis) or per channel (GroupNorm, axis 1).
+    The same in train and eval mode (no running statistics); a batch of one sample is fine.
+    Subclasses set num_features, eps, affine, dtype and define _rows(x) -> R and affine_axis.
+    """
+
+    _constants = None  # per-row ones, zeros and sinks for BN's operations (see _per_row)
+    affine_axis = -1  # the axis gamma and beta run along
+
+    def _init_affine(self, affine):
+        self.affine = check_bool(type(self).__name__, "affine", affine)
+        if self.affine:
+            self.params["gamma"] = np.ones(self.num_features, self.dtype)
+            self.params["beta"] = np.zeros(self.num_features, self.dtype)
+
+    def state_spec(self):
+        if not self.affine:
+            return {}
+        return {
+            ("params", "gamma"): ((self.num_features,), self.dtype),
+            ("params", "beta"): ((self.num_features,), self.dtype),
+        }
+
+    def _view(self, a):
+        """(1, R, M): the rows to normalize as BN's channels."""
+        rows = self._rows(a)
+        return a.reshape(1, rows, a.size // rows)
+
+    def _broadcast(self, p, ndim):
+        """gamma or beta shaped to broadcast over an ndim-D x along affine_axis."""
+        shape = [1] * ndim
+        shape[self.affine_axis] = self.num_features
+        return p.reshape(shape)
+
+    def _forward(self, x, train, out=None):
+        rows = self._rows(x)
+        x_hat = empty(x, x.shape, x.dtype)  # the normalized x, for backward
+        stats = empty(x, (3, rows), np.float64)  # per row: mean, biased var, inv_std
+        ones, zeros_, sink_mean, sink_var = self._per_row(x, rows)
+        ops.bn_forward(
+            self._view(x), ones, zeros_, self.eps, IDENTITY, 0.0, True, sink_mean, sink_var, 0.0, 1.0,
+            self._view(x_hat), *stats,
+        )  # fmt: skip
+        self._cache = (x_hat, x, stats)  # (output-shaped first: Layer reads the shapes from the cache)
+        if not self.affine:
+            return x_hat.copy()  # (x_hat itself is kept for backward)
+        gamma, beta = (self._broadcast(self.params[k], x.ndim) for k in ("gamma", "beta"))
+        return (gamma * x_hat + beta).astype(x.dtype, copy=False)
+
+    def _backward(self, dy, input_grad, dx_out=None):
+        x_hat, x, stats = self._cached()
+        g = dy
+        if self.affine:
+            axes = tuple(a for a in range(dy.ndim) if a != self.affine_axis % dy.ndim)
+            self._grad("beta")[...] = dy.sum(axis=axes)
+            self._grad("gamma")[...] = (dy * x_hat).sum(axis=axes)
+            g = (dy * self._broadcast(self.params["gamma"], dy.ndim)).astype(x_hat.dtype, copy=False)  # dL/dx_hat
+        g = np.ascontiguousarray(g, dtype=x_hat.dtype)
+        dx = empty(x_hat, x_hat.shape, x_hat.dtype)
+        ones, _, sink_dgamma, sink_dbeta = self._per_row(x_hat, self._rows(x_hat))
+        ops.bn_backward(
+            self._view(g), self._view(x_hat), self._view(x), stats[0], stats[2], ones,
+            IDENTITY, 0.0, True, self._view(dx), sink_dgamma, sink_dbeta,
+        )  # fmt: skip
+        return dx
+
+    def _per_row(self, like, rows):
+        """Per-row arrays for BN's operations on the (1, R, M) view: ones (its gamma), zeros (its beta)
+        and two arrays it writes into that nothing reads (running statistics, or dgamma and dbeta)."""
+        self._constants = constant_arrays(self._constants, like, (rows,), like.dtype, (1, 0, None, None), read_only=2)
+        return self._constants
+
+
+class LayerNorm(_PerSampleNorm):
     """Layer normalization (Ba et al. 2016): each sample normalized over its D features.
 
         mu_i = mean_j x_ij,   var_i = mean_j (x_ij - mu_i)^2    (biased, per row)
         y_ij = gamma_j * (x_ij - mu_i) / sqrt(var_i + eps) + beta_j
 
-    The same in train and eval mode (no running statistics), and fine with a
-    batch of one row. The statistics are BatchNorm's equations on x.T (the
-    batch axis and the feature axis swap roles), so the closed-form backward
-    is shared too. Matches torch.nn.LayerNorm(D, eps).
+    The same in train and eval mode (no running statistics), and fine with a batch of one row.
+    BN over the (1, N, D) view of x (see _PerSampleNorm). Matches torch.nn.LayerNorm(D, eps).
 
     Args: num_features D; eps (default 1e-5, as PyTorch); dtype "float32" (default) or "float64".
     Params: gamma (D,) ones, beta (D,) zeros. Needs D >= 2.
     """
-
-    _constants = None  # per-sample ones, zeros and sinks for BN's operations (see _per_sample)
 
     def __init__(self, num_features, eps=1e-5, dtype="float32"):
         super().__init__()
         self.num_features = check_int("LayerNorm", "num_features", num_features, low=2)
         self.eps = check_number("LayerNorm", "eps", eps, low=0, low_open=True)
         self.dtype = check_dtype("LayerNorm", dtype)
-        self.params["gamma"] = np.ones(num_features, self.dtype)
-        self.params["beta"] = np.zeros(num_features, self.dtype)
+        self._init_affine(True)
 
     def in_shape(self):
         return (self.num_features,)
 
-    def state_spec(self):
-        return {
-            ("params", "gamma"): ((self.num_features,), self.dtype),
-            ("params", "beta"): ((self.num_features,), self.dtype),
-        }
-
-    def _forward(self, x, train, out=None):
-        # BN's forward over the (1, N, D) view of x: each sample is a channel whose D values are
-        # normalized together, with gamma = 1, beta = 0 per sample; then LayerNorm's own gamma and
-        # beta per feature. (Batch statistics in train and eval mode alike: no running update.)
-        n = x.shape[0]
-        x3 = x.reshape(1, n, self.num_features)
-        x_hat = empty(x, x.shape, x.dtype)  # (N, D)
-        stats = empty(x, (3, n), np.float64)  # per sample: mean, biased var, inv_std
-        ones, zeros_, sink_mean, sink_var = self._per_sample(x, n)
-        ops.bn_forward(
-            x3, ones, zeros_, self.eps, IDENTITY, 0.0, True, sink_mean, sink_var, 0.0, 1.0,
-            x_hat.reshape(1, n, self.num_features), *stats,
-        )  # fmt: skip
-        self._cache = (x_hat, x, stats)  # (output-shaped first: Layer reads the shapes from the cache)
-        return (self.params["gamma"] * x_hat + self.params["beta"]).astype(x.dtype, copy=False)
-
-    def _backward(self, dy, input_grad, dx_out=None):
-        x_hat, x, stats = self._cached()
-        n = x_hat.shape[0]
-        x3 = x.reshape(1, n, self.num_features)
-        self._grad("beta")[...] = dy.sum(axis=0)
-        self._grad("gamma")[...] = (dy * x_hat).sum(axis=0)
-        g = (dy * self.params["gamma"]).astype(x_hat.dtype, copy=False)  # dL/dx_hat (N, D)
-        dx = empty(x_hat, x_hat.shape, x_hat.dtype)
-        ones, _, sink_dgamma, sink_dbeta = self._per_sample(x_hat, n)
-        ops.bn_backward(
-            g.reshape(1, n, self.num_features), x_hat.reshape(1, n, self.num_features), x3, stats[0], stats[2], ones,
-            IDENTITY, 0.0, True, dx.reshape(1, n, self.num_features), sink_dgamma, sink_dbeta,
-        )  # fmt: skip
-        return dx
-
-    def _per_sample(self, like, n):
-        """Per-sample arrays for BN's operations on the (1, N, D) view: ones (its gamma), zeros (its beta)
-        and two arrays it writes into that nothing reads (running statistics, or dgamma and dbeta)."""
-        self._constants = constant_arrays(self._constants, like, (n,), like.dtype, (1, 0, None, None), read_only=2)
-        return self._constants
+    def _rows(self, x):
+        return x.shape[0]
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "dtype": self.dtype}
 
 
-NORMS = {"batch": BatchNorm, "renorm": BatchRenorm, "ghost": GhostBatchNorm, "layer": LayerNorm}
-LAYER_TYPES.update({cls.__name__: cls for cls in (BatchRenorm, GhostBatchNorm, LayerNorm)})
+class GroupNorm(_PerSampleNorm):
+    """Group normalization (Wu and He 2018): the C channels of each sample split into G groups of C/G,
+    each group normalized over its channels and positions; then gamma and beta per channel.
+
+        x: (N, C, *S) -> (N, G, C/G * prod(S));  mu, var per (sample, group)   (biased variance)
+        y = gamma_c * (x - mu) / sqrt(var + eps) + beta_c
+
+    The same in train and eval mode, independent of the batch size: the usual choice when
+    batches are too small for Batch Norm. G = 1 is LayerNorm over (C, *S); G = C is InstanceNorm.
+    BN over the (1, N*G, C/G * prod(S)) view of x (see _PerSampleNorm). Matches
+    torch.nn.GroupNorm(num_groups, num_channels, eps, affine).
+
+    Args: num_groups G (divides num_channels); num_channels C; eps (default 1e-5); affine (default
+        True: gamma and beta); dtype "float32" (default) or "float64".
+    Params: gamma (C,) ones, beta (C,) zeros (when affine). Each group needs >= 2 values.
+    """
+
+    affine_axis = 1
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype="float32"):
+        super().__init__()
+        owner = type(self).__name__
+        self.num_groups = check_int(owner, "num_groups", num_groups, low=1)
+        self.num_features = check_int(owner, "num_channels", num_channels, low=1)
+        if self.num_features % self.num_groups:
+            raise HyperparameterError(f"{owner}: num_groups={num_groups} must divide num_channels={num_channels}")
+        self.eps = check_number(owner, "eps", eps, low=0, low_open=True)
+        self.dtype = check_dtype(owner, dtype)
+        self._init_affine(affine)
+
+    @property
+    def num_channels(self):
+        return self.num_features
+
+    def in_shape(self):
+        return None  # (C,) or (C, *S): checked in out_shape
+
+    def out_shape(self, shape):
+        if len(shape) < 1 or shape[0] not in (None, self.num_features):
+            raise InputError(f"{self.name}: x must be (N, {self.num_features}, ...), got {per_sample(shape)}")
+        if all(d is not None for d in shape) and int(np.prod(shape)) // self.num_groups < 2:
+            raise InputError(
+                f"{self.name}: each of the {self.num_groups} groups needs at least 2 values to normalize, "
+                f"got input {per_sample(shape)}"
+            )
+        return shape
+
+    def _rows(self, x):
+        return x.shape[0] * self.num_groups
+
+    def config(self):
+        return {
+            "num_groups": self.num_groups,
+            "num_channels": self.num_features,
+            "eps": self.eps,
+            "affine": self.affine,
+            "dtype": self.dtype,
+        }
+
+
+class InstanceNorm2d(GroupNorm):
+    """Instance normalization (Ulyanov et al. 2016): each channel of each image normalized over its
+    H x W positions: GroupNorm with one group per channel. Matches torch.nn.InstanceNorm2d(C, eps,
+    affine) (its default track_running_stats=False: the same in train and eval mode).
+
+    Args: num_features C; eps (default 1e-5); affine (default False, as PyTorch); dtype.
+    x: (N, C, H, W) with H * W >= 2.
+    """
+
+    def __init__(self, num_features, eps=1e-5, affine=False, dtype="float32"):
+        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype)
+
+    def in_shape(self):
+        return (self.num_features, None, None)
+
+    def out_shape(self, shape):
+        self._require(shape, self.in_shape())
+        return super().out_shape(shape)
+
+    def config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "affine": self.affine, "dtype": self.dtype}
+
+
+NORMS = {"batch": BatchNorm, "renorm": BatchRenorm, "ghost": GhostBatchNorm, "layer": LayerNorm, "group": GroupNorm}
+LAYER_TYPES.update({cls.__name__: cls for cls in (BatchRenorm, GhostBatchNorm, LayerNorm, GroupNorm, InstanceNorm2d)})

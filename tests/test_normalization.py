@@ -301,4 +301,4 @@ def test_variants_are_not_fused_and_agree_across_backends():
 
 def test_mlp_unknown_norm_is_a_clear_error():
     with pytest.raises(bnnet.HyperparameterError, match="norm must be one of"):
-        bnnet.mlp([3, 2, 2], norm="group")
+        bnnet.mlp([3, 2, 2], norm="instance")
