@@ -7,6 +7,7 @@
     bnnet export runs/<run> --onnx model.onnx [--fold]
     bnnet recompute-stats runs/<run> [--mode batch|exact]
     bnnet fold runs/<run> folded.safetensors
+    bnnet summary runs/<run>         # layers, output shapes, parameter counts
     mpiexec -n 4 bnnet train --distributed   # data-parallel over 4 MPI ranks, BatchNorm synchronized
 
 One training step, top to bottom: cmd_train -> bnnet.fit (train.py: Step) ->
@@ -29,10 +30,12 @@ import traceback
 import numpy as np
 
 from . import __version__, backend, datasets, distributed, experiments, optim, threads
+from .callbacks import EarlyStopping
 from .errors import BnnetError
 from .io import load, load_checkpoint, save
 from .losses import get_loss
 from .model import convnet, has_batchnorm, mlp
+from .tables import Standardizer, read_csv
 from .train import evaluate, fit
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -83,6 +86,8 @@ _count = _int_at_least(2)
 _seed = _option(int, lambda n: 0 <= n < 2**63, "must be an integer in [0, 2**63)")
 _positive_float = _option(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
 _fraction = _option(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]")
+_open_fraction = _option(float, lambda v: 0 < v < 1, "expected a number in (0, 1)")
+_non_negative = _int_at_least(0)
 
 
 def _sizes(text):
@@ -143,6 +148,13 @@ TRAIN_SETTINGS = (
     "clip_grad_norm",
     "local_bn",
     "checkpoint_every",
+    "target",
+    "task",
+    "in_shape",
+    "validation_split",
+    "early_stopping",
+    "monitor",
+    "class_weight",
 )
 # What --hidden and --activation mean when not given, per --model.
 MODEL_DEFAULTS = {
@@ -229,8 +241,18 @@ def cmd_train(args):
 def _train(args, comm):
     root = distributed.is_root(comm)  # only rank 0 prints and writes files
     resume = getattr(args, "resume_path", None)
-    X, y, Xt, yt = datasets.load(args.data)
-    model, X, Xt, described = _build_model(args, X, Xt, int(max(y.max(), yt.max())) + 1)
+    X, y, Xt, yt, info = load_data(args.data, args.target, args.task, args.seed)
+    outputs = 1 if args.task == "regression" else len(info.get("classes") or []) or int(max(y.max(), yt.max())) + 1
+    model, X, Xt, described = _build_model(args, X, Xt, outputs)
+    loss = "mse" if args.task == "regression" else "softmax_cross_entropy"
+    callbacks = []
+    if args.early_stopping is not None:
+        if args.validation_split is None:
+            args.validation_split = 0.1  # (early stopping watches held-out training rows, never the test set)
+        callbacks.append(EarlyStopping(args.monitor, patience=args.early_stopping, restore_best_weights=True))
+    validation = {"validation_split": args.validation_split, "validation_name": "val"}
+    if args.validation_split is None:
+        validation = {"validation_data": (Xt, yt), "validation_name": "test"}
     if comm is not None and not args.local_bn:
         model = distributed.sync_batchnorm(model, comm)
     lr = args.lr if args.lr is not None else _train_lr(args.optimizer)
@@ -249,7 +271,7 @@ def _train(args, comm):
             f"bnnet: {'resuming' if resume else 'training'} {described}"
             f"{'' if args.no_batchnorm else ' + BatchNorm'}; {_describe_optimizer(args.optimizer, lr, args.lr_decay)}, "
             f"batch {args.batch_size}, {_epochs(args.epochs)}; {args.data} "
-            f"({len(X)} train / {len(Xt)} test rows){where}",
+            f"({len(X)} train / {len(Xt)} test rows{_held_out(args)}){where}",
             file=sys.stderr,
         )
     start = time.perf_counter()
@@ -262,26 +284,33 @@ def _train(args, comm):
             X,
             y,
             optimizer=opt,
-            loss="softmax_cross_entropy",
+            loss=loss,
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
-            validation_data=(Xt, yt),
             progress=not args.quiet,
             clip_grad_norm=args.clip_grad_norm,
             checkpoint=os.path.join(out, CHECKPOINT_NAME),
             checkpoint_every=args.checkpoint_every,
             resume=resume,
-            checkpoint_metadata={"cli": settings, "data": args.data, "input_range": [float(X.min()), float(X.max())]},
+            checkpoint_metadata={
+                "cli": settings,
+                "data": args.data,
+                "input_range": [float(X.min()), float(X.max())],
+                "input_shape": list(X.shape[1:]),
+                **info,
+            },
             comm=comm,
-            validation_name="test",
             log_dir=args.log_dir,
             device=args.device if args.device == "cuda" else None,
+            callbacks=callbacks,
+            class_weight=args.class_weight,
+            **validation,
         )
     seconds = time.perf_counter() - start - kernels.seconds  # training, without compiling the kernels
     if not root:
         return
-    test = evaluate(model, Xt, yt, "softmax_cross_entropy")
+    test = evaluate(model, Xt, yt, loss)
     _write_history(out, history)
     summary = {
         "test_loss": test["loss"],
@@ -292,10 +321,15 @@ def _train(args, comm):
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(
-        f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {_epochs(args.epochs)} "
-        f"in {seconds:.1f} s of training{kernels.describe()}; run saved to {out}"
+    result = (
+        f"test MSE {test['loss']:.4g}"
+        if test["accuracy"] is None
+        else (f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f})")
     )
+    trained = _epochs(len(history["epoch"]))
+    if callbacks and callbacks[0].stopped_epoch:
+        trained += f" (early stopping; weights of epoch {callbacks[0].best_epoch})"
+    print(f"{result} after {trained} in {seconds:.1f} s of training{kernels.describe()}; run saved to {out}")
 
 
 class _KernelClock:
@@ -330,6 +364,29 @@ class _KernelClock:
         return f" (+ {self.seconds:.1f} s compiling kernels; later runs load them from numba's cache)"
 
 
+def load_data(spec, target=None, task="classification", seed=0):
+    """(X, y, X_test, y_test, info) for --data: bnnet.datasets' image data, or a CSV table (--target;
+    80/20 split seeded by --seed, features standardized with the training rows' mean and std).
+    info is what the checkpoint keeps for predict: task, and for a table its features, target,
+    classes and standardization."""
+    if not spec.endswith(".csv"):
+        if target is not None or task != "classification":
+            raise BnnetError("--target and --task regression apply to a CSV table (--data FILE.csv)")
+        return (*datasets.load(spec), {"task": task})
+    if target is None:
+        raise BnnetError(f"--data {spec} is a table: say which column to predict with --target COLUMN")
+    table = read_csv(spec, target)
+    X, y, Xt, yt, classes = table.split(task, test_fraction=0.2, seed=seed)
+    scaler = Standardizer.fit(X)
+    info = {"task": task, "target": target, "features": table.features, "classes": classes}
+    info["standardize"] = scaler.as_dict()
+    return scaler(X), y, scaler(Xt), yt, info
+
+
+def _held_out(args):
+    return "" if args.validation_split is None else f", {args.validation_split:g} of train held out for validation"
+
+
 def _epochs(n):
     return f"{n} epoch{'' if n == 1 else 's'}"
 
@@ -353,20 +410,18 @@ def _build_model(args, X, Xt, classes):
     init = args.init or ("he" if activation in ("relu", "leaky_relu") else "xavier")
     norm = "none" if args.no_batchnorm else "batch"
     if args.model == "mlp":
-        if args.channels is not None:
-            raise BnnetError("--channels applies to --model cnn only")
+        for option, value in (("--channels", args.channels), ("--in-shape", args.in_shape)):
+            if value is not None:
+                raise BnnetError(f"{option} applies to --model cnn only")
+        X, Xt = X.reshape(len(X), -1), Xt.reshape(len(Xt), -1)  # (images become rows of pixels)
         sizes = [X.shape[1], *hidden, classes]
         model = mlp(sizes, activation=activation, norm=norm, init=init, seed=args.seed, dtype=args.dtype)
         return model, X, Xt, f"{'-'.join(map(str, sizes))} {activation}"
-    side = math.isqrt(X.shape[1])
-    if side * side != X.shape[1]:
-        raise BnnetError(
-            f"--model cnn takes square single-channel images (side x side features), but {args.data} "
-            f"has {X.shape[1]} features per row"
-        )
+    in_shape = _image_shape(args, X)
+    X, Xt = X.reshape(len(X), *in_shape), Xt.reshape(len(Xt), *in_shape)
     channels = args.channels = [32, 64] if args.channels is None else args.channels
     model = convnet(
-        (1, side, side),
+        in_shape,
         channels=channels,
         hidden=hidden,
         classes=classes,
@@ -378,22 +433,49 @@ def _build_model(args, X, Xt, classes):
     )
     return (
         model,
-        as_model_input(model, X),
-        as_model_input(model, Xt),
-        f"convnet 1x{side}x{side} conv {'-'.join(map(str, channels))} fc {'-'.join(map(str, [*hidden, classes]))} "
-        f"{activation}",
+        X,
+        Xt,
+        f"convnet {'x'.join(map(str, in_shape))} conv {'-'.join(map(str, channels))} "
+        f"fc {'-'.join(map(str, [*hidden, classes]))} {activation}",
     )
 
 
-def as_model_input(model, X):
-    """Rows of features as a model for images takes them: (N, C*side*side) -> (N, C, side, side).
+def _image_shape(args, X):
+    """(C, H, W) of --model cnn's images: X's own (N, C, H, W) shape, --in-shape for flat rows, or
+    square single-channel images (MNIST's 784 = 28 x 28 pixels)."""
+    if args.in_shape is not None:
+        if len(args.in_shape) != 3 or math.prod(args.in_shape) != math.prod(X.shape[1:]):
+            raise BnnetError(
+                f"--in-shape must be C,H,W with C*H*W = {math.prod(X.shape[1:])} (the features per sample of "
+                f"{args.data}), got {','.join(map(str, args.in_shape))}"
+            )
+        return tuple(args.in_shape)
+    if X.ndim == 4:
+        return X.shape[1:]
+    side = math.isqrt(X.shape[1]) if X.ndim == 2 else 0
+    if side * side != math.prod(X.shape[1:]) or X.ndim != 2:
+        raise BnnetError(
+            f"--model cnn takes images: {args.data} has samples of shape {X.shape[1:]}; give --in-shape C,H,W, "
+            "or store X as (N, C, H, W)"
+        )
+    return (1, side, side)
 
-    The data files hold one flat row per image (as MNIST's loaders give them); anything
-    else is returned as is, for the model's own shape check to judge.
+
+def as_model_input(model, X, metadata=None):
+    """Inputs as the model takes them: images flattened to rows for an MLP; rows of features reshaped
+    to images (N, C, H, W) for a convnet, to the checkpoint's input_shape (metadata) when it has one,
+    else to square images.
+
+    Anything else is returned as is, for the model's own shape check to judge.
     """
-    shape = model.input_shape
-    if shape is None or len(shape) != 3 or X.ndim != 2:
+    shape = (metadata or {}).get("input_shape")
+    if model.input_shape is not None and len(model.input_shape) == 1 and X.ndim > 2:
+        return X.reshape(len(X), -1)
+    if model.input_shape is None or len(model.input_shape) != 3 or X.ndim != 2:
         return X
+    if isinstance(shape, list) and len(shape) == 3 and math.prod(shape) == X.shape[1]:
+        return X.reshape(len(X), *shape)
+    shape = model.input_shape
     side = math.isqrt(X.shape[1] // shape[0])
     if shape[0] * side * side != X.shape[1]:
         raise BnnetError(
@@ -403,12 +485,22 @@ def as_model_input(model, X):
     return X.reshape(len(X), shape[0], side, side)
 
 
+def _saved_data(ckpt, data):
+    """(X, y, X_test, y_test) as the run that wrote `ckpt` loaded them (the same table split and
+    standardization), from `data` (default: the run's own --data)."""
+    cli = ckpt.metadata.get("cli") if isinstance(ckpt.metadata.get("cli"), dict) else {}
+    task = ckpt.metadata.get("task", "classification")
+    seed = cli.get("seed", 0) if isinstance(cli.get("seed", 0), int) else 0
+    X, y, Xt, yt, _ = load_data(data or ckpt.metadata.get("data", "mnist5k"), ckpt.metadata.get("target"), task, seed)
+    return X, y, Xt, yt
+
+
 def cmd_evaluate(args):
     ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
     loss = ckpt.metadata.get("loss", "softmax_cross_entropy")
-    X, y, Xt, yt = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
+    X, y, Xt, yt = _saved_data(ckpt, args.data)
     Xs, ys = (X, y) if args.split == "train" else (Xt, yt)
-    Xs = as_model_input(ckpt.model, Xs)
+    Xs = as_model_input(ckpt.model, Xs, ckpt.metadata)
     result = evaluate(ckpt.model, Xs, ys, loss)
     acc = "" if result["accuracy"] is None else f"accuracy {result['accuracy']:.4f} "
     print(f"{args.split}: {acc}loss {result['loss']:.4f} ({len(Xs)} rows)")
@@ -417,21 +509,34 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     path = _checkpoint_path(args.checkpoint)
     model = load(path)
-    X = datasets.load_npy(args.input)
-    if X.ndim == 1:
-        X = X[None, :]
-    _warn_outside_training_range(model.metadata.get("input_range"), X)
-    outputs = model.predict(as_model_input(model, X))
-    result = (
-        outputs
-        if args.outputs
-        else get_loss(model.metadata.get("loss", "softmax_cross_entropy")).predict_labels(outputs)
-    )
+    meta = model.metadata
+    if args.input.endswith(".csv"):
+        features = meta.get("features")
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise BnnetError(f"{path}: was not trained on a table (no feature names), so it cannot read {args.input}")
+        X = read_csv(args.input, features=features).X  # (the target column, if present, is left out)
+    else:
+        X = datasets.load_npy(args.input)
+        if X.ndim == 1:
+            X = X[None, :]
+    if meta.get("standardize") is not None:  # a table's features, scaled as in training
+        X = Standardizer.from_dict(meta["standardize"], path)(X.reshape(len(X), -1).astype(np.float64))
+    else:
+        _warn_outside_training_range(meta.get("input_range"), X)
+    outputs = model.predict(as_model_input(model, X, meta))
+    regression = meta.get("task") == "regression" or meta.get("loss") == "mse"
+    if args.outputs or regression:
+        result, fmt = outputs, "%.6g"
+    else:
+        result, fmt = get_loss(meta.get("loss", "softmax_cross_entropy")).predict_labels(outputs), "%d"
+        classes = meta.get("classes")
+        if isinstance(classes, list) and len(classes) == outputs.shape[1]:  # the table's own class values
+            result, fmt = np.array(classes)[result], "%s"
     if args.out:
         np.save(args.out, result, allow_pickle=False)
-        print(f"wrote {result.shape} {'outputs' if args.outputs else 'labels'} to {args.out}")
+        print(f"wrote {result.shape} {'outputs' if args.outputs else 'predictions'} to {args.out}")
     else:
-        np.savetxt(sys.stdout, result if result.ndim > 1 else result[:, None], fmt="%.6g" if args.outputs else "%d")
+        np.savetxt(sys.stdout, result if result.ndim > 1 else result[:, None], fmt=fmt)
 
 
 def _warn_outside_training_range(trained, X):
@@ -476,7 +581,7 @@ def cmd_recompute_stats(args):
 
     path = _checkpoint_path(args.checkpoint)
     ckpt = load_checkpoint(path)
-    X, _, _, _ = datasets.load(args.data or ckpt.metadata.get("data", "mnist5k"))
+    X, _, _, _ = _saved_data(ckpt, args.data)
     if args.in_place and args.out:
         raise BnnetError("give --out FILE or --in-place, not both")
     if not has_batchnorm(ckpt.model):
@@ -484,7 +589,9 @@ def cmd_recompute_stats(args):
             f"{path}: the model has no BatchNorm layers (folded or trained without), so it has no "
             "statistics to recompute"
         )
-    recompute_bn_stats(ckpt.model, as_model_input(ckpt.model, X), batch_size=args.batch_size, mode=args.mode)
+    recompute_bn_stats(
+        ckpt.model, as_model_input(ckpt.model, X, ckpt.metadata), batch_size=args.batch_size, mode=args.mode
+    )
     out = path if args.in_place else args.out or _beside(path, "recomputed")
     save(out, ckpt.model, **ckpt.metadata)  # the optimizer state is dropped: these statistics are for inference
     print(f"recomputed BatchNorm statistics ({args.mode} mode, {len(X)} rows); wrote {out}")
@@ -521,6 +628,13 @@ def cmd_experiment(args):
     print(f"\nwrote {out}/: {args.name}.csv, {args.name}.png, summary.md, summary.json")
 
 
+def cmd_summary(args):
+    ckpt = load_checkpoint(_checkpoint_path(args.checkpoint))
+    shape = ckpt.metadata.get("input_shape")
+    valid = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    print(ckpt.model.summary(tuple(shape) if valid else None))
+
+
 def cmd_report(args):
     print(f"wrote {experiments.report(args.runs, args.out)}")
 
@@ -548,6 +662,9 @@ EXAMPLES = {
         "bnnet train",
         "bnnet train --model cnn --epochs 5 --out runs/cnn",
         "bnnet train --activation relu --optimizer sgd --lr 0.5 --checkpoint-every 100",
+        "bnnet train --data table.csv --target label --hidden 64,64 --activation relu --early-stopping 5",
+        "bnnet train --data prices.csv --target price --task regression --activation relu",
+        "bnnet train --model cnn --data cifar10.npz --epochs 10 --class-weight balanced",
     ],
     "evaluate": ["bnnet evaluate runs/cnn", "bnnet evaluate runs/cnn/model.safetensors --split train"],
     "predict": ["bnnet predict runs/cnn images.npy", "bnnet predict runs/cnn images.npy --outputs --out logits.npy"],
@@ -556,6 +673,7 @@ EXAMPLES = {
     "fold": ["bnnet fold runs/cnn folded.safetensors", "bnnet evaluate folded.safetensors"],
     "experiment": ["bnnet experiment fig1", "bnnet experiment cnn --quick --out runs/cnn-quick"],
     "report": ["bnnet report runs/fig1/* --out report.md", "bnnet report runs/cnn"],
+    "summary": ["bnnet summary runs/cnn"],
 }
 
 
@@ -619,6 +737,44 @@ def build_parser():
     t.add_argument("--batch-size", type=_positive, default=60, help="rows per mini-batch (default 60, as in the paper)")
     t.add_argument("--seed", type=_seed, default=0, help="seeds the weights and the shuffling")
     t.add_argument("--data", default="mnist5k", help="'mnist5k' (bundled), a folder of MNIST IDX files, or an .npz")
+    t.add_argument("--target", default=None, metavar="COLUMN", help="with --data FILE.csv: the column to predict")
+    t.add_argument(
+        "--task",
+        choices=["classification", "regression"],
+        default="classification",
+        help="with a CSV table: classes (softmax cross-entropy) or numbers (MSE, one output)",
+    )
+    t.add_argument(
+        "--in-shape",
+        type=_sizes,
+        default=None,
+        metavar="C,H,W",
+        help="cnn: the image shape of flat rows (default: X's own (N, C, H, W) shape, or square 1-channel images)",
+    )
+    t.add_argument(
+        "--validation-split",
+        type=_open_fraction,
+        default=None,
+        metavar="F",
+        help="hold out this fraction of the training rows for validation (default: report the test split)",
+    )
+    t.add_argument(
+        "--early-stopping",
+        type=_non_negative,
+        default=None,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without improvement of --monitor and keep the best epoch's weights "
+        "(validates on --validation-split, default 0.1)",
+    )
+    t.add_argument(
+        "--monitor", choices=["val_loss", "val_accuracy"], default="val_loss", help="what --early-stopping watches"
+    )
+    t.add_argument(
+        "--class-weight",
+        choices=["balanced"],
+        default=None,
+        help="balanced: weigh each class's rows by n_rows / (n_classes * rows of the class), for imbalanced data",
+    )
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     t.add_argument(
         "--device",
@@ -735,6 +891,10 @@ def build_parser():
     )
     ex.set_defaults(func=cmd_experiment)
 
+    sm = _command(sub, "summary", "each layer's output shape and parameter counts of a saved model")
+    sm.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    sm.set_defaults(func=cmd_summary)
+
     rp = _command(sub, "report", "one markdown page from experiment folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", default="report.md", help="the page to write (default report.md)")
@@ -764,6 +924,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"bnnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout stopped early (`bnnet predict ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
         if args.debug:
             traceback.print_exc()

@@ -182,7 +182,8 @@ MAX_CLASSES = 1 << 16
 
 def check_split(X, y, Xt, yt, source):
     """Validate a loaded dataset: X (N, ...) real and finite, y (N,) integer labels in [0, MAX_CLASSES),
-    the test split like the training one. Returns (X float32 (N, features), y int64, Xt, yt)."""
+    the test split like the training one. Returns (X float32 (N, ...) in its own shape (rows, or images
+    (N, C, H, W)), y int64, Xt, yt)."""
     out = []
     for split, (A, labels) in (("train", (X, y)), ("test", (Xt, yt))):
         if A.ndim < 2:
@@ -193,9 +194,9 @@ def check_split(X, y, Xt, yt, source):
             raise DatasetError(f"{source}: X_{split} must hold real numbers, got dtype {A.dtype}")
         if A.size == 0:
             raise DatasetError(f"{source}: X_{split} is empty (shape {A.shape})")
-        A = A.reshape(len(A), -1)
-        if out and A.shape[1] != out[0].shape[1]:
-            raise DatasetError(f"{source}: X_test has {A.shape[1]} features, X_train {out[0].shape[1]}")
+        if out and A.shape[1:] != out[0].shape[1:]:
+            what = lambda shape: f"{shape[0]} features" if len(shape) == 1 else f"samples of shape {shape}"
+            raise DatasetError(f"{source}: X_test has {what(A.shape[1:])}, X_train {what(out[0].shape[1:])}")
         if labels.ndim != 1 or len(labels) != len(A):
             raise DatasetError(
                 f"{source}: y_{split} must be 1-D with one label per row of X_{split} "
@@ -213,7 +214,7 @@ def check_split(X, y, Xt, yt, source):
             )
         A = A.astype(np.float32, copy=False)
         if not np.isfinite(A).all():
-            row = int(np.flatnonzero(~np.isfinite(A).all(axis=1))[0])
+            row = int(np.flatnonzero(~np.isfinite(A.reshape(len(A), -1)).all(axis=1))[0])
             raise DatasetError(f"{source}: X_{split} holds NaN or Inf (first in row {row}) or values beyond float32")
         out += [A, labels.astype(np.int64)]
     return tuple(out)

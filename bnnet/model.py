@@ -223,6 +223,14 @@ class Sequential:
             if k not in layer.frozen_params
         ]
 
+    def summary(self, input_shape=None):
+        """A table (bnnet.summary.ModelSummary: print it) of each layer's output shape for per-sample
+        `input_shape` (default: what the first layers imply), its parameter and buffer counts, what
+        is frozen, and the total memory of parameters and buffers."""
+        from .summary import summarize
+
+        return summarize(self, input_shape)
+
     @property
     def frozen_params(self):
         """The dotted names of the frozen parameters, in model order."""

@@ -151,7 +151,7 @@ def files(tmp_path_factory):
     edited("userlist", setitem("user", value=[1, 2]))
     edited("hugelayer", setitem("architecture", 0, "in_features", value=20000))
     edited("hugelayer7", setitem("architecture", 0, "out_features", value=10**7))
-    edited("unknownlayer", setitem("architecture", 1, "type", value="Dropout"))
+    edited("unknownlayer", setitem("architecture", 1, "type", value="Attention"))
     edited("badeps", setitem("architecture", 1, "eps", value=-1))
     edited("badbias", setitem("architecture", 0, "bias", value="yes"))
     edited("optstep", setitem("optimizer", "t", value="abc"))
