@@ -180,6 +180,10 @@ def load_npz(path):
 MAX_CLASSES = 1 << 16
 
 
+def _samples(shape):
+    return f"{shape[0]} features" if len(shape) == 1 else f"samples of shape {shape}"
+
+
 def check_split(X, y, Xt, yt, source):
     """Validate a loaded dataset: X (N, ...) real and finite, y (N,) integer labels in [0, MAX_CLASSES),
     the test split like the training one. Returns (X float32 (N, ...) in its own shape (rows, or images

@@ -41,7 +41,8 @@ def tables(tmp_path_factory):
 def test_csv_classification_end_to_end(tables):
     out = tables["dir"] / "c"
     res = run("train", "--data", tables["class"], "--target", "kind", "--hidden", "16", "--activation", "relu",
-              "--epochs", "40", "--early-stopping", "3", "--class-weight", "balanced", "--out", str(out), "--quiet")  # fmt: skip
+              "--epochs", "40", "--early-stopping", "3", "--class-weight", "balanced",
+              "--out", str(out), "--quiet")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "test accuracy" in res.stdout
     meta = bnnet.load(str(out / "model.safetensors")).metadata
