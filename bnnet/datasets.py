@@ -199,8 +199,7 @@ def check_split(X, y, Xt, yt, source):
         if A.size == 0:
             raise DatasetError(f"{source}: X_{split} is empty (shape {A.shape})")
         if out and A.shape[1:] != out[0].shape[1:]:
-            what = lambda shape: f"{shape[0]} features" if len(shape) == 1 else f"samples of shape {shape}"
-            raise DatasetError(f"{source}: X_test has {what(A.shape[1:])}, X_train {what(out[0].shape[1:])}")
+            raise DatasetError(f"{source}: X_test has {_samples(A.shape[1:])}, X_train {_samples(out[0].shape[1:])}")
         if labels.ndim != 1 or len(labels) != len(A):
             raise DatasetError(
                 f"{source}: y_{split} must be 1-D with one label per row of X_{split} "
