@@ -1,4 +1,8 @@
-"""Figures of bnnet.experiments (matplotlib, Agg backend: files only, no screen).
+"""Figures: a training history (plot_history, for notebooks) and those of bnnet.experiments (files).
+
+The experiments' figures are matplotlib Figure objects saved straight to files, without pyplot, so
+importing this module changes no global matplotlib setting (a notebook keeps its inline backend).
+plot_history draws with pyplot when it is given no axes, so that it shows inline in Jupyter.
 
 matplotlib is an extra (in bnnet's checkout: pip install ".[plot]"); importing this module
 without it raises a BnnetError that says so.
@@ -6,19 +10,52 @@ without it raises a BnnetError that says so.
 
 import numpy as np
 
-from .errors import BnnetError
+from .errors import BnnetError, HyperparameterError
 
 try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 except ImportError:
     raise BnnetError(
-        "bnnet experiment draws its figures with matplotlib, which is not installed: "
-        'in bnnet\'s checkout, pip install ".[plot]"'
+        "bnnet's figures need matplotlib, which is not installed: in bnnet's checkout, pip install \".[plot]\""
     ) from None
+
+
+def plot_history(history, ax=None):
+    """Draw fit's history: the loss (and validation loss) per epoch on the left axis, the accuracies on
+    the right one (classification). Returns the Figure; in Jupyter it shows inline.
+
+    history: what bnnet.fit returns. ax: a matplotlib Axes to draw into (default: a new pyplot figure).
+    """
+    if not isinstance(history, dict) or not isinstance(history.get("epoch"), list) or not history["epoch"]:
+        raise HyperparameterError("plot_history: history must be what bnnet.fit returns (a dict with epochs)")
+    if ax is None:
+        import matplotlib.pyplot as plt  # (pyplot, so that a notebook's inline backend shows it)
+
+        _, ax = _subplots(figsize=(6, 3.8))
+    epochs = history["epoch"]
+    ax.plot(epochs, history["loss"], color="tab:blue", label="loss")
+    if history.get("val_loss"):
+        ax.plot(epochs, history["val_loss"], color="tab:blue", linestyle="--", label="val_loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if any(v is not None for v in history.get("accuracy", [])):
+        right = ax.twinx()
+        right.plot(epochs, history["accuracy"], color="tab:orange", label="accuracy")
+        if history.get("val_accuracy"):
+            right.plot(epochs, history["val_accuracy"], color="tab:orange", linestyle="--", label="val_accuracy")
+        right.set_ylabel("accuracy")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="center right")
+    return ax.figure
+
+
+def _subplots(*args, **kwargs):
+    """plt.subplots without pyplot: a Figure of its own (nothing global), and its axes."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 COLORS = {"bn": "tab:blue", "nobn": "tab:red"}
 NORM_LABELS = {"batch": "BatchNorm", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batches of 8)"}
@@ -29,7 +66,7 @@ def _save(fig, path, title):
     axis labels and tick labels), for summary.json and the tests."""
     fig.suptitle(title)
     fig.tight_layout()
-    fig.canvas.draw()  # (tick labels exist once drawn)
+    fig.draw_without_rendering()  # (tick labels exist once drawn)
     shown = {
         "title": title,
         "axes": [
@@ -44,7 +81,6 @@ def _save(fig, path, title):
         ],
     }
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return shown
 
 
@@ -60,7 +96,7 @@ def _zoom(ax, values, low=None, margin=0.1):
 def fig1(rows, path, title):
     """(a) test accuracy vs steps, with a zoomed panel; (b) 15/50/85th percentiles of one sigmoid's input."""
     steps = np.array([r["step"] for r in rows])
-    fig, (a, z, b) = plt.subplots(1, 3, figsize=(14, 4))
+    fig, (a, z, b) = _subplots(1, 3, figsize=(14, 4))
     late = steps >= steps.max() * 0.2
     for tag, label in (("nobn", "Without BN"), ("bn", "With BN")):
         acc = np.array([r[f"test_accuracy_{tag}"] for r in rows])
@@ -81,7 +117,7 @@ def fig1(rows, path, title):
 def lr_sweep(rows, path, title):
     """Final test accuracy vs learning rate per optimizer; crosses mark runs that did not train stably."""
     opts = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, axes = plt.subplots(1, len(opts), figsize=(4 * len(opts), 3.8), sharey=True)
+    fig, axes = _subplots(1, len(opts), figsize=(4 * len(opts), 3.8), sharey=True)
     for ax, opt in zip(np.atleast_1d(axes), opts):
         for bn, tag in ((1, "bn"), (0, "nobn")):
             sel = [r for r in rows if r["optimizer"] == opt and r["batchnorm"] == bn]
@@ -99,7 +135,7 @@ def lr_sweep(rows, path, title):
 def optimizers(rows, path, title):
     """Training loss and test accuracy vs steps for each optimizer, solid with BN, dashed without; the
     accuracy axis zoomed to where the curves are after the first steps."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = _subplots(1, 2, figsize=(11, 4.2))
     last = max(r["step"] for r in rows)
     for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in rows)):
         for bn in (1, 0):
@@ -116,7 +152,7 @@ def optimizers(rows, path, title):
 
 def batch_size(rows, path, title):
     """Test accuracy and train/eval gap vs batch size, one line per normalization, every size labelled."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = _subplots(1, 2, figsize=(11, 4.2))
     sizes = sorted({r["batch_size"] for r in rows})
     for i, norm in enumerate(dict.fromkeys(r["norm"] for r in rows)):
         sel = [r for r in rows if r["norm"] == norm]
@@ -138,7 +174,7 @@ def batch_size(rows, path, title):
 
 def cnn(rows, path, title):
     """Training loss and test accuracy vs steps, one line per run of the cnn experiment."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = _subplots(1, 2, figsize=(11, 4.2))
     last = max(r["step"] for r in rows)
     for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
         sel = [r for r in rows if r["run"] == run and r["step"] > 0]
@@ -157,7 +193,7 @@ def train_run(history, path, title):
     """Loss and accuracy per epoch of a `bnnet train` run: training (train mode, mean over the epoch)
     and the test split (eval mode)."""
     epochs = history["epoch"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = _subplots(1, 2, figsize=(10, 4))
     a.plot(epochs, history["loss"], "o-", label="training (train mode)")
     a.plot(epochs, history["val_loss"], "o-", label="test split (eval mode)")
     a.set(title="Loss", xlabel="epoch", ylabel="softmax cross-entropy")
