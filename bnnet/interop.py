@@ -314,14 +314,15 @@ def to_torch(model):
                 layer.num_features,
                 eps=layer.eps,
                 momentum=torch_momentum_from_decay(layer.decay),
-                affine=layer.affine,
+                affine=layer.center or layer.scale,
                 track_running_stats=layer.track_running_stats,
                 dtype=getattr(torch, layer.dtype),
             )
             with torch.no_grad():
-                if layer.affine:
-                    m.weight.copy_(torch.from_numpy(layer.params["gamma"]))
-                    m.bias.copy_(torch.from_numpy(layer.params["beta"]))
+                if layer.center or layer.scale:
+                    gamma, beta, _, _ = layer._affine()  # (1 or 0 for the one not learned: fixed in torch)
+                    m.weight.copy_(torch.from_numpy(np.array(gamma))).requires_grad_(layer.scale)
+                    m.bias.copy_(torch.from_numpy(np.array(beta))).requires_grad_(layer.center)
                 if layer.track_running_stats:
                     m.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"]))
                     m.running_var.copy_(torch.from_numpy(layer.buffers["running_var"]))

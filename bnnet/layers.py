@@ -428,6 +428,10 @@ class BatchNorm(Layer):
         dtype: "float32" (default) or "float64".
         affine: learn gamma and beta (default True). False: y = (x - mu) / sqrt(var + eps), and
             the layer has no params (PyTorch's affine=False; Keras' center=scale=False).
+        center, scale: learn beta, gamma apart (default None: as affine), as Keras's options:
+            center=False keeps gamma and fixes beta at 0; scale=False keeps beta and fixes gamma
+            at 1 (the usual choice before a ReLU, which a scale does not change). `affine` then
+            reads True only when both are learned.
         track_running_stats: keep running statistics for eval mode (default True). False: no
             buffers; the batch's own statistics normalize in train and eval mode alike (as in
             PyTorch), so eval mode also needs >= 2 rows.
@@ -442,7 +446,7 @@ class BatchNorm(Layer):
 
     fusable = True  # an execution plan may run it with the activation after it in one pass (variants set False)
     writes_out = True
-    affine = track_running_stats = True  # (class defaults: layers pickled before these options existed)
+    affine = track_running_stats = center = scale = True  # (class defaults: layers pickled before these options)
     axis = 1
     _constants = _stat_sinks = _layout = _last_shape = None
     _sample_rows = 1
@@ -458,6 +462,8 @@ class BatchNorm(Layer):
         affine=True,
         track_running_stats=True,
         axis=1,
+        center=None,
+        scale=None,
     ):
         super().__init__()
         self.axis = check_int(type(self).__name__, "axis", axis)
@@ -470,7 +476,10 @@ class BatchNorm(Layer):
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
         self.frozen = check_bool(type(self).__name__, "frozen", frozen)
-        self.affine = check_bool(type(self).__name__, "affine", affine)
+        affine = check_bool(type(self).__name__, "affine", affine)
+        self.center = affine if center is None else check_bool(type(self).__name__, "center", center)
+        self.scale = affine if scale is None else check_bool(type(self).__name__, "scale", scale)
+        self.affine = self.center and self.scale
         self.track_running_stats = check_bool(type(self).__name__, "track_running_stats", track_running_stats)
         if self.frozen and not self.track_running_stats:
             raise HyperparameterError(
@@ -492,30 +501,37 @@ class BatchNorm(Layer):
             self.buffers["count"] = np.zeros((), np.int64)
 
     def reset_parameters(self):
-        """gamma = 1, beta = 0 (when affine), and reset_running_stats()."""
-        if self.affine:
+        """gamma = 1, beta = 0 (those that are learned), and reset_running_stats()."""
+        if self.scale:
             self.params["gamma"] = np.ones(self.num_features, self.dtype)
+        if self.center:
             self.params["beta"] = np.zeros(self.num_features, self.dtype)
         self.reset_running_stats()
 
     def state_spec(self):
         d = (self.num_features,)
         spec = {}
-        if self.affine:
-            spec["params", "gamma"] = spec["params", "beta"] = (d, self.dtype)
+        if self.scale:
+            spec["params", "gamma"] = (d, self.dtype)
+        if self.center:
+            spec["params", "beta"] = (d, self.dtype)
         if self.track_running_stats:
             spec["buffers", "running_mean"] = spec["buffers", "running_var"] = (d, self.dtype)
             spec["buffers", "count"] = ((), np.int64)
         return spec
 
     def _affine(self, like=None):
-        """(gamma, beta, dgamma, dbeta): the params and their grads, or with affine=False the
-        constants 1 and 0 and two arrays the kernels may write gradients into (never read), made on
-        the device of `like` (the input; default the host)."""
+        """(gamma, beta, dgamma, dbeta): the params and their grads; in place of one that is not
+        learned (affine=False, center=False or scale=False) the constant 1 or 0 and an array the
+        kernels may write its gradient into (never read), made on the device of `like` (the input;
+        default the host)."""
         if self.affine:
             return self.params["gamma"], self.params["beta"], self._grad("gamma"), self._grad("beta")
         self._constants = self._per_feature_arrays(self._constants, like, (1, 0, None, None), read_only=2)
-        return self._constants
+        ones, zeros, sink_gamma, sink_beta = self._constants
+        gamma, dgamma = (self.params["gamma"], self._grad("gamma")) if self.scale else (ones, sink_gamma)
+        beta, dbeta = (self.params["beta"], self._grad("beta")) if self.center else (zeros, sink_beta)
+        return gamma, beta, dgamma, dbeta
 
     def _running(self, like=None):
         """(running_mean, running_var) for the kernels; with track_running_stats=False two arrays
@@ -646,6 +662,8 @@ class BatchNorm(Layer):
         }
         # only when not the default, so that variants without these options rebuild from it
         cfg.update({k: False for k in ("affine", "track_running_stats") if not getattr(self, k)})
+        if self.center != self.scale:  # (one of the two: affine alone cannot say which)
+            cfg.update(center=self.center, scale=self.scale)
         if self.axis != 1:
             cfg["axis"] = self.axis
         return cfg

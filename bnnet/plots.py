@@ -30,7 +30,6 @@ def plot_history(history, ax=None):
     if not isinstance(history, dict) or not isinstance(history.get("epoch"), list) or not history["epoch"]:
         raise HyperparameterError("plot_history: history must be what bnnet.fit returns (a dict with epochs)")
     if ax is None:
-        import matplotlib.pyplot as plt  # (pyplot, so that a notebook's inline backend shows it)
 
         _, ax = _subplots(figsize=(6, 3.8))
     epochs = history["epoch"]

@@ -233,3 +233,46 @@ def test_nd_shapes_that_do_not_fit_are_refused():
         bn.backward(np.zeros((4, 3, 6)))
     with pytest.raises(bnnet.HyperparameterError, match="axis must be 1 .* or -1 .*, got 0"):
         BatchNorm(4, axis=0)
+
+
+@pytest.mark.parametrize("kw", [{"center": False}, {"scale": False}, {"affine": False, "center": True}])
+def test_center_and_scale_apart(kw, tmp_path):
+    """Keras's center/scale: one of beta, gamma learned, the other fixed; saved, converted and exported."""
+    torch = pytest.importorskip("torch")
+    from helpers import check_layer_gradients
+
+    from bnnet.interop import to_torch
+    from bnnet.layers import BatchNorm, Linear, ReLU
+
+    rng = np.random.default_rng(0)
+    bn = BatchNorm(4, dtype="float64", **kw)
+    learned = {"gamma"} if bn.scale else {"beta"}
+    assert set(bn.params) == learned and not bn.affine
+    check_layer_gradients(BatchNorm(4, dtype="float64", **kw), rng.standard_normal((6, 4)), True, rng)
+    model = bnnet.Sequential(
+        Linear(3, 4, bias=False, dtype="float64", rng=0), bn, ReLU(), Linear(4, 2, dtype="float64", rng=1)
+    )
+    twin = to_torch(model)
+    X, y = rng.standard_normal((8, 3)), rng.integers(0, 2, 8)
+    opt, topt = bnnet.optim.SGD(0.1), torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = bnnet.losses.SoftmaxCrossEntropy()
+        loss.forward(model.forward(X, True), y)
+        model.backward(loss.backward())
+        opt.step(model)
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(twin(torch.tensor(X)), torch.tensor(y)).backward()
+        topt.step()
+    ours = to_torch(model).state_dict()
+    for k, v in twin.state_dict().items():
+        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+    bnnet.save(str(tmp_path / "m.safetensors"), model)
+    loaded = bnnet.load(str(tmp_path / "m.safetensors"))
+    assert (loaded.layers[1].center, loaded.layers[1].scale) == (bn.center, bn.scale)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    ort = pytest.importorskip("onnxruntime")
+    path = bnnet.export_onnx(model, str(tmp_path / "m.onnx"))
+    out = ort.InferenceSession(path).run(None, {"x": X})[0]
+    np.testing.assert_allclose(out, model.predict(X), rtol=0, atol=1e-12)
+    folded = bnnet.fold_batchnorm(model)
+    np.testing.assert_allclose(folded.predict(X), model.predict(X), rtol=0, atol=1e-12)
