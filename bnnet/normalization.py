@@ -39,12 +39,21 @@ class BatchRenorm(BatchNorm):
         sigma <- renorm_momentum * sigma + (1 - renorm_momentum) * sigma_B
 
     mu and sigma are the buffers `renorm_mean` (starts at 0) and `renorm_std` (starts at 1).
-    Eval mode is BatchNorm's: the running_mean/running_var buffers, updated from the batch
-    mean and variance with `decay` as in BatchNorm; Keras does the same ("inference is the same
-    for either value of renorm"), which is what folding, ONNX export and recompute_bn_stats
-    use. With r = 1, d = 0 (r_max = 1, d_max = 0) train mode is BatchNorm's.
+    Eval mode is BatchNorm's: the running_mean/running_var buffers (what folding, ONNX export and
+    recompute_bn_stats use). As TensorFlow and Keras keep them (running_std=True, the default),
+    the running variance follows a running average of sigma_B rather than of var_B:
 
-    Args (besides BatchNorm's num_features, eps, decay, running_var, dtype, frozen):
+        running_mean <- decay * running_mean + (1 - decay) * mu_B
+        s            <- decay * sqrt(running_var + eps) + (1 - decay) * sigma_B
+        running_var  <- max(s^2 - eps, 0)
+        (s starts at sqrt(running_var) before the first batch, as TF's moving_stddev)
+
+    (running_std=False: BatchNorm's running average of var_B.) With r = 1, d = 0 (r_max = 1,
+    d_max = 0) train mode is BatchNorm's.
+
+    Args (besides BatchNorm's num_features, eps, decay, dtype, frozen; running_var defaults to
+        "biased" here, as Keras's):
+        running_std: keep the running variance as TF/Keras do (default True; see above).
         r_max: >= 1 (default 3.0, the paper's final value).
         d_max: >= 0 (default 5.0, the paper's final value).
         r_min: in (0, 1] (default None: 1 / r_max, as in the paper).
@@ -67,13 +76,15 @@ class BatchRenorm(BatchNorm):
         warmup=0,
         eps=1e-5,
         decay=0.9,
-        running_var="unbiased",
+        running_var="biased",
         dtype="float32",
         frozen=False,
         r_min=None,
         renorm_momentum=0.99,
+        running_std=True,
     ):
         super().__init__(num_features, eps=eps, decay=decay, running_var=running_var, dtype=dtype, frozen=frozen)
+        self.running_std = check_bool("BatchRenorm", "running_std", running_std)
         self.r_max = check_number("BatchRenorm", "r_max", r_max, low=1)
         self.d_max = check_number("BatchRenorm", "d_max", d_max, low=0)
         self.r_min = (
@@ -121,11 +132,27 @@ class BatchRenorm(BatchNorm):
         scale, shift = (gamma * r).astype(dtype), (gamma * d + self.params["beta"]).astype(dtype)
         ops.bn_apply(x, scale, shift, self.eps, IDENTITY, 0.0, mean, var, y, stats[2])
         self.renorm = (r, d)
-        self._update_running(mean, var, n)  # eval mode's statistics, as BatchNorm
+        if self.running_std:  # eval mode's statistics, as TF and Keras keep them
+            self._update_running_std(mean, var, n)
+        else:  # as BatchNorm
+            self._update_running(mean, var, n)
         self.buffers["renorm_mean"][...] = F.running_average(mu, mean, self.renorm_momentum)
         self.buffers["renorm_std"][...] = F.running_average(sigma, sigma_b, self.renorm_momentum)
         self._cache = ("renorm", x, y, stats, scale, r, d)
         return y
+
+    def _update_running_std(self, mean, var, m):
+        """running_mean as BatchNorm's; running_var = s^2 - eps with s the running average of
+        sqrt(var_B + eps), s read back from running_var (so that recompute_bn_stats and edits stay in
+        force); count += 1."""
+        decay, correction = self._running_update_args(m)
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        # (before the first batch s starts at sqrt(running_var), as TF's moving_stddev initializer)
+        s = np.sqrt(running_var.astype(np.float64) + (self.eps if int(self.buffers["count"]) else 0.0))
+        s = F.running_average(s, np.sqrt(var * correction + self.eps), decay)
+        running_mean[...] = F.running_average(running_mean.astype(np.float64), mean, decay)
+        running_var[...] = np.maximum(s * s - self.eps, 0.0)
+        self._count_batch(mean, var)
 
     @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
@@ -151,6 +178,7 @@ class BatchRenorm(BatchNorm):
             "warmup": self.warmup,
             "r_min": self.r_min,
             "renorm_momentum": self.renorm_momentum,
+            "running_std": self.running_std,
         }
 
 
@@ -216,6 +244,19 @@ class GhostBatchNorm(BatchNorm):
         self.batch_stats = None  # one per virtual batch: see the running statistics
         self._cache = ("ghost", x, y, chunks)
         return y
+
+    def _update_running_std(self, mean, var, m):
+        """running_mean as BatchNorm's; running_var = s^2 - eps with s the running average of
+        sqrt(var_B + eps), s read back from running_var (so that recompute_bn_stats and edits stay in
+        force); count += 1."""
+        decay, correction = self._running_update_args(m)
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        # (before the first batch s starts at sqrt(running_var), as TF's moving_stddev initializer)
+        s = np.sqrt(running_var.astype(np.float64) + (self.eps if int(self.buffers["count"]) else 0.0))
+        s = F.running_average(s, np.sqrt(var * correction + self.eps), decay)
+        running_mean[...] = F.running_average(running_mean.astype(np.float64), mean, decay)
+        running_var[...] = np.maximum(s * s - self.eps, 0.0)
+        self._count_batch(mean, var)
 
     @on_rows
     def _backward(self, dy, input_grad, dx_out=None):

@@ -30,7 +30,6 @@ def plot_history(history, ax=None):
     if not isinstance(history, dict) or not isinstance(history.get("epoch"), list) or not history["epoch"]:
         raise HyperparameterError("plot_history: history must be what bnnet.fit returns (a dict with epochs)")
     if ax is None:
-
         _, ax = _subplots(figsize=(6, 3.8))
     epochs = history["epoch"]
     ax.plot(epochs, history["loss"], color="tab:blue", label="loss")
@@ -55,6 +54,7 @@ def _subplots(*args, **kwargs):
     """plt.subplots without pyplot: a Figure of its own (nothing global), and its axes."""
     fig = Figure(figsize=kwargs.pop("figsize", None))
     return fig, fig.subplots(*args, **kwargs)
+
 
 COLORS = {"bn": "tab:blue", "nobn": "tab:red"}
 NORM_LABELS = {"batch": "BatchNorm", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batches of 8)"}

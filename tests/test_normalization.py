@@ -29,7 +29,8 @@ def _set_gamma_beta(layer, seed=1):
 
 def test_renorm_without_room_to_correct_is_batchnorm():
     x, dy = _data()
-    ref, ren = BatchNorm(4, dtype="float64"), BatchRenorm(4, r_max=1.0, d_max=0.0, dtype="float64")
+    ref = BatchNorm(4, dtype="float64")
+    ren = BatchRenorm(4, r_max=1.0, d_max=0.0, running_std=False, running_var="unbiased", dtype="float64")
     ren.buffers["renorm_mean"][...] = 7.0  # far from the batch: r, d would matter if allowed
     ren.buffers["running_mean"][...] = 7.0
     ref.buffers["running_mean"][...] = 7.0
@@ -37,6 +38,39 @@ def test_renorm_without_room_to_correct_is_batchnorm():
     _set_gamma_beta(ren)
     with backend.using("numpy"):
         assert_same_as(ren, ref, x, dy)
+
+
+def test_renorm_running_statistics_as_tensorflow_keeps_them():
+    """TensorFlow's testRenorm recurrences: moving_mean and moving_stddev = running averages of mu_B and
+    sqrt(var_B + eps) (biased var_B), moving_variance = moving_stddev^2 - eps; eval mode uses them."""
+    rng = np.random.default_rng(11)
+    eps, momentum, renorm_momentum = 1e-3, 0.9, 0.8
+    layer = BatchRenorm(3, r_max=2.0, d_max=1.0, eps=eps, decay=momentum, renorm_momentum=renorm_momentum,
+                        dtype="float64")  # fmt: skip
+    _set_gamma_beta(layer)
+    gamma, beta = layer.params["gamma"].copy(), layer.params["beta"].copy()
+    moving_mean, moving_std = np.zeros(3), np.ones(3)  # (moving_variance starts at 1)
+    renorm_mean, renorm_std = np.zeros(3), np.ones(3)
+    for _ in range(5):
+        x = rng.standard_normal((10, 3)) * [1.0, 3.0, 0.2] + [0.5, -2.0, 4.0]
+        mean, std = x.mean(0), np.sqrt(x.var(0) + eps)
+        r = np.clip(std / renorm_std, 0.5, 2.0)
+        d = np.clip((mean - renorm_mean) / renorm_std, -1.0, 1.0)
+        y = layer.forward(x, True)
+        np.testing.assert_allclose(y, gamma * ((x - mean) / std * r + d) + beta, rtol=0, atol=1e-12)
+        renorm_mean = renorm_momentum * renorm_mean + (1 - renorm_momentum) * mean
+        renorm_std = renorm_momentum * renorm_std + (1 - renorm_momentum) * std
+        moving_mean = momentum * moving_mean + (1 - momentum) * mean
+        moving_std = momentum * moving_std + (1 - momentum) * std
+    moving_var = moving_std**2 - eps
+    np.testing.assert_allclose(layer.buffers["running_mean"], moving_mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer.buffers["running_var"], moving_var, rtol=0, atol=1e-12)
+    x = rng.standard_normal((4, 3))
+    expected = gamma * (x - moving_mean) / np.sqrt(moving_var + eps) + beta
+    np.testing.assert_allclose(layer.forward(x, False), expected, rtol=0, atol=1e-12)
+    # (the variance's own running average, BatchNorm's, differs: the option keeps it)
+    old = BatchRenorm(3, eps=eps, decay=momentum, running_std=False, dtype="float64")
+    assert old.config()["running_std"] is False
 
 
 def test_renorm_gradients_with_r_and_d_clipped():
@@ -146,6 +180,7 @@ def test_renorm_follows_algorithm_1_over_several_steps():
         decay=0.8,
         eps=1e-3,
         running_var="biased",
+        running_std=False,  # (the running variance as BatchNorm keeps it: the reference's moving_var)
         dtype="float64",
     )
     _set_gamma_beta(layer, seed=3)
