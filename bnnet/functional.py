@@ -394,13 +394,13 @@ def softmax_cross_entropy(logits, labels, weights=None):
 
 
 def sigmoid_binary_cross_entropy(logits, targets, weights=None):
-    """L = (1/N) sum_i [max(z_i, 0) - z_i * y_i + log(1 + exp(-|z_i|))]   (z = logits), or the sum with
-    each row's term times w_i.
+    """L = (1/N) sum_i sum_k [max(z_ik, 0) - z_ik * y_ik + log(1 + exp(-|z_ik|))]   (z = logits), or the
+    sum with each row's terms times w_i.
 
     This equals -[y log s(z) + (1 - y) log(1 - s(z))] but never takes log(0).
 
     Args:
-        logits: (N,) or (N, 1). targets: same shape, values in [0, 1].
+        logits: (N,), (N, 1) or (N, K) (K labels, summed). targets: same shape, values in [0, 1].
         weights: None (the mean), or (N,) float64 row weights that sum to 1 (a weighted mean).
     Returns:
         (loss, dlogits) with dlogits = (sigmoid(z) - y) * w_i (w_i = 1/N without weights), shaped like logits.

@@ -120,9 +120,13 @@ class SoftmaxCrossEntropy(Loss):
 
 
 class BinaryCrossEntropy(Loss):
-    """Sigmoid cross-entropy from logits: L = (1/N) sum max(z,0) - z*y + log(1+exp(-|z|)).
+    """Sigmoid cross-entropy from logits, summed over the K labels and averaged over the N rows:
 
-    outputs: logits (N,) or (N, 1); targets: 0/1 (or probabilities in [0, 1]) of shape (N,) or (N, 1).
+        L = (1/N) sum_i sum_k max(z_ik, 0) - z_ik * y_ik + log(1 + exp(-|z_ik|))
+
+    outputs: logits (N,), (N, 1) or (N, K) (K independent labels: multilabel classification, as
+    scikit-learn's MLPClassifier scores it); targets: 0/1 (or probabilities in [0, 1]) of the same
+    shape ((N,) and (N, 1) interchangeably).
     """
 
     name = "binary_cross_entropy"
@@ -132,11 +136,14 @@ class BinaryCrossEntropy(Loss):
         y = np.asarray(targets)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
-        if y.ndim != 1:
-            raise InputError(f"BinaryCrossEntropy: targets must have shape (N,) or (N, 1), got {y.shape}")
+        if y.ndim not in (1, 2) or (y.ndim == 2 and n_outputs is not None and y.shape[1] != n_outputs):
+            raise InputError(
+                f"BinaryCrossEntropy: targets must have shape (N,), (N, 1) or (N, K) with K the model's outputs "
+                f"({n_outputs}), got {y.shape}"
+            )
         y = as_float_array(y, "targets", "BinaryCrossEntropy", "float64")
         ops.check_finite(y, "targets", "BinaryCrossEntropy")
-        if len(y) and (y.min() < 0 or y.max() > 1):
+        if y.size and (y.min() < 0 or y.max() > 1):
             raise InputError(
                 f"BinaryCrossEntropy: targets must be in [0, 1] (0/1 labels), got values in [{y.min()}, {y.max()}]"
             )
@@ -144,19 +151,27 @@ class BinaryCrossEntropy(Loss):
 
     def forward(self, outputs, targets, sample_weight=None):
         z = self._outputs(outputs, "BinaryCrossEntropy")
-        if not (z.ndim == 1 or (z.ndim == 2 and z.shape[1] == 1)):
-            raise InputError(f"BinaryCrossEntropy: outputs must be logits of shape (N,) or (N, 1), got {z.shape}")
+        if z.ndim not in (1, 2):
+            raise InputError(f"BinaryCrossEntropy: outputs must be logits of shape (N,) or (N, K), got {z.shape}")
         y = self.check_targets(targets)
         self._same_length(z, y, "BinaryCrossEntropy")
+        if y.size != z.size:
+            raise InputError(f"BinaryCrossEntropy: outputs have shape {z.shape} but targets {np.shape(targets)}")
         w = self._weights(sample_weight, len(z), "BinaryCrossEntropy")
         loss, self._grad = F.sigmoid_binary_cross_entropy(z, y.reshape(z.shape).astype(z.dtype), w)
         return loss
 
     def predict_labels(self, outputs):
-        return (np.asarray(outputs).reshape(len(outputs)) > 0).astype(np.int64)
+        """0/1 per label: (N,) for one label, (N, K) for K."""
+        outputs = np.asarray(outputs)
+        labels = (outputs > 0).astype(np.int64)
+        return labels.reshape(len(outputs)) if outputs.ndim == 1 or outputs.shape[1] == 1 else labels
 
     def accuracy(self, outputs, targets):
-        return float(np.mean(self.predict_labels(outputs) == (np.asarray(targets).reshape(len(outputs)) > 0.5)))
+        """The fraction of rows whose every label is right (scikit-learn's subset accuracy)."""
+        labels = self.predict_labels(outputs)
+        truth = (np.asarray(targets).reshape(labels.shape) > 0.5).astype(np.int64)
+        return float(np.mean((labels == truth).reshape(len(labels), -1).all(axis=1)))
 
 
 class MSE(Loss):

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import backend, ops
-from ._checks import as_float_array, check_int, check_number, check_samples, check_seed
+from ._checks import as_float_array, check_bool, check_int, check_number, check_samples, check_seed
 from .callbacks import Training, check_callbacks
 from .device import check_device, contiguous, empty, to_device, writable
 from .distributed import DataParallel, is_root
@@ -69,6 +69,7 @@ def fit(
     callbacks=None,
     sample_weight=None,
     class_weight=None,
+    shuffle=True,
 ):
     """Train `model` on (X, y) by mini-batch gradient descent; return the history.
 
@@ -110,6 +111,7 @@ def fit(
             accuracy counts every row once.
         class_weight: optional "balanced" (n_rows / (n_classes * rows of the class), as scikit-learn) or
             {class: weight}: each row's weight is its class's (times sample_weight). Classification only.
+        shuffle: draw a new order of the rows every epoch (default True); False keeps their order.
         callbacks: a list of bnnet.callbacks.Callback (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint or
             your own), run after every epoch in order; their state is saved in checkpoints and resumed.
         comm: a bnnet.distributed.Communicator for data-parallel training (run one process per
@@ -130,6 +132,7 @@ def fit(
     epochs = check_int("fit", "epochs", epochs, low=1)
     batch_size = check_int("fit", "batch_size", batch_size, low=1)
     seed = check_seed("fit", seed)
+    shuffle = check_bool("fit", "shuffle", shuffle)
     checkpoints = Checkpoints(checkpoint, checkpoint_every, model, opt, loss_fn, checkpoint_metadata, comm)
     X, y = _check_data(model, X, y, loss_fn, "fit")
     weights = _row_weights(sample_weight, class_weight, y, loss_fn, model, "fit")
@@ -172,7 +175,7 @@ def fit(
     if weights is not None and isinstance(step, DataParallelStep):
         raise HyperparameterError("fit: sample_weight and class_weight cannot be used with data-parallel training")
     seed = step.start(seed)
-    run = RunState(epochs, batch_size, seed, len(X), loss_fn.name, callbacks)
+    run = RunState(epochs, batch_size, seed, len(X), loss_fn.name, callbacks, shuffle)
     training = Training(model, opt, run.history, is_root(comm))
     for cb in callbacks:
         cb.training = training
@@ -216,12 +219,13 @@ def evaluate(model, X, y, loss="softmax_cross_entropy", batch_size=1024):
 
 
 def minibatches(n, batch_size, rng, drop_single=False):
-    """Index arrays of one shuffled epoch: rng.permutation(n) cut into batch_size pieces.
+    """Index arrays of one shuffled epoch: rng.permutation(n) cut into batch_size pieces (rng None: the
+    rows in order).
 
     With drop_single, a trailing batch of one row is dropped (BatchNorm cannot
     train on it). Returns the batches as a list.
     """
-    order = rng.permutation(n)
+    order = np.arange(n) if rng is None else rng.permutation(n)
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if drop_single and len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()
@@ -261,8 +265,8 @@ def _row_weights(sample_weight, class_weight, y, loss, model, owner):
         if not loss.has_accuracy:
             raise HyperparameterError(f"{owner}: class_weight needs a classification loss, not {loss.name}")
         if loss.name == "binary_cross_entropy":
-            if not np.isin(y, (0, 1)).all():
-                raise InputError(f"{owner}: class_weight needs 0/1 targets, got values other than 0 and 1")
+            if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+                raise InputError(f"{owner}: class_weight needs one 0/1 target per row (not multilabel targets)")
             n_classes = 2
         else:
             n_classes = _n_outputs(model)
@@ -417,13 +421,16 @@ class RunState:
     """Counters, RNG state, the epoch's partial sums and the history: enough to continue
     exactly after a crash. `as_dict()` is what checkpoints store under "fit"."""
 
-    def __init__(self, epochs, batch_size, seed, n, loss_name, callbacks=()):
+    def __init__(self, epochs, batch_size, seed, n, loss_name, callbacks=(), shuffle=True):
         self.rng = np.random.default_rng(seed)
         self.epoch, self.batch, self.step = 1, 0, 0
         self.rng_state = self.rng.bit_generator.state  # the next epoch's order is drawn from this state
         self.partial = [0.0, 0.0, 0]  # loss sum, correct sum, rows seen in the current epoch
         self.history = {"epoch": [], "loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
         self.run = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "n": n, "loss": loss_name}
+        if not shuffle:
+            self.run["shuffle"] = False  # (present only when off: checkpoints of shuffled runs stay as they were)
+        self.shuffle = shuffle
         self.callbacks = callbacks
         self.stopped = False  # a callback ended the run early
 
@@ -467,7 +474,7 @@ def _train_epoch(run, step, opt, data, batch_size, drop_single, clip_grad_norm, 
     data: (X, y, row weights or None)."""
     X, y, weights = data
     run.rng.bit_generator.state = run.rng_state  # the epoch's order is drawn from this state
-    batches = minibatches(len(X), batch_size, run.rng, drop_single)
+    batches = minibatches(len(X), batch_size, run.rng if run.shuffle else None, drop_single)
     X_buf = np.empty((min(batch_size, len(X)), *X.shape[1:]), X.dtype)  # each mini-batch is gathered here
     total_loss, total_correct, seen = run.partial
     for b in range(run.batch, len(batches)):
