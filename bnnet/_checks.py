@@ -5,7 +5,9 @@ these helpers, so that every message has the same shape:
 "<owner>: <argument> must be <expected>, got <value>".
 """
 
+import math
 import numbers
+import os
 
 import numpy as np
 
@@ -151,3 +153,22 @@ def describe(a):
         flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
         return f"{flags}{a.dtype} array of shape {a.shape}"
     return "nothing" if a is None else type(a).__name__
+
+
+def memory_bytes():
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_allocation(owner, what, shape, itemsize):
+    """HyperparameterError, before allocating, when an array of `shape` would not fit in this machine's memory."""
+    nbytes = math.prod(shape) * itemsize
+    total = memory_bytes()
+    if total is not None and nbytes > total:
+        raise HyperparameterError(
+            f"{owner}: {what} of shape {tuple(shape)} would take {nbytes / 2**30:,.1f} GiB, more than this "
+            f"machine's {total / 2**30:,.1f} GiB of memory; use smaller sizes"
+        )

@@ -220,6 +220,8 @@ def _saved_setting(path, action, value):
 
 
 def cmd_train(args):
+    if args.log_dir is not None:  # (an optional package: said before any data is read or folder made)
+        import tensorboardX  # noqa: F401
     if args.resume:
         args.resume_path = _resume_settings(args, args.parser)
     if args.local_bn and not args.distributed:
@@ -573,7 +575,14 @@ def cmd_export(args):
         what = "BatchNorm folded into the layers before it"
     else:
         what = "BatchNormalization nodes with the running statistics"
-    print(f"wrote {args.onnx} ({len(model.layers)} layers, {what})")
+    shape = model.metadata.get("input_shape") if isinstance(model.metadata.get("input_shape"), list) else None
+    shape = shape or list(model.input_shape or ())
+    takes = "x of shape (" + ", ".join(["N", *(str(d) if d is not None else "?" for d in shape)]) + ")"
+    if len(shape) == 3:
+        takes += " (images; bnnet predict also takes them as flat rows)"
+    if model.metadata.get("standardize") is not None:
+        takes += "; standardize the features first as the checkpoint's metadata says (bnnet predict does)"
+    print(f"wrote {args.onnx} ({len(model.layers)} layers, {what}); the graph takes {takes}")
 
 
 def cmd_recompute_stats(args):

@@ -136,6 +136,8 @@ def _npy_header(f, source, available):
 
 def load_npy(path):
     """One array from a .npy file, header checked against the file size first; never unpickles."""
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: no such file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -230,5 +232,7 @@ def load(spec):
     if os.path.isdir(spec):
         return check_split(*load_mnist(spec), spec)
     if spec.endswith(".npz"):
+        if not os.path.exists(spec):
+            raise DatasetError(f"{spec}: no such file")
         return check_split(*load_npz(spec), spec)
-    raise DatasetError(f"--data must be 'mnist5k', a folder of MNIST IDX files or an .npz file, got {spec!r}")
+    raise DatasetError(f"--data must be 'mnist5k', a folder of MNIST IDX files, an .npz or a .csv file, got {spec!r}")

@@ -27,6 +27,7 @@ from . import functional as F
 from ._checks import (
     as_array,
     as_float_array,
+    check_allocation,
     check_batch,
     check_bool,
     check_choice,
@@ -307,6 +308,7 @@ def init_weights(owner, shape, init, std, fan_in, fan_out, rng, dtype):
         std = 0.01 if std is None else check_number(owner, "std", std, low=0, low_open=True)
     else:
         std = float(np.sqrt(2.0 / (fan_in if init == "he" else fan_in + fan_out)))
+    check_allocation(owner, "W", shape, 8)  # (drawn in float64, then cast)
     return (_as_rng(rng, owner).standard_normal(shape) * std).astype(dtype), std
 
 
@@ -473,6 +475,7 @@ class BatchNorm(Layer):
                 f"(channels last, as Keras), got {axis}"
             )
         self.num_features = check_int("BatchNorm", "num_features", num_features, low=1)
+        check_allocation(type(self).__name__, "each of gamma, beta and the running statistics", (num_features,), 32)
         self.eps = check_number("BatchNorm", "eps", eps, low=0, low_open=True)
         self.decay = None if decay is None else check_number("BatchNorm", "decay", decay, low=0, high=1)
         self.frozen = check_bool(type(self).__name__, "frozen", frozen)

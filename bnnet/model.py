@@ -58,6 +58,12 @@ class _DottedView(MutableMapping):
 
     def __setitem__(self, key, value):
         d, name = self._split(key)
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if dtype.kind not in "biuf":
+            raise InputError(
+                f"{self._kind}[{key!r}] holds {d[name].dtype} numbers; cannot assign a {type(value).__name__} "
+                f"of dtype {dtype}"
+            )
         value = to_device(value, device_of(d[name]))  # (a host value is copied to a GPU array's device)
         if value.shape != d[name].shape:
             raise InputError(

@@ -8,6 +8,8 @@ squared averages, ...) belongs to the optimizer, is created lazily the first
 time a parameter is updated, and is keyed by the parameter's dotted name.
 """
 
+import weakref
+
 import numpy as np
 
 from . import backend
@@ -111,6 +113,7 @@ class Optimizer:
     state_names = ()  # the rule's per-parameter arrays
     counter_names = ()  # the rule's per-parameter integer counters
     _flat = _runs = _count = None  # caches of the flat path (see _step_flat)
+    _layer = None  # a weak reference to the single layer this optimizer steps (see _check_layer)
     decoupled = False  # weight decay as L2 in the gradient (False) or as a shrink of p before the rule (AdamW)
 
     def __init__(self, lr, weight_decay=0.0, decay_names=("W",), schedule=None):
@@ -149,6 +152,7 @@ class Optimizer:
         if hasattr(model, "trainable_parameters"):
             triples = model.trainable_parameters()
         else:  # a single layer
+            self._check_layer(model)
             triples = [(k, p, model.grads.get(k)) for k, p in model.params.items() if k not in model.frozen_params]
         work = [self._checked(name, p, g) for name, p, g in triples]
         counts = [self._next_count(name, state) for name, _, _, state in work]
@@ -158,6 +162,18 @@ class Optimizer:
             arrays = {key: _flat(state[key]) for key in self.state_names}
             self._apply(_flat(p), _flat(g), arrays, lr, self._decay(name), k)
         self.t += 1
+
+    def _check_layer(self, layer):
+        """A single layer's parameters are keyed by their own names ('W', 'b'), so this optimizer's state
+        must be that layer's: refuse (before any update) a second layer that would share it."""
+        owner = self._layer() if self._layer is not None else None
+        if owner is not None and owner is not layer and self.state:
+            raise HyperparameterError(
+                f"{type(self).__name__}.step: this optimizer already holds the state of another layer "
+                f"({owner.name}), keyed by the same names ({', '.join(sorted(self.state))}); give each layer "
+                "its own optimizer, or step the whole model (opt.step(model))"
+            )
+        self._layer = weakref.ref(layer)
 
     def _decay(self, name):
         """The weight-decay coefficient of parameter `name` (its own name in decay_names, else 0)."""
@@ -363,6 +379,11 @@ class Optimizer:
         for key, value in arrays.items():
             name, _, k = key.rpartition("/")
             self.state.setdefault(name, {})[k] = np.array(value)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_layer", None)  # (a weak reference does not pickle; the next single-layer step sets it)
+        return state
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

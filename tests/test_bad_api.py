@@ -305,7 +305,7 @@ CASES = [
         "datasets.load_npy missing",
         lambda: bnnet.datasets.load_npy("/nonexistent.npy"),
         E.DatasetError,
-        "cannot read as a .npy array",
+        "/nonexistent.npy: no such file",
     ),
     (
         "recompute NaN",
@@ -378,3 +378,29 @@ def test_moments_accepts_any_sequence_of_axes_as_tensorflow_does():
         mean, var = F.moments(X.astype(np.float64), axes=axes)
         np.testing.assert_allclose(mean, X.mean(axis=0), rtol=1e-6)
         np.testing.assert_allclose(var, X.var(axis=0), rtol=1e-5)
+
+
+def test_values_that_are_not_numbers_and_sizes_beyond_memory_are_named():
+    model = bnnet.mlp([3, 4, 2], seed=0)
+    for value in ("abc", [["a"] * 4] * 3, np.zeros((3, 4), complex), None):
+        with pytest.raises(E.InputError, match=r"params\['0.W'\] holds float32 numbers; cannot assign"):
+            model.params["0.W"] = value
+    with pytest.raises(E.HyperparameterError, match=r"Linear: W of shape \(4, 1000000000000\) would take"):
+        bnnet.mlp([4, 10**12])
+    with pytest.raises(E.HyperparameterError, match="BatchNorm: each of gamma"):
+        bnnet.layers.BatchNorm(10**13)
+
+
+def test_one_optimizer_on_two_layers_is_refused_before_any_update():
+    a, b = bnnet.layers.Linear(3, 3, rng=0), bnnet.layers.Linear(3, 3, rng=1)
+    x = np.ones((2, 3), np.float32)
+    for layer in (a, b):
+        layer.forward(x, True)
+        layer.backward(x)
+    opt = bnnet.optim.Adam()
+    opt.step(a)
+    before = b.params["W"].copy()
+    with pytest.raises(E.HyperparameterError, match="already holds the state of another layer"):
+        opt.step(b)
+    np.testing.assert_array_equal(b.params["W"], before)
+    opt.step(a)  # its own layer again: fine

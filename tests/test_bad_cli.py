@@ -221,8 +221,8 @@ CASES = [
     # settings that only fit can judge, and data files (exit 1)
     ("train --data {ok} --batch-size 1 --quiet", 1, "batch_size=1 cannot train BatchNorm"),
     ("train --local-bn --quiet", 1, "--local-bn only applies with --distributed"),
-    ("train --data {dir}/nowhere.npz", 1, "nowhere.npz: cannot read as .npz"),
-    ("train --data mnist6k", 1, "--data must be 'mnist5k', a folder of MNIST IDX files or an .npz file"),
+    ("train --data {dir}/nowhere.npz", 1, "nowhere.npz: no such file"),
+    ("train --data mnist6k", 1, "--data must be 'mnist5k', a folder of MNIST IDX files, an .npz or a .csv file"),
     ("train --data {empty}", 1, "empty.npz: cannot read as .npz without pickle"),
     ("train --data {x1d}", 1, "X_train must have one row per sample"),
     ("train --data {xscalar}", 1, "X_train must have one row per sample"),
@@ -252,7 +252,7 @@ CASES = [
     ("predict {run} {npy_strings}", 1, "X must hold real numbers, got an array of dtype <U1"),
     ("predict {run} {npy_objects}", 1, "holds Python objects"),
     ("predict {run} {npy_hugeheader}", 1, "header says shape (10000000000, 6)"),
-    ("predict {run} {dir}/missing.npy", 1, "missing.npy: cannot read as a .npy array"),
+    ("predict {run} {dir}/missing.npy", 1, "missing.npy: no such file"),
     # checkpoints
     ("evaluate {dir}/missing.safetensors", 1, "no such checkpoint file"),
     ("evaluate {garbage}", 1, "not a valid bnnet checkpoint"),

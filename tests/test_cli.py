@@ -109,7 +109,7 @@ def test_train_on_an_npz_dataset(tmp_path, rng):
     "args,message",
     [
         (["evaluate", "missing.safetensors"], "no such checkpoint file"),
-        (["train", "--data", "nowhere.npz", "--quiet"], "cannot read as .npz"),
+        (["train", "--data", "nowhere.npz", "--quiet"], "nowhere.npz: no such file"),
         (["train", "--data", "mnist6k"], "--data must be 'mnist5k'"),
         (["train", "--batch-size", "1", "--quiet"], "batch_size=1 cannot train BatchNorm"),
     ],
