@@ -35,7 +35,7 @@ bnnet.ops.
 import numpy as np
 
 from . import backend
-from ._checks import as_float_array
+from ._checks import as_float_array, per_sample
 from .device import empty
 from .errors import HyperparameterError, InputError, NonFiniteError
 from .layers import BatchNorm, Linear, _Activation
@@ -46,12 +46,23 @@ def check_chain(layers, shape=None, error=HyperparameterError):
 
     shape: the per-sample shape of the input (a tuple), or None to start from what the
     first layer declares (Layer.in_shape; sizes not known yet are None and match anything).
+    A BatchNorm over axis 1 takes (C, ...) of any rank: met with nothing known yet, it passes the
+    question on to the next layer, whose input must then have its C channels first.
     Returns [(in shape, out shape)] per layer (None where nothing is known yet).
     """
-    shapes, source = [], "the input"
+    shapes, source, channels = [], "the input", None
     for i, layer in enumerate(layers):
+        if shape is None and isinstance(layer, BatchNorm) and layer.axis == 1:
+            channels = channels or (i, layer.num_features)  # (C, ...): the rank is the next layer's to say
+            shapes.append((None, None))
+            continue
         if shape is None:
             shape = layer.in_shape()
+            if channels is not None and shape is not None and shape[0] not in (None, channels[1]):
+                raise error(
+                    f"Sequential: layer {i} ({type(layer).__name__}) takes {per_sample(shape)}, but layer "
+                    f"{channels[0]} (BatchNorm) gives {channels[1]} channels: the layers do not chain"
+                )
         try:
             out = None if shape is None else layer.out_shape(tuple(shape))
         except InputError as e:
@@ -60,6 +71,7 @@ def check_chain(layers, shape=None, error=HyperparameterError):
             raise error(f"Sequential: {e}, which is what {source} gives: the layers do not chain") from None
         shapes.append((shape, out))
         shape, source = out, f"layer {i} ({type(layer).__name__})"
+        channels = None if shape is not None else channels
     return shapes
 
 

@@ -205,6 +205,11 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
             for name_, p in child.named_parameters(recurse=False):  # requires_grad=False: frozen in bnnet
                 if not p.requires_grad:
                     layers[-1].set_frozen(layers[-1].frozen_params | {_BNNET_PARAM_NAMES[type(layers[-1]), name_]})
+        # A BatchNorm without tensors (affine=False, track_running_stats=False) says no dtype: the model's
+        dtypes = {layer.dtype for layer in layers if getattr(layer, "dtype", None) and (layer.params or layer.buffers)}
+        for layer in layers:
+            if isinstance(layer, BatchNorm) and not layer.params and not layer.buffers and len(dtypes) == 1:
+                layer.dtype = next(iter(dtypes))
         return Sequential(*layers)
     state = dict(module)
     if activation not in ACTIVATIONS:
@@ -242,12 +247,18 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
     return Sequential(*layers)
 
 
-def to_torch(model):
-    """A torch nn.Sequential equal to `model` (same dtype, weights, statistics and conventions)."""
+def to_torch(model, input_shape=None):
+    """A torch nn.Sequential equal to `model` (same dtype, weights, statistics and conventions).
+
+    input_shape: the per-sample input shape, e.g. (C, D, H, W), which decides BatchNorm1d, 2d or 3d for
+    a BatchNorm the model itself does not fix (one that comes first); default: what the layers imply.
+    A frozen parameter (Sequential.freeze) becomes requires_grad=False.
+    """
     import torch
 
     mods = []
-    shapes = check_chain(model.layers)  # the per-sample input shape of each layer: BatchNorm1d, 2d or 3d
+    # the per-sample input shape of each layer: BatchNorm1d, 2d or 3d
+    shapes = check_chain(model.layers, None if input_shape is None else tuple(input_shape))
     for layer, (shape, _) in zip(model.layers, shapes):
         if isinstance(layer, Conv2d):
             m = torch.nn.Conv2d(
@@ -309,6 +320,8 @@ def to_torch(model):
                 raise HyperparameterError(
                     "to_torch: torch's BatchNorm takes channels on axis 1; this layer has axis=-1 (channels last)"
                 )
+            if shape is None:  # (a BatchNorm that comes first: the next layer says the rank)
+                shape = next((s for s, _ in shapes if s is not None), None)
             kind = {3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}.get(len(shape or ()), torch.nn.BatchNorm1d)
             m = kind(
                 layer.num_features,

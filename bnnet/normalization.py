@@ -20,7 +20,7 @@ import numpy as np
 from . import functional as F
 from . import ops
 from ._checks import check_bool, check_dtype, check_int, check_number, per_sample
-from .device import empty
+from .device import contiguous, empty
 from .equations import IDENTITY
 from .errors import HyperparameterError, InputError
 from .layers import LAYER_TYPES, BatchNorm, Layer, constant_arrays, on_rows
@@ -341,7 +341,7 @@ class _PerSampleNorm(Layer):
             self._grad("beta")[...] = dy.sum(axis=axes)
             self._grad("gamma")[...] = (dy * x_hat).sum(axis=axes)
             g = (dy * self._broadcast(self.params["gamma"], dy.ndim)).astype(x_hat.dtype, copy=False)  # dL/dx_hat
-        g = np.ascontiguousarray(g, dtype=x_hat.dtype)
+        g = contiguous(g, x_hat.dtype)  # (on g's own device)
         dx = empty(x_hat, x_hat.shape, x_hat.dtype)
         ones, _, sink_dgamma, sink_dbeta = self._per_row(x_hat, self._rows(x_hat))
         ops.bn_backward(
