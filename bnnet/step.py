@@ -308,5 +308,5 @@ class CompiledStep:
                 c = logits.shape[1]
                 raise InputError(f"CompiledStep: labels must be in [0, {c}), got values in [{y.min()}, {y.max()}]")
             return loss, self.loss.accuracy(logits, y), dlogits
-        loss = self.loss.forward(logits, y, sample_weight)
+        loss = self.loss.forward(logits, y) if sample_weight is None else self.loss.forward(logits, y, sample_weight)
         return loss, self.loss.accuracy(logits, y), self.loss.backward()

@@ -355,7 +355,9 @@ class Step:
             X_t, y_t = to_device(X_t, "cuda"), to_device(y_t, "cuda")
         logits = self.model.plan().forward(X_t, True, check_finite=self.check_activations)
         if len(X_t):
-            loss, acc = self.loss_fn.forward(logits, y_t, w_t), self.loss_fn.accuracy(logits, y_t)
+            # (a Loss of the user's own may take no weights: they are passed only when there are some)
+            loss = self.loss_fn.forward(logits, y_t) if w_t is None else self.loss_fn.forward(logits, y_t, w_t)
+            acc = self.loss_fn.accuracy(logits, y_t)
             dlogits = self.loss_fn.backward()
         else:  # an empty shard still takes part in every collective
             loss, acc, dlogits = 0.0, 0.0, np.zeros_like(logits)
