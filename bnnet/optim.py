@@ -8,6 +8,7 @@ squared averages, ...) belongs to the optimizer, is created lazily the first
 time a parameter is updated, and is keyed by the parameter's dotted name.
 """
 
+import math
 import weakref
 
 import numpy as np
@@ -63,7 +64,39 @@ class InverseTimeDecay(Schedule):
         return 1.0 / (1.0 + self.decay_rate * t / self.decay_steps)
 
 
-SCHEDULES = {cls.__name__: cls for cls in (StepDecay, ExponentialDecay, InverseTimeDecay)}
+class CosineDecay(Schedule):
+    """lr_t = lr * (final + (1 - final) * (1 + cos(pi * min(t, steps) / steps)) / 2): from lr down to
+    lr * final over `steps` updates, then flat (torch's CosineAnnealingLR with eta_min = lr * final)."""
+
+    def __init__(self, steps, final=0.0):
+        self.steps = check_int("CosineDecay", "steps", steps, low=1)
+        self.final = check_number("CosineDecay", "final", final, low=0, high=1)
+
+    def __call__(self, t):
+        return self.final + (1.0 - self.final) * (1.0 + math.cos(math.pi * min(t, self.steps) / self.steps)) / 2.0
+
+
+class Warmup(Schedule):
+    """A linear warm-up: lr_t = lr * (t + 1) / steps for the first `steps` updates, then `then`'s factor
+    (counted from the end of the warm-up; default None: lr). Warmup(steps) equals torch's
+    LinearLR(start_factor=1/steps, total_iters=steps-1)."""
+
+    def __init__(self, steps, then=None):
+        self.steps = check_int("Warmup", "steps", steps, low=1)
+        if then is not None and not isinstance(then, Schedule):
+            raise HyperparameterError(f"Warmup: then must be None or a Schedule, got {then!r}")
+        self.then = then
+
+    def __call__(self, t):
+        if t < self.steps:
+            return (t + 1) / self.steps
+        return 1.0 if self.then is None else self.then(t - self.steps)
+
+    def config(self):
+        return {"type": "Warmup", "steps": self.steps, "then": None if self.then is None else self.then.config()}
+
+
+SCHEDULES = {cls.__name__: cls for cls in (StepDecay, ExponentialDecay, InverseTimeDecay, CosineDecay, Warmup)}
 
 
 def schedule_from_config(cfg):
@@ -75,6 +108,8 @@ def schedule_from_config(cfg):
             f"schedule config must be {{'type': one of {', '.join(SCHEDULES)}, ...}}, got {cfg!r}"
         )
     cfg = dict(cfg)
+    if "then" in cfg:  # (Warmup: the schedule after it, as a config of its own)
+        cfg["then"] = schedule_from_config(cfg["then"])
     return SCHEDULES[cfg.pop("type")](**cfg)
 
 

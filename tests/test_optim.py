@@ -139,3 +139,34 @@ def test_hyperparameter_errors(make, match):
 def test_step_without_backward_is_an_error():
     with pytest.raises(bnnet.InputError, match="no gradient for '0.W'; run model.backward"):
         optim.SGD(0.1).step(bnnet.mlp([2, 2, 2]))
+
+
+def test_cosine_and_warmup_schedules_match_torch():
+    torch = pytest.importorskip("torch")
+    from bnnet.optim import CosineDecay, Warmup, schedule_from_config
+
+    def torch_rates(make, n, lr=0.1):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=lr)
+        sched = make(opt)
+        rates = []
+        for _ in range(n):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return rates
+
+    cosine = optim.SGD(0.1, schedule=CosineDecay(10, final=0.05))
+    ours = [cosine.lr * cosine.schedule(t) for t in range(15)]
+    ref = torch_rates(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=0.005), 11)
+    np.testing.assert_allclose(ours[:11], ref, rtol=1e-12)
+    assert ours[10:] == [pytest.approx(0.005, rel=1e-12)] * 5  # flat after `steps`
+    warm = Warmup(4)
+    ref = torch_rates(lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=3), 8)
+    np.testing.assert_allclose([0.1 * warm(t) for t in range(8)], ref, rtol=1e-12)
+    both = Warmup(3, then=CosineDecay(6))
+    assert [both(t) for t in range(3)] == [1 / 3, 2 / 3, 1.0] and both(3) == 1.0 and both(9) == 0.0
+    again = schedule_from_config(both.config())
+    assert [again(t) for t in range(12)] == [both(t) for t in range(12)]
+    with pytest.raises(bnnet.HyperparameterError, match="then must be"):
+        Warmup(3, then="cosine")
