@@ -88,6 +88,8 @@ def _describe(layer):
     sizes += [getattr(layer, k) for k in ("out_features", "out_channels") if hasattr(layer, k)]
     if not sizes and hasattr(layer, "num_features"):
         sizes = [layer.num_features]
+    if name == "GroupNorm":
+        sizes = [layer.num_groups, layer.num_features]
     if hasattr(layer, "p") and name == "Dropout":
         sizes = [layer.p]
     return f"{name}({', '.join(str(s) for s in sizes)})" if sizes else name
