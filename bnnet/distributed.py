@@ -259,9 +259,10 @@ class SyncBatchNorm(BatchNorm):
 
     @classmethod
     def from_batchnorm(cls, bn, comm):
-        """A SyncBatchNorm sharing bn's parameter and buffer arrays."""
+        """A SyncBatchNorm sharing bn's parameter and buffer arrays (and which of them are frozen)."""
         sync = cls(comm=comm, **bn.config())
         sync.params, sync.buffers = bn.params, bn.buffers
+        sync.frozen_params = bn.frozen_params
         return sync
 
     def _effective_train(self, x, train):

@@ -36,6 +36,17 @@ FIT_CASES = [
         "sync": True,
     },
     {
+        "name": "fit-frozen-callbacks",  # frozen parameters and a callback that lowers the lr, on every rank
+        "dtype": "float64",
+        "backend": "numba",
+        "batch_size": 12,
+        "optimizer": "adam",
+        "activation": "relu",
+        "sync": True,
+        "freeze": ["0", "1.gamma"],
+        "callbacks": True,
+    },
+    {
         "name": "fit-f64-local",
         "dtype": "float64",
         "backend": "numba",
@@ -58,6 +69,12 @@ def fit_setup(case, seed_model=0):
         {"sgd": 0.1, "momentum": 0.1, "rmsprop": 1e-3, "adam": 1e-2}[case["optimizer"]]
     )
     kwargs = dict(optimizer=opt, epochs=2, batch_size=case["batch_size"], seed=1, progress=False)
+    if case.get("freeze"):
+        model.freeze(*case["freeze"])
+    if case.get("callbacks"):  # (the lr is halved after every epoch but the first: patience 0, min_delta out of reach)
+        kwargs.update(
+            epochs=3, callbacks=[bnnet.callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=0, min_delta=10.0)]
+        )
     return model, X, y, kwargs
 
 

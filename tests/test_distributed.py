@@ -112,6 +112,24 @@ def test_fit_on_k_ranks_equals_one_process(runs, case, k):
 
 
 @pytest.mark.parametrize("k", [2, 4])
+def test_frozen_parameters_stay_put_on_every_rank(runs, k):
+    case = next(c for c in mpi_cases.FIT_CASES if c.get("freeze"))
+    initial, *_ = mpi_cases.fit_setup(case, seed_model=100)  # rank 0's weights, broadcast to all
+    for got in _rank_files(runs[k], case["name"], k):
+        for key in initial.frozen_params:
+            np.testing.assert_array_equal(got[f"params/{key}"], initial.params[key])
+    model, _ = _reference_fit(case)
+    assert model.frozen_params == ["0.W", "1.gamma"] and kwargs_lr(case) == 0.01 * 0.5**2
+
+
+def kwargs_lr(case):
+    """The lr after the reference run (ReduceLROnPlateau halved it after each epoch but the first)."""
+    model, X, y, kwargs = mpi_cases.fit_setup(case, seed_model=100)
+    bnnet.fit(model, X, y, **kwargs)
+    return kwargs["optimizer"].lr
+
+
+@pytest.mark.parametrize("k", [2, 4])
 def test_communication_volume(runs, k):
     """One moments allreduce per BN layer forward, one sums allreduce per BN backward, one gradient
     allreduce per step (plus the start-up broadcasts): counted by the Communicator."""
