@@ -225,3 +225,28 @@ def test_checkpoints_and_builders(tmp_path):
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_a_convnet_training_step_with_instance_norm_matches_torch_float64():
+    from bnnet.interop import to_torch
+
+    rng = np.random.default_rng(10)
+    model = bnnet.Sequential(
+        Conv2d(2, 4, 3, padding=1, dtype="float64", rng=0), InstanceNorm2d(4, affine=True, dtype="float64"), ReLU(),
+        Conv2d(4, 4, 3, padding=1, dtype="float64", rng=1), GroupNorm(2, 4, dtype="float64"), ReLU(),
+        Flatten(), Linear(4 * 5 * 5, 3, dtype="float64", rng=2),
+    )  # fmt: skip
+    twin = to_torch(model)
+    X, y = rng.standard_normal((6, 2, 5, 5)), rng.integers(0, 3, 6)
+    opt, topt = bnnet.optim.SGD(0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    loss = bnnet.losses.SoftmaxCrossEntropy()
+    for _ in range(2):
+        loss.forward(model.forward(X, True), y)
+        model.backward(loss.backward())
+        opt.step(model)
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(twin(torch.tensor(X)), torch.tensor(y)).backward()
+        topt.step()
+    ours = to_torch(model).state_dict()
+    for k, v in twin.state_dict().items():
+        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
