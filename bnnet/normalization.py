@@ -245,19 +245,6 @@ class GhostBatchNorm(BatchNorm):
         self._cache = ("ghost", x, y, chunks)
         return y
 
-    def _update_running_std(self, mean, var, m):
-        """running_mean as BatchNorm's; running_var = s^2 - eps with s the running average of
-        sqrt(var_B + eps), s read back from running_var (so that recompute_bn_stats and edits stay in
-        force); count += 1."""
-        decay, correction = self._running_update_args(m)
-        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
-        # (before the first batch s starts at sqrt(running_var), as TF's moving_stddev initializer)
-        s = np.sqrt(running_var.astype(np.float64) + (self.eps if int(self.buffers["count"]) else 0.0))
-        s = F.running_average(s, np.sqrt(var * correction + self.eps), decay)
-        running_mean[...] = F.running_average(running_mean.astype(np.float64), mean, decay)
-        running_var[...] = np.maximum(s * s - self.eps, 0.0)
-        self._count_batch(mean, var)
-
     @on_rows
     def _backward(self, dy, input_grad, dx_out=None):
         mode, x, *rest = self._cached()

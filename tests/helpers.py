@@ -80,6 +80,17 @@ def train_both(model, tmodel, opt, topt, batches, rel=1e-12):
         assert loss == pytest.approx(tloss.item(), rel=rel)
 
 
+def assert_equal_to_twin(model, tmodel, atol=1e-12):
+    """Every tensor of torch's `tmodel` equals that of bnnet's model converted with to_torch."""
+    import numpy as np
+
+    from bnnet.interop import to_torch
+
+    ours = to_torch(model).state_dict()
+    for k, v in tmodel.state_dict().items():
+        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=atol, err_msg=k)
+
+
 def torch_named(tmodel):
     """A torch nn.Sequential's parameters and running statistics under bnnet's dotted names (the
     modules line up one to one with bnnet's layers; torch's Linear.weight is bnnet's W transposed)."""

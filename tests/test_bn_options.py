@@ -239,7 +239,7 @@ def test_nd_shapes_that_do_not_fit_are_refused():
 def test_center_and_scale_apart(kw, tmp_path):
     """Keras's center/scale: one of beta, gamma learned, the other fixed; saved, converted and exported."""
     torch = pytest.importorskip("torch")
-    from helpers import check_layer_gradients
+    from helpers import assert_equal_to_twin, check_layer_gradients, train_both
 
     from bnnet.interop import to_torch
     from bnnet.layers import BatchNorm, Linear, ReLU
@@ -255,17 +255,8 @@ def test_center_and_scale_apart(kw, tmp_path):
     twin = to_torch(model)
     X, y = rng.standard_normal((8, 3)), rng.integers(0, 2, 8)
     opt, topt = bnnet.optim.SGD(0.1), torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):
-        loss = bnnet.losses.SoftmaxCrossEntropy()
-        loss.forward(model.forward(X, True), y)
-        model.backward(loss.backward())
-        opt.step(model)
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(twin(torch.tensor(X)), torch.tensor(y)).backward()
-        topt.step()
-    ours = to_torch(model).state_dict()
-    for k, v in twin.state_dict().items():
-        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+    train_both(model, twin, opt, topt, [(X, y)] * 2)
+    assert_equal_to_twin(model, twin)
     bnnet.save(str(tmp_path / "m.safetensors"), model)
     loaded = bnnet.load(str(tmp_path / "m.safetensors"))
     assert (loaded.layers[1].center, loaded.layers[1].scale) == (bn.center, bn.scale)

@@ -3,6 +3,7 @@ other updates equal PyTorch's with requires_grad=False."""
 
 import numpy as np
 import pytest
+from helpers import assert_equal_to_twin, train_both
 
 import bnnet
 from bnnet import optim
@@ -43,18 +44,8 @@ def test_frozen_first_layer_matches_torch_requires_grad_false():
     assert not twin[0].weight.requires_grad
     opt = optim.Adam(0.01)
     topt = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=0.01)
-    for t in range(3):
-        rows = slice(16 * t, 16 * t + 16)
-        loss = bnnet.losses.SoftmaxCrossEntropy()
-        loss.forward(model.forward(X[rows], True), y[rows])
-        model.backward(loss.backward())
-        opt.step(model)
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(twin(torch.tensor(X[rows])), torch.tensor(y[rows])).backward()
-        topt.step()
-    ours = to_torch(model).state_dict()
-    for k, v in twin.state_dict().items():
-        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+    train_both(model, twin, opt, topt, [(X[16 * t : 16 * t + 16], y[16 * t : 16 * t + 16]) for t in range(3)])
+    assert_equal_to_twin(model, twin)
 
 
 def test_frozen_names_are_saved_and_training_resumes(tmp_path):

@@ -3,7 +3,7 @@ finite differences in float64, interop both ways, ONNX through onnxruntime, the 
 
 import numpy as np
 import pytest
-from helpers import check_layer_gradients
+from helpers import assert_equal_to_twin, check_layer_gradients, train_both
 
 import bnnet
 from bnnet.conv import Conv2d, Flatten
@@ -165,17 +165,8 @@ def test_a_training_step_matches_torch_float64():
     twin = to_torch(model)
     X, y = rng.standard_normal((10, 5)), rng.integers(0, 3, 10)
     opt, topt = bnnet.optim.Adam(0.01), torch.optim.Adam(twin.parameters(), lr=0.01)
-    loss = bnnet.losses.SoftmaxCrossEntropy()
-    for _ in range(2):
-        loss.forward(model.forward(X, True), y)
-        model.backward(loss.backward())
-        opt.step(model)
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(twin(torch.tensor(X)), torch.tensor(y)).backward()
-        topt.step()
-    ours = to_torch(model).state_dict()
-    for k, v in twin.state_dict().items():
-        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+    train_both(model, twin, opt, topt, [(X, y)] * 2)
+    assert_equal_to_twin(model, twin)
 
 
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
@@ -239,14 +230,5 @@ def test_a_convnet_training_step_with_instance_norm_matches_torch_float64():
     twin = to_torch(model)
     X, y = rng.standard_normal((6, 2, 5, 5)), rng.integers(0, 3, 6)
     opt, topt = bnnet.optim.SGD(0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
-    loss = bnnet.losses.SoftmaxCrossEntropy()
-    for _ in range(2):
-        loss.forward(model.forward(X, True), y)
-        model.backward(loss.backward())
-        opt.step(model)
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(twin(torch.tensor(X)), torch.tensor(y)).backward()
-        topt.step()
-    ours = to_torch(model).state_dict()
-    for k, v in twin.state_dict().items():
-        np.testing.assert_allclose(ours[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+    train_both(model, twin, opt, topt, [(X, y)] * 2)
+    assert_equal_to_twin(model, twin)
