@@ -249,8 +249,8 @@ class Optimizer:
         for group in layout.groups:
             if not (isinstance(group.params, arrays) and group.params.dtype.char in "fd"):
                 return False  # the per-parameter path says what is wrong
-        states = self._flat_state(layout)
         names = _trainable(layout)
+        states = self._flat_state(layout, names)
         k = self._common_count(names)
         if k is False:
             return False
@@ -286,14 +286,15 @@ class Optimizer:
         counts = {self._next_count(name, self.state[name]) for name in names}
         return counts.pop() if len(counts) == 1 else False
 
-    def _flat_state(self, layout):
+    def _flat_state(self, layout, names):
         """Per group, {state name: flat array} laid out like its parameters; self.state's entries are views
-        into them. Kept while those views are still in self.state (identity per array); else laid out
-        again, every existing state array checked (InputError) and its values copied in."""
-        states = self.current_flat_state(layout)
+        into them (for the trainable parameters, `names`: a frozen one has no state). Kept while those
+        views are still in self.state (identity per array); else laid out again, every existing state
+        array checked (InputError) and its values copied in."""
+        states = self.current_flat_state(layout, names)
         if states is not None:
             return states
-        trainable = set(_trainable(layout))
+        trainable = set(names)
         for group in layout.groups:  # check everything before anything changes
             for name, layer, pkey, *_ in group.entries:
                 if name not in trainable:
@@ -317,17 +318,18 @@ class Optimizer:
                     entry[key] = view
                     views.append((name, key, view))
             states.append(flat)
-        self._flat = (layout, states, views, _trainable(layout))
+        self._flat = (layout, states, views, names)
         return states
 
-    def current_flat_state(self, layout):
+    def current_flat_state(self, layout, names=None):
         """The flat state arrays per group of `layout` while self.state's entries are still their views
-        (an identity test per array), else None."""
+        (an identity test per array) and the trainable parameters are still `names` (default: as now),
+        else None."""
         cached = self._flat
         if (
             cached is not None
             and cached[0] is layout
-            and cached[3] == _trainable(layout)
+            and cached[3] == (_trainable(layout) if names is None else names)
             and all(self.state.get(name, {}).get(key) is view for name, key, view in cached[2])
         ):
             return cached[1]
