@@ -530,6 +530,7 @@ class LastGood:
     def __init__(self, model, opt):
         self.model, self.opt = model, opt
         self.slots = [None, None]  # each: the live arrays, their copies, the scalars and opt.t at commit
+        self._parts_cache = None  # (layout, flat optimizer state?, parts): see _parts
         self.good = None  # which slot holds the last good state
         if not self.commit():
             raise NonFiniteError(f"fit: the model holds NaN or Inf before training, in {self.first_nonfinite()}")
@@ -552,25 +553,17 @@ class LastGood:
         layout = self.model.flat_layout() if hasattr(self.model, "flat_layout") else None
         if layout is None:
             return self._named(), {}
-        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
-        live, parts = [], {}
-        for gi, group in enumerate(layout.groups):
-            live.append((("flat", "params", gi), group.params))
-            parts["flat", "params", gi] = [
-                (("params", index[id(layer)], key), start, stop, layer.params[key].shape)
-                for _, layer, key, start, stop in group.entries
-            ]
+        live = [(("flat", "params", gi), group.params) for gi, group in enumerate(layout.groups)]
         live += [(("buffers", i, k), a) for i, layer in enumerate(self.model.layers) for k, a in layer.buffers.items()]
         opt_state = self.opt.state
         flat_state = self.opt.current_flat_state(layout)
-        if flat_state is not None and self._state_is_flat(layout):
-            for gi, (group, arrays) in enumerate(zip(layout.groups, flat_state)):
-                for key, a in arrays.items():
-                    live.append((("flat", "optimizer", (gi, key)), a))
-                    parts["flat", "optimizer", (gi, key)] = [
-                        (("optimizer", name, key), start, stop, layer.params[pkey].shape)
-                        for name, layer, pkey, start, stop in group.entries
-                    ]
+        flat = flat_state is not None and self._state_is_flat(layout)
+        if flat:
+            live += [
+                (("flat", "optimizer", (gi, key)), a)
+                for gi, arrays in enumerate(flat_state)
+                for key, a in arrays.items()
+            ]
             live += [
                 (("optimizer", name, k), a)
                 for name, st in opt_state.items()
@@ -579,7 +572,29 @@ class LastGood:
             ]
         else:
             live += [(("optimizer", name, k), a) for name, st in opt_state.items() for k, a in st.items()]
-        return live, parts
+        return live, self._parts(layout, flat)
+
+    def _parts(self, layout, flat_state):
+        """{flat buffer's key: [(named key, start, stop, shape)]}: which named arrays each flat buffer of
+        `layout` holds (the parameters, and with flat_state the optimizer's state). Fixed for a layout
+        (its views keep their shapes), so it is built once per layout."""
+        cached = self._parts_cache
+        if cached is not None and cached[0] is layout and cached[1] == flat_state:
+            return cached[2]
+        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
+        parts = {}
+        for gi, group in enumerate(layout.groups):
+            parts["flat", "params", gi] = [
+                (("params", index[id(layer)], key), start, stop, layer.params[key].shape)
+                for _, layer, key, start, stop in group.entries
+            ]
+            for key in self.opt.state_names if flat_state else ():
+                parts["flat", "optimizer", (gi, key)] = [
+                    (("optimizer", name, key), start, stop, layer.params[pkey].shape)
+                    for name, layer, pkey, start, stop in group.entries
+                ]
+        self._parts_cache = (layout, flat_state, parts)
+        return parts
 
     def _state_is_flat(self, layout):
         """The optimizer holds no state arrays besides the views of its flat state (nothing else to copy)."""
@@ -601,18 +616,19 @@ class LastGood:
             # New or replaced arrays (the first step creates the optimizer state): new copies, made
             # here with the same size and dtype, so the kernel below needs no other check.
             copies = [empty(a, a.shape, a.dtype) for a in arrays]  # on each array's device
+            pairs = [(contiguous(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)]
             slot = {
                 "keys": [key for key, a in live if not isinstance(a, np.generic)],
                 "arrays": arrays,
                 "copies": copies,
-                "pairs": [(contiguous(a).reshape(-1), c.reshape(-1)) for a, c in zip(arrays, copies)],
+                "floats": [(a, c) for a, c in pairs if a.dtype.kind == "f"],
+                "integers": [(a, c) for a, c in pairs if a.dtype.kind != "f"],  # (BatchNorm's count)
             }
         copy_finite, ok = backend.impl().copy_finite, True
-        for src, dst in slot["pairs"]:
-            if src.dtype.kind == "f":
-                ok &= copy_finite(src, dst)
-            else:  # integer counters (BatchNorm's count)
-                np.copyto(dst, src)
+        for src, dst in slot["floats"]:
+            ok &= copy_finite(src, dst)
+        for src, dst in slot["integers"]:
+            np.copyto(dst, src)
         # numpy scalars (the optimizer's per-parameter counters) are immutable: kept as they are
         slot["scalars"] = {key: a for key, a in live if isinstance(a, np.generic)}
         slot["parts"] = parts
