@@ -107,7 +107,7 @@ def read_csv(path, target=None, features=None):
         if len(row) != len(header):
             raise DatasetError(f"{path}: row {r + 2} has {len(row)} fields; the header has {len(header)}")
         for j, c in enumerate(columns):
-            X[r, j] = _number(row[c], path, r + 2, header[c])
+            X[r, j] = _number(row[c], path, r + 2, header[c], " (a feature column must hold numbers)")
     y = None if target is None else [row[header.index(target)].strip() for row in rows[1:]]
     return Table(X, y, features, target, path)
 
@@ -160,12 +160,12 @@ def _maybe_number(text):
     return v if math.isfinite(v) else text
 
 
-def _number(text, source, row, column):
+def _number(text, source, row, column, hint=""):
     try:
         v = float(text)
     except ValueError:
         v = None
     if v is None or not math.isfinite(v):
         shown = text if len(text) <= 40 else text[:37] + "..."
-        raise DatasetError(f"{source}: row {row}, column {column}: {shown!r} is not a finite number")
+        raise DatasetError(f"{source}: row {row}, column {column}: {shown!r} is not a finite number{hint}")
     return v
