@@ -60,7 +60,7 @@ class Layer:
     @property
     def trainable(self):
         """False when every parameter is frozen (no update, no optimizer state); set it to freeze or
-        unfreeze them all (as Keras's layer.trainable). Freezing a parameter zeroes its gradient."""
+        unfreeze them all (as Keras's layer.trainable). See Sequential.freeze."""
         return not (self.params and self.frozen_params >= set(self.params))
 
     @trainable.setter
@@ -70,7 +70,8 @@ class Layer:
         self.set_frozen(() if value else tuple(self.params))
 
     def set_frozen(self, keys):
-        """Freeze exactly these parameter keys (the others train); their gradients are set to zero."""
+        """Freeze exactly these parameter keys (the others train); their gradients are set to zero now
+        (a frozen Linear's W keeps a zero gradient: it is not computed)."""
         unknown = [k for k in keys if k not in self.params]
         if unknown:
             raise HyperparameterError(

@@ -243,10 +243,11 @@ class Sequential:
         return [name for name, layer, k in self._param_keys if k in layer.frozen_params]
 
     def freeze(self, *names):
-        """Freeze parameters: no update, no optimizer state, their gradients zero (a frozen Linear's dW is
-        not computed). names: layer indices (0, or "0": all of that layer's parameters) or dotted
-        parameter names ("1.gamma"); none: every parameter. BatchNorm's running statistics are
-        frozen apart, by bnnet.freeze_batchnorm."""
+        """Freeze parameters: no update, no optimizer state, no part in clip_grad_norm. A frozen Linear's
+        weight gradient is not computed (it stays zero); the fused kernels may still write the others'
+        gradients, which nothing applies. names: layer indices (0, or "0": all of that layer's
+        parameters) or dotted parameter names ("1.gamma"); none: every parameter. BatchNorm's running
+        statistics are frozen apart, by bnnet.freeze_batchnorm."""
         self._set_frozen(names, True)
         return self
 

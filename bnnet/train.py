@@ -186,12 +186,12 @@ def fit(
     last_good = LastGood(model, opt)
     bar = Progress(progress and is_root(comm), epochs * len(batch_sizes), run.step, validation_name)
     log = TensorBoardLog(log_dir) if log_dir is not None and is_root(comm) else None
+    data = (X, y, weights)
     try:
         for epoch in range(run.epoch, epochs + 1):
             if run.stopped:
                 break
             bar.epoch(epoch, epochs)
-            data = (X, y, weights)
             _train_epoch(run, step, opt, data, batch_size, drop_single, clip_grad_norm, checkpoints, bar, last_good)
             logs = _end_epoch(run, model, loss_fn, val, bar) | {"lr": opt.current_lr()}
             if log is not None:
@@ -460,9 +460,12 @@ class RunState:
         self.stopped = saved.get("stopped", False)
         states = saved.get("callbacks", [])
         types = [type(cb).__name__ for cb in self.callbacks]
-        if not isinstance(states, list) or [s.get("type") if isinstance(s, dict) else s for s in states] != types:
+        saved_types = (
+            [s.get("type") if isinstance(s, dict) else s for s in states] if isinstance(states, list) else states
+        )
+        if saved_types != types:
             raise CheckpointError(
-                f"{source}: was written by a run with the callbacks {states!r}, not {types}; "
+                f"{source}: was written by a run with the callbacks {saved_types!r}, not {types}; "
                 "resume with the same callbacks in the same order"
             )
         for i, (cb, st) in enumerate(zip(self.callbacks, states)):
