@@ -21,11 +21,13 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 
 It runs exactly the functions the layers run, in the same order, with the same arguments, so its
 numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
-of Linear, BatchNorm (over (N, D) rows, with any of its options) and
-activation layers in one dtype, any loss and any optimizer of bnnet, on the CPU. `compilable(...)`
-names what stands in the way of anything else; `fit` then runs the interpreted step (convnets, Batch
-Renorm, Ghost BN, LayerNorm, synchronized BatchNorm, the cuda backend). In data-parallel training with
-unsynchronized BatchNorm each rank's shard runs as a compiled step, the gradient allreduce after it.
+of Linear, a normalization of (N, D) rows (BatchNorm with any of its options, Batch Renorm, Ghost BN,
+SyncBatchNorm, LayerNorm, GroupNorm), activation and Dropout layers in one dtype, any loss and any
+optimizer of bnnet, on the CPU. Plain BatchNorm runs as the fused kernel call; the other
+normalizations run through their layers' own _forward/_backward, as the plan runs them.
+`compilable(...)` names what stands in the way of anything else; `fit` then runs the interpreted step
+(convnets, the cuda backend). In data-parallel training each rank's shard runs as a compiled step (a
+SyncBatchNorm's collectives inside it), the gradient allreduce after it.
 
 Why a list of calls and not one compiled function: numba reaches a BLAS only through SciPy, and the
 products are about half of a paper-net step either way; the calls between them are few (two per
@@ -38,9 +40,17 @@ from . import backend, ops, threads
 from . import functional as F
 from ._checks import as_float_array, check_int
 from .device import device_of
+from .dropout import Dropout
 from .errors import HyperparameterError, InputError
 from .layers import BatchNorm, Linear, _Activation
 from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+from .normalization import _PerSampleNorm
+
+
+def _is_norm(layer):
+    """A normalization the compiled step takes: BatchNorm and its variants (Renorm, Ghost BN,
+    SyncBatchNorm), LayerNorm and GroupNorm."""
+    return isinstance(layer, (BatchNorm, _PerSampleNorm))
 
 
 def compilable(model, loss, optimizer=None):
@@ -62,10 +72,13 @@ def compilable(model, loss, optimizer=None):
     if len(dtypes) > 1:
         return f"its layers mix dtypes ({', '.join(sorted(dtypes))}); the compiled step runs in one"
     for layer in model.layers:
-        if type(layer) is BatchNorm:
+        if _is_norm(layer) or isinstance(layer, Dropout):
             pass  # (every option: affine, track_running_stats, frozen, decay, running_var, axis on rows)
         elif not isinstance(layer, (Linear, _Activation)) or (isinstance(layer, Linear) and type(layer) is not Linear):
-            return f"{layer.name} is not a layer the compiled step takes (Linear, BatchNorm, activations)"
+            return (
+                f"{layer.name} is not a layer the compiled step takes (Linear, the normalizations of (N, D) rows, "
+                "activations, Dropout)"
+            )
     if not isinstance(model.layers[-1], Linear):
         return "the model must end in a Linear layer (the loss takes its outputs)"
     try:
@@ -97,10 +110,14 @@ def compile_step(model, loss, optimizer=None, batch_size=None):
 
 
 class _Hidden:
-    """One hidden block as the plan schedules it: Linear [-> BatchNorm] [-> activation] (fused)."""
+    """One hidden block: Linear [-> normalization] [-> activation] [-> Dropout]. A plain BatchNorm and
+    its activation run as the fused kernel call the plan makes (`direct`); any other normalization runs
+    through the layers' own _forward/_backward, fused with the activation where the plan fuses them."""
 
-    def __init__(self, linear, norm, act):
-        self.linear, self.norm, self.act = linear, norm, act
+    def __init__(self, linear, norm, act, drop=None):
+        self.linear, self.norm, self.act, self.drop = linear, norm, act, drop
+        self.direct = type(norm) is BatchNorm
+        self.fused = norm is not None and not self.direct and isinstance(norm, BatchNorm) and norm.fusable
 
     @property
     def activation(self):
@@ -136,14 +153,18 @@ class CompiledStep:
             linear, norm, act = layers[i], None, None
             if not isinstance(linear, Linear):
                 raise HyperparameterError(
-                    f"compile_step: {linear.name} must follow a Linear (Linear [-> BatchNorm] [-> activation])"
+                    f"compile_step: {linear.name} must follow a Linear "
+                    "(Linear [-> normalization] [-> activation] [-> Dropout])"
                 )
             i += 1
-            if i < len(layers) - 1 and type(layers[i]) is BatchNorm:
+            if i < len(layers) - 1 and _is_norm(layers[i]):
                 norm, i = layers[i], i + 1
             if i < len(layers) - 1 and isinstance(layers[i], _Activation):
                 act, i = layers[i], i + 1
-            blocks.append(_Hidden(linear, norm, act))
+            drop = None
+            if i < len(layers) - 1 and isinstance(layers[i], Dropout):
+                drop, i = layers[i], i + 1
+            blocks.append(_Hidden(linear, norm, act, drop))
         return blocks, layers[-1]
 
     def _allocate(self, rows):
@@ -153,9 +174,7 @@ class CompiledStep:
         self.capacity = rows
         self.z = [empty((rows, b.linear.out_features), self.dtype) for b in self.blocks]
         self.a = [empty((rows, b.linear.out_features), self.dtype) if b.norm is not None else None for b in self.blocks]
-        self.stats = [
-            empty((3, b.linear.out_features), np.float64) if b.norm is not None else None for b in self.blocks
-        ]
+        self.stats = [empty((3, b.linear.out_features), np.float64) if b.direct else None for b in self.blocks]
         self.logits = empty((rows, self.last.out_features), self.dtype)
         self.dlogits = np.empty_like(self.logits)
         # dx of every Linear but the first, alternating between two buffers (one is the dy being read)
@@ -192,7 +211,11 @@ class CompiledStep:
             threads.for_gemm(n * W.shape[0] * W.shape[1])
             np.matmul(x, W, out=z)
             inputs.append(x)
-            if b.norm is not None:
+            if b.norm is not None and not b.direct:
+                if b.linear.bias:
+                    z += b.linear.params["b"]
+                x = self._layers_forward(b, z, self.a[k][:n])
+            elif b.norm is not None:
                 if b.linear.bias:  # (cancelled by the mean subtraction, but computed as the layer does)
                     z += b.linear.params["b"]
                 x, trains[k] = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], code, slope, impl)
@@ -204,6 +227,8 @@ class CompiledStep:
                 if b.linear.bias:
                     z += b.linear.params["b"]
                 x = z
+            if b.drop is not None:
+                x = b.drop._forward(x, True)
         W, bias = self.last.params["W"], self.last.params.get("b")
         logits = self.logits[:n]
         threads.for_gemm(n * W.shape[0] * W.shape[1])
@@ -218,7 +243,11 @@ class CompiledStep:
         for k in range(len(self.blocks) - 1, -1, -1):
             b = self.blocks[k]
             code, slope = b.activation
-            if b.norm is not None:
+            if b.drop is not None:
+                dy = b.drop._backward(dy, True)
+            if b.norm is not None and not b.direct:
+                dz = self._layers_backward(b, dy)
+            elif b.norm is not None:
                 # BatchNorm's dx over its own input z (each element read before written), as the plan does
                 dz = self.z[k][:n]
                 self._norm_backward(b.norm, dy, self.a[k][:n], dz, self.stats[k], code, slope, trains[k], dz, impl)
@@ -265,6 +294,24 @@ class CompiledStep:
 
     def blocks_in(self):
         return self.blocks[0].linear.in_features if self.blocks else self.last.in_features
+
+    @staticmethod
+    def _layers_forward(block, z, out):
+        """A normalization other than plain BatchNorm, and the activation after it, through the layers'
+        own _forward: as one step with the activation where the plan fuses them (BatchNorm's
+        fusable subclasses: SyncBatchNorm), else one after the other."""
+        norm, act = block.norm, block.act
+        if block.fused and act is not None:
+            return norm._forward(z, True, out=out, activation=act)
+        y = norm._forward(z, True, out=out if norm.writes_out else None)
+        return y if act is None else act._forward(y, True)
+
+    @staticmethod
+    def _layers_backward(block, dy):
+        """The backward of _layers_forward: dL/dz from dL/d(block output before Dropout)."""
+        if not (block.fused and block.act is not None) and block.act is not None:
+            dy = block.act._backward(dy, True)
+        return block.norm._backward(dy, True)
 
     def _norm_forward(self, norm, z, a, stats, code, slope, impl):
         """BatchNorm._forward's kernel call, with the same arguments and side effects: batch or running

@@ -380,8 +380,8 @@ class DataParallelStep(Step):
     mini-batch, then one allreduce of the gradients, loss and accuracy sums."""
 
     def __init__(self, model, loss_fn, check_activations, compiled, comm, smallest_batch):
-        # (compiled: each rank's shard as a compiled step, the gradient allreduce after it; never with
-        # synchronized BatchNorm, whose collectives sit inside the layers)
+        # (compiled: each rank's shard as a compiled step, the gradient allreduce after it; a
+        # SyncBatchNorm's collectives run inside it, in the same order as the layers' on every rank)
         super().__init__(model, loss_fn, check_activations, compiled)
         self.dp = DataParallel(model, comm)
         self.smallest_batch = smallest_batch
