@@ -131,7 +131,7 @@ class EarlyStopping(_Monitor):
         if value is not None and self.improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                self.best_weights = _weights(self.training.model)
+                self.best_weights = model_arrays(self.training.model)
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -140,10 +140,7 @@ class EarlyStopping(_Monitor):
 
     def on_train_end(self):
         if self.restore_best_weights and self.best_weights is not None:
-            model = self.training.model
-            for key, value in self.best_weights.items():
-                kind, _, name = key.partition("/")
-                getattr(model, kind)[name] = value  # copied into the live arrays
+            set_model_arrays(self.training.model, self.best_weights)
 
     def state_dict(self):
         values = {k: getattr(self, k) for k in ("best", "best_epoch", "stopped_epoch", "wait")}
@@ -152,7 +149,7 @@ class EarlyStopping(_Monitor):
     def load_state_dict(self, values, arrays, source):
         _load_values(self, values, source, best=_number_or_none, best_epoch=_count, stopped_epoch=_count, wait=_count)
         if arrays:
-            expected = _weights(self.training.model, copy=False)
+            expected = model_arrays(self.training.model, copy=False)
             _check_arrays(arrays, expected, source, "EarlyStopping's best weights")
             self.best_weights = {k: np.array(v) for k, v in arrays.items()}
         else:
@@ -269,13 +266,20 @@ class ModelCheckpoint(_Monitor):
 # --------------------------------------------------------------------------
 
 
-def _weights(model, copy=True):
+def model_arrays(model, copy=True):
     """{"params/<name>": array, "buffers/<name>": array}: host copies (or the live arrays)."""
     out = {}
     for kind in ("params", "buffers"):
         for name, a in getattr(model, kind).items():
             out[f"{kind}/{name}"] = np.array(to_host(a)) if copy else a
     return out
+
+
+def set_model_arrays(model, arrays):
+    """Copy what model_arrays returned back into the model's live arrays."""
+    for key, value in arrays.items():
+        kind, _, name = key.partition("/")
+        getattr(model, kind)[name] = value
 
 
 def _check_arrays(arrays, expected, source, what):

@@ -36,7 +36,7 @@ from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d, validate_data
 
 from . import functional as F
-from .callbacks import Callback
+from .callbacks import Callback, model_arrays, set_model_arrays
 from .layers import Linear
 from .model import mlp
 from .optim import SGD, Adam, Momentum
@@ -211,7 +211,7 @@ class _BNMLP(BaseEstimator):
             weights = None if weights is None else weights[train_rows]
         batch_size = min(200, len(X)) if self.batch_size == "auto" else min(self.batch_size, len(X))
         self._optimizer.weight_decay = self.alpha / batch_size  # scikit-learn's penalty alpha/2 ||W||^2 per mini-batch
-        monitor = _Monitor(self, validation, incremental, len(X))
+        monitor = _MLPRules(self, validation, incremental, len(X))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*leave a last mini-batch of one row.*")
             self.history_ = fit(
@@ -221,9 +221,7 @@ class _BNMLP(BaseEstimator):
                 sample_weight=weights, callbacks=[monitor],
             )  # fmt: skip
         if monitor.best_weights is not None:  # early stopping: the best validation score's parameters
-            for key, value in monitor.best_weights.items():
-                kind, _, name = key.partition("/")
-                getattr(self.model_, kind)[name] = value
+            set_model_arrays(self.model_, monitor.best_weights)
         self._set_weight_attributes(n_outputs)
         if not incremental and not monitor.stopped:
             warnings.warn(
@@ -273,7 +271,7 @@ class _BNMLP(BaseEstimator):
         opt.lr = value / (1 - opt.beta) if isinstance(opt, Momentum) else value
 
 
-class _Monitor(Callback):
+class _MLPRules(Callback):
     """scikit-learn's rules after each epoch: the loss curve, the validation score (early_stopping), the
     no-improvement count against tol, the 'adaptive' and 'invscaling' learning rates, and stopping."""
 
@@ -294,11 +292,7 @@ class _Monitor(Callback):
             )
             if score > est.best_validation_score_:
                 est.best_validation_score_ = score
-                self.best_weights = {
-                    f"{kind}/{k}": np.array(v)
-                    for kind in ("params", "buffers")
-                    for k, v in getattr(est.model_, kind).items()
-                }
+                self.best_weights = model_arrays(est.model_)
         elif est.best_loss_ is not None:
             loss = logs["loss"]
             est._no_improvement_count = est._no_improvement_count + 1 if loss > est.best_loss_ - est.tol else 0

@@ -41,6 +41,7 @@ from . import functional as F
 from ._checks import as_float_array, check_int
 from .device import device_of
 from .dropout import Dropout
+from .engine import _fuse_batchnorm
 from .errors import HyperparameterError, InputError
 from .layers import BatchNorm, Linear, _Activation
 from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
@@ -117,7 +118,8 @@ class _Hidden:
     def __init__(self, linear, norm, act, drop=None):
         self.linear, self.norm, self.act, self.drop = linear, norm, act, drop
         self.direct = type(norm) is BatchNorm
-        self.fused = norm is not None and not self.direct and isinstance(norm, BatchNorm) and norm.fusable
+        # (the plan's own fusion rule: a fusable BatchNorm subclass, SyncBatchNorm, and its activation)
+        self.fused = norm is not None and not self.direct and _fuse_batchnorm(norm, act)
 
     @property
     def activation(self):
@@ -301,7 +303,7 @@ class CompiledStep:
         own _forward: as one step with the activation where the plan fuses them (BatchNorm's
         fusable subclasses: SyncBatchNorm), else one after the other."""
         norm, act = block.norm, block.act
-        if block.fused and act is not None:
+        if block.fused:
             return norm._forward(z, True, out=out, activation=act)
         y = norm._forward(z, True, out=out if norm.writes_out else None)
         return y if act is None else act._forward(y, True)
@@ -309,7 +311,7 @@ class CompiledStep:
     @staticmethod
     def _layers_backward(block, dy):
         """The backward of _layers_forward: dL/dz from dL/d(block output before Dropout)."""
-        if not (block.fused and block.act is not None) and block.act is not None:
+        if block.act is not None and not block.fused:  # (a fused step's backward includes its activation)
             dy = block.act._backward(dy, True)
         return block.norm._backward(dy, True)
 
