@@ -14,7 +14,7 @@ from .errors import HyperparameterError
 from .inference import fold_batchnorm
 from .io import atomic_write
 from .layers import BatchNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
-from .normalization import BatchRenorm, GhostBatchNorm, GroupNorm, LayerNorm
+from .normalization import GroupNorm, LayerNorm
 
 OPSET = 17
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads
@@ -78,8 +78,6 @@ def to_onnx(model, fold=False):
             nodes.append(helper.make_node("Flatten", [f"{out}.pooled"], [out], axis=1))
         elif isinstance(layer, Flatten):
             nodes.append(helper.make_node("Flatten", [h], [out], axis=1))
-        elif isinstance(layer, (BatchRenorm, GhostBatchNorm)) and not layer.track_running_stats:
-            raise HyperparameterError(f"export_onnx: cannot export {type(layer).__name__} without running statistics")
         elif isinstance(layer, BatchNorm) and layer.axis != 1:
             raise HyperparameterError(
                 "export_onnx: ONNX BatchNormalization takes channels on axis 1; this layer has axis=-1 (channels last)"

@@ -25,18 +25,6 @@ from .model import Sequential
 from .normalization import BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm2d, LayerNorm
 
 _TORCH_PARAM_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
-_BNNET_PARAM_NAMES = {
-    (cls, name): key
-    for cls, pairs in {
-        Linear: (("weight", "W"), ("bias", "b")),
-        Conv2d: (("weight", "W"), ("bias", "b")),
-        BatchNorm: (("weight", "gamma"), ("bias", "beta")),
-        LayerNorm: (("weight", "gamma"), ("bias", "beta")),
-        GroupNorm: (("weight", "gamma"), ("bias", "beta")),
-        InstanceNorm2d: (("weight", "gamma"), ("bias", "beta")),
-    }.items()
-    for name, key in pairs
-}
 _TORCH_ACTIVATIONS = {"ReLU": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}
 
 
@@ -202,9 +190,9 @@ def from_torch(module, activation="relu", eps=1e-5, momentum=0.1):
                     "BatchNorm1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm2d, Dropout, MaxPool2d, AvgPool2d, "
                     "AdaptiveAvgPool2d(1), Flatten, ReLU, LeakyReLU, Sigmoid, Tanh inside an nn.Sequential"
                 )
-            for name_, p in child.named_parameters(recurse=False):  # requires_grad=False: frozen in bnnet
-                if not p.requires_grad:
-                    layers[-1].set_frozen(layers[-1].frozen_params | {_BNNET_PARAM_NAMES[type(layers[-1]), name_]})
+            layer = layers[-1]  # requires_grad=False: frozen in bnnet (its key named as torch names it)
+            frozen = {name for name, p in child.named_parameters(recurse=False) if not p.requires_grad}
+            layer.set_frozen(layer.frozen_params | {k for k in layer.params if _TORCH_PARAM_NAMES[k] in frozen})
         # A BatchNorm without tensors (affine=False, track_running_stats=False) says no dtype: the model's
         dtypes = {layer.dtype for layer in layers if getattr(layer, "dtype", None) and (layer.params or layer.buffers)}
         for layer in layers:

@@ -42,6 +42,9 @@ def test_frozen_first_layer_matches_torch_requires_grad_false():
     model.freeze(0)
     twin = to_torch(model)
     assert not twin[0].weight.requires_grad
+    from bnnet.interop import from_torch
+
+    assert from_torch(to_torch(model)).frozen_params == model.frozen_params == ["0.W"]  # and back
     opt = optim.Adam(0.01)
     topt = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=0.01)
     train_both(model, twin, opt, topt, [(X[16 * t : 16 * t + 16], y[16 * t : 16 * t + 16]) for t in range(3)])
