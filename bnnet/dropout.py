@@ -28,6 +28,8 @@ class Dropout(Layer):
     Any input shape; the mask has the shape of x.
     """
 
+    _masked = False  # whether the last forward applied a mask (train mode with p > 0)
+
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         self.p = check_number("Dropout", "p", p, low=0, high=1, high_open=True)
@@ -40,8 +42,9 @@ class Dropout(Layer):
         return {("buffers", "rng"): ((2,), np.int64)}
 
     def _forward(self, x, train, out=None):
-        if not train or self.p == 0:
-            mask = np.broadcast_to(np.ones((), x.dtype), x.shape)  # dx = dy
+        if not train or self.p == 0:  # the identity: no mask (nothing to move to x's device)
+            self._cache, self._masked = (np.broadcast_to(np.ones((), x.dtype), x.shape),), False
+            return x.copy()
         else:
             rng = self.buffers["rng"]
             seed, draws = (int(v) for v in to_host(rng))
@@ -49,12 +52,12 @@ class Dropout(Layer):
             keep = generator.random(x.shape, dtype=x.dtype) >= self.p
             rng[1] = draws + 1
             mask = to_device(keep * x.dtype.type(1.0 / (1.0 - self.p)), device_of(x))  # 0 or 1 / (1 - p)
-        self._cache = (mask,)
+        self._cache, self._masked = (mask,), True
         return x * mask
 
     def _backward(self, dy, input_grad, dx_out=None):
         (mask,) = self._cached()
-        return dy * mask
+        return dy * mask if self._masked else dy.copy()
 
     @property
     def mask(self):
