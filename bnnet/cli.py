@@ -366,20 +366,27 @@ class _KernelClock:
         return f" (+ {self.seconds:.1f} s compiling kernels; later runs load them from numba's cache)"
 
 
-def load_data(spec, target=None, task="classification", seed=0):
+def load_data(spec, target=None, task="classification", seed=0, saved=None):
     """(X, y, X_test, y_test, info) for --data: bnnet.datasets' image data, or a CSV table (--target;
     80/20 split seeded by --seed, features standardized with the training rows' mean and std).
     info is what the checkpoint keeps for predict: task, and for a table its features, target,
-    classes and standardization."""
+    classes and standardization. saved: a checkpoint's metadata, whose standardization and feature
+    columns are used instead (evaluating a model on a table, its own or another)."""
     if not spec.endswith(".csv"):
         if target is not None or task != "classification":
             raise BnnetError("--target and --task regression apply to a CSV table (--data FILE.csv)")
         return (*datasets.load(spec), {"task": task})
     if target is None:
         raise BnnetError(f"--data {spec} is a table: say which column to predict with --target COLUMN")
-    table = read_csv(spec, target)
+    table = read_csv(spec, target, features=None if saved is None else saved.get("features"))
     X, y, Xt, yt, classes = table.split(task, test_fraction=0.2, seed=seed)
-    scaler = Standardizer.fit(X)
+    if saved is not None and saved.get("classes") != classes:
+        raise BnnetError(
+            f"{spec}: column {target} holds the classes {classes}, the model was trained on {saved.get('classes')}"
+        )
+    scaler = (
+        Standardizer.fit(X) if saved is None else Standardizer.from_dict(saved.get("standardize"), "the checkpoint")
+    )
     info = {"task": task, "target": target, "features": table.features, "classes": classes}
     info["standardize"] = scaler.as_dict()
     return scaler(X), y, scaler(Xt), yt, info
@@ -488,12 +495,14 @@ def as_model_input(model, X, metadata=None):
 
 
 def _saved_data(ckpt, data):
-    """(X, y, X_test, y_test) as the run that wrote `ckpt` loaded them (the same table split and
-    standardization), from `data` (default: the run's own --data)."""
+    """(X, y, X_test, y_test) as the run that wrote `ckpt` loaded them (the same table split, and the
+    checkpoint's own standardization and feature columns), from `data` (default: the run's own --data)."""
     cli = ckpt.metadata.get("cli") if isinstance(ckpt.metadata.get("cli"), dict) else {}
     task = ckpt.metadata.get("task", "classification")
     seed = cli.get("seed", 0) if isinstance(cli.get("seed", 0), int) else 0
-    X, y, Xt, yt, _ = load_data(data or ckpt.metadata.get("data", "mnist5k"), ckpt.metadata.get("target"), task, seed)
+    spec = data or ckpt.metadata.get("data", "mnist5k")
+    saved = ckpt.metadata if ckpt.metadata.get("standardize") is not None else None  # (a table's run)
+    X, y, Xt, yt, _ = load_data(spec, ckpt.metadata.get("target"), task, seed, saved)
     return X, y, Xt, yt
 
 

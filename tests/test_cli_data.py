@@ -55,6 +55,13 @@ def test_csv_classification_end_to_end(tables):
     assert predicted.stdout.split() == list(_expected_labels(out, tables))
     evaluated = run("evaluate", str(out))
     assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout and "(48 rows)" in evaluated.stdout
+    # another table is scaled as the training rows were (its own statistics would hide the shift)
+    X, label = tables["X"], tables["label"]
+    rows = [[*x, k] for x, k in zip(X * [1, 1, 100], label)]
+    shifted = _write_csv(tables["dir"] / "shifted.csv", ["a", "b", "c", "kind"], rows)
+    other = run("evaluate", str(out), "--data", shifted)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout != evaluated.stdout
     summary = run("summary", str(out))
     assert summary.returncode == 0 and "Linear(3, 16)" in summary.stdout and "(N, 2)" in summary.stdout
 
