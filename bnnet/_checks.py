@@ -152,6 +152,9 @@ def describe(a):
     if isinstance(a, np.ndarray):
         flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
         return f"{flags}{a.dtype} array of shape {a.shape}"
+    if on_device(a):
+        contiguous = "" if a.flags.c_contiguous else "non-contiguous "
+        return f"{contiguous}{a.dtype} device array of shape {a.shape}"
     return "nothing" if a is None else type(a).__name__
 
 

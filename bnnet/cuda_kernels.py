@@ -33,7 +33,7 @@ from numba.extending import overload
 from . import functional as F
 from . import kernels as K  # the scalar activations and their derivatives
 from . import optim_rules
-from .device import writable
+from .device import raw, writable
 
 # -- numpy's scalar math, for the equations compiled on the GPU -----------------------
 
@@ -395,6 +395,8 @@ def _contiguous(launch):
     (bnnet's layers allocate contiguous ones), and numba's simulator refuses them."""
 
     def run(*args):
+        if config.ENABLE_CUDASIM:
+            args = [_simulated_memory(a, launch.__name__, i) for i, a in enumerate(args)]
         # (a read-only array is copied too: numba's simulator writes every argument back after a launch)
         copies = [
             (a, _xp(a).array(a, order="C"))
@@ -411,6 +413,14 @@ def _contiguous(launch):
     run.__name__ = launch.__name__
     run.__doc__ = launch.__doc__
     return run
+
+
+def _simulated_memory(a, op, position):
+    """Under the simulator, the host memory a SimulatedDeviceArray holds, which the simulated kernels
+    index; a host ndarray is refused, as a GPU kernel cannot read host memory."""
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"cuda backend: {op} got a host array (numpy.ndarray) as argument {position}")
+    return raw(a)
 
 
 def _layout(x):

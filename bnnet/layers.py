@@ -275,7 +275,8 @@ _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), np.
 
 
 def _check_out(owner, name, out, shape, dtype):
-    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.writeable):
+    # the backend's array types: NumPy's, or the GPU's for the cuda backend
+    if not (isinstance(out, backend.array_types()) and out.shape == shape and out.dtype == dtype and writable(out)):
         raise InputError(
             f"{owner}: {name} must be a writable {np.dtype(dtype).name} array of shape {shape}, got {describe(out)}"
         )

@@ -450,3 +450,63 @@ def test_a_host_array_put_into_a_model_on_the_device_is_refused():
         assert bnnet.device.device_of(model.layers[0].grads["W"]) == "cuda"
     finally:
         model.to("cpu")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the simulator's device arrays; on a GPU they are CuPy's")
+def test_simulated_device_arrays_are_not_host_arrays():
+    """As CuPy's arrays: NumPy's functions and operators keep them on the device and share memory
+    as NumPy's views do, while a host array mixed in, or an implicit copy to the host, is a TypeError."""
+    from bnnet.device import SimulatedDeviceArray
+
+    host = np.arange(6.0).reshape(2, 3)
+    d = dev(host)
+    assert not isinstance(d, np.ndarray) and isinstance(d, SimulatedDeviceArray)
+    for result in (d + 1, d * d, np.exp(d), d.T, d[0], d[0, 1], d.sum(), np.empty_like(d), np.concatenate([d, d])):
+        assert type(result) is SimulatedDeviceArray
+    view = d.reshape(-1)
+    view[4] = 40.0
+    assert to_host(d)[1, 1] == 40.0 and type(to_host(d)) is np.ndarray
+    np.multiply(d, 2.0, out=d)
+    np.testing.assert_array_equal(to_host(d), np.array([[0.0, 2, 4], [6, 80, 10]]))
+    for implicit in (
+        lambda: np.asarray(d),
+        lambda: d + host,
+        lambda: np.add(host, d),
+        lambda: d.__setitem__(slice(None), host),
+        lambda: np.concatenate([d, host]),
+        lambda: np.multiply(d, 2.0, out=host),
+    ):
+        with pytest.raises(TypeError):
+            implicit()
+
+
+def test_a_host_array_reaching_a_cuda_kernel_is_refused():
+    """Below bnnet.ops' checks too: a kernel launched with one host argument fails, as it would on a GPU."""
+    (x, da, gamma, beta), running = _case((6, 4), "float64")
+    args = [dev(a) for a in (x, gamma, beta)] + [1e-5, ops.RELU, 0.0, True, dev(running[0]), dev(running[1]), 0.9]
+    args += [1.0, dev(np.empty_like(x))] + [dev(np.empty(4)) for _ in range(3)]
+    with backend.using("cuda"):
+        cuda_kernels.bn_forward(*args)  # every array on the device: runs
+        for position in (0, 1, 11, 14):
+            bad = list(args)
+            bad[position] = to_host(bad[position])
+            with pytest.raises(TypeError, match=rf"bn_forward got a host array .*argument {position}"):
+                cuda_kernels.bn_forward(*bad)
+            with pytest.raises(bnnet.InputError, match=r"is on the cpu device, but the cuda backend runs on the cuda"):
+                ops.bn_forward(*bad)
+
+
+def test_out_arrays_on_the_device():
+    """A layer's out= takes an array of the backend's type: a device array on the GPU, not a host one."""
+    model = bnnet.mlp([4, 3, 2], dtype="float64", seed=0).to("cuda")
+    try:
+        bn, x = model.layers[1], dev(np.random.default_rng(0).standard_normal((5, 3)))
+        bn.forward(x, train=True)  # running statistics that saw a batch
+        out = dev(np.full((5, 3), np.nan))
+        assert bn.forward(x, train=False, out=out) is out
+        np.testing.assert_array_equal(to_host(out), to_host(bn.forward(x, train=False)))
+        wanted = r"out must be a writable float64 array of shape \(5, 3\), got float64 array"
+        with pytest.raises(bnnet.InputError, match=wanted):
+            bn.forward(x, train=False, out=np.empty((5, 3)))
+    finally:
+        model.to("cpu")
