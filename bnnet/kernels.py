@@ -682,22 +682,34 @@ def update_running(running_mean, running_var, mean, var, decay, var_correction):
 
 def bn_moments(x, mean, m2):
     """Per-feature mean and M2 = sum((x - mean)^2) of x (N, D), N >= 0, into float64 (D,) arrays."""
-    _moments_serial(x, mean, m2)
+    _moments_serial(_plain(x), mean, m2)
 
 
 def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
     """sg = sum(g), sgx = sum(g * x_hat) over this shard's rows, g = da * g'(a); float64 (D,) outputs."""
-    _grad_sums_serial(da, a, x, mean, inv_std, act, slope, sg, sgx)
+    _grad_sums_serial(_plain(da), _plain(a), _plain(x), mean, inv_std, act, slope, sg, sgx)
 
 
 def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
     """dx = gamma inv_std (g - sg/n_total - x_hat sgx/n_total), with sg, sgx summed over the whole batch."""
+    da, a, x, gamma = _plain(da), _plain(a), _plain(x), _plain(gamma)
     _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, float(n_total), dx)
 
 
 # --------------------------------------------------------------------------
 # Entry points used by the layers
 # --------------------------------------------------------------------------
+
+
+def _plain(a):
+    """a as the kernels are compiled for it: C-contiguous and writable, else a copy that is.
+
+    numba compiles a kernel again, for seconds, for every read-only or strided argument; the layers
+    hand the kernels arrays of their own, and a read-only or strided input from elsewhere (a user's
+    array given to bnnet.ops, a read-only parameter) costs one copy instead.
+    """
+    flags = a.flags
+    return a if flags.c_contiguous and flags.writeable else np.array(a, order="C")
 
 
 def _chunks(x):
@@ -724,6 +736,9 @@ def bn_forward(
     The float64 (D,) arrays mean, var (biased) and inv_std = 1/sqrt(var + eps)
     receive the statistics used, for backward.
     """
+    x, gamma, beta = _plain(x), _plain(gamma), _plain(beta)
+    if not train:  # (read only then; in train mode bnnet.ops has checked that they are writable)
+        running_mean, running_var = _plain(running_mean), _plain(running_var)
     args = (
         x,
         gamma,
@@ -758,6 +773,7 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
     the float64 statistics the forward used (batch ones in train mode, running
     ones in eval mode, where dx = g * gamma * inv_std).
     """
+    da, a, x, gamma = _plain(da), _plain(a), _plain(x), _plain(gamma)
     if x.ndim == 3:  # (N, C, S)
         _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
         return

@@ -532,7 +532,7 @@ class BatchNorm(Layer):
         default the host)."""
         if self.affine:
             return self.params["gamma"], self.params["beta"], self._grad("gamma"), self._grad("beta")
-        self._constants = self._per_feature_arrays(self._constants, like, (1, 0, None, None), read_only=2)
+        self._constants = self._per_feature_arrays(self._constants, like, (1, 0, None, None))
         ones, zeros, sink_gamma, sink_beta = self._constants
         gamma, dgamma = (self.params["gamma"], self._grad("gamma")) if self.scale else (ones, sink_gamma)
         beta, dbeta = (self.params["beta"], self._grad("beta")) if self.center else (zeros, sink_beta)
@@ -546,10 +546,10 @@ class BatchNorm(Layer):
         self._stat_sinks = self._per_feature_arrays(self._stat_sinks, like, (0, 1))
         return self._stat_sinks
 
-    def _per_feature_arrays(self, cached, like, fills, read_only=0):
+    def _per_feature_arrays(self, cached, like, fills):
         """constant_arrays of shape (num_features,) in the layer's dtype (on the host when like is None)."""
         like = np.empty(0, self.dtype) if like is None else like
-        return constant_arrays(cached, like, (self.num_features,), self.dtype, fills, read_only)
+        return constant_arrays(cached, like, (self.num_features,), self.dtype, fills)
 
     def _effective_train(self, x, train):
         """Batch statistics (True) or running ones (False: eval mode, or frozen); checks the batch."""
@@ -721,20 +721,19 @@ class BatchNorm(Layer):
         return np.ascontiguousarray(np.moveaxis(y.reshape(moved_shape), -1, axis))
 
 
-def constant_arrays(cached, like, shape, dtype, fills, read_only=0):
+def constant_arrays(cached, like, shape, dtype, fills):
     """Arrays a normalization hands the batch-norm operations besides its own: `cached` if it holds
     arrays of `shape` on like's device, else new ones of `dtype` there, each filled with its value in
-    `fills` (None: left uninitialized, for results nothing reads); on the host the first `read_only`
-    of them are made read-only."""
+    `fills` (None: left uninitialized, for results nothing reads). They stay writable, although the
+    kernels only read the constant ones: numba compiles a kernel again, for seconds, for each
+    argument that is read-only, and these would make every affine=False BatchNorm, LayerNorm and
+    GroupNorm compile its own copies of the kernels."""
     if cached is not None and cached[0].shape == shape and cached[0].dtype == dtype and type(cached[0]) is type(like):
         return cached
     arrays = tuple(empty(like, shape, dtype) for _ in fills)
     for a, fill in zip(arrays, fills):
         if fill is not None:
             a[...] = fill
-    for a in arrays[:read_only]:
-        if isinstance(a, np.ndarray):
-            a.flags.writeable = False
     return arrays
 
 

@@ -340,7 +340,7 @@ class _PerSampleNorm(Layer):
     def _per_row(self, like, rows):
         """Per-row arrays for BN's operations on the (1, R, M) view: ones (its gamma), zeros (its beta)
         and two arrays it writes into that nothing reads (running statistics, or dgamma and dbeta)."""
-        self._constants = constant_arrays(self._constants, like, (rows,), like.dtype, (1, 0, None, None), read_only=2)
+        self._constants = constant_arrays(self._constants, like, (rows,), like.dtype, (1, 0, None, None))
         return self._constants
 
 

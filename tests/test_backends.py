@@ -1,5 +1,7 @@
 """The numba kernels against the NumPy reference (bnnet.functional): same numbers, many shapes."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,41 @@ def test_finiteness_checks_agree_between_backends(dtype):
                         np.testing.assert_array_equal(out, x)
                         assert bnnet.ops.all_finite(x) is expected
                         assert bnnet.ops.all_finite(x.reshape(1, n)[:, ::-1]) is expected  # not contiguous
+
+
+def test_each_kernel_compiles_once_per_dtype_and_rank():
+    """Read-only or strided arrays (a user's input, a read-only parameter, the constant gamma and beta
+    of affine=False BatchNorm, LayerNorm and GroupNorm) reach the kernels as C-contiguous writable
+    arrays, so numba never compiles a second version of a kernel (seconds each) for them. Run in a
+    fresh process: this one's dispatchers hold what the other tests compiled."""
+    code = """
+import numpy as np, bnnet
+from numba.core.registry import CPUDispatcher
+from bnnet import kernels, ops
+from bnnet.layers import BatchNorm, Linear
+from bnnet.normalization import GroupNorm, LayerNorm
+rng = np.random.default_rng(0)
+x = rng.standard_normal((40, 12))[::2, ::2]  # (20, 6), strided
+x.setflags(write=False)
+for layer in (BatchNorm(6, dtype="float64"), BatchNorm(6, dtype="float64", affine=False),
+              LayerNorm(6, dtype="float64"), GroupNorm(2, 6, dtype="float64")):
+    layer.forward(x, train=True)
+    layer.backward(np.ones_like(x), True)
+bn = BatchNorm(6, dtype="float64")
+bn.params["gamma"] = np.ones(6)
+bn.params["gamma"].setflags(write=False)  # a read-only parameter is used as it is
+bn.forward(x, train=True), bn.backward(x, True), bn.forward(x, train=False)
+moments = np.empty(6), np.empty(6)
+ops.bn_moments(x, *moments)
+found = [(name, str(sig)) for name, f in vars(kernels).items() if isinstance(f, CPUDispatcher)
+         for sig in f.signatures if "True, aligned" in str(sig) or "'A'" in str(sig)]
+assert not found, found
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "BNNET_BACKEND": "numba"}
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
