@@ -484,7 +484,9 @@ def _train_epoch(run, step, opt, data, batch_size, drop_single, clip_grad_norm, 
     total_loss, total_correct, seen = run.partial
     for b in range(run.batch, len(batches)):
         idx = step.rows(batches[b])
-        X_t, y_t = np.take(X, idx, axis=0, out=X_buf[: len(idx)]), y[idx]
+        # (mode="clip": the rows are a permutation's, always in range, and numpy's default mode
+        # gathers into a temporary first when given out=, one more copy of the mini-batch)
+        X_t, y_t = np.take(X, idx, axis=0, out=X_buf[: len(idx)], mode="clip"), y[idx]
         batch_loss, acc = step(X_t, y_t, len(batches[b]), None if weights is None else weights[idx])
         when = f"at step {run.step + 1} (epoch {run.epoch})"
         if not np.isfinite(batch_loss):

@@ -91,11 +91,6 @@ def test_batchnorm_odd_shapes_match_reference(dtype, shape, train):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_tall_inputs_reduce_over_many_chunks(monkeypatch, shape, dtype):
     """Small chunks force the partial sums of many blocks through the second launch."""
-    monkeypatch.setattr(cuda_kernels, "ROWS_PER_THREAD", 1)
-    _compare(shape, dtype, ops.TANH, True)
-
-
-def test_chunk_count_grows_with_rows(monkeypatch):
     calls = []
     real = cuda_kernels._reduce
 
@@ -106,8 +101,9 @@ def test_chunk_count_grows_with_rows(monkeypatch):
 
     monkeypatch.setattr(cuda_kernels, "_reduce", spy)
     monkeypatch.setattr(cuda_kernels, "ROWS_PER_THREAD", 1)
-    _compare((100, 3), "float64", ops.RELU, True)
-    assert calls == [(13, 3), (13, 3)]  # 8 rows per chunk: 13 partial rows, forward and backward
+    _compare(shape, dtype, ops.TANH, True)
+    if shape == (100, 3):
+        assert calls == [(13, 3), (13, 3)]  # 8 rows per chunk: 13 partial rows, forward and backward
 
 
 def test_nan_stays_in_its_feature():
@@ -409,7 +405,7 @@ def _avg_pool_net():
 VARIANTS = {
     "renorm": (_mlp_with("renorm"), (24, 5)),
     "ghost": (_mlp_with("ghost", virtual_batch_size=4), (24, 5)),
-    "layernorm": (_mlp_with("layer"), (24, 5)),
+    "layernorm": (_mlp_with("layer"), (8, 5)),  # (small: the simulator runs 256 threads for each sample)
     "affine=False": (_bn_without(affine=False), (24, 5)),
     "track_running_stats=False": (_bn_without(track_running_stats=False), (24, 5)),
     "avg pools": (_avg_pool_net, (8, 1, 6, 6)),
