@@ -101,6 +101,31 @@ def test_views_stay_views_through_assignment_load_and_set_state(tmp_path):
     assert not np.shares_memory(copied_group.params, layout.groups[0].params)
 
 
+def test_views_stay_views_through_device_moves():
+    """model.to(device) lays the flat buffers out on the new device, parameters and gradients views
+    into them there (on numba's CUDA simulator here, whose device arrays are not NumPy arrays)."""
+    from bnnet.device import device_of, simulated
+
+    if not simulated():
+        pytest.skip("the simulated device; on a GPU tests/test_cuda.py runs the device moves")
+    model = bnnet.mlp([4, 6, 3], dtype="float64", seed=0)
+    values = {k: v.copy() for k, v in model.params.items()}
+    X, y = bnnet.device.to_device(np.ones((4, 4)), "cuda"), np.arange(4) % 3
+    try:
+        model.to("cuda")
+        group = model.flat_layout().groups[0]
+        assert device_of(group.params) == "cuda" and not isinstance(group.params, np.ndarray)
+        assert all(np.shares_memory(p, group.params) for p in model.params.values())
+        _grads_step(model, X, bnnet.device.to_device(y, "cuda"))
+        assert all(np.shares_memory(g, group.grads) for g in model.grads.values())
+    finally:
+        model.to("cpu")
+    group = model.flat_layout().groups[0]
+    assert all(type(p) is np.ndarray and np.shares_memory(p, group.params) for p in model.params.values())
+    for k, v in values.items():
+        np.testing.assert_array_equal(model.params[k], v)  # the moves copy the values both ways
+
+
 def test_a_replaced_parameter_is_laid_out_again_with_its_values():
     model = bnnet.mlp([4, 6, 3], seed=0)
     old = model.flat_layout()
