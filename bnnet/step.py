@@ -21,13 +21,15 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 
 It runs exactly the functions the layers run, in the same order, with the same arguments, so its
 numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
-of Linear, a normalization of (N, D) rows (BatchNorm with any of its options, Batch Renorm, Ghost BN,
-SyncBatchNorm, LayerNorm, GroupNorm), activation and Dropout layers in one dtype, any loss and any
-optimizer of bnnet, on the CPU. Plain BatchNorm runs as the fused kernel call; the other
-normalizations run through their layers' own _forward/_backward, as the plan runs them.
-`compilable(...)` names what stands in the way of anything else; `fit` then runs the interpreted step
-(convnets, the cuda backend). In data-parallel training each rank's shard runs as a compiled step (a
-SyncBatchNorm's collectives inside it), the gradient allreduce after it.
+in one dtype that ends in a Linear, any loss and any optimizer of bnnet, on the CPU. The longest
+run of layers at the end made of blocks (Linear [-> normalization of (N, D) rows] [-> activation]
+[-> Dropout]) and the last Linear is what the step runs itself: plain BatchNorm as the fused kernel
+call, the other normalizations (Batch Renorm, Ghost BN, SyncBatchNorm, LayerNorm, GroupNorm) through
+their layers' own _forward/_backward, as the plan runs them. The layers before that run (a convnet's
+convolutions, pooling and Flatten) run through an execution plan of their own (bnnet.engine), the
+same calls the model's plan makes. `compilable(...)` names what stands in the way; `fit` then runs
+the interpreted step (the cuda backend, mixed dtypes). In data-parallel training each rank's shard
+runs as a compiled step (a SyncBatchNorm's collectives inside it), the gradient allreduce after it.
 
 Why a list of calls and not one compiled function: numba reaches a BLAS only through SciPy, and the
 products are about half of a paper-net step either way; the calls between them are few (two per
@@ -41,7 +43,7 @@ from . import functional as F
 from ._checks import as_float_array, check_int
 from .device import device_of
 from .dropout import Dropout
-from .engine import _fuse_batchnorm
+from .engine import Plan, _fuse_batchnorm, check_chain
 from .errors import HyperparameterError, InputError
 from .layers import BatchNorm, Linear, _Activation
 from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
@@ -72,21 +74,33 @@ def compilable(model, loss, optimizer=None):
     dtypes = {layer.dtype for layer in model.layers if hasattr(layer, "dtype")}
     if len(dtypes) > 1:
         return f"its layers mix dtypes ({', '.join(sorted(dtypes))}); the compiled step runs in one"
-    for layer in model.layers:
-        if _is_norm(layer) or isinstance(layer, Dropout):
-            pass  # (every option: affine, track_running_stats, frozen, decay, running_var, axis on rows)
-        elif not isinstance(layer, (Linear, _Activation)) or (isinstance(layer, Linear) and type(layer) is not Linear):
-            return (
-                f"{layer.name} is not a layer the compiled step takes (Linear, the normalizations of (N, D) rows, "
-                "activations, Dropout)"
-            )
-    if not isinstance(model.layers[-1], Linear):
+    if not model.layers or type(model.layers[-1]) is not Linear:
         return "the model must end in a Linear layer (the loss takes its outputs)"
-    try:
-        CompiledStep._schedule(model.layers)
-    except HyperparameterError as e:
-        return str(e).removeprefix("compile_step: ")
     return None
+
+
+def _in_tail(layer):
+    """A layer of the blocks the step runs itself: Linear, a normalization of (N, D) rows (every option:
+    affine, track_running_stats, frozen, decay, running_var), an activation, Dropout."""
+    return type(layer) is Linear or _is_norm(layer) or isinstance(layer, (_Activation, Dropout))
+
+
+def _split(layers):
+    """(prefix, blocks, last Linear): the longest run of layers at the end that forms blocks
+    (Linear [-> normalization] [-> activation] [-> Dropout]) and the last Linear, and the layers
+    before it (convolutions, pooling, Flatten, ...), which run through their own plan."""
+    layers = list(layers)
+    start = len(layers) - 1
+    while start > 0 and _in_tail(layers[start - 1]):
+        start -= 1
+    for first in range(start, len(layers)):  # the run must start with a Linear and follow the grammar
+        if type(layers[first]) is Linear:
+            try:
+                blocks, last = CompiledStep._schedule(layers[first:])
+            except HyperparameterError:
+                continue
+            return layers[:first], blocks, last
+    raise AssertionError("unreachable: compilable checked that the model ends in a Linear")
 
 
 def compile_step(model, loss, optimizer=None, batch_size=None):
@@ -108,6 +122,15 @@ def compile_step(model, loss, optimizer=None, batch_size=None):
     if reason is not None:
         raise HyperparameterError(f"compile_step: cannot compile this step: {reason}")
     return CompiledStep(model, loss, optimizer, batch_size)
+
+
+class _Prefix:
+    """What the plan of the layers before the blocks needs to know of their model."""
+
+    eval_only = False
+
+    def __init__(self, layers, dtype):
+        self.layers, self.dtype = list(layers), dtype
 
 
 class _Hidden:
@@ -140,7 +163,11 @@ class CompiledStep:
         self.dtype = np.dtype(model.dtype)
         self.backend = backend.get_backend()
         self.layers = tuple(model.layers)
-        self.blocks, self.last = self._schedule(model.layers)
+        prefix, self.blocks, self.last = _split(model.layers)
+        # the layers before the first block (a convnet's convolutions, pooling and Flatten) run through
+        # the execution plan of their own, as the model's plan runs them: the same calls, in order
+        self.prefix = Plan(_Prefix(prefix, model.dtype)) if prefix else None
+        self._checked_shapes = set()  # input shapes the whole chain was checked with
         self.capacity = 0
         if batch_size is not None:
             self._allocate(batch_size)
@@ -179,8 +206,10 @@ class CompiledStep:
         self.stats = [empty((3, b.linear.out_features), np.float64) if b.direct else None for b in self.blocks]
         self.logits = empty((rows, self.last.out_features), self.dtype)
         self.dlogits = np.empty_like(self.logits)
-        # dx of every Linear but the first, alternating between two buffers (one is the dy being read)
-        widest = max([b.linear.in_features for b in self.blocks[1:]] + [self.last.in_features])
+        # dx of every Linear but the first (the first too when a prefix needs it), alternating between
+        # two buffers (one is the dy being read)
+        below = self.blocks if self.prefix is not None else self.blocks[1:]
+        widest = max([b.linear.in_features for b in below] + [self.last.in_features])
         self.dx = [empty((rows * widest,), self.dtype) for _ in range(2)]
 
     # -- running --------------------------------------------------------------------
@@ -204,6 +233,8 @@ class CompiledStep:
         if n > self.capacity:
             self._allocate(n)
         impl = backend.impl()
+        if self.prefix is not None:  # (N, ...) -> (N, F): the layers before the blocks, through their plan
+            x = self.prefix.forward(x, True)
         # forward: z = x @ W; a = g(BN(z)) in one pass (or g(z + b) without BatchNorm)
         inputs, trains = [], [False] * len(self.blocks)  # each block's input; batch statistics used?
         for k, b in enumerate(self.blocks):
@@ -241,7 +272,8 @@ class CompiledStep:
         if share is not None:
             dlogits = dlogits * share  # (as Step: a new array, the same rounding)
         # backward: the last Linear, then each block from the top
-        dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks), 0)
+        below = self.prefix is not None  # (the prefix's backward takes the first Linear's dx)
+        dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks) or below, 0)
         for k in range(len(self.blocks) - 1, -1, -1):
             b = self.blocks[k]
             code, slope = b.activation
@@ -255,7 +287,9 @@ class CompiledStep:
                 self._norm_backward(b.norm, dy, self.a[k][:n], dz, self.stats[k], code, slope, trains[k], dz, impl)
             else:
                 dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
-            dy = self._linear_backward(b.linear, inputs[k], dz, k > 0, (len(self.blocks) - k) % 2)
+            dy = self._linear_backward(b.linear, inputs[k], dz, k > 0 or below, (len(self.blocks) - k) % 2)
+        if below:
+            self.prefix.backward(dy)
         self.model.plan()._out_shape = None  # the interpreted path's forward is spent (its buffers are not ours)
         return loss, acc
 
@@ -269,8 +303,19 @@ class CompiledStep:
         if self.backend != backend.get_backend():
             raise HyperparameterError("CompiledStep: the backend changed since the step was built; build a new one")
         self._recheck()
-        x = as_float_array(X_t, "X_t", "CompiledStep", self.dtype.name)
-        if x.ndim != 2 or x.shape[1] != self.blocks_in() or device_of(x) != "cpu":
+        if self.prefix is not None:  # (converted as model.forward converts it: by the first layer)
+            x = self.layers[0]._input(X_t)
+        else:
+            x = as_float_array(X_t, "X_t", "CompiledStep", self.dtype.name)
+        if device_of(x) != "cpu":
+            raise InputError("CompiledStep: X_t must be a host array (the compiled step runs on the CPU)")
+        if self.prefix is not None:
+            if x.ndim < 2:
+                raise InputError(f"CompiledStep: X_t must be a batch (N, ...), got shape {x.shape}")
+            if x.shape[1:] not in self._checked_shapes:  # every layer takes it (else InputError naming one)
+                check_chain(self.layers, x.shape[1:], error=InputError)
+                self._checked_shapes.add(x.shape[1:])
+        elif x.ndim != 2 or x.shape[1] != self.blocks_in():
             raise InputError(f"CompiledStep: X_t must be a (N, {self.blocks_in()}) host array, got shape {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
