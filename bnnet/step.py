@@ -22,8 +22,8 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 It runs exactly the functions the layers run, in the same order, with the same arguments, so its
 numbers equal the layer-by-layer path bit for bit (tests/test_step.py). What it takes: a Sequential
 in one dtype that ends in a Linear, any loss and any optimizer of bnnet, on the CPU. The longest
-run of layers at the end made of blocks (Linear [-> normalization of (N, D) rows] [-> activation]
-[-> Dropout]) and the last Linear is what the step runs itself: plain BatchNorm as the fused kernel
+run of layers at the end made of blocks (a Linear, then optionally a normalization of (N, D) rows,
+an activation and Dropout) and the last Linear is what the step runs itself: plain BatchNorm as the fused kernel
 call, the other normalizations (Batch Renorm, Ghost BN, SyncBatchNorm, LayerNorm, GroupNorm) through
 their layers' own _forward/_backward, as the plan runs them. The layers before that run (a convnet's
 convolutions, pooling and Flatten) run through an execution plan of their own (bnnet.engine), the
