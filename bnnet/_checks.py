@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .device import on_device
+from .device import on_device, writable
 from .errors import HyperparameterError, InputError, InputTypeError
 
 FLOAT_DTYPES = ("float32", "float64")
@@ -149,12 +149,9 @@ def check_seed(owner, seed):
 
 def describe(a):
     """How an array (or anything else) reads in an error message: its layout, dtype and shape."""
-    if isinstance(a, np.ndarray):
-        flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if a.flags.writeable else "read-only ")
-        return f"{flags}{a.dtype} array of shape {a.shape}"
-    if on_device(a):
-        contiguous = "" if a.flags.c_contiguous else "non-contiguous "
-        return f"{contiguous}{a.dtype} device array of shape {a.shape}"
+    if isinstance(a, np.ndarray) or on_device(a):
+        flags = ("" if a.flags.c_contiguous else "non-contiguous ") + ("" if writable(a) else "read-only ")
+        return f"{flags}{a.dtype} {'device ' if on_device(a) else ''}array of shape {a.shape}"
     return "nothing" if a is None else type(a).__name__
 
 
