@@ -10,8 +10,10 @@ does that work once, when it is built for (model, loss, optimizer, rows per batc
 
     checks     every layer's arrays against its configuration (Plan.check), the loss and the
                optimizer; between calls only the identity and shape of the arrays it holds are
-               compared again (an assignment into `params`, `buffers` or the optimizer state is
-               still caught before a kernel runs, or laid out again when it is a valid array);
+               compared again (an assignment into `params`, `buffers`, `grads` or the optimizer
+               state is still caught before a kernel runs, or laid out again when it is a valid
+               array); the arrays a call reads and writes are looked up once per batch size
+               (_Bound) and again only after such a change;
     buffers    every activation, statistic and gradient buffer is allocated for the largest batch
                (a smaller batch uses their first rows);
     program    the step becomes a list of calls: matrix products through NumPy's BLAS and the
@@ -168,6 +170,8 @@ class CompiledStep:
         # the execution plan of their own, as the model's plan runs them: the same calls, in order
         self.prefix = Plan(_Prefix(prefix, model.dtype)) if prefix else None
         self._checked_shapes = set()  # input shapes the whole chain was checked with
+        self._bound = None  # the arrays of the last call's batch size (_Bound)
+        self._plan = None  # the model's plan, as the last _recheck checked it
         self.capacity = 0
         if batch_size is not None:
             self._allocate(batch_size)
@@ -200,7 +204,7 @@ class CompiledStep:
         """Buffers for `rows` rows: per block z (the Linear's output) and a (the block's output), the
         float64 statistics of each BatchNorm, the logits and their gradient, two dx buffers."""
         empty = np.empty
-        self.capacity = rows
+        self.capacity, self._bound = rows, None
         self.z = [empty((rows, b.linear.out_features), self.dtype) for b in self.blocks]
         self.a = [empty((rows, b.linear.out_features), self.dtype) if b.norm is not None else None for b in self.blocks]
         self.stats = [empty((3, b.linear.out_features), np.float64) if b.direct else None for b in self.blocks]
@@ -232,50 +236,44 @@ class CompiledStep:
         n = len(x)
         if n > self.capacity:
             self._allocate(n)
+        bound = self._bound_for(n)
         impl = backend.impl()
         if self.prefix is not None:  # (N, ...) -> (N, F): the layers before the blocks, through their plan
             x = self.prefix.forward(x, True)
         # forward: z = x @ W; a = g(BN(z)) in one pass (or g(z + b) without BatchNorm)
         inputs, trains = [], [False] * len(self.blocks)  # each block's input; batch statistics used?
-        for k, b in enumerate(self.blocks):
+        for k, (b, r) in enumerate(zip(self.blocks, bound.blocks)):
             code, slope = b.activation
-            W = b.linear.params["W"]
-            z = self.z[k][:n]
-            threads.for_gemm(n * W.shape[0] * W.shape[1])
-            np.matmul(x, W, out=z)
+            z = r.z
+            threads.for_gemm(r.macs)
+            np.matmul(x, r.W, out=z)
             inputs.append(x)
+            if r.bias is not None and (b.norm is not None or b.act is None):
+                z += r.bias  # (cancelled by a normalization's mean subtraction, but computed as the layer does)
             if b.norm is not None and not b.direct:
-                if b.linear.bias:
-                    z += b.linear.params["b"]
-                x = self._layers_forward(b, z, self.a[k][:n])
+                x = self._layers_forward(b, z, r.a)
             elif b.norm is not None:
-                if b.linear.bias:  # (cancelled by the mean subtraction, but computed as the layer does)
-                    z += b.linear.params["b"]
-                x, trains[k] = self._norm_forward(b.norm, z, self.a[k][:n], self.stats[k], code, slope, impl)
+                x, trains[k] = self._norm_forward(b.norm, r, code, slope, impl)
             elif b.act is not None:  # as Linear's fused forward: z <- g(z + b) in one pass
-                bias = b.linear.params["b"] if b.linear.bias else np.zeros(W.shape[1], self.dtype)
-                impl.bias_activation(z, bias, code, float(slope))
+                impl.bias_activation(z, r.bias if r.bias is not None else r.zero_bias, code, float(slope))
                 x = z
             else:
-                if b.linear.bias:
-                    z += b.linear.params["b"]
                 x = z
             if b.drop is not None:
                 x = b.drop._forward(x, True)
-        W, bias = self.last.params["W"], self.last.params.get("b")
-        logits = self.logits[:n]
-        threads.for_gemm(n * W.shape[0] * W.shape[1])
-        np.matmul(x, W, out=logits)
-        if bias is not None:
-            logits += bias
-        loss, acc, dlogits = self._loss(logits, y, impl, sample_weight)
+        r = bound.last
+        threads.for_gemm(r.macs)
+        np.matmul(x, r.W, out=r.z)
+        if r.bias is not None:
+            r.z += r.bias
+        loss, acc, dlogits = self._loss(r.z, y, impl, sample_weight)
         if share is not None:
             dlogits = dlogits * share  # (as Step: a new array, the same rounding)
         # backward: the last Linear, then each block from the top
         below = self.prefix is not None  # (the prefix's backward takes the first Linear's dx)
-        dy = self._linear_backward(self.last, x, dlogits, bool(self.blocks) or below, 0)
+        dy = self._linear_backward(self.last, r, x, dlogits)
         for k in range(len(self.blocks) - 1, -1, -1):
-            b = self.blocks[k]
+            b, r = self.blocks[k], bound.blocks[k]
             code, slope = b.activation
             if b.drop is not None:
                 dy = b.drop._backward(dy, True)
@@ -283,15 +281,32 @@ class CompiledStep:
                 dz = self._layers_backward(b, dy)
             elif b.norm is not None:
                 # BatchNorm's dx over its own input z (each element read before written), as the plan does
-                dz = self.z[k][:n]
-                self._norm_backward(b.norm, dy, self.a[k][:n], dz, self.stats[k], code, slope, trains[k], dz, impl)
+                impl.bn_backward(
+                    dy, r.a, r.z, r.mean, r.inv_std, r.gamma, code, float(slope), trains[k], r.z, r.dgamma, r.dbeta
+                )
+                dz = r.z
             else:
-                dz = dy if b.act is None else b.act.grad_from_output(dy, self.z[k][:n])
-            dy = self._linear_backward(b.linear, inputs[k], dz, k > 0 or below, (len(self.blocks) - k) % 2)
+                dz = dy if b.act is None else b.act.grad_from_output(dy, r.z)
+            dy = self._linear_backward(b.linear, r, inputs[k], dz)
         if below:
             self.prefix.backward(dy)
-        self.model.plan()._out_shape = None  # the interpreted path's forward is spent (its buffers are not ours)
+        self._plan._out_shape = None  # the interpreted path's forward is spent (its buffers are not ours)
         return loss, acc
+
+    def _bound_for(self, n):
+        """The arrays a call with n rows reads and writes (_Bound), looked up once and kept while the
+        plan's last full check still holds (the same arrays: see Plan.check) and every gradient is
+        still the array it was (identity, shape, writable); else looked up again, as the layers
+        would look them up (Layer._grad, BatchNorm._affine and _running)."""
+        bound, plan = self._bound, self._plan  # (the plan _recheck has just checked)
+        if bound is not None and bound.n == n and bound.plan is plan and bound.accepted is plan._accepted:
+            for grads, key, g, shape in bound.grads:
+                if grads.get(key) is not g or g.shape != shape or not g.flags.writeable:
+                    break
+            else:
+                return bound
+        self._bound = bound = _Bound(self, n, plan)
+        return bound
 
     def _arguments(self, X_t, y_t, check_input):
         """The batch as the kernels need it, after the model's arrays are re-checked (identity, shape).
@@ -305,9 +320,11 @@ class CompiledStep:
         self._recheck()
         if self.prefix is not None:  # (converted as model.forward converts it: by the first layer)
             x = self.layers[0]._input(X_t)
+        elif type(X_t) is np.ndarray and X_t.dtype == self.dtype:
+            x = X_t  # (what as_float_array returns for it)
         else:
             x = as_float_array(X_t, "X_t", "CompiledStep", self.dtype.name)
-        if device_of(x) != "cpu":
+        if type(x) is not np.ndarray and device_of(x) != "cpu":
             raise InputError("CompiledStep: X_t must be a host array (the compiled step runs on the CPU)")
         if self.prefix is not None:
             if x.ndim < 2:
@@ -337,7 +354,8 @@ class CompiledStep:
             raise HyperparameterError(
                 "CompiledStep: the model's layers changed since the step was built; build a new one"
             )
-        model.plan().check(True)
+        self._plan = model.plan()
+        self._plan.check(True)
 
     def blocks_in(self):
         return self.blocks[0].linear.in_features if self.blocks else self.last.in_features
@@ -360,35 +378,29 @@ class CompiledStep:
             dy = block.act._backward(dy, True)
         return block.norm._backward(dy, True)
 
-    def _norm_forward(self, norm, z, a, stats, code, slope, impl):
+    @staticmethod
+    def _norm_forward(norm, r, code, slope, impl):
         """BatchNorm._forward's kernel call, with the same arguments and side effects: batch or running
         statistics (frozen, or track_running_stats=False), gamma/beta or the affine=False constants,
         the running update and its count. Returns (a, whether batch statistics were used)."""
-        train = norm._effective_train(z, True)  # (refuses a 1-row batch that would need statistics)
+        z = r.z
+        # (refuses a 1-row batch that would need statistics, warns on untrained running statistics)
+        train = True if len(z) > 1 and not norm.frozen else norm._effective_train(z, True)
         decay, correction = norm._running_update_args(len(z))
-        gamma, beta, _, _ = norm._affine(z)
-        running_mean, running_var = norm._running(z)
         impl.bn_forward(
-            z, gamma, beta, float(norm.eps), code, float(slope), train, running_mean, running_var,
-            float(decay), float(correction), a, stats[0], stats[1], stats[2],
+            z, r.gamma, r.beta, float(norm.eps), code, float(slope), train, r.running_mean, r.running_var,
+            float(decay), float(correction), r.a, r.mean, r.var, r.inv_std,
         )  # fmt: skip
         if train:
-            norm._count_batch(stats[0], stats[1])
-        return a, train
+            norm._count_batch(r.mean, r.var)
+        return r.a, train
 
     @staticmethod
-    def _norm_backward(norm, da, a, z, stats, code, slope, train, dz, impl):
-        gamma, _, dgamma, dbeta = norm._affine(z)
-        impl.bn_backward(da, a, z, stats[0], stats[2], gamma, code, float(slope), train, dz, dgamma, dbeta)
-
-    def _linear_backward(self, linear, x, dz, input_grad, slot):
+    def _linear_backward(linear, r, x, dz):
         """dW = x.T @ dz, db = sum(dz), and dx = dz @ W.T into a dx buffer when the layer below needs it."""
-        W = linear.params["W"]
-        n = len(dz)
-        threads.for_gemm(n * W.shape[0] * W.shape[1])
-        dx_out = self.dx[slot][: n * W.shape[0]].reshape(n, W.shape[0]) if input_grad else None
+        threads.for_gemm(r.macs)
         dx, _, _ = F.linear_backward(
-            dz, x, W, linear.bias, input_grad, dx_out, linear._grad("W"), linear._grad("b") if linear.bias else None,
+            dz, x, r.W, r.bias is not None, r.dx is not None, r.dx, r.dW, r.db,
             weight_grad="W" not in linear.frozen_params,
         )  # fmt: skip
         return dx
@@ -404,3 +416,46 @@ class CompiledStep:
             return loss, self.loss.accuracy(logits, y), dlogits
         loss = self.loss.forward(logits, y) if sample_weight is None else self.loss.forward(logits, y, sample_weight)
         return loss, self.loss.accuracy(logits, y), self.loss.backward()
+
+
+class _Rows:
+    """One Linear's arrays for a batch of n rows (and its block's, when it has one)."""
+
+    def __init__(self, linear, z, dx, grads):
+        self.W = linear.params["W"]  # (in, out)
+        self.bias = linear.params["b"] if linear.bias else None
+        self.z, self.dx = z, dx  # (n, out) output; (n, in) input gradient, or None when nobody reads it
+        self.macs = len(z) * self.W.shape[0] * self.W.shape[1]  # (threads.for_gemm's rule)
+        self.dW = linear._grad("W")
+        self.db = linear._grad("b") if linear.bias else None
+        grads.extend((linear.grads, key, linear.grads[key], linear.grads[key].shape) for key in linear.params)
+
+
+class _Bound:
+    """Every array one call with n rows reads and writes, as the layers look them up at each call
+    (gradients through Layer._grad, gamma/beta through BatchNorm._affine, the running statistics
+    through _running). CompiledStep._bound_for keeps it while those lookups would give the same arrays."""
+
+    def __init__(self, step, n, plan):
+        self.n, self.plan, self.accepted = n, plan, plan._accepted
+        self.grads = []  # (grads dict, key, array, shape) of every gradient it writes
+        below = step.prefix is not None
+        self.blocks = []
+        for k, b in enumerate(step.blocks):
+            width = b.linear.in_features
+            dx = step.dx[(len(step.blocks) - k) % 2][: n * width].reshape(n, width) if k > 0 or below else None
+            r = _Rows(b.linear, step.z[k][:n], dx, self.grads)
+            r.a = step.a[k][:n] if step.a[k] is not None else None
+            if b.act is not None and b.norm is None and r.bias is None:
+                r.zero_bias = np.zeros(b.linear.out_features, step.dtype)
+            if b.direct:
+                r.mean, r.var, r.inv_std = step.stats[k]
+                r.gamma, r.beta, r.dgamma, r.dbeta = b.norm._affine(r.z)
+                r.running_mean, r.running_var = b.norm._running(r.z)
+                self.grads.extend(
+                    (b.norm.grads, key, b.norm.grads[key], b.norm.grads[key].shape) for key in b.norm.params
+                )
+            self.blocks.append(r)
+        width = step.last.in_features
+        dx = step.dx[0][: n * width].reshape(n, width) if step.blocks or below else None
+        self.last = _Rows(step.last, step.logits[:n], dx, self.grads)

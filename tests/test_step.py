@@ -281,6 +281,46 @@ def test_assignments_between_compiled_steps_are_caught_or_used():
         step(X, y)
 
 
+def test_changes_between_compiled_steps_are_followed_as_the_layers_follow_them():
+    """The step looks its arrays up once per batch size; every change the layers would see at their next
+    call must reach it too: a gradient replaced (by a valid array, which is written into, or a read-only
+    one, which is replaced), a parameter replaced, a layer frozen, BatchNorm's eps and decay changed."""
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((10, 5)), rng.integers(0, 3, 10)
+    ours = bnnet.mlp([5, 7, 6, 3], seed=1, dtype="float64")
+    theirs = copy.deepcopy(ours)
+    step = compile_step(ours, bnnet.losses.SoftmaxCrossEntropy(), optim.Momentum(0.05))
+    loss_fn, opt = bnnet.losses.SoftmaxCrossEntropy(), optim.Momentum(0.05)
+
+    def both(change):
+        for model in (ours, theirs):
+            change(model)
+        loss, _ = step(X, y)
+        assert loss == loss_fn.forward(theirs.forward(X, train=True), y)
+        theirs.backward(loss_fn.backward())
+        opt.step(theirs)
+        _assert_same(ours, theirs)
+
+    both(lambda m: None)
+    both(lambda m: m.layers[0].grads.__setitem__("W", np.zeros((5, 7))))  # a valid array: written into
+    assert ours.layers[0].grads["W"].any()
+
+    def read_only(m):
+        m.layers[3].grads["W"] = np.zeros((7, 6))
+        m.layers[3].grads["W"].flags.writeable = False
+
+    both(read_only)  # replaced by a writable one, not written into
+    assert ours.layers[3].grads["W"].flags.writeable
+    both(lambda m: m.layers[3].grads.__setitem__("W", np.zeros((7, 6))))
+    both(lambda m: setattr(m.layers[3].grads["W"].flags, "writeable", False))  # the same array, now read-only
+    assert ours.layers[3].grads["W"].flags.writeable
+    both(lambda m: m.layers[1].params.__setitem__("gamma", np.full(7, 0.5)))  # a new parameter
+    both(lambda m: setattr(m.layers[1], "eps", 1e-2))
+    both(lambda m: setattr(m.layers[4], "decay", None))  # the cumulative average, which reads the count
+    both(lambda m: setattr(m.layers[1], "frozen", True))  # the running statistics from now on
+    both(lambda m: m.freeze("0.W"))
+
+
 def test_a_norm_without_its_required_option_is_named():
     with pytest.raises(HyperparameterError, match="virtual_batch_size"):
         bnnet.mlp([4, 5, 3], norm="ghost")
