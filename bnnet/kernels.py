@@ -393,38 +393,16 @@ def _forward_parallel(
 
 
 @njit(inline="always", **_OPTS)
-def _grad_terms(da, a, x, i, j, t, act, zero, one, slope):
-    """(g, g * x_hat) of element (i, j) in float64, g = da * g'(a) in the storage dtype."""
-    g = da[i, j] * _activation_grad(a[i, j], act, zero, one, slope)
-    return np.float64(g), np.float64(g * _normalize(x[i, j], t[HI, j], t[LO, j], t[INV, j]))
-
-
-@njit(inline="always", **_OPTS)
 def _grad_sums_rows_as(da, a, x, t, act, c, lo, hi, sg, sgx):
-    """sg += the sum over rows lo..hi-1 of g, sgx += that of g * x_hat, per feature (float64): four
-    rows at a time into accumulators of its own, as _accumulate does."""
     zero, one, slope = c[0], c[1], c[2]
-    d = x.shape[1]
-    b1 = np.zeros(d)
-    b2 = np.zeros(d)
-    i = lo
-    while i + 4 <= hi:
-        for j in range(d):
-            g0, h0 = _grad_terms(da, a, x, i, j, t, act, zero, one, slope)
-            g1, h1 = _grad_terms(da, a, x, i + 1, j, t, act, zero, one, slope)
-            g2, h2 = _grad_terms(da, a, x, i + 2, j, t, act, zero, one, slope)
-            g3, h3 = _grad_terms(da, a, x, i + 3, j, t, act, zero, one, slope)
-            b1[j] += (g0 + g1) + (g2 + g3)
-            b2[j] += (h0 + h1) + (h2 + h3)
-        i += 4
-    for r in range(i, hi):
-        for j in range(d):
-            g, h = _grad_terms(da, a, x, r, j, t, act, zero, one, slope)
-            b1[j] += g
-            b2[j] += h
-    for j in range(d):
-        sg[j] += b1[j]
-        sgx[j] += b2[j]
+    for i in range(lo, hi):
+        dai = da[i]
+        ai = a[i]
+        xi = x[i]
+        for j in range(xi.shape[0]):
+            g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
+            sg[j] += np.float64(g)
+            sgx[j] += np.float64(g * _normalize(xi[j], t[HI, j], t[LO, j], t[INV, j]))
 
 
 @njit(inline="always", **_OPTS)
