@@ -20,7 +20,9 @@ dtype (as the NumPy reference does), except sigmoid/tanh, computed in float64.
 Each kernel exists as a serial function (small batches: no thread start-up)
 and a parallel one (rows split across threads, contiguous inner loop over
 features), kept as distinct functions so that numba's on-disk caches of the two
-never collide. `bn_forward` / `bn_backward` pick one by size.
+never collide. `bn_forward` / `bn_backward` pick one by size. Each is compiled
+for one activation at a time (`_PerActivation`): a model compiles the loops of
+the activations it uses, not all five.
 """
 
 import math
@@ -40,7 +42,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 from . import functional as F  # noqa: E402
 from . import optim_rules  # noqa: E402
-from .equations import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402  (activation codes)
+from .equations import ACTIVATION_CODES, LEAKY_RELU, RELU, SIGMOID, TANH  # noqa: E402
 from .threads import numba_threads  # noqa: E402
 
 # Above this many elements the parallel kernels are used. One core nearly
@@ -280,111 +282,136 @@ def _apply_rows_as(x, t, act, c, out, lo, hi):
             oi[j] = _activate(_scale_shift(xi[j], t[HI, j], t[LO, j], t[SCALE, j], t[BETA, j]), act, zero, slope)
 
 
-@njit(inline="always", **_OPTS)
-def _apply_rows(x, t, act, c, out, lo, hi):
-    # One loop per activation, each with `act` a constant, so that the branch in
-    # _activate folds away and the inner loop vectorizes.
-    if act == RELU:
-        _apply_rows_as(x, t, RELU, c, out, lo, hi)
-    elif act == LEAKY_RELU:
-        _apply_rows_as(x, t, LEAKY_RELU, c, out, lo, hi)
-    elif act == SIGMOID:
-        _apply_rows_as(x, t, SIGMOID, c, out, lo, hi)
-    elif act == TANH:
-        _apply_rows_as(x, t, TANH, c, out, lo, hi)
-    else:
-        _apply_rows_as(x, t, IDENTITY, c, out, lo, hi)
+class _PerActivation:
+    """A kernel compiled for one activation at a time: kernel[act] is the numba function with the
+    activation code a constant, made on first use.
+
+    Each of the five activations gets its own loop either way (so that the branch in _activate folds
+    away and the loop vectorizes); compiled separately, a model compiles only the loops of the
+    activations it uses (about a third of the cold compile for one activation, against all five in
+    one function). numba caches each on disk (its index is keyed by the constant).
+    """
+
+    def __init__(self, make):
+        self._make, self._kernels = make, {}
+
+    def __getitem__(self, act):
+        kernel = self._kernels.get(act)
+        if kernel is None:
+            if act not in ACTIVATION_CODES:  # (bnnet.ops checks the code before any kernel runs)
+                raise ValueError(f"unknown activation code {act!r}; expected one of {ACTIVATION_CODES}")
+            kernel = self._kernels[act] = self._make(act)
+        return kernel
+
+    def dispatchers(self):
+        """The kernels made so far, {act: numba dispatcher}."""
+        return dict(self._kernels)
 
 
-@njit(**_OPTS)
-def _forward_serial(
-    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
-):
-    n, d = x.shape
-    s1 = np.zeros(d)
-    s2 = np.zeros(d)
-    shift = np.zeros(d)
-    if train:
-        shift[:] = x[0]
-        _accumulate(x, shift, 0, n, s1, s2)
-    table = np.empty((4, d), x.dtype)
-    _statistics(
-        n,
-        shift,
+def _forward_serial_for(act):
+    """The forward pass on one thread, compiled for the activation code `act`."""
+
+    @njit(**_OPTS)
+    def _forward_serial(
+        x, gamma, beta, eps, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+    ):
+        n, d = x.shape
+        s1 = np.zeros(d)
+        s2 = np.zeros(d)
+        shift = np.zeros(d)
+        if train:
+            shift[:] = x[0]
+            _accumulate(x, shift, 0, n, s1, s2)
+        table = np.empty((4, d), x.dtype)
+        _statistics(
+            n,
+            shift,
+            gamma,
+            beta,
+            eps,
+            train,
+            running_mean,
+            running_var,
+            decay,
+            var_correction,
+            s1,
+            s2,
+            mean,
+            var,
+            inv_std,
+            table,
+        )
+        _apply_rows_as(x, table, act, _constants(x, slope), out, 0, n)
+
+    return _forward_serial
+
+
+_forward_serial = _PerActivation(_forward_serial_for)
+
+
+def _forward_parallel_for(act):
+    """The forward pass, rows split across `chunks` threads, compiled for the activation code `act`."""
+
+    @njit(parallel=True, **_OPTS)
+    def _forward_parallel(
+        x,
         gamma,
         beta,
         eps,
+        slope,
         train,
         running_mean,
         running_var,
         decay,
         var_correction,
-        s1,
-        s2,
+        out,
         mean,
         var,
         inv_std,
-        table,
-    )
-    _apply_rows(x, table, act, _constants(x, slope), out, 0, n)
-
-
-@njit(parallel=True, **_OPTS)
-def _forward_parallel(
-    x,
-    gamma,
-    beta,
-    eps,
-    act,
-    slope,
-    train,
-    running_mean,
-    running_var,
-    decay,
-    var_correction,
-    out,
-    mean,
-    var,
-    inv_std,
-    chunks,
-):
-    n, d = x.shape
-    rows = (n + chunks - 1) // chunks
-    s1 = np.zeros(d)
-    s2 = np.zeros(d)
-    shift = np.zeros(d)
-    if train:
-        shift[:] = x[0]
-        p1 = np.zeros((chunks, d))
-        p2 = np.zeros((chunks, d))
+        chunks,
+    ):
+        n, d = x.shape
+        rows = (n + chunks - 1) // chunks
+        s1 = np.zeros(d)
+        s2 = np.zeros(d)
+        shift = np.zeros(d)
+        if train:
+            shift[:] = x[0]
+            p1 = np.zeros((chunks, d))
+            p2 = np.zeros((chunks, d))
+            for c in prange(chunks):
+                _accumulate(x, shift, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
+            for c in range(chunks):  # the partial sums share one shift, so they add
+                for j in range(d):
+                    s1[j] += p1[c, j]
+                    s2[j] += p2[c, j]
+        table = np.empty((4, d), x.dtype)
+        _statistics(
+            n,
+            shift,
+            gamma,
+            beta,
+            eps,
+            train,
+            running_mean,
+            running_var,
+            decay,
+            var_correction,
+            s1,
+            s2,
+            mean,
+            var,
+            inv_std,
+            table,
+        )
+        cst = _constants(x, slope)
         for c in prange(chunks):
-            _accumulate(x, shift, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
-        for c in range(chunks):  # the partial sums share one shift, so they add
-            for j in range(d):
-                s1[j] += p1[c, j]
-                s2[j] += p2[c, j]
-    table = np.empty((4, d), x.dtype)
-    _statistics(
-        n,
-        shift,
-        gamma,
-        beta,
-        eps,
-        train,
-        running_mean,
-        running_var,
-        decay,
-        var_correction,
-        s1,
-        s2,
-        mean,
-        var,
-        inv_std,
-        table,
-    )
-    cst = _constants(x, slope)
-    for c in prange(chunks):
-        _apply_rows(x, table, act, cst, out, c * rows, min(n, (c + 1) * rows))
+            _apply_rows_as(x, table, act, cst, out, c * rows, min(n, (c + 1) * rows))
+
+    return _forward_parallel
+
+
+_forward_parallel = _PerActivation(_forward_parallel_for)
 
 
 # --------------------------------------------------------------------------
@@ -393,16 +420,38 @@ def _forward_parallel(
 
 
 @njit(inline="always", **_OPTS)
+def _grad_terms(da, a, x, i, j, t, act, zero, one, slope):
+    """(g, g * x_hat) of element (i, j) in float64, g = da * g'(a) in the storage dtype."""
+    g = da[i, j] * _activation_grad(a[i, j], act, zero, one, slope)
+    return np.float64(g), np.float64(g * _normalize(x[i, j], t[HI, j], t[LO, j], t[INV, j]))
+
+
+@njit(inline="always", **_OPTS)
 def _grad_sums_rows_as(da, a, x, t, act, c, lo, hi, sg, sgx):
+    """sg += the sum over rows lo..hi-1 of g, sgx += that of g * x_hat, per feature (float64): four
+    rows at a time into accumulators of its own, as _accumulate does."""
     zero, one, slope = c[0], c[1], c[2]
-    for i in range(lo, hi):
-        dai = da[i]
-        ai = a[i]
-        xi = x[i]
-        for j in range(xi.shape[0]):
-            g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
-            sg[j] += np.float64(g)
-            sgx[j] += np.float64(g * _normalize(xi[j], t[HI, j], t[LO, j], t[INV, j]))
+    d = x.shape[1]
+    b1 = np.zeros(d)
+    b2 = np.zeros(d)
+    i = lo
+    while i + 4 <= hi:
+        for j in range(d):
+            g0, h0 = _grad_terms(da, a, x, i, j, t, act, zero, one, slope)
+            g1, h1 = _grad_terms(da, a, x, i + 1, j, t, act, zero, one, slope)
+            g2, h2 = _grad_terms(da, a, x, i + 2, j, t, act, zero, one, slope)
+            g3, h3 = _grad_terms(da, a, x, i + 3, j, t, act, zero, one, slope)
+            b1[j] += (g0 + g1) + (g2 + g3)
+            b2[j] += (h0 + h1) + (h2 + h3)
+        i += 4
+    for r in range(i, hi):
+        for j in range(d):
+            g, h = _grad_terms(da, a, x, r, j, t, act, zero, one, slope)
+            b1[j] += g
+            b2[j] += h
+    for j in range(d):
+        sg[j] += b1[j]
+        sgx[j] += b2[j]
 
 
 @njit(inline="always", **_OPTS)
@@ -418,34 +467,6 @@ def _dx_rows_as(da, a, x, t, act, c, dx, lo, hi):
             g = dai[j] * _activation_grad(ai[j], act, zero, one, slope)
             x_hat = _normalize(xi[j], t[HI, j], t[LO, j], t[INV, j])
             dxi[j] = _input_grad(g, x_hat, t[K, j], t[C1, j], t[C2, j])
-
-
-@njit(inline="always", **_OPTS)
-def _grad_sums_rows(da, a, x, t, act, c, lo, hi, sg, sgx):
-    if act == RELU:  # one loop per activation, as in _apply_rows
-        _grad_sums_rows_as(da, a, x, t, RELU, c, lo, hi, sg, sgx)
-    elif act == LEAKY_RELU:
-        _grad_sums_rows_as(da, a, x, t, LEAKY_RELU, c, lo, hi, sg, sgx)
-    elif act == SIGMOID:
-        _grad_sums_rows_as(da, a, x, t, SIGMOID, c, lo, hi, sg, sgx)
-    elif act == TANH:
-        _grad_sums_rows_as(da, a, x, t, TANH, c, lo, hi, sg, sgx)
-    else:
-        _grad_sums_rows_as(da, a, x, t, IDENTITY, c, lo, hi, sg, sgx)
-
-
-@njit(inline="always", **_OPTS)
-def _dx_rows(da, a, x, t, act, c, dx, lo, hi):
-    if act == RELU:
-        _dx_rows_as(da, a, x, t, RELU, c, dx, lo, hi)
-    elif act == LEAKY_RELU:
-        _dx_rows_as(da, a, x, t, LEAKY_RELU, c, dx, lo, hi)
-    elif act == SIGMOID:
-        _dx_rows_as(da, a, x, t, SIGMOID, c, dx, lo, hi)
-    elif act == TANH:
-        _dx_rows_as(da, a, x, t, TANH, c, dx, lo, hi)
-    else:
-        _dx_rows_as(da, a, x, t, IDENTITY, c, dx, lo, hi)
 
 
 @njit(inline="always", **_OPTS)
@@ -475,37 +496,53 @@ def _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta):
     _dx_coefficients(sg, sgx, gamma, inv_std, n, train, t)
 
 
-@njit(**_OPTS)
-def _backward_serial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
-    n, d = x.shape
-    t = _backward_table(x, mean, inv_std)
-    cst = _constants(x, slope)
-    sg = np.zeros(d)
-    sgx = np.zeros(d)
-    _grad_sums_rows(da, a, x, t, act, cst, 0, n, sg, sgx)
-    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
-    _dx_rows(da, a, x, t, act, cst, dx, 0, n)
+def _backward_serial_for(act):
+    """The backward pass on one thread, compiled for the activation code `act`."""
+
+    @njit(**_OPTS)
+    def _backward_serial(da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta):
+        n, d = x.shape
+        t = _backward_table(x, mean, inv_std)
+        cst = _constants(x, slope)
+        sg = np.zeros(d)
+        sgx = np.zeros(d)
+        _grad_sums_rows_as(da, a, x, t, act, cst, 0, n, sg, sgx)
+        _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
+        _dx_rows_as(da, a, x, t, act, cst, dx, 0, n)
+
+    return _backward_serial
 
 
-@njit(parallel=True, **_OPTS)
-def _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks):
-    n, d = x.shape
-    rows = (n + chunks - 1) // chunks
-    t = _backward_table(x, mean, inv_std)
-    cst = _constants(x, slope)
-    p1 = np.zeros((chunks, d))
-    p2 = np.zeros((chunks, d))
-    for c in prange(chunks):
-        _grad_sums_rows(da, a, x, t, act, cst, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
-    sg = np.zeros(d)
-    sgx = np.zeros(d)
-    for c in range(chunks):
-        for j in range(d):
-            sg[j] += p1[c, j]
-            sgx[j] += p2[c, j]
-    _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
-    for c in prange(chunks):
-        _dx_rows(da, a, x, t, act, cst, dx, c * rows, min(n, (c + 1) * rows))
+_backward_serial = _PerActivation(_backward_serial_for)
+
+
+def _backward_parallel_for(act):
+    """The backward pass, rows split across `chunks` threads, compiled for the activation code `act`."""
+
+    @njit(parallel=True, **_OPTS)
+    def _backward_parallel(da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta, chunks):
+        n, d = x.shape
+        rows = (n + chunks - 1) // chunks
+        t = _backward_table(x, mean, inv_std)
+        cst = _constants(x, slope)
+        p1 = np.zeros((chunks, d))
+        p2 = np.zeros((chunks, d))
+        for c in prange(chunks):
+            _grad_sums_rows_as(da, a, x, t, act, cst, c * rows, min(n, (c + 1) * rows), p1[c], p2[c])
+        sg = np.zeros(d)
+        sgx = np.zeros(d)
+        for c in range(chunks):
+            for j in range(d):
+                sg[j] += p1[c, j]
+                sgx[j] += p2[c, j]
+        _backward_coefficients(sg, sgx, gamma, inv_std, n, train, t, dgamma, dbeta)
+        for c in prange(chunks):
+            _dx_rows_as(da, a, x, t, act, cst, dx, c * rows, min(n, (c + 1) * rows))
+
+    return _backward_parallel
+
+
+_backward_parallel = _PerActivation(_backward_parallel_for)
 
 
 # --------------------------------------------------------------------------
@@ -541,54 +578,48 @@ def _apply_channel_as(x, t, act, c, out, j):
             oi[k] = _activate(_scale_shift(xi[k], hi, lo, scale, beta), act, zero, slope)
 
 
-@njit(inline="always", **_OPTS)
-def _apply_channel(x, t, act, c, out, j):
-    if act == RELU:  # one loop per activation, as in _apply_rows
-        _apply_channel_as(x, t, RELU, c, out, j)
-    elif act == LEAKY_RELU:
-        _apply_channel_as(x, t, LEAKY_RELU, c, out, j)
-    elif act == SIGMOID:
-        _apply_channel_as(x, t, SIGMOID, c, out, j)
-    elif act == TANH:
-        _apply_channel_as(x, t, TANH, c, out, j)
-    else:
-        _apply_channel_as(x, t, IDENTITY, c, out, j)
+def _forward_spatial_for(act):
+    """The forward pass over (N, C, S), one thread per channel, compiled for the activation code `act`."""
 
-
-@njit(parallel=True, **_OPTS)
-def _forward_spatial(
-    x, gamma, beta, eps, act, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
-):
-    n, d, s = x.shape
-    s1 = np.zeros(d)
-    s2 = np.zeros(d)
-    shift = np.zeros(d)
-    if train:
+    @njit(parallel=True, **_OPTS)
+    def _forward_spatial(
+        x, gamma, beta, eps, slope, train, running_mean, running_var, decay, var_correction, out, mean, var, inv_std
+    ):
+        n, d, s = x.shape
+        s1 = np.zeros(d)
+        s2 = np.zeros(d)
+        shift = np.zeros(d)
+        if train:
+            for j in prange(d):
+                shift[j] = x[0, j, 0]
+                s1[j], s2[j] = _channel_sums(x, j, shift[j], np.empty(s), np.empty(s))
+        table = np.empty((4, d), x.dtype)
+        _statistics(
+            n * s,
+            shift,
+            gamma,
+            beta,
+            eps,
+            train,
+            running_mean,
+            running_var,
+            decay,
+            var_correction,
+            s1,
+            s2,
+            mean,
+            var,
+            inv_std,
+            table,
+        )
+        cst = _constants(x, slope)
         for j in prange(d):
-            shift[j] = x[0, j, 0]
-            s1[j], s2[j] = _channel_sums(x, j, shift[j], np.empty(s), np.empty(s))
-    table = np.empty((4, d), x.dtype)
-    _statistics(
-        n * s,
-        shift,
-        gamma,
-        beta,
-        eps,
-        train,
-        running_mean,
-        running_var,
-        decay,
-        var_correction,
-        s1,
-        s2,
-        mean,
-        var,
-        inv_std,
-        table,
-    )
-    cst = _constants(x, slope)
-    for j in prange(d):
-        _apply_channel(x, table, act, cst, out, j)
+            _apply_channel_as(x, table, act, cst, out, j)
+
+    return _forward_spatial
+
+
+_forward_spatial = _PerActivation(_forward_spatial_for)
 
 
 @njit(inline="always", **_OPTS)
@@ -634,21 +665,20 @@ def _backward_channel_as(da, a, x, mean, inv_std, gamma, act, c, train, dx, dgam
     _dx_channel_as(da, a, x, t, act, c, dx, j)
 
 
-@njit(parallel=True, **_OPTS)
-def _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
-    t = _backward_table(x, mean, inv_std)
-    cst = _constants(x, slope)
-    for j in prange(x.shape[1]):
-        if act == RELU:  # one loop per activation, as in _apply_rows
-            _backward_channel_as(da, a, x, mean, inv_std, gamma, RELU, cst, train, dx, dgamma, dbeta, t, j)
-        elif act == LEAKY_RELU:
-            _backward_channel_as(da, a, x, mean, inv_std, gamma, LEAKY_RELU, cst, train, dx, dgamma, dbeta, t, j)
-        elif act == SIGMOID:
-            _backward_channel_as(da, a, x, mean, inv_std, gamma, SIGMOID, cst, train, dx, dgamma, dbeta, t, j)
-        elif act == TANH:
-            _backward_channel_as(da, a, x, mean, inv_std, gamma, TANH, cst, train, dx, dgamma, dbeta, t, j)
-        else:
-            _backward_channel_as(da, a, x, mean, inv_std, gamma, IDENTITY, cst, train, dx, dgamma, dbeta, t, j)
+def _backward_spatial_for(act):
+    """The backward pass over (N, C, S), one thread per channel, compiled for the activation code `act`."""
+
+    @njit(parallel=True, **_OPTS)
+    def _backward_spatial(da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta):
+        t = _backward_table(x, mean, inv_std)
+        cst = _constants(x, slope)
+        for j in prange(x.shape[1]):
+            _backward_channel_as(da, a, x, mean, inv_std, gamma, act, cst, train, dx, dgamma, dbeta, t, j)
+
+    return _backward_spatial
+
+
+_backward_spatial = _PerActivation(_backward_spatial_for)
 
 
 # --------------------------------------------------------------------------
@@ -673,19 +703,35 @@ def _moments_serial(x, mean, m2):
         mean[j], m2[j] = _moments_from_sums(n, shift[j], s1[j], s2[j])
 
 
-@njit(**_OPTS)
-def _grad_sums_serial(da, a, x, mean, inv_std, act, slope, sg, sgx):
-    t = _backward_table(x, mean, inv_std)
-    sg[:] = 0.0
-    sgx[:] = 0.0
-    _grad_sums_rows(da, a, x, t, act, _constants(x, slope), 0, x.shape[0], sg, sgx)
+def _grad_sums_serial_for(act):
+    """A shard's gradient sums (synchronized BatchNorm), compiled for the activation code `act`."""
+
+    @njit(**_OPTS)
+    def _grad_sums_serial(da, a, x, mean, inv_std, slope, sg, sgx):
+        t = _backward_table(x, mean, inv_std)
+        sg[:] = 0.0
+        sgx[:] = 0.0
+        _grad_sums_rows_as(da, a, x, t, act, _constants(x, slope), 0, x.shape[0], sg, sgx)
+
+    return _grad_sums_serial
 
 
-@njit(**_OPTS)
-def _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
-    t = _backward_table(x, mean, inv_std)
-    _dx_coefficients(sg, sgx, gamma, inv_std, n_total, True, t)
-    _dx_rows(da, a, x, t, act, _constants(x, slope), dx, 0, x.shape[0])
+_grad_sums_serial = _PerActivation(_grad_sums_serial_for)
+
+
+def _dx_serial_for(act):
+    """A shard's dx from the whole batch's sums (synchronized BatchNorm), compiled for the activation code `act`."""
+
+    @njit(**_OPTS)
+    def _dx_serial(da, a, x, mean, inv_std, gamma, slope, sg, sgx, n_total, dx):
+        t = _backward_table(x, mean, inv_std)
+        _dx_coefficients(sg, sgx, gamma, inv_std, n_total, True, t)
+        _dx_rows_as(da, a, x, t, act, _constants(x, slope), dx, 0, x.shape[0])
+
+    return _dx_serial
+
+
+_dx_serial = _PerActivation(_dx_serial_for)
 
 
 @njit(cache=True, error_model="numpy")  # no FMA contraction: it would make the merge asymmetric
@@ -713,13 +759,13 @@ def bn_moments(x, mean, m2):
 
 def bn_grad_sums(da, a, x, mean, inv_std, act, slope, sg, sgx):
     """sg = sum(g), sgx = sum(g * x_hat) over this shard's rows, g = da * g'(a); float64 (D,) outputs."""
-    _grad_sums_serial(_plain(da), _plain(a), _plain(x), mean, inv_std, act, slope, sg, sgx)
+    _grad_sums_serial[act](_plain(da), _plain(a), _plain(x), mean, inv_std, slope, sg, sgx)
 
 
 def bn_grad_dx(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, n_total, dx):
     """dx = gamma inv_std (g - sg/n_total - x_hat sgx/n_total), with sg, sgx summed over the whole batch."""
     da, a, x, gamma = _plain(da), _plain(a), _plain(x), _plain(gamma)
-    _dx_serial(da, a, x, mean, inv_std, gamma, act, slope, sg, sgx, float(n_total), dx)
+    _dx_serial[act](da, a, x, mean, inv_std, gamma, slope, sg, sgx, float(n_total), dx)
 
 
 # --------------------------------------------------------------------------
@@ -770,7 +816,6 @@ def bn_forward(
         gamma,
         beta,
         eps,
-        act,
         slope,
         train,
         running_mean,
@@ -783,13 +828,13 @@ def bn_forward(
         inv_std,
     )
     if x.ndim == 3:  # (N, C, S)
-        _forward_spatial(*args)
+        _forward_spatial[act](*args)
         return
     chunks = _chunks(x)
     if chunks:
-        _forward_parallel(*args, chunks)
+        _forward_parallel[act](*args, chunks)
     else:
-        _forward_serial(*args)
+        _forward_serial[act](*args)
 
 
 def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta):
@@ -801,13 +846,13 @@ def bn_backward(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, d
     """
     da, a, x, gamma = _plain(da), _plain(a), _plain(x), _plain(gamma)
     if x.ndim == 3:  # (N, C, S)
-        _backward_spatial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+        _backward_spatial[act](da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta)
         return
     chunks = _chunks(x)
     if chunks:
-        _backward_parallel(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta, chunks)
+        _backward_parallel[act](da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta, chunks)
     else:
-        _backward_serial(da, a, x, mean, inv_std, gamma, act, slope, train, dx, dgamma, dbeta)
+        _backward_serial[act](da, a, x, mean, inv_std, gamma, slope, train, dx, dgamma, dbeta)
 
 
 # --------------------------------------------------------------------------
@@ -894,15 +939,27 @@ def softmax_cross_entropy(logits, labels, dlogits):
 # --------------------------------------------------------------------------
 
 
-@njit(**_OPTS)
+def _bias_activation_for(act):
+    """z <- g(z + b) in place, compiled for the activation code `act`."""
+
+    @njit(**_OPTS)
+    def _bias_activation(z, b, slope):
+        d = z.shape[1]
+        t = np.zeros((4, d), z.dtype)
+        for j in range(d):
+            t[SCALE, j] = 1.0
+            t[BETA, j] = b[j]
+        _apply_rows_as(z, t, act, _constants(z, slope), z, 0, z.shape[0])
+
+    return _bias_activation
+
+
+_bias_activation = _PerActivation(_bias_activation_for)
+
+
 def bias_activation(z, b, act, slope):
     """z <- g(z + b) in place (one pass), with b (D,) in z's dtype: the apply pass with mean 0, scale 1."""
-    d = z.shape[1]
-    t = np.zeros((4, d), z.dtype)
-    for j in range(d):
-        t[SCALE, j] = 1.0
-        t[BETA, j] = b[j]
-    _apply_rows(z, t, act, _constants(z, slope), z, 0, z.shape[0])
+    _bias_activation[act](z, b, slope)
 
 
 @njit(**_OPTS)

@@ -210,7 +210,11 @@ bn.params["gamma"].setflags(write=False)  # a read-only parameter is used as it 
 bn.forward(x, train=True), bn.backward(x, True), bn.forward(x, train=False)
 moments = np.empty(6), np.empty(6)
 ops.bn_moments(x, *moments)
-found = [(name, str(sig)) for name, f in vars(kernels).items() if isinstance(f, CPUDispatcher)
+dispatchers = [(name, f) for name, f in vars(kernels).items() if isinstance(f, CPUDispatcher)]
+dispatchers += [(f"{name}[{act}]", f) for name, k in vars(kernels).items() if isinstance(k, kernels._PerActivation)
+                for act, f in k.dispatchers().items()]
+assert any("[" in name for name, _ in dispatchers)  # (the per-activation kernels are looked at too)
+found = [(name, str(sig)) for name, f in dispatchers
          for sig in f.signatures if "True, aligned" in str(sig) or "'A'" in str(sig)]
 assert not found, found
 print("ok")
