@@ -555,13 +555,27 @@ _backward_parallel = _PerActivation(_backward_parallel_for)
 
 
 @njit(inline="always", **_OPTS)
-def _channel_sums(x, j, shift, row1, row2):
-    row1[:] = 0.0
-    row2[:] = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i, j]
-        for k in range(xi.shape[0]):
-            v = np.float64(xi[k]) - shift
+def _channel_sums(x, j, shift):
+    """The sums of (x - shift) and (x - shift)^2 over channel j's N*S values, kept per position k of S
+    and added up at the end; four samples at a time, as _accumulate does."""
+    n, s = x.shape[0], x.shape[2]
+    row1 = np.zeros(s)
+    row2 = np.zeros(s)
+    i = 0
+    while i + 4 <= n:
+        x0, x1, x2, x3 = x[i, j], x[i + 1, j], x[i + 2, j], x[i + 3, j]
+        for k in range(s):
+            v0 = np.float64(x0[k]) - shift
+            v1 = np.float64(x1[k]) - shift
+            v2 = np.float64(x2[k]) - shift
+            v3 = np.float64(x3[k]) - shift
+            row1[k] += (v0 + v1) + (v2 + v3)
+            row2[k] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+        i += 4
+    for r in range(i, n):
+        xr = x[r, j]
+        for k in range(s):
+            v = np.float64(xr[k]) - shift
             row1[k] += v
             row2[k] += v * v
     return row1.sum(), row2.sum()
@@ -592,7 +606,7 @@ def _forward_spatial_for(act):
         if train:
             for j in prange(d):
                 shift[j] = x[0, j, 0]
-                s1[j], s2[j] = _channel_sums(x, j, shift[j], np.empty(s), np.empty(s))
+                s1[j], s2[j] = _channel_sums(x, j, shift[j])
         table = np.empty((4, d), x.dtype)
         _statistics(
             n * s,
@@ -623,11 +637,12 @@ _forward_spatial = _PerActivation(_forward_spatial_for)
 
 
 @njit(inline="always", **_OPTS)
-def _channel_grad_sums_as(da, a, x, t, act, c, j, row1, row2):
+def _channel_grad_sums_as(da, a, x, t, act, c, j):
+    """The sums of g and g * x_hat over channel j, per position of S and then added up."""
     zero, one, slope = c[0], c[1], c[2]
     hi, lo, inv = t[HI, j], t[LO, j], t[INV, j]
-    row1[:] = 0.0
-    row2[:] = 0.0
+    row1 = np.zeros(x.shape[2])
+    row2 = np.zeros(x.shape[2])
     for i in range(x.shape[0]):
         dai = da[i, j]
         ai = a[i, j]
@@ -655,7 +670,7 @@ def _dx_channel_as(da, a, x, t, act, c, dx, j):
 
 @njit(inline="always", **_OPTS)
 def _backward_channel_as(da, a, x, mean, inv_std, gamma, act, c, train, dx, dgamma, dbeta, t, j):
-    sg, sgx = _channel_grad_sums_as(da, a, x, t, act, c, j, np.empty(x.shape[2]), np.empty(x.shape[2]))
+    sg, sgx = _channel_grad_sums_as(da, a, x, t, act, c, j)
     dbeta[j] = sg
     dgamma[j] = sgx
     # in eval mode the statistics are constants: c1 = c2 = 0, dx = k * g
