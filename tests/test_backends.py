@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bnnet
-from bnnet import backend, kernels
+from bnnet import backend, kernels, ops
 from bnnet.layers import BatchNorm, LeakyReLU, ReLU, Sigmoid, Tanh
 
 TOL = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=1e-5, atol=1e-5)}
@@ -184,6 +184,17 @@ def test_finiteness_checks_agree_between_backends(dtype):
                         np.testing.assert_array_equal(out, x)
                         assert bnnet.ops.all_finite(x) is expected
                         assert bnnet.ops.all_finite(x.reshape(1, n)[:, ::-1]) is expected  # not contiguous
+
+
+def test_per_activation_kernels_refuse_an_unknown_code():
+    """Each fused kernel is compiled per activation code; a code no activation has is refused before
+    anything is compiled or run (bnnet.ops refuses it first, naming the argument)."""
+    z = np.ones((3, 4))
+    with pytest.raises(ValueError, match="unknown activation code 7"):
+        kernels.bias_activation(z, np.zeros(4), 7, 0.0)
+    assert np.all(z == 1.0)
+    with pytest.raises(bnnet.InputError, match="bias_activation: unknown activation code 7"):
+        ops.bias_activation(z, np.zeros(4), 7, 0.0)
 
 
 def test_each_kernel_compiles_once_per_dtype_and_rank():
