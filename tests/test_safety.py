@@ -171,6 +171,58 @@ def test_fuzz_assignments_are_refused_or_used_correctly(backend_name, norm, monk
         assert refused > 0 and tried > refused  # both outcomes occur: the test can fail either way
 
 
+def _compiled_runner(model, opt):
+    """_run through one CompiledStep kept across calls (an assignment lands between its steps):
+    each step's loss in place of its output, then the same eval forward and arrays."""
+    X, y = _data()
+    step = bnnet.compile_step(model, bnnet.losses.SoftmaxCrossEntropy(), opt)
+
+    def run(warm=True):
+        outs = [np.array(step(X, y)[0]) for _ in range(2 if warm else 1)]
+        outs.append(model.forward(X, train=False))
+        return (
+            outs
+            + [np.array(v, np.float64) for v in model.params.values()]
+            + [np.array(v, np.float64) for v in model.buffers.values()]
+        )
+
+    return run
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "numpy"])
+@pytest.mark.parametrize("norm", ["BatchNorm", "LayerNorm", CONV])
+def test_fuzz_assignments_between_compiled_steps(backend_name, norm, monkeypatch):
+    """The same assignments between two steps of one compiled step (which looks its arrays up once
+    per batch size): each is refused with an error of bnnet.errors or gives the correct result,
+    and no canary changes."""
+    monkeypatch.setitem(_DATA, "shape", (8, 2, 6, 6) if norm == CONV else (8, 5))
+    with backend.using(backend_name):
+        model, opt = _model(norm), bnnet.optim.Adam(1e-2)
+        _compiled_runner(model, opt)(warm=True)
+        labels = [label for label, _, _ in _entries(model, opt)]
+        base = _compiled_runner(_model(norm), bnnet.optim.Adam(1e-2))
+        reference = base(warm=True) + base(warm=False)
+        tried = refused = 0
+        for label in labels:
+            for variant in VARIANTS:
+                model, opt = _model(norm), bnnet.optim.Adam(1e-2)
+                run = _compiled_runner(model, opt)
+                first = run(warm=True)
+                ((_, d, key),) = [e for e in _entries(model, opt) if e[0] == label]
+                bad, big, inside = _canaried(d[key], variant)
+                d[key] = bad
+                tried += 1
+                try:
+                    result = first + run(warm=False)
+                except bnnet.BnnetError:
+                    refused += 1
+                else:
+                    for a, b in zip(result, reference):
+                        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{label} {variant}")
+                _check_canaries(big, inside)
+        assert refused > 0 and tried > refused
+
+
 @pytest.mark.parametrize("backend_name", ["numba", "numpy"])
 def test_ops_refuse_wrong_shapes_before_any_kernel_runs(backend_name):
     rng = np.random.default_rng(0)
