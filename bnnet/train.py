@@ -868,6 +868,8 @@ class Progress:
         self.bar.set_description(self.description)
 
     def update(self, loss, acc):
+        if self.bar.disable:  # (a disabled bar counts nothing: n would stay 0 and match every step)
+            return
         self.bar.update(1)
         if self.bar.n % 10 == 0 or self.bar.n == self.bar.total:
             self.bar.set_postfix(_postfix(loss, acc), refresh=False)

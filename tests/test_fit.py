@@ -142,6 +142,24 @@ def test_fit_progress_bar_shows_loss_and_accuracy(rng, capsys, monkeypatch):
     assert "epoch 2/2" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
 
 
+def test_a_hidden_progress_bar_formats_nothing(monkeypatch):
+    """progress=False (and the plain-line mode) leave the bar disabled: no per-step postfix is formatted."""
+    from bnnet.train import Progress
+
+    formatted = []
+    monkeypatch.setattr("bnnet.train._postfix", lambda loss, acc: formatted.append(loss) or {})
+    bar = Progress(False, 30, 0)
+    for _ in range(30):
+        bar.update(0.5, 0.9)
+    assert formatted == []
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar is shown
+    shown = Progress(True, 30, 0)
+    for _ in range(30):
+        shown.update(0.5, 0.9)
+    shown.close()
+    assert len(formatted) == 3  # every 10th step
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [
